@@ -1,0 +1,81 @@
+"""The config schema shared by every model family, and its validation.
+
+Every family's config file starts from :func:`base_config` and fills in
+``model.*`` so that overrides read the same everywhere, e.g.
+``--config.train.steps=40 --config.mesh.fsdp=2``.
+"""
+import ml_collections
+
+
+def base_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+
+  c.model = ml_collections.ConfigDict(dict(
+      family="gpt",
+      vocab_size=4096,        # Rows of the embedding table (>= tokenizer size).
+      num_layers=2,
+      num_heads=4,
+      embed_dim=128,
+      mlp_dim=512,
+      max_len=256,            # Longest sequence learned positions support.
+      position_embedding="learned",   # learned | rope
+      rope_theta=10000.0,
+      dropout_rate=0.0,
+      tie_embeddings=True,
+      layer_norm_epsilon=1e-5,
+      dtype="float32",        # Compute dtype of activations and matmuls.
+      param_dtype="float32",  # Storage dtype of parameters.
+      attention_impl="xla",   # xla (jnp reference); pallas and cudnn come later.
+      remat="none",           # none | full | dots_saveable
+      scan=True,              # Scan over layers: compile time flat in depth.
+  ))
+
+  c.data = ml_collections.ConfigDict(dict(
+      source="files",       # files | tfds | synthetic
+      paths="",             # Directory, file or glob; "" = the Python stdlib.
+      file_pattern="*.py",  # Files picked up when `paths` is a directory.
+      tfds_name="",         # A registered tfds text dataset, e.g. "lm1b".
+      text_key="text",      # Feature holding the text in a tfds dataset.
+      data_dir="",          # Where tfds writes ArrayRecords; "" = WORKDIR/data.
+      tokenizer="",         # A sentencepiece .model; "" = train one in WORKDIR.
+      vocab_size=4096,      # Size of a tokenizer trained here.
+      seq_len=256,
+      num_workers=0,        # grain worker processes (0 = in the main process).
+  ))
+
+  c.optim = ml_collections.ConfigDict(dict(
+      name="adamw",           # adamw | adafactor | sgd
+      learning_rate=1e-3,
+      schedule="cosine",      # cosine | linear | rsqrt | constant
+      warmup_steps=100,
+      decay_steps=0,          # 0 = train.steps.
+      end_lr_fraction=0.1,    # Final learning rate as a fraction of the peak.
+      b1=0.9,
+      b2=0.95,
+      eps=1e-8,
+      momentum=0.9,           # sgd only.
+      weight_decay=0.1,
+      clip=1.0,               # Global-norm clip; 0 = off.
+      grad_accum=1,           # Micro-batches per step.
+  ))
+
+  c.train = ml_collections.ConfigDict(dict(
+      steps=1000,
+      batch_size=32,          # Global batch, in sequences.
+      log_every=10,
+      eval_every=200,         # 0 = only at the end.
+      eval_steps=4,           # Batches per evaluation.
+      seed=0,
+      peak_tflops_per_device=0.0,  # 0 = known or measured peak of the platform.
+      sample_tokens=96,       # Tokens sampled at the end (0 = none).
+      sample_prompt="def ",
+      sample_temperature=0.8,
+      progress=True,          # A compact progress line on a terminal.
+  ))
+
+  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+
+  c.checkpoint = ml_collections.ConfigDict(dict(save_every=0, keep=3))
+
+  c.print_sharding = False
+  return c
