@@ -6,6 +6,12 @@ Every family's config file starts from :func:`base_config` and fills in
 """
 import ml_collections
 
+from bigmodel.errors import UserError
+from bigmodel.models import MODEL_FAMILIES
+from bigmodel.models.attention import ATTENTION_IMPLS
+from bigmodel.models.stack import REMAT_POLICIES
+from bigmodel.optim import OPTIMIZERS, SCHEDULES
+
 
 def base_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
@@ -15,6 +21,7 @@ def base_config() -> ml_collections.ConfigDict:
       vocab_size=4096,        # Rows of the embedding table (>= tokenizer size).
       num_layers=2,
       num_heads=4,
+      num_kv_heads=0,         # 0 = num_heads; fewer = grouped-query attention.
       embed_dim=128,
       mlp_dim=512,
       max_len=256,            # Longest sequence learned positions support.
@@ -25,8 +32,8 @@ def base_config() -> ml_collections.ConfigDict:
       layer_norm_epsilon=1e-5,
       dtype="float32",        # Compute dtype of activations and matmuls.
       param_dtype="float32",  # Storage dtype of parameters.
-      attention_impl="xla",   # xla (jnp reference); pallas and cudnn come later.
-      remat="none",           # none | full | dots_saveable
+      attention_impl="auto",  # auto | xla (the jnp reference).
+      remat="none",           # none | full | dots_saveable | dots_with_no_batch_dims_saveable
       scan=True,              # Scan over layers: compile time flat in depth.
   ))
 
@@ -36,7 +43,7 @@ def base_config() -> ml_collections.ConfigDict:
       file_pattern="*.py",  # Files picked up when `paths` is a directory.
       tfds_name="",         # A registered tfds text dataset, e.g. "lm1b".
       text_key="text",      # Feature holding the text in a tfds dataset.
-      data_dir="",          # Where tfds writes ArrayRecords; "" = WORKDIR/data.
+      data_dir="",          # ArrayRecords: "" = WORKDIR/data (files) or tfds's default dir.
       tokenizer="",         # A sentencepiece .model; "" = train one in WORKDIR.
       vocab_size=4096,      # Size of a tokenizer trained here.
       seq_len=256,
@@ -79,3 +86,58 @@ def base_config() -> ml_collections.ConfigDict:
 
   c.print_sharding = False
   return c
+
+
+_CHOICES = {
+    "model.family": tuple(MODEL_FAMILIES),
+    "model.position_embedding": ("learned", "rope"),
+    "model.remat": tuple(REMAT_POLICIES),
+    "model.attention_impl": ATTENTION_IMPLS,
+    "model.dtype": ("float32", "bfloat16", "float16"),
+    "model.param_dtype": ("float32", "bfloat16"),
+    "data.source": ("files", "tfds", "synthetic"),
+    "optim.name": OPTIMIZERS,
+    "optim.schedule": SCHEDULES,
+}
+_POSITIVE = ("model.vocab_size", "model.num_layers", "model.num_heads", "model.embed_dim",
+             "model.mlp_dim", "model.max_len", "data.seq_len", "train.steps",
+             "train.batch_size", "train.log_every", "optim.grad_accum")
+
+
+def _get(config, dotted: str):
+  value = config
+  for part in dotted.split("."):
+    value = value[part]
+  return value
+
+
+def validate(config) -> None:
+  """Checks a resolved config; raises ``UserError`` naming the first problem.
+
+  Device-dependent checks (mesh product, batch vs data parallelism) live in
+  ``bigmodel.sharding`` and ``bigmodel.train`` where the devices are known.
+  """
+  for key, choices in _CHOICES.items():
+    if _get(config, key) not in choices:
+      raise UserError(f"--config.{key}={_get(config, key)!r} is not one of: {', '.join(choices)}")
+  for key in _POSITIVE:
+    if _get(config, key) <= 0:
+      raise UserError(f"--config.{key} must be positive, got {_get(config, key)}")
+  m = config.model
+  if m.embed_dim % m.num_heads:
+    raise UserError(f"model.num_heads={m.num_heads} does not divide model.embed_dim={m.embed_dim}")
+  if m.num_kv_heads and m.num_heads % m.num_kv_heads:
+    raise UserError(f"model.num_kv_heads={m.num_kv_heads} does not divide "
+                    f"model.num_heads={m.num_heads}")
+  if m.position_embedding == "rope" and (m.embed_dim // m.num_heads) % 2:
+    raise UserError("rotary positions need an even head dim (embed_dim / num_heads)")
+  if m.position_embedding == "learned" and config.data.seq_len > m.max_len:
+    raise UserError(f"data.seq_len={config.data.seq_len} exceeds model.max_len={m.max_len} "
+                    "(the learned position table)")
+  if not 0.0 <= m.dropout_rate < 1.0:
+    raise UserError(f"model.dropout_rate must be in [0, 1), got {m.dropout_rate}")
+  if config.train.batch_size % config.optim.grad_accum:
+    raise UserError(f"optim.grad_accum={config.optim.grad_accum} does not divide "
+                    f"train.batch_size={config.train.batch_size}")
+  if config.optim.learning_rate <= 0:
+    raise UserError(f"optim.learning_rate must be positive, got {config.optim.learning_rate}")

@@ -1,0 +1,41 @@
+"""``ModelConfig``: the frozen, hashable view of ``config.model`` that modules hold."""
+import dataclasses
+from typing import Any
+
+import jax.numpy as jnp
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """Architecture hyper-parameters; see ``bigmodel/config.py`` for meanings."""
+  family: str
+  vocab_size: int
+  num_layers: int
+  num_heads: int
+  embed_dim: int
+  mlp_dim: int
+  max_len: int
+  num_kv_heads: int = 0          # 0 = num_heads.
+  position_embedding: str = "learned"
+  rope_theta: float = 10000.0
+  dropout_rate: float = 0.0
+  tie_embeddings: bool = True
+  layer_norm_epsilon: float = 1e-5
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+  attention_impl: str = "auto"
+  remat: str = "none"
+  scan: bool = True
+
+  @property
+  def head_dim(self) -> int:
+    return self.embed_dim // self.num_heads
+
+  @classmethod
+  def from_config(cls, model_cfg) -> "ModelConfig":
+    """Builds from ``config.model`` (a ConfigDict); dtype names become dtypes."""
+    fields = {f.name for f in dataclasses.fields(cls)}
+    values = {k: v for k, v in model_cfg.items() if k in fields}
+    values["dtype"] = jnp.dtype(values.get("dtype", "float32"))
+    values["param_dtype"] = jnp.dtype(values.get("param_dtype", "float32"))
+    return cls(**values)

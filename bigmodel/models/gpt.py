@@ -1,0 +1,74 @@
+"""GPT: a decoder-only transformer with pre-LayerNorm blocks."""
+import math
+from typing import Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from bigmodel.models.config import ModelConfig
+from bigmodel.models.layers import (DenseGeneral, MultiHeadAttention, Mlp, constrain,
+                                    make_embed, make_norm)
+from bigmodel.models.stack import apply_layer_stack
+
+
+class GptBlock(nn.Module):
+  """x + attn(ln(x)), then x + mlp(ln(x)); causal within packed segments."""
+  config: ModelConfig
+
+  @nn.compact
+  def __call__(self, x_BxLxD, segment_ids_BxL, positions_BxL, deterministic: bool):
+    c = self.config
+    # GPT-2: residual projections scaled by 1/sqrt(2 * layers) at init so the
+    # residual stream's variance does not grow with depth.
+    out_stddev = 0.02 / math.sqrt(2 * c.num_layers)
+    norm = lambda name: make_norm("layernorm", epsilon=c.layer_norm_epsilon,  # pylint: disable=g-long-lambda
+                                  dtype=c.dtype, param_dtype=c.param_dtype, name=name)
+    h_BxLxD = MultiHeadAttention(
+        num_heads=c.num_heads, head_dim=c.head_dim, num_kv_heads=c.num_kv_heads,
+        rope_theta=c.rope_theta if c.position_embedding == "rope" else None,
+        attention_impl=c.attention_impl, out_init_stddev=out_stddev, dtype=c.dtype,
+        param_dtype=c.param_dtype, name="attn")(
+            norm("ln_attn")(x_BxLxD), causal=True, q_segment_ids_BxT=segment_ids_BxL,
+            kv_segment_ids_BxS=segment_ids_BxL, q_positions_BxT=positions_BxL)
+    x_BxLxD = x_BxLxD + nn.Dropout(c.dropout_rate)(h_BxLxD, deterministic=deterministic)
+    h_BxLxD = Mlp(c.mlp_dim, activation="gelu", dropout_rate=c.dropout_rate,
+                  out_init_stddev=out_stddev, dtype=c.dtype, param_dtype=c.param_dtype,
+                  name="mlp")(norm("ln_mlp")(x_BxLxD), deterministic)
+    x_BxLxD = x_BxLxD + nn.Dropout(c.dropout_rate)(h_BxLxD, deterministic=deterministic)
+    return constrain(x_BxLxD, ("batch", "length", "act_embed")), None
+
+
+class Gpt(nn.Module):
+  """Token ids [B, L] -> next-token logits [B, L, V] (float32)."""
+  config: ModelConfig
+
+  @nn.compact
+  def __call__(self, tokens_BxL: jax.Array, *,
+               segment_ids_BxL: Optional[jax.Array] = None,
+               positions_BxL: Optional[jax.Array] = None,
+               deterministic: bool = True) -> jax.Array:
+    c = self.config
+    if positions_BxL is None:
+      positions_BxL = jnp.broadcast_to(jnp.arange(tokens_BxL.shape[1]), tokens_BxL.shape)
+    embed = make_embed(c.vocab_size, c.embed_dim, axes=("vocab", "embed"), dtype=c.dtype,
+                       param_dtype=c.param_dtype, name="token_embed")
+    x_BxLxD = embed(tokens_BxL)
+    if c.position_embedding == "learned":
+      x_BxLxD += make_embed(c.max_len, c.embed_dim, axes=(None, "embed"), dtype=c.dtype,
+                            param_dtype=c.param_dtype, stddev=0.01,
+                            name="position_embed")(positions_BxL)
+    x_BxLxD = nn.Dropout(c.dropout_rate)(x_BxLxD, deterministic=deterministic)
+    x_BxLxD = constrain(x_BxLxD.astype(c.dtype), ("batch", "length", "act_embed"))
+    x_BxLxD = apply_layer_stack(
+        GptBlock, x_BxLxD, segment_ids_BxL, positions_BxL, deterministic,
+        num_layers=c.num_layers, scan=c.scan, remat=c.remat, name="blocks", config=c)
+    x_BxLxD = make_norm("layernorm", epsilon=c.layer_norm_epsilon, dtype=c.dtype,
+                        param_dtype=c.param_dtype, name="ln_final")(x_BxLxD)
+    if c.tie_embeddings:
+      logits_BxLxV = embed.attend(x_BxLxD)
+    else:
+      logits_BxLxV = DenseGeneral((c.vocab_size,), ("embed", "vocab"), use_bias=False,
+                                  dtype=c.dtype, param_dtype=c.param_dtype,
+                                  name="lm_head")(x_BxLxD)
+    return constrain(logits_BxLxV.astype(jnp.float32), ("batch", "length", "act_vocab"))

@@ -1,0 +1,180 @@
+"""Building blocks shared by GPT, BERT and T5: norms, embeddings, MLP, attention.
+
+Every parameter carries logical axis names (``vocab``, ``embed``, ``mlp``,
+``heads``, ``kv``, ``layers``) and the main activations are constrained with
+``batch``, ``length`` and ``act_*`` names; ``bigmodel.sharding`` maps both onto
+mesh axes. Shapes in names: B batch, T query length, S key length, D model
+width, F mlp width, N heads, K kv heads, H head dim, V vocabulary.
+"""
+from typing import Any, Callable, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from bigmodel.models.attention import dot_product_attention
+
+Dtype = Any
+Initializer = Callable[..., jax.Array]
+
+
+def logical_init(init: Initializer, axes: tuple) -> Initializer:
+  """Wraps a parameter initializer so the parameter carries logical axes."""
+  return nn.with_logical_partitioning(init, axes)
+
+
+def constrain(x: jax.Array, axes: tuple) -> jax.Array:
+  """Shards an activation by logical axes (a no-op outside a mesh)."""
+  return nn.with_logical_constraint(x, axes)
+
+
+def make_norm(kind: str, *, epsilon: float, dtype: Dtype, param_dtype: Dtype,
+              name: Optional[str] = None) -> nn.Module:
+  """``layernorm`` (scale and bias, GPT/BERT) or ``rmsnorm`` (scale only, T5)."""
+  scale_init = logical_init(nn.initializers.ones, ("embed",))
+  if kind == "layernorm":
+    return nn.LayerNorm(epsilon=epsilon, dtype=dtype, param_dtype=param_dtype,
+                        scale_init=scale_init,
+                        bias_init=logical_init(nn.initializers.zeros, ("embed",)),
+                        name=name)
+  if kind == "rmsnorm":
+    return nn.RMSNorm(epsilon=epsilon, dtype=dtype, param_dtype=param_dtype,
+                      scale_init=scale_init, name=name)
+  raise ValueError(f"unknown norm {kind!r}")
+
+
+def make_embed(num_embeddings: int, features: int, *, axes: tuple, dtype: Dtype,
+               param_dtype: Dtype, stddev: float = 0.02,
+               name: Optional[str] = None) -> nn.Embed:
+  """A table [num_embeddings, features]; ``attend`` gives tied output logits."""
+  return nn.Embed(num_embeddings, features, dtype=dtype, param_dtype=param_dtype,
+                  embedding_init=logical_init(nn.initializers.normal(stddev), axes),
+                  name=name)
+
+
+class DenseGeneral(nn.Module):
+  """A linear map contracting ``x``'s trailing ``len(axis)`` dims into ``features``.
+
+  Written here rather than using ``nn.DenseGeneral`` because Linen initialises
+  multi-dimensional kernels flattened to 2D, which breaks their logical-axis
+  sharding constraints (e.g. a [D, N, H] query kernel).
+  """
+  features: tuple[int, ...]
+  kernel_axes: tuple
+  axis: tuple[int, ...] = (-1,)
+  use_bias: bool = True
+  stddev: float = 0.02
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    axis = tuple(a % x.ndim for a in self.axis)
+    kernel = self.param(
+        "kernel", logical_init(nn.initializers.normal(self.stddev), self.kernel_axes),
+        tuple(x.shape[a] for a in axis) + tuple(self.features), self.param_dtype)
+    y = jax.lax.dot_general(x.astype(self.dtype), kernel.astype(self.dtype),
+                            ((axis, tuple(range(len(axis)))), ((), ())))
+    if self.use_bias:
+      bias = self.param("bias", logical_init(nn.initializers.zeros,
+                                             self.kernel_axes[len(axis):]),
+                        tuple(self.features), self.param_dtype)
+      y = y + bias.astype(self.dtype)
+    return y
+
+
+def apply_rope(x_BxLxNxH: jax.Array, positions_BxL: jax.Array,
+               theta: float) -> jax.Array:
+  """Rotary position embedding (rotate-half convention) in float32."""
+  half = x_BxLxNxH.shape[-1] // 2
+  inv_freq_H2 = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)
+  angle_BxLx1xH2 = (positions_BxL[..., None].astype(jnp.float32) * inv_freq_H2)[:, :, None, :]
+  sin, cos = jnp.sin(angle_BxLx1xH2), jnp.cos(angle_BxLx1xH2)
+  x1, x2 = jnp.split(x_BxLxNxH.astype(jnp.float32), 2, axis=-1)
+  rotated = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+  return rotated.astype(x_BxLxNxH.dtype)
+
+
+class Mlp(nn.Module):
+  """Position-wise MLP: D -> F -> D, optionally gated (T5 v1.1's gated-GELU)."""
+  hidden_dim: int
+  activation: str = "gelu"
+  gated: bool = False
+  use_bias: bool = True
+  dropout_rate: float = 0.0
+  out_init_stddev: float = 0.02
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x_BxLxD: jax.Array, deterministic: bool = True) -> jax.Array:
+    dense = lambda features, axes, stddev, name: DenseGeneral(  # pylint: disable=g-long-lambda
+        (features,), axes, use_bias=self.use_bias, stddev=stddev, dtype=self.dtype,
+        param_dtype=self.param_dtype, name=name)
+    act = getattr(jax.nn, self.activation)
+    h_BxLxF = act(dense(self.hidden_dim, ("embed", "mlp"), 0.02, "wi")(x_BxLxD))
+    if self.gated:
+      h_BxLxF = h_BxLxF * dense(self.hidden_dim, ("embed", "mlp"), 0.02, "wi_linear")(x_BxLxD)
+    h_BxLxF = constrain(h_BxLxF, ("batch", "length", "act_mlp"))
+    h_BxLxF = nn.Dropout(self.dropout_rate)(h_BxLxF, deterministic=deterministic)
+    d = x_BxLxD.shape[-1]
+    return dense(d, ("mlp", "embed"), self.out_init_stddev, "wo")(h_BxLxF)
+
+
+class MultiHeadAttention(nn.Module):
+  """Self- or cross-attention with optional rotary positions and bias.
+
+  Dropout applies to the output, not the attention probabilities, so fused
+  kernels (which never materialise the probabilities) stay exact.
+  """
+  num_heads: int
+  head_dim: int
+  num_kv_heads: Optional[int] = None  # None = num_heads; fewer = grouped-query.
+  use_bias: bool = True
+  rope_theta: Optional[float] = None  # None = no rotary positions.
+  attention_impl: str = "auto"
+  out_init_stddev: float = 0.02
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(
+      self,
+      x_BxTxD: jax.Array,
+      kv_BxSxD: Optional[jax.Array] = None,
+      *,
+      causal: bool = False,
+      q_segment_ids_BxT: Optional[jax.Array] = None,
+      kv_segment_ids_BxS: Optional[jax.Array] = None,
+      q_positions_BxT: Optional[jax.Array] = None,
+      kv_positions_BxS: Optional[jax.Array] = None,
+      bias_BxNxTxS: Optional[jax.Array] = None,
+  ) -> jax.Array:
+    """Returns [B, T, D]; ``kv_BxSxD`` None means self-attention."""
+    if kv_BxSxD is None:
+      kv_BxSxD, kv_positions_BxS = x_BxTxD, q_positions_BxT
+    kv_heads = self.num_kv_heads or self.num_heads
+
+    def project(x, heads, name):
+      return DenseGeneral((heads, self.head_dim), ("embed", "heads", "kv"),
+                          use_bias=self.use_bias, dtype=self.dtype,
+                          param_dtype=self.param_dtype, name=name)(x)
+
+    q_BxTxNxH = project(x_BxTxD, self.num_heads, "query")
+    k_BxSxKxH = project(kv_BxSxD, kv_heads, "key")
+    v_BxSxKxH = project(kv_BxSxD, kv_heads, "value")
+    if self.rope_theta is not None:
+      q_BxTxNxH = apply_rope(q_BxTxNxH, q_positions_BxT, self.rope_theta)
+      k_BxSxKxH = apply_rope(k_BxSxKxH, kv_positions_BxS, self.rope_theta)
+    head_axes = ("batch", "length", "act_heads", "act_kv")
+    q_BxTxNxH = constrain(q_BxTxNxH, head_axes)
+    k_BxSxKxH = constrain(k_BxSxKxH, head_axes)
+    v_BxSxKxH = constrain(v_BxSxKxH, head_axes)
+    out_BxTxNxH = dot_product_attention(
+        q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, impl=self.attention_impl, causal=causal,
+        q_segment_ids_BxT=q_segment_ids_BxT, kv_segment_ids_BxS=kv_segment_ids_BxS,
+        bias_BxNxTxS=bias_BxNxTxS)
+    out_BxTxNxH = constrain(out_BxTxNxH, head_axes)
+    return DenseGeneral((x_BxTxD.shape[-1],), ("heads", "kv", "embed"), axis=(-2, -1),
+                        use_bias=self.use_bias, stddev=self.out_init_stddev, dtype=self.dtype,
+                        param_dtype=self.param_dtype, name="out")(out_BxTxNxH)

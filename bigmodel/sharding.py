@@ -1,0 +1,143 @@
+"""Device meshes and logical-axis sharding rules (what pjit is today).
+
+Parameters and activations are annotated with logical axis names by the
+models; ``LOGICAL_AXIS_RULES`` maps those names onto the mesh axes ``data``,
+``fsdp`` and ``tensor``. The mesh uses ``AxisType.Auto`` deliberately: GSPMD
+propagates shardings between the annotated points, as in MaxText, instead of
+JAX 0.10's default explicit mode that would need an output sharding on every
+op whose contracting dimension is sharded.
+"""
+import contextlib
+import math
+from typing import Any, Iterator, Optional, Sequence
+
+import flax.linen as nn
+import jax
+import numpy as np
+from jax.experimental import multihost_utils
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from bigmodel.errors import UserError
+
+MESH_AXES = ("data", "fsdp", "tensor")
+BATCH_AXES = ("data", "fsdp")
+
+LOGICAL_AXIS_RULES = (
+    # Activations: the batch splits over data and fsdp; tensor parallelism
+    # splits heads and the mlp width (Megatron style).
+    ("batch", BATCH_AXES),
+    ("length", None),
+    ("act_embed", None),
+    ("act_mlp", "tensor"),
+    ("act_heads", "tensor"),
+    ("act_kv", None),
+    ("act_vocab", "tensor"),
+    # Parameters: fsdp shards the model width (ZeRO-3 style, gathered per
+    # layer by GSPMD), tensor shards heads, mlp and vocabulary.
+    ("embed", "fsdp"),
+    ("mlp", "tensor"),
+    ("heads", "tensor"),
+    ("kv", None),
+    ("vocab", "tensor"),
+    ("layers", None),
+)
+
+
+def resolve_mesh_shape(mesh_cfg, num_devices: int) -> tuple[int, ...]:
+  """Sizes for ``MESH_AXES``; one size may be -1 (fill with the remaining devices)."""
+  sizes = [int(mesh_cfg[name]) for name in MESH_AXES]
+  described = ", ".join(f"{n}={s}" for n, s in zip(MESH_AXES, sizes))
+  if sizes.count(-1) > 1:
+    raise UserError(f"mesh {described}: at most one axis may be -1")
+  if any(s == 0 or s < -1 for s in sizes):
+    raise UserError(f"mesh {described}: sizes must be positive or -1")
+  known = math.prod(s for s in sizes if s != -1)
+  if -1 in sizes:
+    if num_devices % known:
+      raise UserError(f"mesh {described}: {known} does not divide the {num_devices} devices")
+    sizes[sizes.index(-1)] = num_devices // known
+  if math.prod(sizes) != num_devices:
+    raise UserError(f"mesh {described} has {math.prod(sizes)} devices but "
+                    f"{num_devices} are available; make the product match or use -1")
+  return tuple(sizes)
+
+
+def make_mesh(mesh_cfg, devices: Optional[Sequence[jax.Device]] = None) -> Mesh:
+  """A (data, fsdp, tensor) mesh over ``devices`` (default: all devices)."""
+  devices = list(jax.devices() if devices is None else devices)
+  shape = resolve_mesh_shape(mesh_cfg, len(devices))
+  return jax.make_mesh(shape, MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * 3,
+                       devices=devices)
+
+
+@contextlib.contextmanager
+def activate(mesh: Mesh, rules=LOGICAL_AXIS_RULES) -> Iterator[None]:
+  """Makes ``mesh`` and the logical rules current, for tracing jitted steps."""
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    yield
+
+
+def strip_boxes(tree: Any) -> Any:
+  """The raw values of logically boxed leaves.
+
+  Unlike ``nn.unbox`` this adds no sharding constraints, which would fail for
+  optimizer statistics whose box names do not match their (factored) rank;
+  placement comes from the jit's ``out_shardings`` instead.
+  """
+  return jax.tree_util.tree_map(lambda x: getattr(x, "value", x), tree,
+                                is_leaf=lambda x: isinstance(x, nn.Partitioned))
+
+
+def logical_to_shardings(abstract_tree: Any, mesh: Mesh, rules=LOGICAL_AXIS_RULES) -> Any:
+  """NamedShardings for a tree of (possibly logically boxed) abstract arrays.
+
+  Leaves without logical names are replicated, and so is any dimension the
+  mesh axes do not divide (e.g. 2 kv heads on tensor=8) or whose box names do
+  not match its rank (optimizer statistics that factor a parameter, such as
+  Adafactor's row/column moments).
+  """
+  specs = nn.get_partition_spec(abstract_tree)
+  shardings = nn.logical_to_mesh_sharding(specs, mesh, rules)
+  shapes = strip_boxes(abstract_tree)
+
+  def axis_size(axes) -> int:
+    axes = (axes,) if isinstance(axes, str) else (axes or ())
+    return math.prod(mesh.shape[a] for a in axes)
+
+  def fit(sharding, leaf):
+    spec = tuple(sharding.spec)
+    if len(spec) > len(leaf.shape):
+      return NamedSharding(mesh, P())
+    spec = [axes if dim % axis_size(axes) == 0 else None for axes, dim in zip(spec, leaf.shape)]
+    return NamedSharding(mesh, P(*spec))
+
+  return jax.tree_util.tree_map(fit, shardings, shapes)
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+  """Batches [B, ...] split over the data-parallel axes."""
+  return NamedSharding(mesh, P(BATCH_AXES))
+
+
+def global_batch(host_batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
+  """Assembles every host's share [B / hosts, ...] into global arrays [B, ...]."""
+  return multihost_utils.host_local_array_to_global_array(host_batch, mesh, P(BATCH_AXES))
+
+
+def data_parallel_size(mesh: Mesh) -> int:
+  return math.prod(mesh.shape[a] for a in BATCH_AXES)
+
+
+def describe_shardings(params: Any, shardings: Any) -> str:
+  """A table of every parameter: path, shape, dtype and partition spec."""
+  rows = []
+  flat_params = jax.tree_util.tree_flatten_with_path(params)[0]
+  flat_shardings = jax.tree_util.tree_leaves(shardings)
+  for (path, leaf), sharding in zip(flat_params, flat_shardings):
+    name = "/".join(str(getattr(k, "key", k)) for k in path)
+    rows.append((name, str(tuple(leaf.shape)), str(leaf.dtype), str(sharding.spec)))
+  widths = [max(len(r[i]) for r in rows + [("parameter", "shape", "dtype", "spec")])
+            for i in range(4)]
+  lines = ["  ".join(h.ljust(w) for h, w in zip(("parameter", "shape", "dtype", "spec"), widths))]
+  lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows]
+  return "\n".join(lines)

@@ -1,0 +1,83 @@
+"""Pure train and eval steps over an explicit ``TrainState`` pytree.
+
+A batch is a dict of [B, L] arrays: ``inputs``, ``targets``, ``segment_ids``,
+``positions`` and ``loss_mask`` (see ``bigmodel.data``).
+"""
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+
+from bigmodel.state import TrainState
+
+
+def token_losses(model: nn.Module, params: Any, batch: dict[str, jax.Array],
+                 rng: jax.Array | None) -> jax.Array:
+  """Per-token cross-entropy [B, L] (float32); dropout on when ``rng`` is given."""
+  logits_BxLxV = model.apply(
+      {"params": params}, batch["inputs"], segment_ids_BxL=batch["segment_ids"],
+      positions_BxL=batch["positions"], deterministic=rng is None,
+      rngs={"dropout": rng} if rng is not None else None)
+  return optax.softmax_cross_entropy_with_integer_labels(logits_BxLxV, batch["targets"])
+
+
+def train_step(state: TrainState, batch: dict[str, jax.Array], *, model: nn.Module,
+               optimizer: optax.GradientTransformation, schedule: optax.Schedule,
+               grad_accum: int = 1) -> tuple[TrainState, dict[str, jax.Array]]:
+  """One optimizer update on the global batch; returns the new state and metrics.
+
+  With ``grad_accum`` > 1 the batch is split into that many micro-batches whose
+  gradients are summed in a scan, so activations are held for one micro-batch
+  at a time and the update equals the full-batch one.
+  """
+  rng, step_rng = jax.random.split(state.rng)
+  total_tokens = jnp.maximum(batch["loss_mask"].sum(), 1.0)
+
+  def micro_loss(params, micro_batch, micro_rng):
+    losses_BxL = token_losses(model, params, micro_batch, micro_rng)
+    return (losses_BxL * micro_batch["loss_mask"]).sum() / total_tokens
+
+  grad_fn = jax.value_and_grad(micro_loss)
+  if grad_accum == 1:
+    loss, grads = grad_fn(state.params, batch, step_rng)
+  else:
+    micro_batches = jax.tree_util.tree_map(
+        lambda x: x.reshape(grad_accum, x.shape[0] // grad_accum, *x.shape[1:]), batch)
+
+    def accumulate(carry, inputs):
+      loss_sum, grad_sum = carry
+      micro_batch, micro_rng = inputs
+      loss, grads = grad_fn(state.params, micro_batch, micro_rng)
+      return (loss_sum + loss, jax.tree_util.tree_map(jnp.add, grad_sum, grads)), None
+
+    zeros = jax.tree_util.tree_map(jnp.zeros_like, state.params)
+    (loss, grads), _ = jax.lax.scan(
+        accumulate, (jnp.zeros((), jnp.float32), zeros),
+        (micro_batches, jax.random.split(step_rng, grad_accum)))
+
+  updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  metrics = {
+      "loss": loss,
+      "grad_norm": optax.tree.norm(grads),
+      "learning_rate": schedule(state.step),
+  }
+  new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state, rng=rng)
+  return new_state, metrics
+
+
+def eval_step(params: Any, batch: dict[str, jax.Array], *, model: nn.Module) -> dict[str, jax.Array]:
+  """Summed loss and token count, so batches of any fill combine exactly."""
+  losses_BxL = token_losses(model, params, batch, rng=None)
+  return {"loss_sum": (losses_BxL * batch["loss_mask"]).sum(),
+          "token_count": batch["loss_mask"].sum()}
+
+
+def make_train_step(model, optimizer, schedule, grad_accum) -> Callable[..., Any]:
+  """``train_step`` with its static arguments bound, ready for ``jax.jit``."""
+  def step(state, batch):
+    return train_step(state, batch, model=model, optimizer=optimizer, schedule=schedule,
+                      grad_accum=grad_accum)
+  return step

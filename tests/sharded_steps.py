@@ -1,0 +1,60 @@
+"""Runs a few train steps of a tiny GPT on several meshes; prints JSON results.
+
+Run as a script in a subprocess so XLA_FLAGS can ask for 8 CPU devices
+before JAX starts: ``python tests/sharded_steps.py MESH [MESH ...]`` where
+MESH is ``data,fsdp,tensor`` (e.g. ``8,1,1``) or ``single`` (one device).
+"""
+import json
+import os
+import sys
+
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import jax  # pylint: disable=wrong-import-position
+import numpy as np  # pylint: disable=wrong-import-position
+
+from bigmodel import sharding  # pylint: disable=wrong-import-position
+from bigmodel.models import build_model  # pylint: disable=wrong-import-position
+from bigmodel.optim import make_optimizer  # pylint: disable=wrong-import-position
+from bigmodel.state import create_sharded_state  # pylint: disable=wrong-import-position
+from bigmodel.train_step import make_train_step  # pylint: disable=wrong-import-position
+from model_fixtures import random_batch, tiny_config  # pylint: disable=wrong-import-position
+
+
+def run(mesh_name: str, steps: int = 3) -> dict:
+  config = tiny_config(num_heads=4, num_kv_heads=2)
+  config.model.dropout_rate = 0.1  # Dropout masks must not depend on the mesh either.
+  config.optim.grad_accum = 2
+  if mesh_name == "single":
+    devices = jax.devices()[:1]
+    config.mesh.update(data=1, fsdp=1, tensor=1)
+  else:
+    devices = None
+    data, fsdp, tensor = (int(x) for x in mesh_name.split(","))
+    config.mesh.update(data=data, fsdp=fsdp, tensor=tensor)
+  mesh = sharding.make_mesh(config.mesh, devices)
+  model = build_model(config.model)
+  optimizer, schedule = make_optimizer(config.optim, 100)
+  losses = []
+  with sharding.activate(mesh):
+    state, shardings = create_sharded_state(config, model, optimizer, mesh)
+    step_fn = jax.jit(make_train_step(model, optimizer, schedule, config.optim.grad_accum),
+                      in_shardings=(shardings, sharding.batch_sharding(mesh)),
+                      out_shardings=(shardings, None), donate_argnums=(0,))
+    for i in range(steps):
+      batch = random_batch(16, config.data.seq_len, config.model.vocab_size, seed=i,
+                           num_segments=2)
+      state, metrics = step_fn(state, sharding.global_batch(batch, mesh))
+      losses.append(float(metrics["loss"]))
+  kernel = state.params["blocks"]["attn"]["query"]["kernel"]
+  return {
+      "losses": losses,
+      "params": [np.asarray(x).ravel()[:64].tolist() for x in jax.tree_util.tree_leaves(state.params)],
+      "query_kernel_spec": str(kernel.sharding.spec),
+      "num_shards": len({str(s.index) for s in kernel.addressable_shards}),
+  }
+
+
+if __name__ == "__main__":
+  print(json.dumps({name: run(name) for name in sys.argv[1:]}))

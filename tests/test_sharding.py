@@ -1,0 +1,70 @@
+"""Sharded training equals single-device training; mesh and sharding rules."""
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+from jax.sharding import PartitionSpec as P
+import ml_collections
+
+from bigmodel import sharding
+from bigmodel.errors import UserError
+
+_HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def test_same_steps_on_one_and_eight_devices():
+  """3 steps with dropout and grad accumulation on 1 device vs data / fsdp / 3-axis meshes."""
+  meshes = ["single", "8,1,1", "1,8,1", "2,2,2"]
+  out = subprocess.run([sys.executable, os.path.join(_HERE, "sharded_steps.py"), *meshes],
+                       capture_output=True, text=True, timeout=600, check=True)
+  results = json.loads(out.stdout.strip().splitlines()[-1])
+  reference = results["single"]
+  assert reference["num_shards"] == 1
+  for mesh in meshes[1:]:
+    np.testing.assert_allclose(results[mesh]["losses"], reference["losses"], rtol=1e-5)
+    for got, want in zip(results[mesh]["params"], reference["params"]):
+      np.testing.assert_allclose(got, want, atol=1e-5)
+  # The parameters really were split: 8 fsdp shards, and 4 on the 2x2x2 mesh
+  # (fsdp x tensor; replicated over data).
+  assert results["1,8,1"]["num_shards"] == 8
+  assert results["2,2,2"]["num_shards"] == 4
+  assert results["2,2,2"]["query_kernel_spec"] == "P(None, 'fsdp', 'tensor', None)"
+
+
+@pytest.mark.parametrize("sizes,devices,expected", [
+    ((-1, 1, 1), 8, (8, 1, 1)),
+    ((2, -1, 2), 8, (2, 2, 2)),
+    ((1, 1, 1), 1, (1, 1, 1)),
+])
+def test_resolve_mesh_shape(sizes, devices, expected):
+  cfg = ml_collections.ConfigDict(dict(zip(sharding.MESH_AXES, sizes)))
+  assert sharding.resolve_mesh_shape(cfg, devices) == expected
+
+
+@pytest.mark.parametrize("sizes,devices,message", [
+    ((2, 2, 1), 8, "has 4 devices but 8 are available"),
+    ((-1, -1, 1), 8, "at most one axis may be -1"),
+    ((3, -1, 1), 8, "3 does not divide the 8 devices"),
+    ((0, 1, 1), 1, "sizes must be positive"),
+])
+def test_bad_mesh_shapes(sizes, devices, message):
+  cfg = ml_collections.ConfigDict(dict(zip(sharding.MESH_AXES, sizes)))
+  with pytest.raises(UserError, match=message):
+    sharding.resolve_mesh_shape(cfg, devices)
+
+
+def test_indivisible_dimensions_are_replicated():
+  mesh = sharding.make_mesh(ml_collections.ConfigDict(dict(data=1, fsdp=1, tensor=1)),
+                            jax.devices()[:1])
+  import flax.linen as nn  # pylint: disable=g-import-not-at-top
+  boxed = {"w": nn.LogicallyPartitioned(jax.ShapeDtypeStruct((6, 4), np.float32),
+                                        ("embed", "mlp")),
+           "factored": nn.LogicallyPartitioned(jax.ShapeDtypeStruct((6,), np.float32),
+                                               ("embed", "mlp"))}
+  shardings = sharding.logical_to_shardings(boxed, mesh)
+  assert shardings["w"].spec == P("fsdp", "tensor")
+  assert shardings["factored"].spec == P()  # Names do not match the rank.
