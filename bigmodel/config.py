@@ -78,11 +78,17 @@ def base_config() -> ml_collections.ConfigDict:
       sample_prompt="def ",
       sample_temperature=0.8,
       progress=True,          # A compact progress line on a terminal.
+      nonfinite="skip",       # A non-finite loss/gradient: skip the update, or halt.
   ))
 
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
 
-  c.checkpoint = ml_collections.ConfigDict(dict(save_every=0, keep=3))
+  c.checkpoint = ml_collections.ConfigDict(dict(
+      save_every=0,       # Steps between saves; 0 = only at the end and on SIGTERM.
+      keep=3,             # The latest checkpoints kept.
+      keep_best=False,    # Also keep the one with the lowest eval_loss.
+      async_save=True,    # Write in the background while training continues.
+  ))
 
   c.print_sharding = False
   return c
@@ -98,6 +104,7 @@ _CHOICES = {
     "data.source": ("files", "tfds", "synthetic"),
     "optim.name": OPTIMIZERS,
     "optim.schedule": SCHEDULES,
+    "train.nonfinite": ("skip", "halt"),
 }
 _POSITIVE = ("model.vocab_size", "model.num_layers", "model.num_heads", "model.embed_dim",
              "model.mlp_dim", "model.max_len", "data.seq_len", "train.steps",

@@ -42,9 +42,17 @@ def decay_mask(params: Any) -> Any:
   return jax.tree_util.tree_map_with_path(decays, params)
 
 
+# apply_if_finite applies a non-finite update after this many in a row; the
+# trainer's `train.nonfinite` policy decides what happens instead.
+_NEVER_GIVE_UP = 2**30
+
+
 def make_optimizer(optim_cfg, total_steps: int) -> tuple[optax.GradientTransformation,
                                                          optax.Schedule]:
-  """Clip by global norm, then AdamW / Adafactor / SGD with masked decay."""
+  """Clip by global norm, then AdamW / Adafactor / SGD with masked decay.
+
+  Returns (optimizer, schedule). Updates with a non-finite gradient are skipped.
+  """
   schedule = make_schedule(optim_cfg, total_steps)
   name = optim_cfg.name
   if name == "adamw":
@@ -60,5 +68,7 @@ def make_optimizer(optim_cfg, total_steps: int) -> tuple[optax.GradientTransform
   else:
     raise ValueError(f"unknown optimizer {name!r}; choose from {OPTIMIZERS}")
   if optim_cfg.clip > 0:
-    return optax.chain(optax.clip_by_global_norm(optim_cfg.clip), base), schedule
-  return base, schedule
+    base = optax.chain(optax.clip_by_global_norm(optim_cfg.clip), base)
+  # A non-finite gradient skips the update (and is counted in the state's
+  # `total_notfinite`) instead of poisoning the parameters.
+  return optax.apply_if_finite(base, max_consecutive_errors=_NEVER_GIVE_UP), schedule

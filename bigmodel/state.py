@@ -30,6 +30,23 @@ def init_train_state(rng: jax.Array, model: nn.Module, optimizer: optax.Gradient
                     opt_state=optimizer.init(params), rng=state_rng)
 
 
+def abstract_sharded_state(config, model: nn.Module, optimizer: optax.GradientTransformation,
+                           mesh: Mesh) -> tuple[Any, Any]:
+  """(abstract state, state shardings): shapes, dtypes and placement, no memory.
+
+  The abstract leaves carry their shardings, so they also serve as restore
+  targets that reshard a checkpoint onto ``mesh``.
+  """
+  init_fn = functools.partial(init_train_state, model=model, optimizer=optimizer,
+                              seq_len=config.data.seq_len)
+  boxed = jax.eval_shape(init_fn, jax.random.key(config.train.seed))
+  state_shardings = sharding.logical_to_shardings(boxed, mesh)
+  abstract_state = jax.tree_util.tree_map(
+      lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+      sharding.strip_boxes(boxed), state_shardings)
+  return abstract_state, state_shardings
+
+
 def create_sharded_state(config, model: nn.Module, optimizer: optax.GradientTransformation,
                          mesh: Mesh) -> tuple[Any, Any]:
   """Initialises the train state directly in its sharded layout.
@@ -37,11 +54,9 @@ def create_sharded_state(config, model: nn.Module, optimizer: optax.GradientTran
   Returns (state, state_shardings). Parameters are created on the devices
   that own them: nothing is materialised whole on one device first.
   """
-  rng = jax.random.key(config.train.seed)
+  _, state_shardings = abstract_sharded_state(config, model, optimizer, mesh)
   init_fn = functools.partial(init_train_state, model=model, optimizer=optimizer,
                               seq_len=config.data.seq_len)
-  abstract_state = jax.eval_shape(init_fn, rng)
-  state_shardings = sharding.logical_to_shardings(abstract_state, mesh)
   state = jax.jit(lambda r: sharding.strip_boxes(init_fn(r)),
-                  out_shardings=state_shardings)(rng)
+                  out_shardings=state_shardings)(jax.random.key(config.train.seed))
   return state, state_shardings

@@ -1,18 +1,20 @@
 r"""Trains a model: ``python -m bigmodel.train --config=configs/gpt.py:tiny --workdir=DIR``.
 
 Overrides follow the config's shape, e.g. ``--config.train.steps=40
---config.mesh.fsdp=2``. Writes ``DIR/config.json``, ``DIR/metrics.jsonl`` and
-``DIR/tensorboard``; prints a sample from the trained model at the end.
+--config.mesh.fsdp=2``. Writes ``DIR/config.json``, ``DIR/metrics.jsonl``,
+``DIR/tensorboard`` and ``DIR/checkpoints``; a ``DIR`` that holds checkpoints
+is resumed exactly from the latest usable one. SIGTERM finishes the current
+step, saves, and exits 0. Prints a sample from the trained model at the end.
 """
 import functools
 import os
+import signal
 import time
 from typing import Any
 
 from absl import app
 from absl import flags
 from absl import logging
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -22,6 +24,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from bigmodel import cli
 from bigmodel import flops
 from bigmodel import sharding
+from bigmodel.checkpoint import Checkpointer
 from bigmodel.config import validate
 from bigmodel.data import build_datasets
 from bigmodel.errors import UserError, fail, user_errors_exit
@@ -29,13 +32,27 @@ from bigmodel.metrics import MetricsWriter
 from bigmodel.models import ModelConfig, build_model
 from bigmodel.optim import make_optimizer
 from bigmodel.sample import sample_tokens
-from bigmodel.state import create_sharded_state
+from bigmodel.state import abstract_sharded_state, create_sharded_state
 from bigmodel.train_step import eval_step, make_train_step
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Config file and preset, e.g. configs/gpt.py:tiny.", lock_config=True)
 _WORKDIR = flags.DEFINE_string(
     "workdir", None, "Directory for the config, metrics, tokenizer, data and checkpoints.")
+
+
+class PreemptionFlag:
+  """Set by SIGTERM; the loop checks it between steps, never mid-step."""
+
+  def __init__(self):
+    self.requested = False
+    self._previous = signal.signal(signal.SIGTERM, self._handle)
+
+  def _handle(self, signum, frame):  # pylint: disable=unused-argument
+    self.requested = True
+
+  def restore(self):
+    signal.signal(signal.SIGTERM, self._previous)
 
 
 def evaluate(eval_fn, params, eval_batches, mesh) -> dict[str, float]:
@@ -58,82 +75,155 @@ def check_batch_layout(config, mesh) -> None:
         f"size {dp} (mesh data={mesh.shape['data']} x fsdp={mesh.shape['fsdp']})")
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
-  """Trains for ``config.train.steps`` steps; returns the last logged metrics."""
-  validate(config)
-  mesh = sharding.make_mesh(config.mesh)
-  check_batch_layout(config, mesh)
-  os.makedirs(workdir, exist_ok=True)
-  if jax.process_index() == 0:
-    cli.write_config(config, os.path.join(workdir, "config.json"))
-  datasets = build_datasets(config, workdir, jax.process_index(), jax.process_count())
+@jax.jit
+def _all_finite(tree) -> jax.Array:
+  return jnp.all(jnp.stack([jnp.isfinite(x).all() for x in jax.tree_util.tree_leaves(tree)]))
 
-  model = build_model(config.model)
-  model_config = ModelConfig.from_config(config.model)
-  optimizer, schedule = make_optimizer(config.optim, config.train.steps)
-  tokens_per_step = config.train.batch_size * config.data.seq_len
-  flops_per_token = flops.train_flops_per_token(model_config, config.data.seq_len)
-  peak_tflops, peak_source = flops.peak_tflops_per_device(
-      config.train.peak_tflops_per_device, config.model.dtype)
-  logging.info("peak %.1f TFLOP/s per device (%s); %.3g model FLOPs per token",
-               peak_tflops, peak_source, flops_per_token)
 
-  with sharding.activate(mesh):
-    state, state_shardings = create_sharded_state(config, model, optimizer, mesh)
-    num_params = sum(x.size for x in jax.tree_util.tree_leaves(state.params))
-    logging.info("model: %s, %.2fM parameters; mesh %s", config.model.family,
-                 num_params / 1e6, dict(mesh.shape))
-    if config.print_sharding and jax.process_index() == 0:
-      print(sharding.describe_shardings(state.params, state_shardings.params), flush=True)
-    batch_sharding = sharding.batch_sharding(mesh)
-    replicated = NamedSharding(mesh, P())
-    train_step_fn = jax.jit(
-        make_train_step(model, optimizer, schedule, config.optim.grad_accum),
-        in_shardings=(state_shardings, batch_sharding),
-        out_shardings=(state_shardings, replicated), donate_argnums=(0,))
-    eval_fn = jax.jit(functools.partial(eval_step, model=model),
-                      in_shardings=(state_shardings.params, batch_sharding),
-                      out_shardings=replicated)
+class Trainer:
+  """One training run: builds everything from the config, then ``run()``."""
 
-    writer = MetricsWriter(workdir, config.train.steps, config.train.progress) \
-        if jax.process_index() == 0 else None
+  def __init__(self, config: ml_collections.ConfigDict, workdir: str):
+    validate(config)
+    self.config, self.workdir = config, workdir
+    self.mesh = sharding.make_mesh(config.mesh)
+    check_batch_layout(config, self.mesh)
+    os.makedirs(workdir, exist_ok=True)
+    self.is_writer = jax.process_index() == 0
+    if self.is_writer:
+      cli.write_config(config, os.path.join(workdir, "config.json"))
+    self.datasets = build_datasets(config, workdir, jax.process_index(), jax.process_count())
+    self.model = build_model(config.model)
+    self.optimizer, self.schedule = make_optimizer(config.optim, config.train.steps)
+    self.checkpointer = Checkpointer(workdir, keep=config.checkpoint.keep,
+                                     keep_best=config.checkpoint.keep_best,
+                                     async_save=config.checkpoint.async_save)
+    self.flops_per_token = flops.train_flops_per_token(
+        ModelConfig.from_config(config.model), config.data.seq_len)
+    self.peak_tflops, peak_source = flops.peak_tflops_per_device(
+        config.train.peak_tflops_per_device, config.model.dtype)
+    logging.info("peak %.1f TFLOP/s per device (%s); %.3g model FLOPs per token",
+                 self.peak_tflops, peak_source, self.flops_per_token)
+
+  def _initial_state(self):
+    """The latest usable checkpoint (resharded onto this mesh), or a fresh state."""
+    abstract_state, state_shardings = abstract_sharded_state(
+        self.config, self.model, self.optimizer, self.mesh)
+    restored = self.checkpointer.restore_latest_usable(abstract_state)
+    if restored is None:
+      state, _ = create_sharded_state(self.config, self.model, self.optimizer, self.mesh)
+      return state, state_shardings
+    step, state, data_state = restored
+    self.datasets.train_iter.set_state(data_state)
+    print(f"resuming from the checkpoint at step {step} in {self.checkpointer.directory}",
+          flush=True)
+    return state, state_shardings
+
+  def _save(self, state, step: int, metrics: dict[str, float]) -> None:
+    if not bool(_all_finite(state.params)):
+      raise UserError(f"the state at step {step} is not finite; not checkpointed")
+    best_metric = {"eval_loss": metrics["eval_loss"]} if "eval_loss" in metrics else None
+    self.checkpointer.save(step, state, self.datasets.train_iter.get_state(), self.config,
+                           metrics=best_metric)
+
+  def _check_nonfinite(self, metrics: dict[str, float], step: int, seen: int) -> int:
+    """Applies ``train.nonfinite`` to updates skipped since the last check."""
+    count = int(metrics["nonfinite_steps"])
+    if count > seen:
+      message = (f"{count - seen} update(s) with a non-finite loss or gradient up to step "
+                 f"{step} (loss {metrics['loss']})")
+      if self.config.train.nonfinite == "halt":
+        raise UserError(message + "; halting (train.nonfinite=halt)")
+      logging.warning("%s; skipped them (train.nonfinite=skip)", message)
+    return count
+
+  def run(self) -> dict[str, float]:
+    """Trains up to ``train.steps``; returns the last logged metrics."""
+    config, mesh = self.config, self.mesh
+    train_cfg = config.train
+    tokens_per_step = train_cfg.batch_size * config.data.seq_len
+    preemption = PreemptionFlag()
+    writer = MetricsWriter(self.workdir, train_cfg.steps, train_cfg.progress) \
+        if self.is_writer else None
     last_metrics: dict[str, float] = {}
-    interval_start, interval_steps = None, 0
-    for step in range(1, config.train.steps + 1):
-      batch = sharding.global_batch(next(datasets.train_iter), mesh)
-      state, metrics = train_step_fn(state, batch)
-      interval_steps += 1
-      if interval_start is None:
-        # The first step includes compilation: time from its end instead.
-        jax.block_until_ready(metrics)
-        interval_start, interval_steps = time.perf_counter(), 0
-      is_last = step == config.train.steps
-      record: dict[str, float] = {}
-      if step % config.train.log_every == 0 or is_last:
-        record.update({k: float(v) for k, v in jax.device_get(metrics).items()})
-        if interval_steps:
-          elapsed = time.perf_counter() - interval_start
-          tokens_per_sec = interval_steps * tokens_per_step / elapsed
-          tflops = tokens_per_sec * flops_per_token / jax.device_count() / 1e12
-          record.update(tokens_per_sec=tokens_per_sec, tflops_per_device=tflops,
-                        mfu=tflops / peak_tflops)
-        interval_start, interval_steps = time.perf_counter(), 0
-      if datasets.make_eval_iter and (
-          is_last or (config.train.eval_every and step % config.train.eval_every == 0)):
-        record.update(evaluate(eval_fn, state.params, datasets.make_eval_iter(), mesh))
-        interval_start, interval_steps = time.perf_counter(), 0  # Eval time is not step time.
-      if record:
-        last_metrics.update(record)
-        if writer:
-          writer.write(step, record)
-    if writer:
-      writer.close()
-  if hasattr(datasets.train_iter, "close"):
-    datasets.train_iter.close()  # Stops grain's worker processes, if any.
+    try:
+      with sharding.activate(mesh):
+        state, state_shardings = self._initial_state()
+        num_params = sum(x.size for x in jax.tree_util.tree_leaves(state.params))
+        logging.info("model: %s, %.2fM parameters; mesh %s", config.model.family,
+                     num_params / 1e6, dict(mesh.shape))
+        if config.print_sharding and self.is_writer:
+          print(sharding.describe_shardings(state.params, state_shardings.params), flush=True)
+        batch_sharding = sharding.batch_sharding(mesh)
+        replicated = NamedSharding(mesh, P())
+        train_step_fn = jax.jit(
+            make_train_step(self.model, self.optimizer, self.schedule, config.optim.grad_accum),
+            in_shardings=(state_shardings, batch_sharding),
+            out_shardings=(state_shardings, replicated), donate_argnums=(0,))
+        eval_fn = jax.jit(functools.partial(eval_step, model=self.model),
+                          in_shardings=(state_shardings.params, batch_sharding),
+                          out_shardings=replicated)
 
-  if datasets.tokenizer is not None and config.train.sample_tokens > 0 and jax.process_index() == 0:
-    print_sample(config, model, state.params, datasets.tokenizer)
-  return last_metrics
+        start_step = int(state.step)
+        nonfinite_seen = None
+        interval_start, interval_steps = None, 0
+        for step in range(start_step + 1, train_cfg.steps + 1):
+          batch = sharding.global_batch(next(self.datasets.train_iter), mesh)
+          state, metrics = train_step_fn(state, batch)
+          interval_steps += 1
+          if interval_start is None:
+            # The first step includes compilation: time from its end instead.
+            jax.block_until_ready(metrics)
+            interval_start, interval_steps = time.perf_counter(), 0
+          is_last = step == train_cfg.steps
+          save_every = config.checkpoint.save_every
+          will_save = is_last or preemption.requested or (save_every and step % save_every == 0)
+          record: dict[str, float] = {}
+          if step % train_cfg.log_every == 0 or is_last or will_save:
+            fetched = {k: float(v) for k, v in jax.device_get(metrics).items()}
+            if nonfinite_seen is None:
+              nonfinite_seen = int(fetched["nonfinite_steps"]) if step > 1 else 0
+            nonfinite_seen = self._check_nonfinite(fetched, step, nonfinite_seen)
+            if step % train_cfg.log_every == 0 or is_last:
+              record.update(fetched)
+              if interval_steps:
+                elapsed = time.perf_counter() - interval_start
+                tokens_per_sec = interval_steps * tokens_per_step / elapsed
+                tflops = tokens_per_sec * self.flops_per_token / jax.device_count() / 1e12
+                record.update(tokens_per_sec=tokens_per_sec, tflops_per_device=tflops,
+                              mfu=tflops / self.peak_tflops)
+              interval_start, interval_steps = time.perf_counter(), 0
+          if self.datasets.make_eval_iter and (
+              is_last or (train_cfg.eval_every and step % train_cfg.eval_every == 0)):
+            record.update(evaluate(eval_fn, state.params, self.datasets.make_eval_iter(), mesh))
+            interval_start, interval_steps = time.perf_counter(), 0  # Eval is not step time.
+          if record:
+            last_metrics.update(record)
+            if writer:
+              writer.write(step, record)
+          if will_save:
+            self._save(state, step, record)
+          if preemption.requested and not is_last:
+            self.checkpointer.wait()
+            print(f"preempted: saved the checkpoint at step {step}; exiting", flush=True)
+            return last_metrics
+        self.checkpointer.wait()
+    finally:
+      preemption.restore()
+      if writer:
+        writer.close()
+      self.checkpointer.close()
+      if hasattr(self.datasets.train_iter, "close"):
+        self.datasets.train_iter.close()  # Stops grain's worker processes, if any.
+
+    if self.datasets.tokenizer is not None and train_cfg.sample_tokens > 0 and self.is_writer:
+      print_sample(config, self.model, state.params, self.datasets.tokenizer)
+    return last_metrics
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
+  """Trains (or resumes) a run; returns the last logged metrics."""
+  return Trainer(config, workdir).run()
 
 
 def print_sample(config, model, params, tokenizer) -> None:

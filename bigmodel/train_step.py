@@ -63,6 +63,8 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, model: nn.Modu
       "loss": loss,
       "grad_norm": optax.tree.norm(grads),
       "learning_rate": schedule(state.step),
+      # Updates skipped so far for a non-finite gradient (optax.apply_if_finite).
+      "nonfinite_steps": opt_state.total_notfinite,
   }
   new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state, rng=rng)
   return new_state, metrics

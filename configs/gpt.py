@@ -28,7 +28,8 @@ def get_config(preset: str = "tiny"):
                    vocab_size=4096, max_len=256)
     c.data.update(vocab_size=4096, seq_len=256)
     c.optim.update(learning_rate=2e-3, warmup_steps=50, weight_decay=0.1)
-    c.train.update(steps=600, batch_size=16, log_every=25, eval_every=200)
+    c.train.update(steps=300, batch_size=16, log_every=25, eval_every=100,
+                   sample_temperature=0.7)
     return c
   layers, width, heads, seq_len = _GPT2_SHAPES[preset]
   c.model.update(num_layers=layers, embed_dim=width, num_heads=heads,

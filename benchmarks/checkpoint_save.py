@@ -1,0 +1,110 @@
+r"""How long a checkpoint save takes, and how much an async save slows the steps around it.
+
+    python benchmarks/checkpoint_save.py [--preset=small] [--batch_size=1] [--seq_len=256]
+
+Trains on synthetic tokens; times steps with no save nearby, the steps that
+overlap an async save, the time ``save()`` blocks the loop (device-to-host
+copy), the time until the save is durable, and a synchronous save for
+comparison. Prints a table of medians.
+"""
+import argparse
+import statistics
+import tempfile
+import time
+
+import jax
+import numpy as np
+
+from bigmodel import sharding
+from bigmodel.checkpoint import Checkpointer
+from bigmodel.models import build_model
+from bigmodel.optim import make_optimizer
+from bigmodel.state import create_sharded_state
+from bigmodel.train_step import make_train_step
+from configs.gpt import get_config
+
+
+def main():
+  parser = argparse.ArgumentParser()
+  parser.add_argument("--preset", default="small")
+  parser.add_argument("--batch_size", type=int, default=1)
+  parser.add_argument("--seq_len", type=int, default=256)
+  parser.add_argument("--steps_between_saves", type=int, default=6)
+  parser.add_argument("--saves", type=int, default=3)
+  args = parser.parse_args()
+
+  config = get_config(args.preset)
+  config.data.seq_len = args.seq_len
+  mesh = sharding.make_mesh(config.mesh)
+  model = build_model(config.model)
+  optimizer, schedule = make_optimizer(config.optim, 1000)
+  rng = np.random.default_rng(0)
+  tokens = rng.integers(3, config.model.vocab_size, (args.batch_size, args.seq_len + 1))
+  batch = dict(inputs=tokens[:, :-1].astype(np.int32), targets=tokens[:, 1:].astype(np.int32),
+               segment_ids=np.ones((args.batch_size, args.seq_len), np.int32),
+               positions=np.tile(np.arange(args.seq_len, dtype=np.int32), (args.batch_size, 1)),
+               loss_mask=np.ones((args.batch_size, args.seq_len), np.float32))
+
+  with sharding.activate(mesh):
+    state, shardings = create_sharded_state(config, model, optimizer, mesh)
+    step_fn = jax.jit(make_train_step(model, optimizer, schedule, 1),
+                      in_shardings=(shardings, sharding.batch_sharding(mesh)),
+                      out_shardings=(shardings, None), donate_argnums=(0,))
+    batch = sharding.global_batch(batch, mesh)
+    state, metrics = step_fn(state, batch)
+    jax.block_until_ready(metrics)
+    num_bytes = sum(x.nbytes for x in jax.tree_util.tree_leaves(state))
+
+    def timed_step(state):
+      start = time.perf_counter()
+      state, metrics = step_fn(state, batch)
+      jax.block_until_ready(metrics)
+      return state, time.perf_counter() - start
+
+    quiet, overlapped, blocking, durable, sync_saves = [], [], [], [], []
+    with tempfile.TemporaryDirectory() as async_dir, tempfile.TemporaryDirectory() as sync_dir:
+      async_ckpt = Checkpointer(async_dir, keep=1, async_save=True)
+      sync_ckpt = Checkpointer(sync_dir, keep=1, async_save=False)
+      step = 1
+      for _ in range(args.saves):
+        for _ in range(args.steps_between_saves):
+          state, seconds = timed_step(state)
+          quiet.append(seconds)
+          step += 1
+        start = time.perf_counter()
+        async_ckpt.save(step, state, {}, config)
+        blocking.append(time.perf_counter() - start)
+        # Steps run while the write goes on in the background.
+        while async_ckpt.is_saving():
+          state, seconds = timed_step(state)
+          overlapped.append(seconds)
+          step += 1
+        durable.append(time.perf_counter() - start)
+        start = time.perf_counter()
+        sync_ckpt.save(step, state, {}, config)
+        sync_ckpt.wait()
+        sync_saves.append(time.perf_counter() - start)
+      async_ckpt.close()
+      sync_ckpt.close()
+
+  median = statistics.median
+  print(f"\npreset {args.preset}: state {num_bytes / 2**20:.0f} MiB "
+        f"(params + optimizer), batch {args.batch_size} x {args.seq_len}, "
+        f"{jax.device_count()} {jax.devices()[0].platform} device(s)")
+  rows = [
+      ("step, no save in flight", median(quiet)),
+      ("step, overlapping an async save", median(overlapped) if overlapped else float("nan")),
+      ("async save(): loop blocked", median(blocking)),
+      ("async save: until durable", median(durable)),
+      ("synchronous save, until durable", median(sync_saves)),
+  ]
+  print(f"{'what':36s} {'median s':>9s}")
+  for name, seconds in rows:
+    print(f"{name:36s} {seconds:9.3f}")
+  if overlapped:
+    print(f"slowdown of overlapped steps: {median(overlapped) / median(quiet):.2f}x "
+          f"({len(overlapped)} steps overlapped {args.saves} saves)")
+
+
+if __name__ == "__main__":
+  main()
