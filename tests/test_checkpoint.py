@@ -216,3 +216,24 @@ def test_export_params(tmp_path, corpus):
       [sys.executable, "-m", "bigmodel.export", f"--workdir={workdir}", f"--out={out}"],
       cwd=_ROOT, capture_output=True, text=True, timeout=300)
   assert again.returncode == 2 and "already exists" in again.stderr
+
+
+def test_keeps_the_latest_and_the_best(tmp_path):
+  from bigmodel import sharding  # pylint: disable=g-import-not-at-top
+  from bigmodel.checkpoint import Checkpointer  # pylint: disable=g-import-not-at-top
+  from bigmodel.models import build_model  # pylint: disable=g-import-not-at-top
+  from bigmodel.optim import make_optimizer  # pylint: disable=g-import-not-at-top
+  from bigmodel.state import create_sharded_state  # pylint: disable=g-import-not-at-top
+  config = tiny_config()
+  mesh = sharding.make_mesh(config.mesh, jax.devices()[:1])
+  model = build_model(config.model)
+  optimizer, _ = make_optimizer(config.optim, 10)
+  with sharding.activate(mesh):
+    state, _ = create_sharded_state(config, model, optimizer, mesh)
+  checkpointer = Checkpointer(str(tmp_path), keep=1, keep_best=True, async_save=False)
+  for step, eval_loss in zip(range(1, 6), [3.0, 1.0, None, 2.0, 4.0]):
+    checkpointer.save(step, state, {}, config,
+                      metrics=None if eval_loss is None else {"eval_loss": eval_loss})
+  checkpointer.wait()
+  assert checkpointer.all_steps() == [2, 5]  # The best eval_loss, and the latest.
+  checkpointer.close()
