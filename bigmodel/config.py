@@ -32,7 +32,7 @@ def base_config() -> ml_collections.ConfigDict:
       layer_norm_epsilon=1e-5,
       dtype="float32",        # Compute dtype of activations and matmuls.
       param_dtype="float32",  # Storage dtype of parameters.
-      attention_impl="auto",  # auto | xla (the jnp reference).
+      attention_impl="auto",  # auto (pallas on GPU/TPU, xla on CPU) | xla | pallas | cudnn
       remat="none",           # none | full | dots_saveable | dots_with_no_batch_dims_saveable
       scan=True,              # Scan over layers: compile time flat in depth.
   ))

@@ -1,16 +1,38 @@
 """The one attention entry point every model family calls.
 
 ``dot_product_attention`` picks an implementation by ``model.attention_impl``
-so that faster kernels plug in here without touching GPT, BERT or T5.
+so that faster kernels plug in here without touching GPT, BERT or T5:
+
+- ``xla``: ``pallas_kernels.attention_reference``, plain jnp (float32 softmax,
+  materialises the [T, S] scores).
+- ``pallas``: ``pallas_kernels.flash_attention``, the fused kernel: Triton on
+  GPU, Mosaic on TPU, Pallas' interpreter on CPU (slow; a correctness check).
+- ``cudnn``: ``jax.nn.dot_product_attention(implementation="cudnn")``, NVIDIA
+  GPUs only, float16/bfloat16 only.
+- ``auto``: ``pallas`` on GPU and TPU, ``xla`` on CPU.
 """
 from typing import Optional
 
 import jax
+import jax.numpy as jnp
 
-from pallas_kernels import attention_reference
+from pallas_kernels import attention_mask, attention_reference, flash_attention
 
-# `auto` picks the best implementation for the platform; today that is XLA.
-ATTENTION_IMPLS = ("auto", "xla")
+ATTENTION_IMPLS = ("auto", "xla", "pallas", "cudnn")
+
+
+def resolve_impl(impl: str, platform: Optional[str] = None) -> str:
+  """The concrete implementation ``impl`` means on ``platform`` (default: JAX's)."""
+  if impl not in ATTENTION_IMPLS:
+    raise ValueError(f"unknown attention_impl {impl!r}; choose from {ATTENTION_IMPLS}")
+  platform = platform or jax.default_backend()
+  if impl == "auto":
+    return "pallas" if platform in ("gpu", "tpu") else "xla"
+  if impl == "cudnn" and platform != "gpu":
+    raise ValueError(
+        f"attention_impl='cudnn' needs an NVIDIA GPU (cuDNN flash attention) but JAX's "
+        f"platform is {platform!r}; use 'pallas', 'xla' or 'auto'")
+  return impl
 
 
 def dot_product_attention(
@@ -27,9 +49,39 @@ def dot_product_attention(
   """Scaled dot-product attention; returns [B, T, N, H].
 
   Segment id 0 marks padding; queries attend only to keys of their segment.
+  ``causal`` aligns the diagonal at the end (query i sees key j iff
+  i + S - T >= j). ``bias_BxNxTxS`` ([B or 1, N, T, S]) is added to the scaled
+  scores. Rows that see no key return zeros.
   """
-  if impl not in ATTENTION_IMPLS:
-    raise ValueError(f"unknown attention_impl {impl!r}; choose from {ATTENTION_IMPLS}")
-  return attention_reference(
-      q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, bias_BxNxTxS=bias_BxNxTxS, causal=causal,
-      q_segment_ids_BxT=q_segment_ids_BxT, kv_segment_ids_BxS=kv_segment_ids_BxS)
+  impl = resolve_impl(impl)
+  kwargs = dict(causal=causal, q_segment_ids_BxT=q_segment_ids_BxT,
+                kv_segment_ids_BxS=kv_segment_ids_BxS, bias_BxNxTxS=bias_BxNxTxS)
+  if impl == "pallas":
+    return flash_attention(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, **kwargs)
+  if impl == "cudnn":
+    return _cudnn_attention(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, **kwargs)
+  return attention_reference(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, **kwargs)
+
+
+def _cudnn_attention(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, *, causal, q_segment_ids_BxT,
+                     kv_segment_ids_BxS, bias_BxNxTxS):
+  """cuDNN flash attention with this module's mask semantics."""
+  if q_BxTxNxH.dtype not in (jnp.bfloat16, jnp.float16):
+    raise ValueError(f"attention_impl='cudnn' supports float16/bfloat16, not "
+                     f"{q_BxTxNxH.dtype}; set model.dtype or use 'pallas'")
+  t, s = q_BxTxNxH.shape[1], k_BxSxKxH.shape[1]
+  # cuDNN's own causal mask is used only for square attention: its diagonal
+  # may not be end-aligned for T != S, so that case goes into the explicit mask.
+  native_causal = causal and t == s
+  mask_Bx1xTxS = attention_mask(t, s, causal=causal and not native_causal,
+                                q_segment_ids_BxT=q_segment_ids_BxT,
+                                kv_segment_ids_BxS=kv_segment_ids_BxS)
+  bias = None if bias_BxNxTxS is None else bias_BxNxTxS.astype(q_BxTxNxH.dtype)
+  out_BxTxNxH = jax.nn.dot_product_attention(
+      q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, bias=bias, mask=mask_Bx1xTxS,
+      is_causal=native_causal, implementation="cudnn")
+  if mask_Bx1xTxS is not None:
+    # Rows with no visible key: zeros, as every other implementation returns.
+    any_visible_Bx1xT = mask_Bx1xTxS.any(axis=-1)
+    out_BxTxNxH = jnp.where(jnp.swapaxes(any_visible_Bx1xT, 1, 2)[..., None], out_BxTxNxH, 0)
+  return out_BxTxNxH.astype(q_BxTxNxH.dtype)
