@@ -2,7 +2,8 @@
 
 Run as a script in a subprocess so XLA_FLAGS can ask for 8 CPU devices
 before JAX starts: ``python tests/sharded_steps.py MESH [MESH ...]`` where
-MESH is ``data,fsdp,tensor`` (e.g. ``8,1,1``) or ``single`` (one device).
+MESH is ``data,fsdp,tensor`` (e.g. ``8,1,1``) or ``single`` (one device),
+optionally followed by ``@IMPL`` for the attention implementation (``2,2,2@pallas``).
 """
 import json
 import os
@@ -23,7 +24,8 @@ from model_fixtures import random_batch, tiny_config  # pylint: disable=wrong-im
 
 
 def run(mesh_name: str, steps: int = 3) -> dict:
-  config = tiny_config(num_heads=4, num_kv_heads=2)
+  mesh_name, _, impl = mesh_name.partition("@")
+  config = tiny_config(num_heads=4, num_kv_heads=2, attention_impl=impl or "xla")
   config.model.dropout_rate = 0.1  # Dropout masks must not depend on the mesh either.
   config.optim.grad_accum = 2
   if mesh_name == "single":
@@ -43,9 +45,12 @@ def run(mesh_name: str, steps: int = 3) -> dict:
                       in_shardings=(shardings, sharding.batch_sharding(mesh)),
                       out_shardings=(shardings, None), donate_argnums=(0,))
     for i in range(steps):
-      batch = random_batch(16, config.data.seq_len, config.model.vocab_size, seed=i,
-                           num_segments=2)
-      state, metrics = step_fn(state, sharding.global_batch(batch, mesh))
+      batch = sharding.global_batch(
+          random_batch(16, config.data.seq_len, config.model.vocab_size, seed=i,
+                       num_segments=2), mesh)
+      if i == 0:
+        uses_shard_map = "shard_map" in str(jax.make_jaxpr(step_fn)(state, batch))
+      state, metrics = step_fn(state, batch)
       losses.append(float(metrics["loss"]))
   kernel = state.params["blocks"]["attn"]["query"]["kernel"]
   return {
@@ -53,6 +58,7 @@ def run(mesh_name: str, steps: int = 3) -> dict:
       "params": [np.asarray(x).ravel()[:64].tolist() for x in jax.tree_util.tree_leaves(state.params)],
       "query_kernel_spec": str(kernel.sharding.spec),
       "num_shards": len({str(s.index) for s in kernel.addressable_shards}),
+      "uses_shard_map": uses_shard_map,
   }
 
 

@@ -17,8 +17,12 @@ _HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 def test_same_steps_on_one_and_eight_devices():
-  """3 steps with dropout and grad accumulation on 1 device vs data / fsdp / 3-axis meshes."""
-  meshes = ["single", "8,1,1", "1,8,1", "2,2,2"]
+  """3 steps with dropout and grad accumulation on 1 device vs data / fsdp / 3-axis meshes.
+
+  The last run uses the Pallas kernel (interpreted on CPU), which must run per
+  device under shard_map rather than be gathered whole.
+  """
+  meshes = ["single", "8,1,1", "1,8,1", "2,2,2", "2,2,2@pallas"]
   out = subprocess.run([sys.executable, os.path.join(_HERE, "sharded_steps.py"), *meshes],
                        capture_output=True, text=True, timeout=600, check=True)
   results = json.loads(out.stdout.strip().splitlines()[-1])
@@ -33,6 +37,8 @@ def test_same_steps_on_one_and_eight_devices():
   assert results["1,8,1"]["num_shards"] == 8
   assert results["2,2,2"]["num_shards"] == 4
   assert results["2,2,2"]["query_kernel_spec"] == "P(None, 'fsdp', 'tensor', None)"
+  assert results["2,2,2@pallas"]["uses_shard_map"]
+  assert not results["2,2,2"]["uses_shard_map"]
 
 
 @pytest.mark.parametrize("sizes,devices,expected", [

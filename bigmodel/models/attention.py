@@ -11,10 +11,14 @@ so that faster kernels plug in here without touching GPT, BERT or T5:
   GPUs only, float16/bfloat16 only.
 - ``auto``: ``pallas`` on GPU and TPU, ``xla`` on CPU.
 """
+import functools
+import math
 from typing import Optional
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 
 from pallas_kernels import attention_mask, attention_reference, flash_attention
 
@@ -57,7 +61,7 @@ def dot_product_attention(
   kwargs = dict(causal=causal, q_segment_ids_BxT=q_segment_ids_BxT,
                 kv_segment_ids_BxS=kv_segment_ids_BxS, bias_BxNxTxS=bias_BxNxTxS)
   if impl == "pallas":
-    return flash_attention(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, **kwargs)
+    return _per_device(flash_attention, q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, **kwargs)
   if impl == "cudnn":
     return _cudnn_attention(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, **kwargs)
   return attention_reference(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, **kwargs)
@@ -85,3 +89,51 @@ def _cudnn_attention(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, *, causal, q_segment_ids_B
     any_visible_Bx1xT = mask_Bx1xTxS.any(axis=-1)
     out_BxTxNxH = jnp.where(jnp.swapaxes(any_visible_Bx1xT, 1, 2)[..., None], out_BxTxNxH, 0)
   return out_BxTxNxH.astype(q_BxTxNxH.dtype)
+
+
+def _per_device(kernel, q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, *, causal, q_segment_ids_BxT,
+                kv_segment_ids_BxS, bias_BxNxTxS):
+  """Runs ``kernel`` on each device's shard of batch and heads (``shard_map``).
+
+  A compiled Pallas kernel is opaque to XLA's sharding propagation, which would
+  otherwise gather q, k and v onto every device. Attention is independent per
+  (batch, head), so each device runs the kernel on its own block. The mesh
+  axes come from the logical rules in effect (``batch`` and ``act_heads``); a
+  dimension they do not divide stays whole.
+  """
+  mesh = jax.sharding.get_abstract_mesh()
+  call = functools.partial(kernel, causal=causal)
+  if mesh.empty or math.prod(mesh.shape.values()) == 1:
+    return call(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, q_segment_ids_BxT=q_segment_ids_BxT,
+                kv_segment_ids_BxS=kv_segment_ids_BxS, bias_BxNxTxS=bias_BxNxTxS)
+  batch_axes, _, heads_axes, _ = nn.logical_to_mesh_axes(
+      ("batch", "length", "act_heads", "act_kv"))
+
+  def size(axes):
+    axes = (axes,) if isinstance(axes, str) else (axes or ())
+    return math.prod(mesh.shape[a] for a in axes)
+
+  if q_BxTxNxH.shape[0] % size(batch_axes):
+    batch_axes = None
+  if q_BxTxNxH.shape[2] % size(heads_axes) or k_BxSxKxH.shape[2] % size(heads_axes):
+    heads_axes = None
+  # Query heads [i*N/t, (i+1)*N/t) use kv heads [i*K/t, (i+1)*K/t): grouped-query
+  # attention stays consistent when both head counts split the same way.
+  heads_spec = P(batch_axes, None, heads_axes, None)
+  segment_spec = P(batch_axes, None)
+  bias_spec = None
+  if bias_BxNxTxS is not None:
+    bias_spec = P(batch_axes if bias_BxNxTxS.shape[0] > 1 else None,
+                  heads_axes if bias_BxNxTxS.shape[1] > 1 else None, None, None)
+
+  def local(q, k, v, q_seg, kv_seg, bias):
+    return call(q, k, v, q_segment_ids_BxT=q_seg, kv_segment_ids_BxS=kv_seg, bias_BxNxTxS=bias)
+
+  return jax.shard_map(
+      local, mesh=mesh,
+      in_specs=(heads_spec, heads_spec, heads_spec,
+                None if q_segment_ids_BxT is None else segment_spec,
+                None if kv_segment_ids_BxS is None else segment_spec, bias_spec),
+      out_specs=heads_spec, check_vma=False)(
+          q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, q_segment_ids_BxT, kv_segment_ids_BxS,
+          bias_BxNxTxS)
