@@ -139,3 +139,34 @@ class Checkpointer:
     if jax.process_count() > 1:
       multihost_utils.sync_global_devices(f"bigmodel_move_aside_{step}")
     self._manager.reload()
+
+
+def restore_params(workdir: str, mesh, step: Optional[int] = None) -> tuple[Any, dict, int]:
+  """Parameters of a run's checkpoint (default: the latest), sharded over ``mesh``.
+
+  Returns (params, the run's config as a dict, step). The run's own config
+  rebuilds the abstract state, so this works from any other run.
+  """
+  # Imported here: these build models, which the checkpoint mechanics do not need.
+  from bigmodel.models import build_model  # pylint: disable=g-import-not-at-top
+  from bigmodel.optim import make_optimizer  # pylint: disable=g-import-not-at-top
+  from bigmodel.state import abstract_sharded_state  # pylint: disable=g-import-not-at-top
+  if not os.path.isdir(os.path.join(workdir, CHECKPOINT_DIR)):
+    raise UserError(f"no checkpoints in {os.path.join(workdir, CHECKPOINT_DIR)}")
+  checkpointer = Checkpointer(workdir, keep=1_000_000)
+  try:
+    steps = checkpointer.all_steps()
+    if not steps:
+      raise UserError(f"no checkpoints in {checkpointer.directory}")
+    step = steps[-1] if step is None else step
+    if step not in steps:
+      raise UserError(f"no checkpoint at step {step} in {checkpointer.directory}; "
+                      f"steps: {', '.join(map(str, steps))}")
+    config = ml_collections.ConfigDict(checkpointer.restore_config(step))
+    model = build_model(config.model)
+    optimizer, _ = make_optimizer(config.optim, config.train.steps)
+    abstract_state, _ = abstract_sharded_state(config, model, optimizer, mesh)
+    state, _ = checkpointer.restore(step, abstract_state)
+  finally:
+    checkpointer.close()
+  return state.params, config.to_dict(), step

@@ -22,10 +22,11 @@ def base_config() -> ml_collections.ConfigDict:
       num_layers=2,
       num_heads=4,
       num_kv_heads=0,         # 0 = num_heads; fewer = grouped-query attention.
+      head_dim=0,             # 0 = embed_dim // num_heads.
       embed_dim=128,
       mlp_dim=512,
       max_len=256,            # Longest sequence learned positions support.
-      position_embedding="learned",   # learned | rope
+      position_embedding="learned",   # learned | rope (GPT) | relative (T5)
       rope_theta=10000.0,
       dropout_rate=0.0,
       tie_embeddings=True,
@@ -35,6 +36,13 @@ def base_config() -> ml_collections.ConfigDict:
       attention_impl="auto",  # auto (pallas on GPU/TPU, xla on CPU) | xla | pallas | cudnn
       remat="none",           # none | full | dots_saveable | dots_with_no_batch_dims_saveable
       scan=True,              # Scan over layers: compile time flat in depth.
+      # BERT and T5 (ignored by GPT).
+      num_decoder_layers=0,   # T5 decoder depth; 0 = num_layers.
+      norm_position="post",   # BERT: post (original BERT) | pre.
+      type_vocab_size=2,      # BERT token types.
+      num_classes=0,          # BERT: > 0 = classification head instead of MLM.
+      relative_buckets=32,    # T5 relative position bias buckets ...
+      relative_max_distance=128,  # ... logarithmic up to this distance.
   ))
 
   c.data = ml_collections.ConfigDict(dict(
@@ -48,6 +56,19 @@ def base_config() -> ml_collections.ConfigDict:
       vocab_size=4096,      # Size of a tokenizer trained here.
       seq_len=256,
       num_workers=0,        # grain worker processes (0 = in the main process).
+      # What a batch is for: lm | mlm | span_corruption | classify | seq2seq.
+      task="lm",
+      mlm_probability=0.15,   # mlm: share of the real tokens predicted.
+      noise_density=0.15,     # span_corruption: share of the tokens corrupted ...
+      mean_span_length=3.0,   # ... in spans of this mean length.
+      target_len=0,           # Decoder length; 0 = implied by seq_len (span_corruption),
+                              # the longest label (classify, t5), else seq_len.
+      # classify / seq2seq: `paths` is a .csv/.jsonl file or a directory with
+      # train.* and validation.*; "" = a default task built from the stdlib.
+      text_column="text",     # Column (or tfds feature) holding the input text.
+      label_column="label",   # classify: column holding the label.
+      target_column="target", # seq2seq: column holding the target text.
+      labels="",              # classify: comma-separated label set; "" = those in train.
   ))
 
   c.optim = ml_collections.ConfigDict(dict(
@@ -91,12 +112,14 @@ def base_config() -> ml_collections.ConfigDict:
   ))
 
   c.print_sharding = False
+  c.init_from = ""  # A run's WORKDIR whose latest parameters start this run (fine-tuning).
   return c
 
 
 _CHOICES = {
     "model.family": tuple(MODEL_FAMILIES),
-    "model.position_embedding": ("learned", "rope"),
+    "model.position_embedding": ("learned", "rope", "relative"),
+    "model.norm_position": ("post", "pre"),
     "model.remat": tuple(REMAT_POLICIES),
     "model.attention_impl": ATTENTION_IMPLS,
     "model.dtype": ("float32", "bfloat16", "float16"),
@@ -131,12 +154,17 @@ def validate(config) -> None:
     if _get(config, key) <= 0:
       raise UserError(f"--config.{key} must be positive, got {_get(config, key)}")
   m = config.model
-  if m.embed_dim % m.num_heads:
-    raise UserError(f"model.num_heads={m.num_heads} does not divide model.embed_dim={m.embed_dim}")
+  allowed_positions = {"gpt": ("learned", "rope"), "bert": ("learned",), "t5": ("relative",)}
+  if m.position_embedding not in allowed_positions[m.family]:
+    raise UserError(f"model.position_embedding={m.position_embedding!r} is not available for "
+                    f"{m.family}; use {' or '.join(allowed_positions[m.family])}")
+  if not m.head_dim and m.embed_dim % m.num_heads:
+    raise UserError(f"model.num_heads={m.num_heads} does not divide model.embed_dim={m.embed_dim}"
+                    " (or set model.head_dim)")
   if m.num_kv_heads and m.num_heads % m.num_kv_heads:
     raise UserError(f"model.num_kv_heads={m.num_kv_heads} does not divide "
                     f"model.num_heads={m.num_heads}")
-  if m.position_embedding == "rope" and (m.embed_dim // m.num_heads) % 2:
+  if m.position_embedding == "rope" and (m.head_dim or m.embed_dim // m.num_heads) % 2:
     raise UserError("rotary positions need an even head dim (embed_dim / num_heads)")
   if m.position_embedding == "learned" and config.data.seq_len > m.max_len:
     raise UserError(f"data.seq_len={config.data.seq_len} exceeds model.max_len={m.max_len} "

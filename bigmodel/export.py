@@ -15,11 +15,8 @@ import orbax.checkpoint as ocp
 
 from bigmodel import cli
 from bigmodel import sharding
-from bigmodel.checkpoint import Checkpointer
+from bigmodel.checkpoint import restore_params
 from bigmodel.errors import UserError, fail, user_errors_exit
-from bigmodel.models import build_model
-from bigmodel.optim import make_optimizer
-from bigmodel.state import abstract_sharded_state
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "A training run's directory.")
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step; default: the latest.")
@@ -32,27 +29,14 @@ def export_params(workdir: str, out: str, step: int | None = None,
   """Writes the parameters of checkpoint ``step`` to ``out``; returns the step."""
   if os.path.exists(out):
     raise UserError(f"--out={out} already exists; choose a new path")
-  checkpointer = Checkpointer(workdir, keep=1_000_000)
-  steps = checkpointer.all_steps()
-  if not steps:
-    raise UserError(f"no checkpoints in {checkpointer.directory}")
-  step = steps[-1] if step is None else step
-  if step not in steps:
-    raise UserError(f"no checkpoint at step {step}; steps: {', '.join(map(str, steps))}")
-  config = ml_collections.ConfigDict(checkpointer.restore_config(step))
-  config.mesh.update(data=-1, fsdp=1, tensor=1)
-  mesh = sharding.make_mesh(config.mesh)
-  model = build_model(config.model)
-  optimizer, _ = make_optimizer(config.optim, config.train.steps)
+  mesh = sharding.make_mesh(ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1)))
   with sharding.activate(mesh):
-    abstract_state, _ = abstract_sharded_state(config, model, optimizer, mesh)
-    state, _ = checkpointer.restore(step, abstract_state)
-  params = jax.tree_util.tree_map(lambda x: x.astype(jnp.dtype(dtype)), state.params)
-  checkpointer.close()
+    params, config, step = restore_params(workdir, mesh, step)
+  params = jax.tree_util.tree_map(lambda x: x.astype(jnp.dtype(dtype)), params)
   exporter = ocp.StandardCheckpointer()
   exporter.save(os.path.join(os.path.abspath(out), "params"), params)
   exporter.wait_until_finished()
-  cli.write_config(config, os.path.join(out, "config.json"))
+  cli.write_config(ml_collections.ConfigDict(config), os.path.join(out, "config.json"))
   return step
 
 

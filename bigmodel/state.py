@@ -10,6 +10,7 @@ import optax
 from jax.sharding import Mesh
 
 from bigmodel import sharding
+from bigmodel.models import T5
 
 
 @flax.struct.dataclass
@@ -25,7 +26,10 @@ def init_train_state(rng: jax.Array, model: nn.Module, optimizer: optax.Gradient
   """A fresh state; parameters stay boxed with their logical axis names."""
   params_rng, state_rng = jax.random.split(rng)
   tokens = jnp.zeros((1, seq_len), jnp.int32)
-  params = model.init({"params": params_rng}, tokens)["params"]
+  # Encoder-decoders take encoder and decoder tokens; parameter shapes do not
+  # depend on the lengths.
+  inputs = (tokens, tokens) if isinstance(model, T5) else (tokens,)
+  params = model.init({"params": params_rng}, *inputs)["params"]
   return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                     opt_state=optimizer.init(params), rng=state_rng)
 

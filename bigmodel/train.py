@@ -28,9 +28,11 @@ from bigmodel.checkpoint import Checkpointer
 from bigmodel.config import validate
 from bigmodel.data import build_datasets
 from bigmodel.errors import UserError, fail, user_errors_exit
+from bigmodel.evaluation import evaluate
 from bigmodel.metrics import MetricsWriter
 from bigmodel.models import ModelConfig, build_model
 from bigmodel.optim import make_optimizer
+from bigmodel.pretrained import init_from_pretrained
 from bigmodel.sample import sample_tokens
 from bigmodel.state import abstract_sharded_state, create_sharded_state
 from bigmodel.train_step import eval_step, make_train_step
@@ -53,16 +55,6 @@ class PreemptionFlag:
 
   def restore(self):
     signal.signal(signal.SIGTERM, self._previous)
-
-
-def evaluate(eval_fn, params, eval_batches, mesh) -> dict[str, float]:
-  """Token-weighted mean loss and perplexity over the eval batches."""
-  loss_sum, token_count = 0.0, 0.0
-  for host_batch in eval_batches:
-    out = eval_fn(params, sharding.global_batch(host_batch, mesh))
-    loss_sum, token_count = loss_sum + out["loss_sum"], token_count + out["token_count"]
-  loss = float(loss_sum) / max(float(token_count), 1.0)
-  return {"eval_loss": loss, "eval_perplexity": float(jnp.exp(min(loss, 50.0)))}
 
 
 def check_batch_layout(config, mesh) -> None:
@@ -112,6 +104,8 @@ class Trainer:
     restored = self.checkpointer.restore_latest_usable(abstract_state)
     if restored is None:
       state, _ = create_sharded_state(self.config, self.model, self.optimizer, self.mesh)
+      if self.config.init_from:
+        state = init_from_pretrained(state, self.config, self.mesh)
       return state, state_shardings
     step, state, data_state = restored
     self.datasets.train_iter.set_state(data_state)
@@ -136,6 +130,18 @@ class Trainer:
         raise UserError(message + "; halting (train.nonfinite=halt)")
       logging.warning("%s; skipped them (train.nonfinite=skip)", message)
     return count
+
+  def _classification_eval_args(self) -> dict[str, Any]:
+    """Class count, and the labels' target tokens for text-to-text classification."""
+    if self.config.data.task != "classify":
+      return {}
+    names = self.datasets.label_names
+    args: dict[str, Any] = {"num_classes": len(names)}
+    if self.config.model.family == "t5":
+      tokenizer, length = self.datasets.tokenizer, self.datasets.decoder_length
+      args["label_token_ids"] = [(tokenizer.encode(name) + [tokenizer.eos_id])[:length]
+                                 for name in names]
+    return args
 
   def run(self) -> dict[str, float]:
     """Trains up to ``train.steps``; returns the last logged metrics."""
@@ -195,7 +201,8 @@ class Trainer:
               interval_start, interval_steps = time.perf_counter(), 0
           if self.datasets.make_eval_iter and (
               is_last or (train_cfg.eval_every and step % train_cfg.eval_every == 0)):
-            record.update(evaluate(eval_fn, state.params, self.datasets.make_eval_iter(), mesh))
+            record.update(evaluate(eval_fn, state.params, self.datasets.make_eval_iter(), mesh,
+                                   **self._classification_eval_args()))
             interval_start, interval_steps = time.perf_counter(), 0  # Eval is not step time.
           if record:
             last_metrics.update(record)
@@ -216,7 +223,8 @@ class Trainer:
       if hasattr(self.datasets.train_iter, "close"):
         self.datasets.train_iter.close()  # Stops grain's worker processes, if any.
 
-    if self.datasets.tokenizer is not None and train_cfg.sample_tokens > 0 and self.is_writer:
+    if (config.model.family == "gpt" and self.datasets.tokenizer is not None
+        and train_cfg.sample_tokens > 0 and self.is_writer):
       print_sample(config, self.model, state.params, self.datasets.tokenizer)
     return last_metrics
 

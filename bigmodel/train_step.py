@@ -10,17 +10,19 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from bigmodel.models import batch_logits, targets_and_weights
 from bigmodel.state import TrainState
 
 
-def token_losses(model: nn.Module, params: Any, batch: dict[str, jax.Array],
-                 rng: jax.Array | None) -> jax.Array:
-  """Per-token cross-entropy [B, L] (float32); dropout on when ``rng`` is given."""
-  logits_BxLxV = model.apply(
-      {"params": params}, batch["inputs"], segment_ids_BxL=batch["segment_ids"],
-      positions_BxL=batch["positions"], deterministic=rng is None,
-      rngs={"dropout": rng} if rng is not None else None)
-  return optax.softmax_cross_entropy_with_integer_labels(logits_BxLxV, batch["targets"])
+def losses_and_weights(model: nn.Module, params: Any, batch: dict[str, jax.Array],
+                       rng: jax.Array | None) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """(cross-entropy, weights, logits): per token ([B, L]) or per example ([B]).
+
+  Dropout is on when ``rng`` is given.
+  """
+  logits = batch_logits(model, params, batch, rng=rng)
+  targets, weights = targets_and_weights(model, batch)
+  return optax.softmax_cross_entropy_with_integer_labels(logits, targets), weights, logits
 
 
 def train_step(state: TrainState, batch: dict[str, jax.Array], *, model: nn.Module,
@@ -33,11 +35,12 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, model: nn.Modu
   at a time and the update equals the full-batch one.
   """
   rng, step_rng = jax.random.split(state.rng)
-  total_tokens = jnp.maximum(batch["loss_mask"].sum(), 1.0)
+  _, weights = targets_and_weights(model, batch)
+  total_weight = jnp.maximum(weights.sum(), 1.0)
 
   def micro_loss(params, micro_batch, micro_rng):
-    losses_BxL = token_losses(model, params, micro_batch, micro_rng)
-    return (losses_BxL * micro_batch["loss_mask"]).sum() / total_tokens
+    losses, micro_weights, _ = losses_and_weights(model, params, micro_batch, micro_rng)
+    return (losses * micro_weights).sum() / total_weight
 
   grad_fn = jax.value_and_grad(micro_loss)
   if grad_accum == 1:
@@ -71,10 +74,22 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, model: nn.Modu
 
 
 def eval_step(params: Any, batch: dict[str, jax.Array], *, model: nn.Module) -> dict[str, jax.Array]:
-  """Summed loss and token count, so batches of any fill combine exactly."""
-  losses_BxL = token_losses(model, params, batch, rng=None)
-  return {"loss_sum": (losses_BxL * batch["loss_mask"]).sum(),
-          "token_count": batch["loss_mask"].sum()}
+  """Sums over the batch, so batches of any fill combine exactly.
+
+  ``loss_sum`` and ``correct_sum`` (argmax accuracy: next-token, MLM or class)
+  over ``weight_sum`` tokens or examples. Classification batches (with
+  ``label``) also return each example's ``predictions`` ([B], or [B, Ld]
+  teacher-forced tokens for text-to-text), ``labels`` and ``example_mask``.
+  """
+  losses, weights, logits = losses_and_weights(model, params, batch, rng=None)
+  targets, _ = targets_and_weights(model, batch)
+  predictions = jnp.argmax(logits, axis=-1)
+  out = {"loss_sum": (losses * weights).sum(), "weight_sum": weights.sum(),
+         "correct_sum": ((predictions == targets) * weights).sum()}
+  if "label" in batch:
+    out.update(predictions=predictions, labels=batch["label"],
+               example_mask=batch["example_mask"], target_mask=weights)
+  return out
 
 
 def make_train_step(model, optimizer, schedule, grad_accum) -> Callable[..., Any]:

@@ -1,14 +1,16 @@
 """Small configs and batches shared by the tests."""
 import numpy as np
 
-from configs.gpt import get_config
+import configs.bert as bert
+import configs.gpt as gpt
+import configs.t5 as t5
 
 
-def tiny_config(**model_overrides):
-  """A GPT small enough to compile and step in well under a second."""
-  config = get_config("tiny")
-  config.model.update(num_layers=2, embed_dim=64, num_heads=4, mlp_dim=128,
-                      vocab_size=128, max_len=32)
+def tiny_config(family: str = "gpt", **model_overrides):
+  """A model of ``family`` small enough to compile and step in well under a second."""
+  config = {"gpt": gpt.get_config, "bert": bert.get_config, "t5": t5.get_config}[family]("tiny")
+  config.model.update(num_layers=2, num_decoder_layers=2, embed_dim=64, num_heads=4,
+                      head_dim=0, mlp_dim=128, vocab_size=128, max_len=32, dropout_rate=0.0)
   config.model.update(**model_overrides)
   config.data.seq_len = 32
   config.optim.update(warmup_steps=5, learning_rate=3e-3)
@@ -31,3 +33,24 @@ def random_batch(batch_size: int, seq_len: int, vocab_size: int, seed: int = 0,
   tile = lambda x: np.tile(x, (batch_size, 1))
   return dict(inputs=tokens[:, :-1], targets=tokens[:, 1:], segment_ids=tile(segment_ids),
               positions=tile(positions), loss_mask=tile(loss_mask))
+
+
+def random_family_batch(family: str, batch_size: int, seq_len: int, vocab_size: int,
+                        seed: int = 0, num_segments: int = 1) -> dict[str, np.ndarray]:
+  """A packed batch in the format ``family``'s pretraining task feeds the model."""
+  batch = random_batch(batch_size, seq_len, vocab_size, seed, num_segments)
+  if family == "gpt":
+    return batch
+  if family == "bert":
+    rng = np.random.default_rng(seed + 100)
+    chosen = rng.random(batch["inputs"].shape) < 0.15
+    return dict(inputs=np.where(chosen, 3, batch["inputs"]).astype(np.int32),
+                targets=batch["inputs"], segment_ids=batch["segment_ids"],
+                positions=batch["positions"], type_ids=np.zeros_like(batch["inputs"]),
+                loss_mask=chosen.astype(np.float32))
+  half = seq_len // 2  # T5: decoder rows half as long, segments aligned.
+  decoder = random_batch(batch_size, half, vocab_size, seed + 1, num_segments)
+  return dict(encoder_inputs=batch["inputs"], encoder_segment_ids=batch["segment_ids"],
+              encoder_positions=batch["positions"], decoder_inputs=decoder["inputs"],
+              decoder_targets=decoder["targets"], decoder_segment_ids=decoder["segment_ids"],
+              decoder_positions=decoder["positions"], loss_mask=decoder["loss_mask"])

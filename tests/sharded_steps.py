@@ -3,7 +3,8 @@
 Run as a script in a subprocess so XLA_FLAGS can ask for 8 CPU devices
 before JAX starts: ``python tests/sharded_steps.py MESH [MESH ...]`` where
 MESH is ``data,fsdp,tensor`` (e.g. ``8,1,1``) or ``single`` (one device),
-optionally followed by ``@IMPL`` for the attention implementation (``2,2,2@pallas``).
+optionally followed by ``@IMPL`` for the attention implementation (``2,2,2@pallas``)
+and ``#FAMILY`` for the model family (``2,2,2#t5``; default gpt).
 """
 import json
 import os
@@ -20,12 +21,16 @@ from bigmodel.models import build_model  # pylint: disable=wrong-import-position
 from bigmodel.optim import make_optimizer  # pylint: disable=wrong-import-position
 from bigmodel.state import create_sharded_state  # pylint: disable=wrong-import-position
 from bigmodel.train_step import make_train_step  # pylint: disable=wrong-import-position
-from model_fixtures import random_batch, tiny_config  # pylint: disable=wrong-import-position
+from model_fixtures import random_family_batch, tiny_config  # pylint: disable=wrong-import-position
 
 
 def run(mesh_name: str, steps: int = 3) -> dict:
+  """Losses and (a sample of) final parameters of ``steps`` train steps."""
+  mesh_name, _, family = mesh_name.partition("#")
   mesh_name, _, impl = mesh_name.partition("@")
-  config = tiny_config(num_heads=4, num_kv_heads=2, attention_impl=impl or "xla")
+  family = family or "gpt"
+  config = tiny_config(family, num_heads=4, num_kv_heads=2, attention_impl=impl or "xla")
+  config.optim.name = "adamw"
   config.model.dropout_rate = 0.1  # Dropout masks must not depend on the mesh either.
   config.optim.grad_accum = 2
   if mesh_name == "single":
@@ -46,13 +51,14 @@ def run(mesh_name: str, steps: int = 3) -> dict:
                       out_shardings=(shardings, None), donate_argnums=(0,))
     for i in range(steps):
       batch = sharding.global_batch(
-          random_batch(16, config.data.seq_len, config.model.vocab_size, seed=i,
-                       num_segments=2), mesh)
+          random_family_batch(family, 16, config.data.seq_len, config.model.vocab_size,
+                              seed=i, num_segments=2), mesh)
       if i == 0:
         uses_shard_map = "shard_map" in str(jax.make_jaxpr(step_fn)(state, batch))
       state, metrics = step_fn(state, batch)
       losses.append(float(metrics["loss"]))
-  kernel = state.params["blocks"]["attn"]["query"]["kernel"]
+  blocks = state.params["encoder"]["blocks"] if family == "t5" else state.params["blocks"]
+  kernel = blocks["attn"]["query"]["kernel"]
   return {
       "losses": losses,
       "params": [np.asarray(x).ravel()[:64].tolist() for x in jax.tree_util.tree_leaves(state.params)],

@@ -41,6 +41,20 @@ def test_same_steps_on_one_and_eight_devices():
   assert not results["2,2,2"]["uses_shard_map"]
 
 
+@pytest.mark.parametrize("family", ["bert", "t5"])
+def test_encoder_families_same_steps_on_one_and_eight_devices(family):
+  meshes = [f"single#{family}", f"2,2,2#{family}", f"1,8,1#{family}"]
+  out = subprocess.run([sys.executable, os.path.join(_HERE, "sharded_steps.py"), *meshes],
+                       capture_output=True, text=True, timeout=600, check=True)
+  results = json.loads(out.stdout.strip().splitlines()[-1])
+  reference = results[meshes[0]]
+  for mesh in meshes[1:]:
+    np.testing.assert_allclose(results[mesh]["losses"], reference["losses"], rtol=1e-5)
+    for got, want in zip(results[mesh]["params"], reference["params"]):
+      np.testing.assert_allclose(got, want, atol=1e-5)
+  assert results[meshes[2]]["num_shards"] == 8
+
+
 @pytest.mark.parametrize("sizes,devices,expected", [
     ((-1, 1, 1), 8, (8, 1, 1)),
     ((2, -1, 2), 8, (2, 2, 2)),

@@ -100,8 +100,7 @@ def _packed_batches(documents: grain.MapDataset, tokenizer: Tokenizer,
                     drop_remainder: bool) -> grain.IterDataset:
   """Tokenize, pack into rows of seq_len + 1 tokens, batch, shift."""
   tokenized = documents.map(TokenizeDocument(tokenizer, text_key))
-  stream = tokenized.to_iter_dataset(grain.ReadOptions(
-      num_threads=_READ_THREADS, prefetch_buffer_size=_READ_BUFFER))
+  stream = tokenized.to_iter_dataset(read_options())
   rows = grain.experimental.ConcatThenSplitIterDataset(
       stream, length_struct={"tokens": seq_len + 1})
   return rows.batch(batch_size, drop_remainder=drop_remainder).map(
@@ -175,14 +174,26 @@ def make_train_iter(documents: Sequence[Mapping[str, Any]],
   shuffled = shard.seed(seed).shuffle().repeat()
   dataset = _packed_batches(shuffled, tokenizer, text_key, seq_len,
                             batch_size, drop_remainder=True)
-  if num_workers > 0:
-    if not flags.FLAGS.is_parsed():
-      # grain 0.2.18's mp_prefetch reads one of its absl flags directly, which
-      # raises outside an absl app (tests, notebooks): use the defaults.
-      flags.FLAGS.mark_as_parsed()
-    dataset = dataset.mp_prefetch(
-        grain.MultiprocessingOptions(num_workers=num_workers))
-  return TrainIterator(dataset)
+  return TrainIterator(in_workers(dataset, num_workers))
+
+
+def read_options() -> grain.ReadOptions:
+  """Threads and buffer of the per-document stage (tokenize, corrupt)."""
+  return grain.ReadOptions(num_threads=_READ_THREADS,
+                           prefetch_buffer_size=_READ_BUFFER)
+
+
+def in_workers(dataset: grain.IterDataset,
+               num_workers: int) -> grain.IterDataset:
+  """``dataset`` run in ``num_workers`` grain processes (0: unchanged)."""
+  if num_workers <= 0:
+    return dataset
+  if not flags.FLAGS.is_parsed():
+    # grain 0.2.18's mp_prefetch reads one of its absl flags directly, which
+    # raises outside an absl app (tests, notebooks): use the defaults.
+    flags.FLAGS.mark_as_parsed()
+  return dataset.mp_prefetch(
+      grain.MultiprocessingOptions(num_workers=num_workers))
 
 
 def make_eval_iter(documents: Sequence[Mapping[str, Any]],
@@ -222,4 +233,30 @@ def make_eval_iter(documents: Sequence[Mapping[str, Any]],
       padding = padding_rows(short, seq_len)
       batch = {key: np.concatenate([batch[key], padding[key]])
                for key in batch}
+    yield batch
+
+
+def exactly_n_batches(batches: Iterator[Batch], num_batches: int,
+                      empty_batch: Batch) -> Iterator[Batch]:
+  """``num_batches`` full batches: short ones topped up, then all padding.
+
+  Args:
+    batches: Batches of at most ``len(empty_batch[key])`` rows.
+    num_batches: Batches yielded.
+    empty_batch: A full batch of padding (all zeros: padding ids, segment
+      ids, masks and weights are 0), whose rows top up short batches.
+
+  Yields:
+    Batches with the keys, shapes and dtypes of ``empty_batch``.
+  """
+  batch_size = len(next(iter(empty_batch.values())))
+  for _ in range(num_batches):
+    batch = next(batches, None)
+    if batch is None:
+      yield {key: value.copy() for key, value in empty_batch.items()}
+      continue
+    short = batch_size - len(next(iter(batch.values())))
+    if short:
+      batch = {key: np.concatenate([batch[key], empty_batch[key][:short]])
+               for key in empty_batch}
     yield batch

@@ -16,6 +16,7 @@ class ModelConfig:
   mlp_dim: int
   max_len: int
   num_kv_heads: int = 0          # 0 = num_heads.
+  head_dim: int = 0              # 0 = embed_dim // num_heads (T5 sets its own).
   position_embedding: str = "learned"
   rope_theta: float = 10000.0
   dropout_rate: float = 0.0
@@ -26,10 +27,13 @@ class ModelConfig:
   attention_impl: str = "auto"
   remat: str = "none"
   scan: bool = True
-
-  @property
-  def head_dim(self) -> int:
-    return self.embed_dim // self.num_heads
+  # BERT and T5 only.
+  num_decoder_layers: int = 0    # T5; 0 = num_layers.
+  norm_position: str = "post"    # BERT: post-LN (original) or pre.
+  type_vocab_size: int = 2       # BERT token types.
+  num_classes: int = 0           # BERT: > 0 puts a classification head on the pooler.
+  relative_buckets: int = 32     # T5 relative position bias.
+  relative_max_distance: int = 128
 
   @classmethod
   def from_config(cls, model_cfg) -> "ModelConfig":
@@ -38,4 +42,6 @@ class ModelConfig:
     values = {k: v for k, v in model_cfg.items() if k in fields}
     values["dtype"] = jnp.dtype(values.get("dtype", "float32"))
     values["param_dtype"] = jnp.dtype(values.get("param_dtype", "float32"))
+    if not values.get("head_dim"):
+      values["head_dim"] = values["embed_dim"] // values["num_heads"]
     return cls(**values)

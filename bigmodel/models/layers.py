@@ -132,6 +132,10 @@ class MultiHeadAttention(nn.Module):
   num_kv_heads: Optional[int] = None  # None = num_heads; fewer = grouped-query.
   use_bias: bool = True
   rope_theta: Optional[float] = None  # None = no rotary positions.
+  # None = the usual 1/sqrt(head_dim) score scale; T5 uses 1 (the scale is
+  # folded into its initialisation).
+  score_scale: Optional[float] = None
+  query_init_stddev: float = 0.02
   attention_impl: str = "auto"
   out_init_stddev: float = 0.02
   dtype: Dtype = jnp.float32
@@ -155,12 +159,16 @@ class MultiHeadAttention(nn.Module):
       kv_BxSxD, kv_positions_BxS = x_BxTxD, q_positions_BxT
     kv_heads = self.num_kv_heads or self.num_heads
 
-    def project(x, heads, name):
+    def project(x, heads, name, stddev=0.02):
       return DenseGeneral((heads, self.head_dim), ("embed", "heads", "kv"),
-                          use_bias=self.use_bias, dtype=self.dtype,
+                          use_bias=self.use_bias, stddev=stddev, dtype=self.dtype,
                           param_dtype=self.param_dtype, name=name)(x)
 
-    q_BxTxNxH = project(x_BxTxD, self.num_heads, "query")
+    q_BxTxNxH = project(x_BxTxD, self.num_heads, "query", self.query_init_stddev)
+    if self.score_scale is not None:
+      # The attention functions scale scores by 1/sqrt(H); undo that here.
+      q_BxTxNxH = q_BxTxNxH * jnp.asarray(self.score_scale * self.head_dim ** 0.5,
+                                          q_BxTxNxH.dtype)
     k_BxSxKxH = project(kv_BxSxD, kv_heads, "key")
     v_BxSxKxH = project(kv_BxSxD, kv_heads, "value")
     if self.rope_theta is not None:
@@ -178,3 +186,45 @@ class MultiHeadAttention(nn.Module):
     return DenseGeneral((x_BxTxD.shape[-1],), ("heads", "kv", "embed"), axis=(-2, -1),
                         use_bias=self.use_bias, stddev=self.out_init_stddev, dtype=self.dtype,
                         param_dtype=self.param_dtype, name="out")(out_BxTxNxH)
+
+
+class RelativePositionBias(nn.Module):
+  """T5's bucketed relative position bias: [1, N, T, S], added to attention scores.
+
+  Relative distances are put in ``num_buckets`` buckets, exact for small
+  distances and logarithmic up to ``max_distance``; each bucket has a learned
+  scalar per head. Bidirectional (encoder) buckets split by sign.
+  """
+  num_buckets: int
+  max_distance: int
+  num_heads: int
+  bidirectional: bool
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  def bucket(self, relative_TxS: jax.Array) -> jax.Array:
+    """Bucket ids for relative positions (key position - query position)."""
+    num_buckets, bucket_TxS = self.num_buckets, jnp.zeros_like(relative_TxS)
+    if self.bidirectional:
+      num_buckets //= 2
+      bucket_TxS += (relative_TxS > 0).astype(jnp.int32) * num_buckets
+      distance_TxS = jnp.abs(relative_TxS)
+    else:
+      distance_TxS = jnp.maximum(-relative_TxS, 0)
+    max_exact = num_buckets // 2
+    log_ratio = (jnp.log(jnp.maximum(distance_TxS, 1).astype(jnp.float32) / max_exact)
+                 / jnp.log(self.max_distance / max_exact))
+    large_TxS = max_exact + (log_ratio * (num_buckets - max_exact)).astype(jnp.int32)
+    large_TxS = jnp.minimum(large_TxS, num_buckets - 1)
+    return bucket_TxS + jnp.where(distance_TxS < max_exact, distance_TxS, large_TxS)
+
+  @nn.compact
+  def __call__(self, q_len: int, kv_len: int, q_offset: int = 0) -> jax.Array:
+    """Bias [1, N, T, S]; ``q_offset`` places the queries later (decoding)."""
+    relative_TxS = (jnp.arange(kv_len)[None, :]
+                    - (jnp.arange(q_len)[:, None] + q_offset))
+    table_ExN = self.param(
+        "rel_embedding", logical_init(nn.initializers.normal(1.0), (None, "heads")),
+        (self.num_buckets, self.num_heads), self.param_dtype)
+    bias_TxSxN = jnp.take(table_ExN, self.bucket(relative_TxS), axis=0)
+    return jnp.transpose(bias_TxSxN, (2, 0, 1))[None].astype(self.dtype)

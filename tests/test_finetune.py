@@ -1,0 +1,117 @@
+"""BERT and T5 end to end: pretrain, fine-tune from the checkpoint, and bad input."""
+import json
+import os
+import subprocess
+import sys
+import sysconfig
+
+import pytest
+
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_CORPUS = os.path.join(sysconfig.get_paths()["stdlib"], "email")
+
+# Small shapes shared by pretraining and fine-tuning so parameters carry over.
+_SHAPE = ["--config.model.num_layers=2", "--config.model.num_decoder_layers=2",
+          "--config.model.embed_dim=128", "--config.model.mlp_dim=256",
+          "--config.model.num_heads=4", "--config.model.head_dim=32",
+          "--config.model.vocab_size=1024", "--config.data.vocab_size=1000",
+          "--config.train.progress=False", "--config.train.sample_tokens=0"]
+
+
+def train(*args, timeout=600):
+  result = subprocess.run([sys.executable, "-m", "bigmodel.train", *args], cwd=_ROOT,
+                          capture_output=True, text=True, timeout=timeout)
+  return result
+
+
+def last_eval(workdir):
+  records = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
+  return [r for r in records if "eval_loss" in r][-1]
+
+
+@pytest.fixture(name="bert_pretrained", scope="module")
+def fixture_bert_pretrained(tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp("bert_pretrain"))
+  result = train("--config=configs/bert.py:tiny", f"--workdir={workdir}", *_SHAPE,
+                 "--config.model.norm_position=pre", "--config.data.seq_len=64",
+                 f"--config.data.paths={_CORPUS}", "--config.train.steps=4",
+                 "--config.train.batch_size=8", "--config.train.eval_steps=1")
+  assert result.returncode == 0, result.stderr[-3000:]
+  record = last_eval(workdir)
+  assert 0 <= record["eval_accuracy"] <= 1  # MLM accuracy on the chosen tokens.
+  return workdir
+
+
+def test_bert_pretrain_then_classify_beats_the_majority_baseline(tmp_path, bert_pretrained):
+  workdir = str(tmp_path / "classify")
+  result = train("--config=configs/bert_classify.py:tiny", f"--workdir={workdir}", *_SHAPE,
+                 "--config.model.norm_position=pre", "--config.model.dropout_rate=0.0",
+                 "--config.data.seq_len=64", f"--config.init_from={bert_pretrained}",
+                 f"--config.data.tokenizer={bert_pretrained}/tokenizer.model",
+                 "--config.train.steps=200", "--config.train.eval_every=0",
+                 "--config.optim.learning_rate=3e-3", "--config.optim.warmup_steps=10")
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert "fresh: classifier/bias, classifier/kernel, pooler/bias, pooler/kernel" in result.stdout
+  record = last_eval(workdir)
+  assert record["eval_examples"] > 100
+  assert record["eval_accuracy"] > record["eval_majority_baseline"] + 0.1, record
+  assert 0 < record["eval_f1"] <= 1 and 0 < record["eval_precision"] <= 1
+
+
+@pytest.fixture(name="t5_pretrained", scope="module")
+def fixture_t5_pretrained(tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp("t5_pretrain"))
+  result = train("--config=configs/t5.py:tiny", f"--workdir={workdir}", *_SHAPE,
+                 "--config.data.seq_len=64", f"--config.data.paths={_CORPUS}",
+                 "--config.train.steps=3", "--config.train.batch_size=8",
+                 "--config.train.eval_steps=1")
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert last_eval(workdir)["eval_loss"] > 0
+  return workdir
+
+
+@pytest.mark.parametrize("task", ["seq2seq", "classify"])
+def test_t5_fine_tunes_from_pretrained(tmp_path, t5_pretrained, task):
+  workdir = str(tmp_path / task)
+  result = train("--config=configs/t5_finetune.py:tiny", f"--workdir={workdir}", *_SHAPE,
+                 f"--config.data.task={task}", "--config.data.seq_len=64",
+                 "--config.data.target_len=16", f"--config.init_from={t5_pretrained}",
+                 f"--config.data.tokenizer={t5_pretrained}/tokenizer.model",
+                 "--config.train.steps=3", "--config.train.batch_size=8",
+                 "--config.train.eval_steps=2")
+  assert result.returncode == 0, result.stderr[-3000:]
+  # Encoder-decoder fine-tuning reuses every parameter.
+  assert "initialised" in result.stdout and "fresh:" not in result.stdout
+  record = last_eval(workdir)
+  assert record["eval_loss"] > 0 and 0 <= record["eval_accuracy"] <= 1
+  if task == "classify":
+    assert {"eval_f1", "eval_precision", "eval_recall", "eval_majority_baseline"} <= set(record)
+
+
+def _assert_user_error(result, fragment):
+  assert result.returncode == 2, result.stderr[-3000:]
+  last = result.stderr.strip().splitlines()[-1]
+  assert last.startswith("error: ") and fragment in last, last
+
+
+def test_bad_fine_tuning_inputs(tmp_path, bert_pretrained, t5_pretrained):
+  no_label = tmp_path / "no_label.jsonl"
+  no_label.write_text("".join(json.dumps({"text": f"x {i}", "tag": "a"}) + "\n"
+                              for i in range(20)))
+  common = ["--config=configs/bert_classify.py:tiny", *_SHAPE, "--config.data.seq_len=64",
+            "--config.model.norm_position=pre", "--config.train.steps=1",
+            f"--config.data.tokenizer={bert_pretrained}/tokenizer.model"]
+  _assert_user_error(train(*common, f"--workdir={tmp_path / 'a'}",
+                           f"--config.data.paths={no_label}"), "label")
+  bad_label = tmp_path / "bad_label.jsonl"
+  bad_label.write_text("".join(json.dumps({"text": f"x {i}", "label": "ab"[i % 2]}) + "\n"
+                               for i in range(20)))
+  _assert_user_error(train(*common, f"--workdir={tmp_path / 'b'}",
+                           f"--config.data.paths={bad_label}", "--config.data.labels=a,c",
+                           "--config.model.num_classes=2"), "'b'")
+  # A T5 checkpoint for a BERT run, and a BERT checkpoint of another width.
+  _assert_user_error(train(*common, f"--workdir={tmp_path / 'c'}",
+                           f"--config.init_from={t5_pretrained}"), "holds a t5 model")
+  _assert_user_error(train(*common, f"--workdir={tmp_path / 'd'}", "--config.model.embed_dim=64",
+                           "--config.model.head_dim=16", f"--config.init_from={bert_pretrained}"),
+                     "has shape")
