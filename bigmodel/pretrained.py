@@ -11,11 +11,11 @@ import jax
 
 from bigmodel.checkpoint import restore_params
 from bigmodel.errors import UserError
+from bigmodel.sharding import path_name
 
 
 def _flatten(tree: Any) -> dict[str, Any]:
-  return {"/".join(str(getattr(k, "key", k)) for k in path): leaf
-          for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+  return {path_name(path): leaf for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
 def merge_params(fresh: Any, pretrained: Any) -> tuple[Any, list[str], list[str]]:
@@ -24,7 +24,7 @@ def merge_params(fresh: Any, pretrained: Any) -> tuple[Any, list[str], list[str]
   copied, kept_fresh = [], []
 
   def pick(path, leaf):
-    name = "/".join(str(getattr(k, "key", k)) for k in path)
+    name = path_name(path)
     if name not in pretrained_flat:
       kept_fresh.append(name)
       return leaf

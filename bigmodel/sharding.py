@@ -128,13 +128,18 @@ def data_parallel_size(mesh: Mesh) -> int:
   return math.prod(mesh.shape[a] for a in BATCH_AXES)
 
 
+def path_name(path: tuple) -> str:
+  """A pytree key path as ``a/b/c`` (parameter names in tables and messages)."""
+  return "/".join(str(getattr(k, "key", k)) for k in path)
+
+
 def describe_shardings(params: Any, shardings: Any) -> str:
   """A table of every parameter: path, shape, dtype and partition spec."""
   rows = []
   flat_params = jax.tree_util.tree_flatten_with_path(params)[0]
   flat_shardings = jax.tree_util.tree_leaves(shardings)
   for (path, leaf), sharding in zip(flat_params, flat_shardings):
-    name = "/".join(str(getattr(k, "key", k)) for k in path)
+    name = path_name(path)
     rows.append((name, str(tuple(leaf.shape)), str(leaf.dtype), str(sharding.spec)))
   widths = [max(len(r[i]) for r in rows + [("parameter", "shape", "dtype", "spec")])
             for i in range(4)]

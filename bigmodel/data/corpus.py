@@ -296,17 +296,14 @@ def load_text_files(paths: str, file_pattern: str,
                     text_key="text")
 
 
-def load_tfds(name: str, text_key: str, data_dir: str | None) -> TextCorpus:
-  """Opens an already prepared tfds text dataset; never downloads.
+def open_prepared_tfds(name: str, data_dir: str | None,
+                       example: str) -> tuple[Any, set[str]]:
+  """(builder, split names) of a prepared tfds dataset with a train split.
 
-  The validation split is ``validation`` if the dataset has one, else ``test``.
-
-  Raises:
-    UserError: if the dataset is unknown, not prepared in ArrayRecord format,
-      has no train split, or lacks ``text_key``.
+  Never downloads: an unknown or unprepared dataset is a ``UserError``.
   """
   if not name:
-    raise UserError("data.source='tfds' needs data.tfds_name, e.g. 'lm1b'")
+    raise UserError(f"data.source='tfds' needs data.tfds_name, e.g. {example!r}")
   try:
     builder = tfds.builder(name, data_dir=data_dir or None, try_gcs=False)
   except tfds.core.registered.DatasetNotFoundError as e:
@@ -321,6 +318,19 @@ def load_tfds(name: str, text_key: str, data_dir: str | None) -> TextCorpus:
   if "train" not in splits:
     raise UserError(f"tfds dataset {name!r} has no 'train' split"
                     f" (splits: {sorted(splits)})")
+  return builder, splits
+
+
+def load_tfds(name: str, text_key: str, data_dir: str | None) -> TextCorpus:
+  """Opens an already prepared tfds text dataset; never downloads.
+
+  The validation split is ``validation`` if the dataset has one, else ``test``.
+
+  Raises:
+    UserError: if the dataset is unknown, not prepared in ArrayRecord format,
+      has no train split, or lacks ``text_key``.
+  """
+  builder, splits = open_prepared_tfds(name, data_dir, example="lm1b")
   features = builder.info.features
   if features is not None and text_key not in features:
     raise UserError(f"data.text_key={text_key!r} is not a feature of tfds"

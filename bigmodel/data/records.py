@@ -42,7 +42,7 @@ from absl import logging
 from etils import epath
 import tensorflow_datasets as tfds
 
-from bigmodel.data.corpus import record_text
+from bigmodel.data.corpus import open_prepared_tfds, record_text
 from bigmodel.errors import UserError
 
 TASK_KINDS = ("classify", "seq2seq")
@@ -327,23 +327,7 @@ def load_task_files(paths: str, kind: str, text_column: str,
 def load_tfds_task(name: str, kind: str, text_column: str,
                    answer_column: str, data_dir: str | None) -> TaskRecords:
   """Opens an already prepared tfds dataset as a task; never downloads."""
-  if not name:
-    raise UserError("data.source='tfds' needs data.tfds_name, e.g."
-                    " 'glue/sst2'")
-  try:
-    builder = tfds.builder(name, data_dir=data_dir or None, try_gcs=False)
-  except tfds.core.registered.DatasetNotFoundError as e:
-    raise UserError(f"data.tfds_name={name!r} is not a registered tfds dataset"
-                    f" ({str(e).splitlines()[0]})") from e
-  if not builder.is_prepared():
-    raise UserError(
-        f"tfds dataset {name!r} is not prepared in {builder.data_dir}: nothing"
-        " is downloaded here; prepare it first (tfds build"
-        " --file_format=array_record) or set data.data_dir")
-  splits = set(builder.info.splits)
-  if "train" not in splits:
-    raise UserError(f"tfds dataset {name!r} has no 'train' split"
-                    f" (splits: {sorted(splits)})")
+  builder, splits = open_prepared_tfds(name, data_dir, example="glue/sst2")
   features = builder.info.features
   answer_option = ("data.label_column" if kind == "classify"
                    else "data.target_column")
