@@ -2,8 +2,17 @@
 
 Model FLOPs count matmuls only (the convention of PaLM and MaxText): the
 forward pass costs 2 FLOPs per multiply-add; training (forward + backward) is
-3x the forward. Attention scores and the weighted sum cost 2 * 2 * L * D per
-token per layer, halved when causal (only the lower triangle is needed).
+3x the forward (the backward computes two matmuls per forward one: the
+gradients of the activations and of the weights). Per token, the forward pass
+costs 2 * (layers * matmul weights per layer + D * V) for the weights (q, k,
+v, out, wi, wo and the logits; embedding lookups are free), and the attention
+scores and the weighted sum cost 2 * 2 * L * N * H per layer, halved when
+causal (only the lower triangle is needed). Norms, softmax and GELU are not
+counted. Rematerialisation does not change model FLOPs (MFU counts useful
+work); ``recompute_flops_per_token`` gives the extra hardware FLOPs.
+
+The trainer's ``mfu`` metric, ``benchmarks/train_step.py`` and
+``bigmodel.plan`` all use ``train_flops_per_token``.
 """
 import functools
 import time
@@ -35,13 +44,53 @@ def matmul_params_per_layer(c: ModelConfig) -> int:
   return attn + 2 * c.embed_dim * c.mlp_dim
 
 
-def train_flops_per_token(c: ModelConfig, seq_len: int, causal: bool = True) -> float:
-  """Forward + backward FLOPs for one token of a decoder of context ``seq_len``."""
+def forward_flops_per_token(c: ModelConfig, seq_len: int,
+                            causal: bool = True) -> tuple[float, float]:
+  """(weight matmul FLOPs, attention FLOPs) of one token's forward pass."""
   weight_flops = 2 * (c.num_layers * matmul_params_per_layer(c) + c.embed_dim * c.vocab_size)
   attention_flops = c.num_layers * 4 * seq_len * c.num_heads * c.head_dim
   if causal:
     attention_flops /= 2
-  return 3.0 * (weight_flops + attention_flops)
+  return float(weight_flops), float(attention_flops)
+
+
+def train_flops_per_token(c: ModelConfig, seq_len: int, causal: bool = True) -> float:
+  """Forward + backward FLOPs for one token of a decoder of context ``seq_len``."""
+  return 3.0 * sum(forward_flops_per_token(c, seq_len, causal))
+
+
+def recompute_flops_per_token(c: ModelConfig, seq_len: int, causal: bool = True) -> float:
+  """Forward FLOPs the backward pass recomputes under ``c.remat``, per token.
+
+  ``full`` recomputes the layers' forward (not the logits); the ``dots_*``
+  policies keep matmul outputs, except that ``dots_with_no_batch_dims_saveable``
+  recomputes the attention einsums (they have batch dimensions).
+  """
+  weight_flops, attention_flops = forward_flops_per_token(c, seq_len, causal)
+  if c.remat == "full":
+    return weight_flops - 2.0 * c.embed_dim * c.vocab_size + attention_flops
+  if c.remat == "dots_with_no_batch_dims_saveable":
+    return attention_flops
+  return 0.0
+
+
+def param_count(c: ModelConfig, max_len: int | None = None) -> int:
+  """Parameters of a GPT decoder by hand (``Gpt`` in ``models/gpt.py``).
+
+  Layers: q, k, v and out kernels with biases, LayerNorm scale and bias
+  before attention and MLP, the MLP's kernels and biases; then the token
+  table, learned positions (``max_len`` rows), the final LayerNorm and an
+  untied output head. Tests check it against ``jax.eval_shape`` of the model.
+  """
+  d, kv_heads = c.embed_dim, c.num_kv_heads or c.num_heads
+  biases = c.head_dim * (c.num_heads + 2 * kv_heads) + d + c.mlp_dim + d
+  per_layer = matmul_params_per_layer(c) + biases + 2 * 2 * d
+  total = c.num_layers * per_layer + c.vocab_size * d + 2 * d
+  if c.position_embedding == "learned":
+    total += (max_len or c.max_len) * d
+  if not c.tie_embeddings:
+    total += d * c.vocab_size
+  return total
 
 
 @functools.lru_cache(maxsize=None)
@@ -63,12 +112,21 @@ def measured_matmul_tflops(dtype_name: str = "float32", n: int = 2048, repeats: 
   return 2 * n ** 3 / min(times) / 1e12
 
 
+def datasheet_peak_tflops(device_kind: str) -> float | None:
+  """Dense bf16 peak TFLOP/s of a device kind (e.g. "NVIDIA H100 80GB HBM3"), if known."""
+  kind = device_kind.lower()
+  for name, tflops in KNOWN_PEAK_TFLOPS.items():
+    if name in kind:
+      return tflops
+  return None
+
+
 def peak_tflops_per_device(configured: float, dtype_name: str) -> tuple[float, str]:
   """(peak TFLOP/s, where it came from): configured, datasheet, or measured."""
   if configured > 0:
     return configured, "configured"
   kind = jax.devices()[0].device_kind.lower()
-  for name, tflops in KNOWN_PEAK_TFLOPS.items():
-    if name in kind:
-      return tflops, f"datasheet ({kind})"
+  datasheet = datasheet_peak_tflops(kind)
+  if datasheet is not None:
+    return datasheet, f"datasheet ({kind})"
   return measured_matmul_tflops(dtype_name), f"measured {dtype_name} matmul ({kind})"

@@ -22,6 +22,7 @@ from ml_collections import config_flags
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from bigmodel import cli
+from bigmodel import distributed  # Also defines the multi-process flags.
 from bigmodel import flops
 from bigmodel import sharding
 from bigmodel.checkpoint import Checkpointer
@@ -253,7 +254,8 @@ def main(argv):
   if len(argv) > 1:
     fail(f"unexpected arguments: {' '.join(argv[1:])}")
   cli.require_flags("config", "workdir")
-  with user_errors_exit():
+  distributed.initialize()  # Joins the other processes, if any, before devices are used.
+  with distributed.failure_guard(), user_errors_exit():
     train_and_evaluate(_CONFIG.value, _WORKDIR.value)
 
 

@@ -1,8 +1,11 @@
 """Synthetic batches: seeded random tokens, for benchmarks and smoke tests.
 
-Batch ``step`` on host ``process_index`` depends only on (seed, process_index,
-step), so the stream is infinite, reproducible and resumable from the step
-count alone, and hosts get different rows.
+Row ``r`` of global batch ``step`` depends only on (seed, step, r), and host
+``process_index`` takes the rows ``[process_index * B, (process_index + 1) * B)``
+of every global batch (B = this host's rows), which is where
+``sharding.global_batch`` puts them. So the global batches are the same
+whatever the number of processes, the stream is infinite and reproducible,
+and it resumes from the step count alone.
 """
 from __future__ import annotations
 
@@ -21,6 +24,14 @@ class SyntheticIterator(Iterator[Batch]):
 
   Same format as the text pipeline: one document per row (segment_ids 1,
   positions 0..L-1, loss_mask all 1), targets the shift of inputs.
+
+  Args:
+    vocab_size: Tokens are drawn from [3, vocab_size).
+    seq_len: L, tokens per row of inputs.
+    batch_size: Rows per batch on this host (global batch / process count).
+    seed: The stream's seed.
+    process_index: This host; it gets global rows
+      ``process_index * batch_size`` onwards.
   """
 
   def __init__(self, *, vocab_size: int, seq_len: int, batch_size: int,
@@ -31,17 +42,23 @@ class SyntheticIterator(Iterator[Batch]):
     self._seq_len = seq_len
     self._batch_size = batch_size
     self._seed = seed
-    self._process_index = process_index
+    self._first_row = process_index * batch_size
     self._step = 0
 
   def __iter__(self) -> SyntheticIterator:
     return self
 
+  def _row(self, step: int, row: int) -> np.ndarray:
+    # One generator per global row (a few microseconds each): a row does not
+    # depend on how the global batch is split between hosts.
+    rng = np.random.default_rng([self._seed, step, row])
+    return rng.integers(FIRST_TOKEN_ID, self._vocab_size, self._seq_len + 1,
+                        dtype=np.int32)
+
   def __next__(self) -> Batch:
-    rng = np.random.default_rng([self._seed, self._process_index, self._step])
-    self._step += 1
-    rows = rng.integers(FIRST_TOKEN_ID, self._vocab_size,
-                        (self._batch_size, self._seq_len + 1), dtype=np.int32)
+    step, self._step = self._step, self._step + 1
+    rows = np.stack([self._row(step, self._first_row + i)
+                     for i in range(self._batch_size)])
     shape = (self._batch_size, self._seq_len)
     return {
         "inputs": rows[:, :-1],

@@ -1,0 +1,1 @@
+"""Benchmarks: ``python -m benchmarks.train_step``, ``python benchmarks/attention.py``, ..."""

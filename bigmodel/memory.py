@@ -1,0 +1,312 @@
+"""Per-device memory of one training step, from the config alone (no devices).
+
+The estimate has five parts, each per device in bytes:
+
+- **parameters** and **optimizer state**: exact. Shapes come from
+  ``jax.eval_shape`` of the real initialisation (``state.init_train_state``),
+  placement from ``sharding.logical_to_shardings`` on an ``AbstractMesh`` --
+  the trainer's own rules, so a dimension the mesh does not divide is
+  replicated here exactly as it is there.
+- **gradients**: one parameter-shaped copy; two with ``optim.grad_accum`` > 1
+  (the running sum and the current micro-batch's).
+- **activations**: the residuals the forward pass saves for the backward pass,
+  per layer (``LAYER_RESIDUALS``, or ``FLASH_LAYER_RESIDUALS`` when attention
+  is a fused kernel, by remat policy) times the layers, plus the final norm
+  and the softmax of the logits. The tables list what JAX saves for
+  ``models.gpt.GptBlock`` (``tests/test_plan.py`` checks them against
+  ``saved_residuals`` of the real model); XLA on GPU/TPU may fuse a few
+  elementwise ones (GELU's) away, so they are an upper bound there.
+- **working set**: the transient peak on top of those. Either the backward of
+  one layer (what the policy did not save is recomputed, plus the score
+  gradients and, under FSDP, the layer's gathered weights and their unreduced
+  gradients), the backward of the logits, or the optimizer update (measured:
+  one more parameter-sized buffer for AdamW/SGD, 1.8 for Adafactor).
+
+Shapes in names: B global batch, b sequences per device per micro-batch, L
+sequence length, D width, N heads, K kv heads, H head dim, F mlp width, V
+vocabulary; t the ``tensor`` mesh axis.
+"""
+import dataclasses
+import functools
+import math
+from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+from jax.sharding import AbstractMesh, AxisType
+
+from bigmodel import flops
+from bigmodel import sharding
+from bigmodel.models import ModelConfig, build_model
+from bigmodel.models.attention import resolve_impl
+from bigmodel.optim import make_optimizer
+from bigmodel.state import init_train_state
+
+# What one GPT layer saves for the backward pass, by remat policy:
+# (what, kind, dtype, count). Kinds are sized by `_elements`; dtype "act" is
+# model.dtype, "f32" stays float32 whatever the compute dtype (norm statistics,
+# attention scores, the probabilities' weighted sum).
+LAYER_RESIDUALS: dict[str, tuple[tuple[str, str, str, int], ...]] = {
+    "none": (
+        ("layer norm internals (x, x - mean, normalised)", "embed", "f32", 6),
+        ("layer norm outputs", "embed", "act", 2),
+        ("q and attention output", "q_heads", "act", 2),
+        ("k and v", "kv_heads", "act", 2),
+        ("attention scores", "scores", "f32", 1),
+        ("attention probabilities", "scores", "act", 1),
+        ("GELU input, internals and output", "mlp", "act", 6),
+        ("norm statistics", "token", "f32", 8),
+        ("softmax statistics", "head_token", "f32", 2),
+        ("norm scales, broadcast", "width", "f32", 2),
+        ("weights cast to model.dtype", "weights", "act", 1),
+    ),
+    # Only the layer input; everything else is recomputed in the backward pass.
+    "full": (
+        ("layer input", "embed", "act", 1),
+    ),
+    # Every matmul output: q, k, v, scores, weighted sum, out, wi, wo.
+    "dots_saveable": (
+        ("q", "q_heads", "act", 1),
+        ("k and v", "kv_heads", "act", 2),
+        ("attention scores", "scores", "f32", 1),
+        ("attention weighted sum", "q_heads", "f32", 1),
+        ("attention and MLP output projections", "embed", "act", 2),
+        ("MLP input projection", "mlp", "act", 1),
+    ),
+    # Matmuls with weights only (the attention einsums have batch dims).
+    "dots_with_no_batch_dims_saveable": (
+        ("q", "q_heads", "act", 1),
+        ("k and v", "kv_heads", "act", 2),
+        ("attention and MLP output projections", "embed", "act", 2),
+        ("MLP input projection", "mlp", "act", 1),
+    ),
+}
+
+# The same with a fused attention kernel (``attention_impl`` pallas or cudnn,
+# which ``auto`` picks on GPU and TPU): it saves q, k, v, its output and the
+# softmax log-sum-exp instead of the [L, L] scores and probabilities, and the
+# ``dots_*`` policies cannot save inside it (it is recomputed).
+FLASH_LAYER_RESIDUALS: dict[str, tuple[tuple[str, str, str, int], ...]] = {
+    "none": (
+        ("layer norm internals (x, x - mean, normalised)", "embed", "f32", 6),
+        ("layer norm outputs", "embed", "act", 2),
+        ("q and attention output", "q_heads", "act", 2),
+        ("k and v", "kv_heads", "act", 2),
+        ("softmax log-sum-exp", "head_token", "f32", 1),
+        ("GELU input, internals and output", "mlp", "act", 6),
+        ("norm statistics", "token", "f32", 8),
+        ("norm scales, broadcast", "width", "f32", 2),
+        ("weights cast to model.dtype", "weights", "act", 1),
+    ),
+    "full": LAYER_RESIDUALS["full"],
+    "dots_saveable": LAYER_RESIDUALS["dots_with_no_batch_dims_saveable"],
+    "dots_with_no_batch_dims_saveable": LAYER_RESIDUALS["dots_with_no_batch_dims_saveable"],
+}
+
+# Parameter-sized temporaries of the optimizer update, beyond the gradients
+# (measured with XLA's buffer assignment: AdamW/SGD build the update in one
+# more buffer; Adafactor also its factored second moments' updates).
+OPTIMIZER_TEMPORARIES = {"adamw": 1.0, "sgd": 1.0, "adafactor": 1.8}
+
+_F32 = 4
+
+
+@dataclasses.dataclass(frozen=True)
+class MemoryEstimate:
+  """Bytes per device of one training step; ``total`` is the peak."""
+  mesh: dict[str, int]
+  num_params: int              # The whole model's, not per device.
+  micro_batch: int             # b: sequences per device per micro-batch.
+  params: int
+  grads: int
+  opt_state: int
+  batch: int                   # The input batch arrays.
+  activations: int             # Saved residuals of all layers and the head.
+  working: int                 # Transient peak beyond the above.
+
+  @property
+  def total(self) -> int:
+    return (self.params + self.grads + self.opt_state + self.batch + self.activations
+            + self.working)
+
+
+def abstract_mesh(mesh_shape: Mapping[str, int]) -> AbstractMesh:
+  """A device-free mesh with the trainer's axes (``sharding.MESH_AXES``)."""
+  sizes = tuple(int(mesh_shape[a]) for a in sharding.MESH_AXES)
+  return AbstractMesh(sizes, sharding.MESH_AXES,
+                      axis_types=(AxisType.Auto,) * len(sizes))
+
+
+def _state_key(config) -> tuple:
+  """What the train state's shapes depend on (not the batch or grad_accum)."""
+  optim = {k: v for k, v in config.optim.items() if k != "grad_accum"}
+  return (tuple(sorted(config.model.items())), tuple(sorted(optim.items())),
+          config.data.seq_len)
+
+
+@functools.lru_cache(maxsize=4)
+def _boxed_state(key: tuple) -> Any:
+  model_items, optim_items, seq_len = key
+  model = build_model(ml_collections.ConfigDict(dict(model_items)))
+  optimizer, _ = make_optimizer(ml_collections.ConfigDict(dict(optim_items)), 1000)
+  init_fn = functools.partial(init_train_state, model=model, optimizer=optimizer,
+                              seq_len=seq_len)
+  return jax.eval_shape(init_fn, jax.random.key(0))
+
+
+def boxed_state(config) -> Any:
+  """``jax.eval_shape`` of the trainer's initial state for ``config`` (logically boxed)."""
+  return _boxed_state(_state_key(config))
+
+
+def _tree_bytes(tree: Any, shardings: Any) -> int:
+  """Bytes per device of abstract arrays placed by ``shardings``."""
+  leaves = jax.tree_util.tree_leaves(sharding.strip_boxes(tree))
+  total = 0
+  for leaf, leaf_sharding in zip(leaves, jax.tree_util.tree_leaves(shardings)):
+    total += math.prod(leaf_sharding.shard_shape(leaf.shape)) * jnp.dtype(leaf.dtype).itemsize
+  return total
+
+
+@functools.lru_cache(maxsize=256)
+def _state_bytes(key: tuple, mesh_sizes: tuple) -> tuple[int, int, int]:
+  boxed = _boxed_state(key)
+  shardings = sharding.logical_to_shardings(
+      boxed, abstract_mesh(dict(zip(sharding.MESH_AXES, mesh_sizes))))
+  num_params = sum(x.size for x in jax.tree_util.tree_leaves(sharding.strip_boxes(boxed.params)))
+  return (num_params, _tree_bytes(boxed.params, shardings.params),
+          _tree_bytes(boxed.opt_state, shardings.opt_state))
+
+
+def state_bytes(config, mesh_shape: Mapping[str, int]) -> tuple[int, int, int]:
+  """(parameter count, parameter bytes, optimizer-state bytes) per device.
+
+  Exact: the trainer's state shapes placed by the trainer's sharding rules.
+  """
+  return _state_bytes(_state_key(config), tuple(int(mesh_shape[a]) for a in sharding.MESH_AXES))
+
+
+def _split(size: int, ways: int) -> int:
+  """Per-device share of a dimension: split if ``ways`` divides it, else whole."""
+  return size // ways if size % ways == 0 else size
+
+
+def _elements(kind: str, c: ModelConfig, b: int, seq_len: int,
+              mesh_shape: Mapping[str, int]) -> int:
+  """Elements per device of one residual of ``kind`` (see ``LAYER_RESIDUALS``)."""
+  t = mesh_shape["tensor"]
+  tokens = b * seq_len
+  heads = _split(c.num_heads, t)
+  if kind == "embed":       # [b, L, D]: activations are replicated over tensor.
+    return tokens * c.embed_dim
+  if kind == "q_heads":     # [b, L, N/t, H]
+    return tokens * heads * c.head_dim
+  if kind == "kv_heads":    # [b, L, K/t, H]
+    return tokens * _split(c.num_kv_heads or c.num_heads, t) * c.head_dim
+  if kind == "scores":      # [b, N/t, L, L]
+    return b * heads * seq_len * seq_len
+  if kind == "mlp":         # [b, L, F/t]
+    return tokens * _split(c.mlp_dim, t)
+  if kind == "token":       # [b, L]
+    return tokens
+  if kind == "head_token":  # [b, N/t, L]
+    return b * heads * seq_len
+  if kind == "width":       # [D]
+    return c.embed_dim
+  if kind == "weights":     # The layer's matmul kernels, sharded like parameters.
+    return flops.matmul_params_per_layer(c) // (_split_ways(c.embed_dim, mesh_shape["fsdp"]) *
+                                      _split_ways(c.num_heads, t))
+  raise ValueError(f"unknown residual kind {kind!r}")
+
+
+def _split_ways(size: int, ways: int) -> int:
+  return ways if size % ways == 0 else 1
+
+
+def layer_residual_bytes(c: ModelConfig, policy: str, b: int, seq_len: int,
+                         mesh_shape: Mapping[str, int], flash: bool = False) -> int:
+  """Bytes per device one layer saves for the backward pass under ``policy``.
+
+  ``flash``: attention runs as a fused kernel (``FLASH_LAYER_RESIDUALS``).
+  """
+  act = jnp.dtype(c.dtype).itemsize
+  total = 0
+  for _, kind, dtype, count in (FLASH_LAYER_RESIDUALS if flash else LAYER_RESIDUALS)[policy]:
+    if kind == "weights" and jnp.dtype(c.dtype) == jnp.dtype(c.param_dtype):
+      continue  # Nothing is cast: the backward pass reads the parameters.
+    total += count * _elements(kind, c, b, seq_len, mesh_shape) * (_F32 if dtype == "f32" else act)
+  return total
+
+
+def activation_bytes(c: ModelConfig, b: int, seq_len: int, mesh_shape: Mapping[str, int],
+                     flash: bool = False) -> tuple[int, int]:
+  """(saved residuals, peak transient beyond them) of the backward pass, per device.
+
+  ``b`` is the micro-batch per device. Parameter-sized buffers (gradients,
+  optimizer temporaries) are not included. The backward pass first runs
+  through the head (logits, final norm) while every residual is alive, then
+  through the layers, by which time the head's residuals are freed; the peak
+  is the larger of the two phases.
+  """
+  act = jnp.dtype(c.dtype).itemsize
+  embed = _elements("embed", c, b, seq_len, mesh_shape)
+  logits = b * seq_len * _split(c.vocab_size, mesh_shape["tensor"]) * _F32
+  residuals = functools.partial(layer_residual_bytes, c, b=b, seq_len=seq_len,
+                                mesh_shape=mesh_shape, flash=flash)
+  saved_layers = c.num_layers * residuals(c.remat)
+  # The final layer norm's internals and output, and exp(logits) for the loss.
+  saved_head = embed * (3 * _F32 + act) + logits
+  # Backward of the head: the logits' gradient and the final activations'.
+  head_work = saved_head + logits + embed * _F32
+  # Backward of one layer: it recomputes what the policy did not save and
+  # needs the score gradients (a fused kernel works in blocks: none); under
+  # FSDP the layer's weights are gathered and its weight gradients exist
+  # unreduced.
+  layer_work = residuals("none") - residuals(c.remat)
+  if not flash:
+    layer_work += _elements("scores", c, b, seq_len, mesh_shape) * _F32
+  if mesh_shape["fsdp"] > 1:
+    layer_work += (2 * flops.matmul_params_per_layer(c) // _split_ways(c.num_heads, mesh_shape["tensor"])
+                   * jnp.dtype(c.param_dtype).itemsize)
+  saved = saved_layers + saved_head
+  return saved, saved_layers + max(head_work, layer_work) - saved
+
+
+def uses_fused_attention(attention_impl: str, platform: str) -> bool:
+  """Whether ``attention_impl`` is a fused kernel on ``platform`` (cpu, gpu, tpu)."""
+  return resolve_impl(attention_impl, platform) in ("pallas", "cudnn")
+
+
+def estimate(config, mesh_shape: Mapping[str, int], platform: str = "gpu") -> MemoryEstimate:
+  """Per-device memory of ``config``'s training step on a mesh of ``mesh_shape``.
+
+  ``mesh_shape`` maps every axis of ``sharding.MESH_AXES`` to its size;
+  ``platform`` (cpu, gpu, tpu) decides what ``attention_impl=auto`` runs. The
+  micro-batch per device is ``train.batch_size / optim.grad_accum / (data *
+  fsdp)``, rounded up when that does not divide (the trainer refuses such a
+  layout; ``plan`` reports it).
+  """
+  c = ModelConfig.from_config(config.model)
+  if c.remat not in LAYER_RESIDUALS:
+    raise ValueError(f"no activation model for remat policy {c.remat!r}")
+  num_params, params, opt_state = state_bytes(config, mesh_shape)
+  dp = mesh_shape["data"] * mesh_shape["fsdp"]
+  grad_accum = config.optim.grad_accum
+  b = -(-config.train.batch_size // (grad_accum * dp))
+  seq_len = config.data.seq_len
+  if platform == "cpu" and not c.scan:
+    # Measured: XLA:CPU schedules an unrolled stack's recomputation right
+    # after the forward pass, so remat saves nothing there (with scan it does).
+    c = dataclasses.replace(c, remat="none")
+  saved, layer_work = activation_bytes(
+      c, b, seq_len, mesh_shape, flash=uses_fused_attention(c.attention_impl, platform))
+  grads = params * (2 if grad_accum > 1 else 1)
+  backward_phase = grads + saved + layer_work
+  optimizer_phase = params + OPTIMIZER_TEMPORARIES[config.optim.name] * params
+  peak = max(backward_phase, int(optimizer_phase))
+  # inputs, targets, segment ids, positions (int32) and the loss mask (float32).
+  batch = 5 * 4 * (-(-config.train.batch_size // dp)) * seq_len
+  return MemoryEstimate(mesh=dict(mesh_shape), num_params=num_params, micro_batch=b,
+                        params=params, grads=grads, opt_state=opt_state, batch=batch,
+                        activations=saved, working=peak - grads - saved)

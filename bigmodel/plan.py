@@ -1,0 +1,346 @@
+r"""Plans a training run without hardware: memory per device, FLOPs and step time.
+
+    python -m bigmodel.plan --config=configs/gpt.py:gpt3_175b --devices=1024 \
+        --device_memory=95GB --peak_tflops=459 --mfu=0.5 [--mesh=data=16,fsdp=32,tensor=2]
+
+Pure arithmetic from the config (``bigmodel.memory`` for bytes,
+``bigmodel.flops`` for FLOPs): JAX only traces shapes, no device is used.
+Reports, per device, the parameters, gradients, optimizer state, saved
+activations and transient working set against ``--device_memory``, the FLOPs
+of a step and the step time at ``--mfu`` of ``--peak_tflops``, for
+``--platform`` (gpu by default: ``attention_impl=auto`` is a fused kernel that
+keeps no [L, L] scores; cpu runs XLA attention). Then suggests
+the least model parallelism that fits: the smallest ``tensor``, then the
+smallest ``fsdp``, then the smallest ``optim.grad_accum`` (the largest
+micro-batch); when nothing fits on ``--devices``, the fewest devices that do.
+Overrides such as ``--config.model.remat=full`` apply as in training.
+"""
+import dataclasses
+import json
+import math
+import re
+from typing import Any, Optional
+
+from absl import app
+from absl import flags
+import ml_collections
+
+from bigmodel import flops
+from bigmodel import memory
+from bigmodel import sharding
+from bigmodel.config import validate
+from bigmodel.errors import UserError
+from bigmodel.models import ModelConfig
+from bigmodel.models.attention import resolve_impl
+
+_UNITS = {"": 1, "B": 1, "KB": 1e3, "MB": 1e6, "GB": 1e9, "TB": 1e12,
+          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+# Devices searched when nothing fits: at most this many doublings.
+_MAX_DOUBLINGS = 24
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+  """One layout of a config on a mesh, and what it costs per device."""
+  mesh: dict[str, int]
+  devices: int
+  grad_accum: int
+  memory: memory.MemoryEstimate
+  device_memory: Optional[float]     # Bytes; None = not checked.
+  flops_per_step: float              # Model FLOPs of one optimizer step, all devices.
+  recompute_flops_per_step: float    # Extra forward FLOPs rematerialisation adds.
+  step_seconds: Optional[float]      # At the given MFU; None without a peak.
+  problems: tuple[str, ...]          # Why the trainer would refuse this layout.
+  attention: str                     # The attention implementation it runs.
+
+  @property
+  def fits(self) -> bool:
+    return not self.problems and (self.device_memory is None
+                                  or self.memory.total <= self.device_memory)
+
+
+def parse_bytes(text: str) -> float:
+  """"95GB", "80GiB", "1.5e11" -> bytes (GB = 1e9, GiB = 2**30)."""
+  match = re.fullmatch(r"\s*([0-9.]+(?:[eE][0-9]+)?)\s*([A-Za-z]*)\s*", text)
+  if not match or match.group(2).upper() not in _UNITS:
+    raise UserError(f"--device_memory={text!r}: expected a size such as 95GB or 80GiB")
+  try:
+    value = float(match.group(1)) * _UNITS[match.group(2).upper()]
+  except ValueError:
+    raise UserError(f"--device_memory={text!r}: expected a size such as 95GB or 80GiB") from None
+  if value <= 0:
+    raise UserError(f"--device_memory={text!r} must be positive")
+  return value
+
+
+def parse_peak(text: str) -> Optional[float]:
+  """"459" or a device name from ``flops.KNOWN_PEAK_TFLOPS`` ("h100") -> TFLOP/s."""
+  if not text:
+    return None
+  try:
+    value = float(text)
+  except ValueError:
+    value = flops.datasheet_peak_tflops(text)
+    if value is None:
+      raise UserError(f"--peak_tflops={text!r}: give TFLOP/s or one of "
+                      f"{', '.join(flops.KNOWN_PEAK_TFLOPS)}") from None
+  if value <= 0:
+    raise UserError(f"--peak_tflops={text!r} must be positive")
+  return value
+
+
+def parse_mesh(text: str, base: ml_collections.ConfigDict) -> dict[str, int]:
+  """"data=2,fsdp=4" over ``base`` (the config's mesh); sizes may be -1."""
+  sizes = {axis: int(base[axis]) for axis in sharding.MESH_AXES}
+  given = {}
+  for part in filter(None, (p.strip() for p in text.split(","))):
+    name, _, value = part.partition("=")
+    if name.strip() not in sizes or not re.fullmatch(r"\s*-?\d+\s*", value):
+      raise UserError(f"--mesh={text!r}: expected comma-separated AXIS=SIZE with AXIS in "
+                      f"{', '.join(sharding.MESH_AXES)}, e.g. data=2,fsdp=4,tensor=1")
+    given[name.strip()] = int(value)
+  if -1 in given.values():  # The given open axis replaces the config's (data=-1).
+    sizes = {axis: 1 if size == -1 else size for axis, size in sizes.items()}
+  return {**sizes, **given}
+
+
+def layout_problems(config, mesh_shape: dict[str, int]) -> tuple[str, ...]:
+  """What ``train.py`` would reject about this batch layout (empty if none)."""
+  batch, grad_accum = config.train.batch_size, config.optim.grad_accum
+  dp = mesh_shape["data"] * mesh_shape["fsdp"]
+  problems = []
+  if batch % grad_accum:
+    problems.append(f"grad_accum={grad_accum} does not divide batch_size={batch}")
+  elif (batch // grad_accum) % dp:
+    problems.append(f"micro-batch {batch // grad_accum} is not divisible by the data-parallel "
+                    f"size {dp} (data x fsdp)")
+  return tuple(problems)
+
+
+def make_plan(config, mesh_shape: dict[str, int], device_memory: Optional[float] = None,
+              peak_tflops: Optional[float] = None, mfu: float = 0.5,
+              platform: str = "gpu") -> Plan:
+  """The plan of ``config`` (its batch and ``optim.grad_accum``) on ``mesh_shape``.
+
+  ``platform`` (cpu, gpu, tpu) decides what ``model.attention_impl=auto`` runs.
+  """
+  c = ModelConfig.from_config(config.model)
+  tokens = config.train.batch_size * config.data.seq_len
+  devices = math.prod(mesh_shape.values())
+  step_flops = flops.train_flops_per_token(c, config.data.seq_len) * tokens
+  step_seconds = None
+  if peak_tflops:
+    step_seconds = step_flops / devices / (peak_tflops * 1e12 * mfu)
+  return Plan(mesh=dict(mesh_shape), devices=devices, grad_accum=config.optim.grad_accum,
+              memory=memory.estimate(config, mesh_shape, platform), device_memory=device_memory,
+              flops_per_step=step_flops,
+              recompute_flops_per_step=flops.recompute_flops_per_token(
+                  c, config.data.seq_len) * tokens,
+              step_seconds=step_seconds, problems=layout_problems(config, mesh_shape),
+              attention=resolve_impl(c.attention_impl, platform))
+
+
+def _divisors(n: int) -> list[int]:
+  """Divisors of ``n``, ascending."""
+  small = [d for d in range(1, math.isqrt(n) + 1) if n % d == 0]
+  return sorted(set(small + [n // d for d in small]))
+
+
+def candidate_layouts(config, devices: int, max_tensor: int):
+  """(mesh, grad_accum) in the order of preference: least tensor, fsdp, grad_accum.
+
+  ``tensor`` must divide the heads and the MLP width (otherwise the trainer
+  replicates those dimensions and tensor parallelism buys nothing).
+  """
+  c = ModelConfig.from_config(config.model)
+  batch = config.train.batch_size
+  for tensor in _divisors(devices):
+    if tensor > max_tensor or c.num_heads % tensor or c.mlp_dim % tensor:
+      continue
+    for fsdp in _divisors(devices // tensor):
+      mesh = dict(data=devices // (tensor * fsdp), fsdp=fsdp, tensor=tensor)
+      dp = mesh["data"] * fsdp
+      for grad_accum in _divisors(batch):
+        if (batch // grad_accum) % dp == 0:
+          yield mesh, grad_accum
+
+
+def suggest(config, devices: int, device_memory: float, *, peak_tflops: Optional[float] = None,
+            mfu: float = 0.5, max_tensor: int = 8, platform: str = "gpu") -> Optional[Plan]:
+  """The first layout of ``candidate_layouts`` that fits, or None."""
+  for mesh, grad_accum in candidate_layouts(config, devices, max_tensor):
+    trial = _with_grad_accum(config, grad_accum)
+    plan = make_plan(trial, mesh, device_memory, peak_tflops, mfu, platform)
+    if plan.fits:
+      return plan
+  return None
+
+
+def fewest_devices(config, devices: int, device_memory: float, **kwargs) -> Optional[Plan]:
+  """The smallest power-of-two multiple of ``devices`` on which a layout fits."""
+  # Parameters, gradients and optimizer state fully sharded: a lower bound.
+  _, params, opt_state = memory.state_bytes(config, dict(data=1, fsdp=1, tensor=1))
+  needed = (2 * params + opt_state) / device_memory
+  while devices < needed:
+    devices *= 2
+  for _ in range(_MAX_DOUBLINGS):
+    plan = suggest(config, devices, device_memory, **kwargs)
+    if plan is not None:
+      return plan
+    devices *= 2
+  return None
+
+
+def _with_grad_accum(config, grad_accum: int) -> ml_collections.ConfigDict:
+  trial = ml_collections.ConfigDict(config.to_dict())
+  trial.optim.grad_accum = grad_accum
+  return trial
+
+
+def _gib(num_bytes: float) -> str:
+  return f"{num_bytes / 2**30:9.2f}"
+
+
+def _describe_layout(plan: Plan) -> str:
+  mesh = ", ".join(f"{k}={v}" for k, v in plan.mesh.items())
+  return f"mesh {mesh}, optim.grad_accum={plan.grad_accum}"
+
+
+def format_plan(config, plan: Plan, suggestion: Optional[Plan], mfu: float,
+                peak_tflops: Optional[float], searched_devices: bool) -> str:
+  """The human-readable report."""
+  m, c = plan.memory, config.model
+  b, seq_len = config.train.batch_size, config.data.seq_len
+  lines = [
+      f"{config.get('preset', c.family)}: {m.num_params / 1e9:.3f}B parameters "
+      f"({c.param_dtype} parameters, {c.dtype} compute), remat={c.remat}, scan={c.scan}, "
+      f"attention {plan.attention}, {config.optim.name}",
+      f"{_describe_layout(plan)} on {plan.devices} device(s); batch {b} x {seq_len} tokens "
+      f"-> {m.micro_batch} sequence(s) per device per micro-batch",
+  ]
+  lines += [f"  problem: {p}" for p in plan.problems]
+  lines += ["", "per device                 GiB",
+            f"  parameters         {_gib(m.params)}",
+            f"  gradients          {_gib(m.grads)}",
+            f"  optimizer state    {_gib(m.opt_state)}",
+            f"  activations saved  {_gib(m.activations)}   (remat={c.remat})",
+            f"  working set        {_gib(m.working)}   (peak transient buffers)",
+            f"  batch              {_gib(m.batch)}",
+            f"  total              {_gib(m.total)}"]
+  if plan.device_memory:
+    free = plan.device_memory - m.total
+    verdict = "fits" if plan.fits else "does NOT fit"
+    lines.append(f"  device memory      {_gib(plan.device_memory)}   -> {verdict} "
+                 f"({free / 2**30:+.2f} GiB free)")
+  lines += ["", f"FLOPs per step     {plan.flops_per_step:.3e} model "
+                f"({plan.flops_per_step / plan.devices:.3e} per device)"]
+  if plan.recompute_flops_per_step:
+    lines.append(f"  + {plan.recompute_flops_per_step:.3e} recomputed by remat={c.remat} "
+                 f"(hardware FLOPs x{1 + plan.recompute_flops_per_step / plan.flops_per_step:.2f})")
+  if plan.step_seconds is not None:
+    tokens = b * seq_len
+    lines.append(f"step time          {plan.step_seconds:.3f} s at {mfu:.0%} MFU of "
+                 f"{peak_tflops:g} TFLOP/s ({tokens / plan.step_seconds:,.0f} tokens/s; "
+                 f"{config.train.steps} steps in {plan.step_seconds * config.train.steps / 3600:.1f} h)")
+  if plan.device_memory:
+    lines.append("")
+    if suggestion is None:
+      lines.append("suggestion: nothing fits (even on 2^24 times the devices)")
+    elif plan.fits and suggestion.mesh == plan.mesh and suggestion.grad_accum == plan.grad_accum:
+      lines.append("suggestion: this layout is already the least model parallelism that fits")
+    else:
+      where = (f"needs at least {suggestion.devices} devices: " if searched_devices
+               else "")
+      lines.append(f"suggestion: {where}{_describe_layout(suggestion)} -> "
+                   f"{suggestion.memory.total / 2**30:.2f} GiB per device, "
+                   f"{suggestion.memory.micro_batch} sequence(s) per device per micro-batch")
+      flags_text = " ".join(f"--config.mesh.{k}={v}" for k, v in suggestion.mesh.items())
+      lines.append(f"  {flags_text} --config.optim.grad_accum={suggestion.grad_accum}")
+  return "\n".join(lines)
+
+
+def plan_to_dict(plan: Optional[Plan]) -> Optional[dict[str, Any]]:
+  if plan is None:
+    return None
+  out = dataclasses.asdict(plan)
+  out["memory"]["total"] = plan.memory.total
+  out["fits"] = plan.fits
+  return out
+
+
+def run(config, mesh_text: str, devices: int, device_memory_text: str, peak_text: str,
+        mfu: float, max_tensor: int, output_format: str, platform: str = "gpu") -> str:
+  """The whole command, returning its output; raises ``UserError`` for bad input."""
+  validate(config)
+  try:
+    memory.uses_fused_attention(config.model.attention_impl, platform)
+  except ValueError as e:
+    raise UserError(str(e)) from None
+  if config.model.family != "gpt":
+    raise UserError(f"bigmodel.plan models GPT decoders; model.family={config.model.family!r} "
+                    "is not supported yet")
+  if not 0 < mfu <= 1:
+    raise UserError(f"--mfu={mfu} must be in (0, 1]")
+  if max_tensor < 1:
+    raise UserError(f"--max_tensor={max_tensor} must be positive")
+  if devices < 0:
+    raise UserError(f"--devices={devices} must be positive")
+  sizes = parse_mesh(mesh_text, config.mesh)
+  if not devices:  # The mesh's own product; an open (-1) axis gets 1.
+    devices = math.prod(s for s in sizes.values() if s > 0)
+  mesh_shape = dict(zip(sharding.MESH_AXES, sharding.resolve_mesh_shape(
+      ml_collections.ConfigDict(sizes), devices)))
+  device_memory = parse_bytes(device_memory_text) if device_memory_text else None
+  peak_tflops = parse_peak(peak_text)
+  plan = make_plan(config, mesh_shape, device_memory, peak_tflops, mfu, platform)
+  suggestion, searched_devices = None, False
+  if device_memory:
+    kwargs = dict(peak_tflops=peak_tflops, mfu=mfu, max_tensor=max_tensor, platform=platform)
+    suggestion = suggest(config, devices, device_memory, **kwargs)
+    if suggestion is None:
+      suggestion, searched_devices = fewest_devices(config, devices * 2, device_memory,
+                                                    **kwargs), True
+  if output_format == "json":
+    return json.dumps({"plan": plan_to_dict(plan), "suggestion": plan_to_dict(suggestion),
+                       "suggestion_needs_more_devices": searched_devices}, indent=2)
+  return format_plan(config, plan, suggestion, mfu, peak_tflops, searched_devices)
+
+
+def _define_flags():
+  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
+  config = config_flags.DEFINE_config_file(
+      "config", None, "Config file and preset, e.g. configs/gpt.py:gpt3_175b.", lock_config=True)
+  flags.DEFINE_string("mesh", "", "Mesh sizes, e.g. data=16,fsdp=32,tensor=2 (default: the "
+                      "config's mesh).")
+  flags.DEFINE_integer("devices", 0, "Devices to plan for (default: the mesh's product).")
+  flags.DEFINE_string("device_memory", "", "Memory per device, e.g. 95GB or 80GiB; "
+                      "enables the fit check and the suggestion.")
+  flags.DEFINE_string("peak_tflops", "", "Peak TFLOP/s per device, or a device name (h100, "
+                      "tpu v5p, ...); enables the step time.")
+  flags.DEFINE_float("mfu", 0.5, "Model FLOPs utilisation assumed for the step time.")
+  flags.DEFINE_integer("max_tensor", 8, "Largest tensor-parallel size the suggestion uses.")
+  flags.DEFINE_enum("platform", "gpu", ["cpu", "gpu", "tpu"], "The devices planned for: "
+                    "decides what model.attention_impl=auto runs (a fused kernel on gpu/tpu).")
+  flags.DEFINE_enum("format", "text", ["text", "json"], "Output format.")
+  return config
+
+
+def main(argv, config_flag=None):
+  from bigmodel import cli  # pylint: disable=g-import-not-at-top
+  from bigmodel.errors import fail, user_errors_exit  # pylint: disable=g-import-not-at-top
+  if len(argv) > 1:
+    fail(f"unexpected arguments: {' '.join(argv[1:])}")
+  cli.require_flags("config")
+  f = flags.FLAGS
+  with user_errors_exit():
+    print(run(config_flag.value, f.mesh, f.devices, f.device_memory, f.peak_tflops, f.mfu,
+              f.max_tensor, f.format, f.platform))
+
+
+if __name__ == "__main__":
+  # Shapes are traced on the CPU: planning never takes an accelerator.
+  import jax  # pylint: disable=g-import-not-at-top
+  jax.config.update("jax_platforms", "cpu")
+  _config = _define_flags()
+  from bigmodel import cli as _cli  # pylint: disable=g-import-not-at-top
+  app.run(lambda argv: main(argv, _config), flags_parser=_cli.parse_flags)

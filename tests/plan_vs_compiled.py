@@ -1,0 +1,42 @@
+"""Planned vs compiled memory per device of the train step; prints JSON results.
+
+Run as a script in a subprocess so XLA_FLAGS can ask for 8 CPU devices
+before JAX starts: ``python tests/plan_vs_compiled.py VARIANT [VARIANT ...]``
+where VARIANT is a JSON object of ``{"mesh": [data, fsdp, tensor], "remat":
+..., "grad_accum": ..., "batch_size": ...}`` applied to the ``tiny`` preset.
+The step is compiled exactly as the trainer builds it
+(``benchmarks.train_step.compile_step``); nothing runs.
+"""
+import json
+import os
+import sys
+
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, _ROOT)
+
+import jax  # pylint: disable=wrong-import-position
+
+from benchmarks.train_step import compile_step, compiled_memory  # pylint: disable=wrong-import-position
+from bigmodel import memory, sharding  # pylint: disable=wrong-import-position
+from configs.gpt import get_config  # pylint: disable=wrong-import-position
+
+
+def compare(variant: dict) -> dict:
+  config = get_config("tiny")
+  data, fsdp, tensor = variant.get("mesh", (1, 1, 1))
+  config.mesh.update(data=data, fsdp=fsdp, tensor=tensor)
+  config.model.remat = variant.get("remat", "none")
+  config.optim.grad_accum = variant.get("grad_accum", 1)
+  config.train.batch_size = variant.get("batch_size", config.train.batch_size)
+  mesh = sharding.make_mesh(config.mesh, jax.devices()[:data * fsdp * tensor])
+  with sharding.activate(mesh):
+    compiled, _, _ = compile_step(config, mesh)
+  compiled_bytes = compiled_memory(compiled)["peak"]
+  planned = memory.estimate(config, dict(mesh.shape), platform="cpu")
+  return {"compiled": compiled_bytes, "planned": planned.total,
+          "error": planned.total / compiled_bytes - 1}
+
+
+if __name__ == "__main__":
+  print(json.dumps([dict(variant=json.loads(v), **compare(json.loads(v))) for v in sys.argv[1:]]))

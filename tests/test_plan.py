@@ -1,0 +1,182 @@
+"""The memory planner: its arithmetic, its accuracy against XLA, its command line."""
+import json
+import os
+import subprocess
+import sys
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import pytest
+
+from bigmodel import memory, plan
+from bigmodel.models import ModelConfig, batch_logits, build_model
+from configs.gpt import get_config
+from model_fixtures import tiny_config
+
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_SINGLE = dict(data=1, fsdp=1, tensor=1)
+
+
+@pytest.mark.parametrize("preset", ["tiny", "small", "xl", "gpt3_175b"])
+def test_param_count_is_the_models(preset):
+  config = get_config(preset)
+  model = build_model(config.model)
+  tokens = jnp.zeros((1, 8), jnp.int32)
+  params = jax.eval_shape(lambda: model.init(jax.random.key(0), tokens)["params"])
+  expected = sum(x.size for x in jax.tree_util.tree_leaves(nn.unbox(params)))
+  assert memory.estimate(config, _SINGLE).num_params == expected
+
+
+def test_optimizer_state_bytes():
+  config = get_config("small")
+  num_params, params, adamw = memory.state_bytes(config, _SINGLE)
+  assert params == 4 * num_params  # float32
+  # AdamW: two moments of every parameter, plus a few step counters.
+  assert 0 <= adamw - 2 * params < 1024
+  config.optim.name = "sgd"  # Momentum: one copy.
+  assert 0 <= memory.state_bytes(config, _SINGLE)[2] - params < 1024
+  config.optim.name = "adafactor"
+  # Second moments factored into rows + columns, except where the second
+  # largest dimension is under 128 (optax's default): the attention kernels
+  # [layers, D, N, H] keep a full one (H = 64), a quarter of the parameters.
+  c = ModelConfig.from_config(config.model)
+  attention = c.num_layers * 4 * c.embed_dim * c.embed_dim * 4
+  factored = memory.state_bytes(config, _SINGLE)[2]
+  assert attention < factored < attention + 0.01 * params
+  config.model.param_dtype = "bfloat16"
+  config.optim.name = "adamw"
+  assert memory.state_bytes(config, _SINGLE)[1] == 2 * num_params
+
+
+def test_state_is_sharded_by_the_trainers_rules():
+  config = get_config("small")
+  _, params, opt = memory.state_bytes(config, _SINGLE)
+  # fsdp shards `embed` (768 divides by 8); tensor shards heads, mlp, vocab.
+  _, params8, opt8 = memory.state_bytes(config, dict(data=1, fsdp=8, tensor=1))
+  assert params / 8 <= params8 < params / 8 * 1.01 and opt / 8 <= opt8 < opt / 8 * 1.01
+  # Pure data parallelism replicates everything.
+  assert memory.state_bytes(config, dict(data=8, fsdp=1, tensor=1))[1] == params
+
+
+@pytest.mark.parametrize("attention_impl", ["xla", "pallas"])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("remat", sorted(memory.LAYER_RESIDUALS))
+def test_layer_residuals_are_what_jax_saves(remat, dtype, attention_impl):
+  """The residual tables against what JAX saves for the real model's backward pass."""
+  ad_checkpoint = pytest.importorskip("jax._src.ad_checkpoint")
+  layers, b, seq_len = 4, 3, 32  # Distinct, to tell stacked per-layer residuals apart.
+  config = tiny_config(remat=remat, dtype=dtype, num_layers=layers, embed_dim=80, num_heads=5,
+                       mlp_dim=56, vocab_size=97, max_len=seq_len, attention_impl=attention_impl)
+  model = build_model(config.model)
+  tokens = jnp.zeros((b, seq_len), jnp.int32)
+  params = nn.unbox(jax.eval_shape(lambda: model.init(jax.random.key(0), tokens)["params"]))
+  batch = dict(inputs=tokens, segment_ids=jnp.ones((b, seq_len), jnp.int32),
+               positions=jnp.broadcast_to(jnp.arange(seq_len), (b, seq_len)))
+  residuals = ad_checkpoint.saved_residuals(
+      lambda p: batch_logits(model, p, batch, rng=None).sum(), params)
+  saved = sum(aval.size * aval.dtype.itemsize for aval, source in residuals
+              if "argument" not in source and aval.shape[:1] == (layers,))
+  c = ModelConfig.from_config(config.model)
+  assert saved == layers * memory.layer_residual_bytes(c, remat, b, seq_len, _SINGLE,
+                                                       flash=attention_impl == "pallas")
+
+
+def test_activations_scale_with_the_micro_batch_and_remat():
+  config = get_config("small")
+  config.train.batch_size = 64
+  base = memory.estimate(config, dict(data=8, fsdp=1, tensor=1))
+  assert base.micro_batch == 8
+  config.optim.grad_accum = 4
+  accumulated = memory.estimate(config, dict(data=8, fsdp=1, tensor=1))
+  assert accumulated.micro_batch == 2
+  assert accumulated.activations == pytest.approx(base.activations / 4, rel=1e-4)
+  assert accumulated.grads == 2 * base.grads  # The running sum and the micro-batch's.
+  config.optim.grad_accum = 1
+  config.model.remat = "full"  # Layer inputs only; exp(logits) [b, L, V] stays.
+  full = memory.estimate(config, dict(data=8, fsdp=1, tensor=1))
+  c = ModelConfig.from_config(config.model)
+  logits = 8 * 1024 * c.vocab_size * 4
+  assert full.activations - logits == pytest.approx(
+      c.num_layers * 8 * 1024 * c.embed_dim * 4 + 8 * 1024 * c.embed_dim * 16)
+
+
+def test_gpt3_175b_fits_on_1024_devices_of_95gb():
+  config = get_config("gpt3_175b")
+  device_memory = plan.parse_bytes("95GB")
+  suggestion = plan.suggest(config, 1024, device_memory)
+  assert suggestion is not None and suggestion.fits
+  assert suggestion.devices == 1024
+  assert suggestion.memory.total <= 95e9
+  # Parameters, gradients and optimizer state are sharded over fsdp x tensor.
+  assert suggestion.mesh["fsdp"] * suggestion.mesh["tensor"] >= 32
+  # The configured mesh (data=-1: pure data parallelism) does not fit.
+  assert not plan.make_plan(config, dict(data=1024, fsdp=1, tensor=1), device_memory).fits
+
+
+def test_gpt3_175b_does_not_fit_on_8_devices():
+  config = get_config("gpt3_175b")
+  device_memory = plan.parse_bytes("95GB")
+  assert plan.suggest(config, 8, device_memory) is None
+  more = plan.fewest_devices(config, 16, device_memory)
+  assert more is not None and more.fits and more.devices > 8
+  assert plan.suggest(config, more.devices // 2, device_memory) is None
+
+
+def test_layout_problems():
+  config = get_config("tiny")  # batch 16
+  assert plan.layout_problems(config, dict(data=4, fsdp=2, tensor=1)) == ()
+  config.optim.grad_accum = 4
+  assert "not divisible by the data-parallel size 8" in \
+      plan.layout_problems(config, dict(data=4, fsdp=2, tensor=1))[0]
+
+
+@pytest.mark.parametrize("text,expected", [("95GB", 95e9), ("80GiB", 80 * 2**30),
+                                           ("1.5e9", 1.5e9), ("512 MiB", 2**29)])
+def test_parse_bytes(text, expected):
+  assert plan.parse_bytes(text) == expected
+
+
+def test_plan_vs_compiled_memory():
+  """The estimate is within 20% of XLA's buffer assignment on 8 simulated devices."""
+  # docs/performance.md lists more (every policy, mesh and grad_accum); these
+  # three cover tensor + fsdp + data sharding, remat and accumulation.
+  variants = [{"mesh": [2, 2, 2]}, {"mesh": [1, 8, 1], "remat": "full"},
+              {"mesh": [8, 1, 1], "remat": "dots_saveable", "grad_accum": 2}]
+  out = subprocess.run([sys.executable, os.path.join(_ROOT, "tests", "plan_vs_compiled.py"),
+                        *map(json.dumps, variants)],
+                       capture_output=True, text=True, timeout=600, check=True)
+  results = json.loads(out.stdout.strip().splitlines()[-1])
+  for result in results:
+    assert abs(result["error"]) < 0.2, result
+
+
+def run_plan(*args) -> subprocess.CompletedProcess:
+  return subprocess.run([sys.executable, "-m", "bigmodel.plan", *args], cwd=_ROOT,
+                        capture_output=True, text=True, timeout=300)
+
+
+def test_command_line_plan():
+  result = run_plan("--config=configs/gpt.py:gpt3_175b", "--devices=1024",
+                    "--device_memory=95GB", "--peak_tflops=459", "--mfu=0.5", "--format=json")
+  assert result.returncode == 0, result.stderr[-2000:]
+  report = json.loads(result.stdout)
+  assert not report["plan"]["fits"]  # data=-1: every device holds the whole state.
+  assert report["suggestion"]["fits"] and not report["suggestion_needs_more_devices"]
+  assert report["plan"]["step_seconds"] == pytest.approx(
+      report["plan"]["flops_per_step"] / 1024 / (459e12 * 0.5))
+
+
+@pytest.mark.parametrize("args,fragment", [
+    (["--config=configs/gpt.py:tiny", "--mesh=data:2"], "--mesh='data:2': expected"),
+    (["--config=configs/gpt.py:tiny", "--mesh=data=2,fsdp=2", "--devices=8"],
+     "has 4 devices but 8 are available"),
+    (["--config=configs/gpt.py:huge"], "unknown GPT preset 'huge'"),
+    (["--config=configs/gpt.py:tiny", "--device_memory=lots"], "--device_memory='lots'"),
+])
+def test_bad_input_gives_one_error_line(args, fragment):
+  result = run_plan(*args)
+  lines = result.stderr.strip().splitlines()
+  assert result.returncode == 2, result.stderr[-2000:]
+  assert lines and lines[-1].startswith("error: ") and fragment in lines[-1], lines[-1:]
+  assert "Traceback" not in result.stderr
