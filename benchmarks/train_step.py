@@ -9,7 +9,7 @@ dtype (``flops.measured_matmul_tflops``); lower + compile time of the train
 step, built as ``bigmodel.train`` builds it (sharded state, ``make_train_step``,
 ``jax.jit`` with in/out shardings and the state donated, under
 ``sharding.activate``); the median step time over ``--steps`` steps after
-``--warmup``; tokens/s, model TFLOP/s per device (``flops.train_flops_per_token``,
+``--warmup``; tokens/s, model TFLOP/s per device (``flops.train_flops_per_step``,
 the trainer's ``mfu`` count) and MFU against the measured and the datasheet
 peak, and step by step against a matmul timed just before each step (robust
 to other processes on a shared machine); peak memory per device from the compiled executable
@@ -287,8 +287,8 @@ def benchmark(config, steps: int, warmup: int, compile_only: bool,
   record["memory"]["device_peak"] = _device_peak_bytes()
   step_s = statistics.median(times)
   tokens_per_s = config.train.batch_size * config.data.seq_len / step_s
-  tflops = tokens_per_s * flops.train_flops_per_token(c, config.data.seq_len) / \
-      jax.device_count() / 1e12
+  step_flops = flops.train_flops_per_step(c, {k: v.shape for k, v in batches[0].items()})
+  tflops = step_flops / step_s / jax.device_count() / 1e12
   step_tflops = tflops * step_s / np.array(times)
   record.update(steps=len(times), step_s=step_s, step_s_min=min(times), step_s_max=max(times),
                 tokens_per_s=tokens_per_s, tflops_per_device=tflops,

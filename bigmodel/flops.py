@@ -11,14 +11,18 @@ causal (only the lower triangle is needed). Norms, softmax and GELU are not
 counted. Rematerialisation does not change model FLOPs (MFU counts useful
 work); ``recompute_flops_per_token`` gives the extra hardware FLOPs.
 
-The trainer's ``mfu`` metric, ``benchmarks/train_step.py`` and
-``bigmodel.plan`` all use ``train_flops_per_token``.
+BERT (bidirectional, MLM or classification head) and T5 (encoder, decoder
+with cross-attention, gated MLPs) are counted by ``train_flops_per_step``
+from the batch shapes; the trainer's ``mfu`` metric uses it for every family,
+and ``benchmarks/train_step.py`` and ``bigmodel.plan`` (GPT) agree with it.
 """
 import functools
 import time
+from typing import Mapping
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from bigmodel.models.config import ModelConfig
 
@@ -46,17 +50,74 @@ def matmul_params_per_layer(c: ModelConfig) -> int:
 
 def forward_flops_per_token(c: ModelConfig, seq_len: int,
                             causal: bool = True) -> tuple[float, float]:
-  """(weight matmul FLOPs, attention FLOPs) of one token's forward pass."""
+  """(weight matmul FLOPs, attention FLOPs) of one token's forward pass in a GPT."""
   weight_flops = 2 * (c.num_layers * matmul_params_per_layer(c) + c.embed_dim * c.vocab_size)
-  attention_flops = c.num_layers * 4 * seq_len * c.num_heads * c.head_dim
-  if causal:
-    attention_flops /= 2
+  attention_flops = c.num_layers * _score_flops(c, 1, seq_len, causal)
   return float(weight_flops), float(attention_flops)
 
 
 def train_flops_per_token(c: ModelConfig, seq_len: int, causal: bool = True) -> float:
   """Forward + backward FLOPs for one token of a decoder of context ``seq_len``."""
   return 3.0 * sum(forward_flops_per_token(c, seq_len, causal))
+
+
+def _score_flops(c: ModelConfig, q_len: int, kv_len: int, causal: bool) -> float:
+  """Scores and weighted sum of one attention layer: 2 matmuls of q_len x kv_len x N x H."""
+  flops = 2 * 2 * q_len * kv_len * c.num_heads * c.head_dim
+  return flops / 2 if causal else flops
+
+
+def forward_flops_per_example(c: ModelConfig, lengths: Mapping[str, int]) -> float:
+  """Model FLOPs of one example's forward pass, for every family.
+
+  ``lengths``: ``{"inputs": L}`` for GPT and BERT, ``{"encoder_inputs": S,
+  "decoder_inputs": T}`` for T5 (the batch keys of ``bigmodel.data``).
+  GPT: causal self-attention and the logits at every position. BERT:
+  bidirectional attention, then the MLM transform and logits at every
+  position, or the pooler and classifier on the first token. T5: gated MLPs;
+  the decoder adds cross-attention (k and v projected from the S encoder
+  positions) and the logits.
+  """
+  d, f, v = c.embed_dim, c.mlp_dim, c.vocab_size
+  kv_heads = c.num_kv_heads or c.num_heads
+  qo_weights = 2 * d * c.num_heads * c.head_dim
+  kv_weights = 2 * d * kv_heads * c.head_dim
+  if c.family == "t5":
+    s, t = lengths["encoder_inputs"], lengths["decoder_inputs"]
+    mlp_weights = 3 * d * f  # Gated: wi, wi_linear, wo.
+    decoder_layers = c.num_decoder_layers or c.num_layers
+    encoder = c.num_layers * (s * 2 * (qo_weights + kv_weights + mlp_weights)
+                              + _score_flops(c, s, s, causal=False))
+    decoder = decoder_layers * (
+        t * 2 * (2 * qo_weights + kv_weights + mlp_weights)  # self q,k,v,o; cross q,o; MLP
+        + s * 2 * kv_weights                                   # cross k, v
+        + _score_flops(c, t, t, causal=True) + _score_flops(c, t, s, causal=False))
+    return float(encoder + decoder + t * 2 * d * v)
+  length = lengths["inputs"]
+  layers = c.num_layers * (length * 2 * (qo_weights + kv_weights + 2 * d * f)
+                           + _score_flops(c, length, length, causal=c.family == "gpt"))
+  if c.family == "gpt":
+    head = length * 2 * d * v
+  elif c.num_classes:
+    head = 2 * (d * d + d * c.num_classes)
+  else:
+    head = length * 2 * (d * d + d * v)
+  return float(layers + head)
+
+
+def train_flops_per_step(c: ModelConfig, batch_shapes: Mapping[str, tuple[int, ...]]) -> float:
+  """Forward + backward model FLOPs of a training step on a batch of these shapes
+  (``{key: (B, length)}``, only the token keys are read)."""
+  keys = ("encoder_inputs", "decoder_inputs") if c.family == "t5" else ("inputs",)
+  batch_size = batch_shapes[keys[0]][0]
+  return 3.0 * batch_size * forward_flops_per_example(
+      c, {k: batch_shapes[k][1] for k in keys})
+
+
+def tokens_per_batch(batch_shapes: Mapping[str, tuple[int, ...]]) -> int:
+  """Token positions a batch feeds the model (encoder plus decoder for T5)."""
+  keys = [k for k in ("inputs", "encoder_inputs", "decoder_inputs") if k in batch_shapes]
+  return sum(int(np.prod(batch_shapes[k])) for k in keys)
 
 
 def recompute_flops_per_token(c: ModelConfig, seq_len: int, causal: bool = True) -> float:

@@ -91,12 +91,9 @@ class Trainer:
     self.checkpointer = Checkpointer(workdir, keep=config.checkpoint.keep,
                                      keep_best=config.checkpoint.keep_best,
                                      async_save=config.checkpoint.async_save)
-    self.flops_per_token = flops.train_flops_per_token(
-        ModelConfig.from_config(config.model), config.data.seq_len)
     self.peak_tflops, peak_source = flops.peak_tflops_per_device(
         config.train.peak_tflops_per_device, config.model.dtype)
-    logging.info("peak %.1f TFLOP/s per device (%s); %.3g model FLOPs per token",
-                 self.peak_tflops, peak_source, self.flops_per_token)
+    logging.info("peak %.1f TFLOP/s per device (%s)", self.peak_tflops, peak_source)
 
   def _initial_state(self):
     """The latest usable checkpoint (resharded onto this mesh), or a fresh state."""
@@ -148,7 +145,6 @@ class Trainer:
     """Trains up to ``train.steps``; returns the last logged metrics."""
     config, mesh = self.config, self.mesh
     train_cfg = config.train
-    tokens_per_step = train_cfg.batch_size * config.data.seq_len
     preemption = PreemptionFlag()
     writer = MetricsWriter(self.workdir, train_cfg.steps, train_cfg.progress) \
         if self.is_writer else None
@@ -176,6 +172,11 @@ class Trainer:
         interval_start, interval_steps = None, 0
         for step in range(start_step + 1, train_cfg.steps + 1):
           batch = sharding.global_batch(next(self.datasets.train_iter), mesh)
+          if step == start_step + 1:
+            batch_shapes = {k: v.shape for k, v in batch.items()}
+            tokens_per_step = flops.tokens_per_batch(batch_shapes)
+            flops_per_step = flops.train_flops_per_step(
+                ModelConfig.from_config(config.model), batch_shapes)
           state, metrics = train_step_fn(state, batch)
           interval_steps += 1
           if interval_start is None:
@@ -196,7 +197,7 @@ class Trainer:
               if interval_steps:
                 elapsed = time.perf_counter() - interval_start
                 tokens_per_sec = interval_steps * tokens_per_step / elapsed
-                tflops = tokens_per_sec * self.flops_per_token / jax.device_count() / 1e12
+                tflops = interval_steps * flops_per_step / elapsed / jax.device_count() / 1e12
                 record.update(tokens_per_sec=tokens_per_sec, tflops_per_device=tflops,
                               mfu=tflops / self.peak_tflops)
               interval_start, interval_steps = time.perf_counter(), 0

@@ -69,3 +69,41 @@ def test_known_peaks():
   assert flops.datasheet_peak_tflops("NVIDIA H100 80GB HBM3") == 989.0
   assert flops.datasheet_peak_tflops("cpu") is None
   assert flops.peak_tflops_per_device(123.0, "float32") == (123.0, "configured")
+
+
+def _small(family, **kwargs) -> ModelConfig:
+  # D=8, N=2 heads of H=4, F=16, V=10, one layer (one decoder layer for T5).
+  return ModelConfig(family=family, vocab_size=10, num_layers=1, num_heads=2, embed_dim=8,
+                     mlp_dim=16, max_len=16, head_dim=4, **kwargs)
+
+
+def test_gpt_step_flops_agree_with_the_per_token_count():
+  c = ModelConfig.from_config(tiny_config().model)
+  assert flops.train_flops_per_step(c, {"inputs": (3, 32)}) == 3 * 32 * flops.train_flops_per_token(c, 32)
+  assert flops.tokens_per_batch({"inputs": (3, 32), "targets": (3, 32)}) == 96
+
+
+def test_bert_counts_bidirectional_attention_and_its_head():
+  # Per token: q, k, v, o 4*D*N*H = 256 and the MLP 2*D*F = 256 multiply-adds,
+  # 6 tokens -> 3072; scores + weighted sum over all 6x6 pairs: 2*36*8 = 576.
+  body_macs = 6 * (256 + 256) + 2 * 36 * 8
+  # MLM head at each position: transform D*D = 64 and logits D*V = 80.
+  assert flops.train_flops_per_step(_small("bert"), {"inputs": (2, 6)}) == \
+      3 * 2 * 2 * (body_macs + 6 * (64 + 80))
+  # Classification: pooler D*D and classifier D*C on the first token only.
+  assert flops.train_flops_per_step(_small("bert", num_classes=3), {"inputs": (2, 6)}) == \
+      3 * 2 * 2 * (body_macs + 64 + 8 * 3)
+
+
+def test_t5_counts_encoder_decoder_and_cross_attention():
+  s, t = 6, 4
+  # Encoder token: q, k, v, o 256 and the gated MLP 3*D*F = 384; scores 2*S*S*N*H.
+  encoder_macs = s * (256 + 384) + 2 * s * s * 8
+  # Decoder token: self q, k, v, o 256, cross q, o 128, MLP 384; cross k, v on
+  # the S encoder positions 2*D*N*H each; causal self scores (half of 2*T*T*N*H);
+  # cross scores 2*T*S*N*H; logits D*V.
+  decoder_macs = t * (256 + 128 + 384) + s * 128 + 2 * t * t * 8 // 2 + 2 * t * s * 8 + t * 80
+  got = flops.train_flops_per_step(_small("t5"), {"encoder_inputs": (2, s),
+                                                  "decoder_inputs": (2, t)})
+  assert got == 3 * 2 * 2 * (encoder_macs + decoder_macs) == 109056
+  assert flops.tokens_per_batch({"encoder_inputs": (2, s), "decoder_inputs": (2, t)}) == 20
