@@ -9,6 +9,7 @@ import ml_collections
 from bigmodel.errors import UserError
 from bigmodel.models import MODEL_FAMILIES
 from bigmodel.models.attention import ATTENTION_IMPLS
+from bigmodel.models.layers import ACTIVATIONS
 from bigmodel.models.stack import REMAT_POLICIES
 from bigmodel.optim import OPTIMIZERS, SCHEDULES
 
@@ -31,6 +32,9 @@ def base_config() -> ml_collections.ConfigDict:
       dropout_rate=0.0,
       tie_embeddings=True,
       layer_norm_epsilon=1e-5,
+      # MLP (and BERT MLM head) activation: gelu_tanh (GPT-2's "gelu_new", T5 v1.1)
+      # | gelu_exact (erf; BERT's "gelu") | relu.
+      mlp_activation="gelu_tanh",
       dtype="float32",        # Compute dtype of activations and matmuls.
       param_dtype="float32",  # Storage dtype of parameters.
       attention_impl="auto",  # auto (pallas on GPU/TPU, xla on CPU) | xla | pallas | cudnn
@@ -120,6 +124,7 @@ _CHOICES = {
     "model.family": tuple(MODEL_FAMILIES),
     "model.position_embedding": ("learned", "rope", "relative"),
     "model.norm_position": ("post", "pre"),
+    "model.mlp_activation": tuple(ACTIVATIONS),
     "model.remat": tuple(REMAT_POLICIES),
     "model.attention_impl": ATTENTION_IMPLS,
     "model.dtype": ("float32", "bfloat16", "float16"),

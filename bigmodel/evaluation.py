@@ -1,5 +1,5 @@
 """Evaluation metrics over a finite iterator of eval batches."""
-from typing import Callable, Iterable, Optional, Sequence
+from typing import Any, Callable, Iterable, Optional, Sequence
 
 import jax
 import numpy as np
@@ -7,21 +7,30 @@ import numpy as np
 from bigmodel import sharding
 
 
+def confusion_matrix(predictions: np.ndarray, labels: np.ndarray, weights: np.ndarray,
+                     num_classes: int) -> np.ndarray:
+  """Counts [true class, predicted class] of the examples with weight > 0.
+
+  A prediction of ``num_classes`` or more (a text-to-text answer that is no
+  label) is counted in no column: wrong for every class.
+  """
+  keep = weights > 0
+  predictions, labels = predictions[keep].astype(int), labels[keep].astype(int)
+  # The extra column holds the answers that are no class, then is dropped.
+  confusion = np.zeros((num_classes, num_classes + 1), np.int64)
+  np.add.at(confusion, (labels, np.minimum(predictions, num_classes)), 1)
+  return confusion[:, :num_classes]
+
+
 def classification_metrics(predictions: np.ndarray, labels: np.ndarray, weights: np.ndarray,
                            num_classes: int) -> dict[str, float]:
   """Accuracy, macro precision / recall / F1, and the majority-class baseline.
 
-  A prediction of ``num_classes`` or more (a text-to-text answer that is no
-  label) is wrong for every class. Classes that never occur and are never
-  predicted do not count in the macro averages.
+  Predictions as in ``confusion_matrix``. Classes that never occur and are
+  never predicted do not count in the macro averages.
   """
-  keep = weights > 0
-  predictions, labels = predictions[keep].astype(int), labels[keep].astype(int)
-  predictions = np.minimum(predictions, num_classes)
-  # [true, predicted]; the extra column holds answers that are no class.
-  confusion = np.zeros((num_classes, num_classes + 1), np.int64)
-  np.add.at(confusion, (labels, predictions), 1)
-  confusion = confusion[:, :num_classes]
+  confusion = confusion_matrix(predictions, labels, weights, num_classes)
+  labels = labels[weights > 0].astype(int)
   true_positives = np.diag(confusion).astype(float)
   predicted, actual = confusion.sum(0), np.bincount(labels, minlength=num_classes)
   present = (predicted + actual) > 0
@@ -55,11 +64,14 @@ def text_to_class(predicted_BxL: np.ndarray, loss_mask_BxL: np.ndarray,
 
 def evaluate(eval_fn: Callable, params, eval_batches: Iterable[dict[str, np.ndarray]], mesh,
              num_classes: int = 0,
-             label_token_ids: Optional[Sequence[Sequence[int]]] = None) -> dict[str, float]:
+             label_token_ids: Optional[Sequence[Sequence[int]]] = None,
+             with_confusion: bool = False) -> dict[str, Any]:
   """Weighted mean loss and accuracy (and perplexity, or classification metrics).
 
-  ``num_classes`` > 0 adds precision / recall / F1; for text-to-text
-  classification, ``label_token_ids`` are the labels' target token sequences.
+  ``num_classes`` > 0 adds precision / recall / F1 (and, ``with_confusion``,
+  ``eval_confusion``: the ``confusion_matrix`` as nested lists); for
+  text-to-text classification, ``label_token_ids`` are the labels' target
+  token sequences.
   """
   loss_sum = weight_sum = correct_sum = 0.0
   predictions, labels, weights = [], [], []
@@ -80,8 +92,26 @@ def evaluate(eval_fn: Callable, params, eval_batches: Iterable[dict[str, np.ndar
   loss = float(loss_sum) / weight_sum
   metrics = {"eval_loss": loss, "eval_accuracy": float(correct_sum) / weight_sum}
   if num_classes:
-    metrics.update(classification_metrics(np.concatenate(predictions), np.concatenate(labels),
-                                          np.concatenate(weights), num_classes))
+    predictions, labels, weights = (np.concatenate(predictions), np.concatenate(labels),
+                                    np.concatenate(weights))
+    metrics.update(classification_metrics(predictions, labels, weights, num_classes))
+    if with_confusion:
+      metrics["eval_confusion"] = confusion_matrix(predictions, labels, weights,
+                                                   num_classes).tolist()
   else:
     metrics["eval_perplexity"] = float(np.exp(min(loss, 50.0)))
   return metrics
+
+
+def classification_eval_args(config, datasets) -> dict[str, Any]:
+  """``evaluate``'s class count, and the labels' target tokens for text-to-text
+  classification; empty for the other tasks."""
+  if config.data.task != "classify":
+    return {}
+  names = datasets.label_names
+  args: dict[str, Any] = {"num_classes": len(names)}
+  if config.model.family == "t5":
+    tokenizer, length = datasets.tokenizer, datasets.decoder_length
+    args["label_token_ids"] = [(tokenizer.encode(name) + [tokenizer.eos_id])[:length]
+                               for name in names]
+  return args

@@ -10,7 +10,7 @@ import functools
 import os
 import signal
 import time
-from typing import Any
+from typing import Callable, Optional
 
 from absl import app
 from absl import flags
@@ -29,12 +29,12 @@ from bigmodel.checkpoint import Checkpointer
 from bigmodel.config import validate
 from bigmodel.data import build_datasets
 from bigmodel.errors import UserError, fail, user_errors_exit
-from bigmodel.evaluation import evaluate
+from bigmodel.evaluation import classification_eval_args, evaluate
+from bigmodel.generation.generator import Generator
 from bigmodel.metrics import MetricsWriter
 from bigmodel.models import ModelConfig, build_model
 from bigmodel.optim import make_optimizer
 from bigmodel.pretrained import init_from_pretrained
-from bigmodel.sample import sample_tokens
 from bigmodel.state import abstract_sharded_state, create_sharded_state
 from bigmodel.train_step import eval_step, make_train_step
 
@@ -76,10 +76,14 @@ def _all_finite(tree) -> jax.Array:
 class Trainer:
   """One training run: builds everything from the config, then ``run()``."""
 
-  def __init__(self, config: ml_collections.ConfigDict, workdir: str):
+  def __init__(self, config: ml_collections.ConfigDict, workdir: str,
+               on_metrics: Optional[Callable[[int, dict], None]] = None,
+               devices: Optional[list] = None):
+    """``on_metrics(step, record)`` sees every logged record (notebook plots);
+    ``devices`` (default: all) are the ones ``config.mesh`` spans."""
     validate(config)
-    self.config, self.workdir = config, workdir
-    self.mesh = sharding.make_mesh(config.mesh)
+    self.config, self.workdir, self.on_metrics = config, workdir, on_metrics
+    self.mesh = sharding.make_mesh(config.mesh, devices)
     check_batch_layout(config, self.mesh)
     os.makedirs(workdir, exist_ok=True)
     self.is_writer = jax.process_index() == 0
@@ -128,18 +132,6 @@ class Trainer:
         raise UserError(message + "; halting (train.nonfinite=halt)")
       logging.warning("%s; skipped them (train.nonfinite=skip)", message)
     return count
-
-  def _classification_eval_args(self) -> dict[str, Any]:
-    """Class count, and the labels' target tokens for text-to-text classification."""
-    if self.config.data.task != "classify":
-      return {}
-    names = self.datasets.label_names
-    args: dict[str, Any] = {"num_classes": len(names)}
-    if self.config.model.family == "t5":
-      tokenizer, length = self.datasets.tokenizer, self.datasets.decoder_length
-      args["label_token_ids"] = [(tokenizer.encode(name) + [tokenizer.eos_id])[:length]
-                                 for name in names]
-    return args
 
   def run(self) -> dict[str, float]:
     """Trains up to ``train.steps``; returns the last logged metrics."""
@@ -204,12 +196,14 @@ class Trainer:
           if self.datasets.make_eval_iter and (
               is_last or (train_cfg.eval_every and step % train_cfg.eval_every == 0)):
             record.update(evaluate(eval_fn, state.params, self.datasets.make_eval_iter(), mesh,
-                                   **self._classification_eval_args()))
+                                   **classification_eval_args(config, self.datasets)))
             interval_start, interval_steps = time.perf_counter(), 0  # Eval is not step time.
           if record:
             last_metrics.update(record)
             if writer:
               writer.write(step, record)
+            if self.on_metrics and self.is_writer:
+              self.on_metrics(step, dict(record))
           if will_save:
             self._save(state, step, record)
           if preemption.requested and not is_last:
@@ -227,7 +221,7 @@ class Trainer:
 
     if (config.model.family == "gpt" and self.datasets.tokenizer is not None
         and train_cfg.sample_tokens > 0 and self.is_writer):
-      print_sample(config, self.model, state.params, self.datasets.tokenizer)
+      print_sample(config, self.model, state.params, self.datasets.tokenizer, mesh)
     return last_metrics
 
 
@@ -236,18 +230,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   return Trainer(config, workdir).run()
 
 
-def print_sample(config, model, params, tokenizer) -> None:
-  """Prints a sample continuing ``train.sample_prompt``, cut at end-of-text."""
-  prompt_ids = [tokenizer.bos_id] + tokenizer.encode(config.train.sample_prompt)
-  ids = sample_tokens(model, params, prompt_ids, config.train.sample_tokens,
-                      rng=jax.random.key(config.train.seed + 1),
-                      temperature=config.train.sample_temperature, max_len=config.data.seq_len,
-                      num_valid_ids=tokenizer.vocab_size)
-  generated = ids[1:]
-  if tokenizer.eos_id in generated[len(prompt_ids) - 1:]:
-    generated = generated[:generated.index(tokenizer.eos_id, len(prompt_ids) - 1)]
+def print_sample(config, model, params, tokenizer, mesh) -> None:
+  """Prints ``train.sample_prompt`` and a sampled continuation, cut at end-of-text."""
+  generator = Generator(model, params, config, tokenizer, mesh)
+  completion, = generator.generate(
+      config.train.sample_prompt, max_new_tokens=config.train.sample_tokens,
+      temperature=config.train.sample_temperature, seed=config.train.seed + 1)
   print("----- sample -----")
-  print(tokenizer.decode(generated))
+  print(config.train.sample_prompt + completion)
   print("------------------", flush=True)
 
 

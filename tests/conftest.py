@@ -1,5 +1,34 @@
 import os
+import subprocess
 import sys
+import sysconfig
+
+import pytest
 
 # Tests import their shared fixtures (model_fixtures.py) as plain modules.
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+
+# A GPT run trained 2 steps on part of the stdlib, shared by test_generate.py
+# and test_evaluate.py (its training also prints a sample: cached decoding).
+_GPT_RUN_ARGS = [
+    "--config=configs/gpt.py:tiny", "--config.train.steps=2", "--config.train.batch_size=4",
+    "--config.model.num_layers=2", "--config.model.embed_dim=64", "--config.model.num_heads=4",
+    "--config.model.mlp_dim=128", "--config.model.max_len=64", "--config.model.vocab_size=512",
+    "--config.data.vocab_size=400", "--config.data.seq_len=64", "--config.train.eval_steps=1",
+    "--config.train.sample_tokens=8", "--config.train.progress=False",
+]
+
+
+@pytest.fixture(name="gpt_workdir", scope="session")
+def fixture_gpt_workdir(tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp("gpt_run"))
+  stdlib_json = os.path.join(sysconfig.get_paths()["stdlib"], "json")
+  result = subprocess.run(
+      [sys.executable, "-m", "bigmodel.train", *_GPT_RUN_ARGS, f"--workdir={workdir}",
+       f"--config.data.paths={stdlib_json}"],
+      cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))), capture_output=True,
+      text=True, timeout=600)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert "----- sample -----" in result.stdout
+  return workdir

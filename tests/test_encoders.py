@@ -131,7 +131,7 @@ def test_preset_parameter_counts_match_the_papers(config_module, preset, million
 
 
 def test_classification_metrics_by_hand():
-  from bigmodel.evaluation import classification_metrics, text_to_class  # pylint: disable=g-import-not-at-top
+  from bigmodel.evaluation import classification_metrics, confusion_matrix, text_to_class  # pylint: disable=g-import-not-at-top
   labels = np.array([0, 0, 0, 1, 1, 2, 0])
   predictions = np.array([0, 0, 1, 1, 3, 2, 2])  # 3 = a text-to-text answer that is no label.
   weights = np.array([1, 1, 1, 1, 1, 1, 0])      # The last row is padding.
@@ -143,6 +143,9 @@ def test_classification_metrics_by_hand():
   f1 = [2 * p * r / (p + r) for p, r in ((1, 2 / 3), (0.5, 0.5), (1, 1))]
   assert m["eval_f1"] == pytest.approx(sum(f1) / 3)
   assert m["eval_majority_baseline"] == pytest.approx(3 / 6)
+  # [true, predicted]; the answer 3 (no class) and the padding row count nowhere.
+  assert confusion_matrix(predictions, labels, weights, 3).tolist() == [
+      [2, 1, 0], [0, 1, 0], [0, 0, 1]]
   classes = text_to_class(np.array([[5, 2, 9], [6, 7, 2], [5, 9, 9]]),
                           np.array([[1, 1, 0], [1, 1, 1], [1, 1, 0]]), [(5, 2), (6, 7, 2)])
   assert classes.tolist() == [0, 1, 2]

@@ -68,7 +68,15 @@ class Tokenizer:
 
   @classmethod
   def load(cls, path: str) -> Tokenizer:
-    """Loads a ``.model`` file; UserError if missing or not a model."""
+    """Loads a ``.model`` file; UserError if missing or not a model.
+
+    A directory is a Hugging Face tokenizer kept by ``bigmodel.convert``
+    (``bigmodel.hf.tokenizer``): it keeps that tokenizer's own special ids.
+    """
+    if os.path.isdir(path):
+      # Imported here: only converted models need it.
+      from bigmodel.hf.tokenizer import HfTokenizer  # pylint: disable=g-import-not-at-top
+      return HfTokenizer.load(path)
     if not os.path.isfile(path):
       raise UserError(f"tokenizer file {path!r} does not exist; set"
                       " data.tokenizer to a sentencepiece .model file or ''"

@@ -6,8 +6,8 @@ import jax
 import jax.numpy as jnp
 
 from bigmodel.models.config import ModelConfig
-from bigmodel.models.layers import (DenseGeneral, MultiHeadAttention, Mlp, constrain, logical_init,
-                                    make_embed, make_norm)
+from bigmodel.models.layers import (ACTIVATIONS, DenseGeneral, MultiHeadAttention, Mlp, constrain,
+                                    logical_init, make_embed, make_norm)
 from bigmodel.models.stack import apply_layer_stack
 
 
@@ -27,8 +27,8 @@ class BertBlock(nn.Module):
     attention = MultiHeadAttention(
         num_heads=c.num_heads, head_dim=c.head_dim, num_kv_heads=c.num_kv_heads,
         attention_impl=c.attention_impl, dtype=c.dtype, param_dtype=c.param_dtype, name="attn")
-    mlp = Mlp(c.mlp_dim, activation="gelu", dropout_rate=c.dropout_rate, dtype=c.dtype,
-              param_dtype=c.param_dtype, name="mlp")
+    mlp = Mlp(c.mlp_dim, activation=c.mlp_activation, dropout_rate=c.dropout_rate,
+              dtype=c.dtype, param_dtype=c.param_dtype, name="mlp")
     attend = lambda h: attention(h, q_segment_ids_BxT=segment_ids_BxL,  # pylint: disable=g-long-lambda
                                  kv_segment_ids_BxS=segment_ids_BxL)
     if c.norm_position == "pre":
@@ -89,8 +89,9 @@ class Bert(nn.Module):
                           name="classifier")(pooled_BxD).astype(jnp.float32)
 
     # MLM head: transform, then the tied input embedding plus an output bias.
-    h_BxLxD = jax.nn.gelu(DenseGeneral((c.embed_dim,), ("embed", "mlp"), dtype=c.dtype,
-                                       param_dtype=c.param_dtype, name="mlm_dense")(x_BxLxD))
+    h_BxLxD = ACTIVATIONS[c.mlp_activation](DenseGeneral(
+        (c.embed_dim,), ("embed", "mlp"), dtype=c.dtype, param_dtype=c.param_dtype,
+        name="mlm_dense")(x_BxLxD))
     h_BxLxD = _norm(c, "mlm_ln")(h_BxLxD)
     logits_BxLxV = embed.attend(h_BxLxD) + self.param(
         "mlm_bias", logical_init(nn.initializers.zeros, ("vocab",)), (c.vocab_size,),

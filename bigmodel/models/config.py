@@ -22,6 +22,7 @@ class ModelConfig:
   dropout_rate: float = 0.0
   tie_embeddings: bool = True
   layer_norm_epsilon: float = 1e-5
+  mlp_activation: str = "gelu_tanh"  # A name in layers.ACTIVATIONS.
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
   attention_impl: str = "auto"

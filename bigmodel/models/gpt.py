@@ -7,47 +7,72 @@ import jax
 import jax.numpy as jnp
 
 from bigmodel.models.config import ModelConfig
-from bigmodel.models.layers import (DenseGeneral, MultiHeadAttention, Mlp, constrain,
+from bigmodel.models.layers import (DenseGeneral, KVCache, MultiHeadAttention, Mlp, constrain,
                                     make_embed, make_norm)
 from bigmodel.models.stack import apply_layer_stack
 
 
 class GptBlock(nn.Module):
-  """x + attn(ln(x)), then x + mlp(ln(x)); causal within packed segments."""
+  """x + attn(ln(x)), then x + mlp(ln(x)); causal within packed segments.
+
+  ``decode`` (generation): without ``cache`` (prefill) the block also returns
+  its attention's ``KVCache``; with ``cache`` (one step, L = 1) it attends to
+  the cache and returns the updated one, and ``segment_ids_BxL`` are then
+  the cache's [B, S] slot segment ids (0 = empty or padding).
+  """
   config: ModelConfig
+  decode: bool = False
 
   @nn.compact
-  def __call__(self, x_BxLxD, segment_ids_BxL, positions_BxL, deterministic: bool):
+  def __call__(self, x_BxLxD, segment_ids_BxL, positions_BxL, deterministic: bool,
+               cache: Optional[KVCache] = None):
     c = self.config
     # GPT-2: residual projections scaled by 1/sqrt(2 * layers) at init so the
     # residual stream's variance does not grow with depth.
     out_stddev = 0.02 / math.sqrt(2 * c.num_layers)
     norm = lambda name: make_norm("layernorm", epsilon=c.layer_norm_epsilon,  # pylint: disable=g-long-lambda
                                   dtype=c.dtype, param_dtype=c.param_dtype, name=name)
-    h_BxLxD = MultiHeadAttention(
+    attention = MultiHeadAttention(
         num_heads=c.num_heads, head_dim=c.head_dim, num_kv_heads=c.num_kv_heads,
         rope_theta=c.rope_theta if c.position_embedding == "rope" else None,
         attention_impl=c.attention_impl, out_init_stddev=out_stddev, dtype=c.dtype,
-        param_dtype=c.param_dtype, name="attn")(
-            norm("ln_attn")(x_BxLxD), causal=True, q_segment_ids_BxT=segment_ids_BxL,
-            kv_segment_ids_BxS=segment_ids_BxL, q_positions_BxT=positions_BxL)
+        param_dtype=c.param_dtype, name="attn")
+    if cache is not None:
+      h_BxLxD, kv = attention(norm("ln_attn")(x_BxLxD), kv_segment_ids_BxS=segment_ids_BxL,
+                              q_positions_BxT=positions_BxL, cache=cache)
+    else:
+      h_BxLxD = attention(
+          norm("ln_attn")(x_BxLxD), causal=True, q_segment_ids_BxT=segment_ids_BxL,
+          kv_segment_ids_BxS=segment_ids_BxL, q_positions_BxT=positions_BxL,
+          return_kv=self.decode)
+      h_BxLxD, kv = h_BxLxD if self.decode else (h_BxLxD, None)
     x_BxLxD = x_BxLxD + nn.Dropout(c.dropout_rate)(h_BxLxD, deterministic=deterministic)
-    h_BxLxD = Mlp(c.mlp_dim, activation="gelu", dropout_rate=c.dropout_rate,
+    h_BxLxD = Mlp(c.mlp_dim, activation=c.mlp_activation, dropout_rate=c.dropout_rate,
                   out_init_stddev=out_stddev, dtype=c.dtype, param_dtype=c.param_dtype,
                   name="mlp")(norm("ln_mlp")(x_BxLxD), deterministic)
     x_BxLxD = x_BxLxD + nn.Dropout(c.dropout_rate)(h_BxLxD, deterministic=deterministic)
-    return constrain(x_BxLxD, ("batch", "length", "act_embed")), None
+    return constrain(x_BxLxD, ("batch", "length", "act_embed")), kv
 
 
 class Gpt(nn.Module):
-  """Token ids [B, L] -> next-token logits [B, L, V] (float32)."""
+  """Token ids [B, L] -> next-token logits [B, L, V] (float32).
+
+  Decoding (``bigmodel.generation.models``): ``return_cache`` also returns
+  the stacked per-layer ``KVCache`` of the tokens ([layers, B, L, K, H]);
+  ``cache`` runs one step (L = 1) against it, with ``kv_segment_ids_BxS``
+  marking its filled slots (this step's included), and returns
+  (logits, updated cache).
+  """
   config: ModelConfig
 
   @nn.compact
   def __call__(self, tokens_BxL: jax.Array, *,
                segment_ids_BxL: Optional[jax.Array] = None,
                positions_BxL: Optional[jax.Array] = None,
-               deterministic: bool = True) -> jax.Array:
+               deterministic: bool = True,
+               return_cache: bool = False,
+               cache: Optional[KVCache] = None,
+               kv_segment_ids_BxS: Optional[jax.Array] = None):
     c = self.config
     if positions_BxL is None:
       positions_BxL = jnp.broadcast_to(jnp.arange(tokens_BxL.shape[1]), tokens_BxL.shape)
@@ -60,9 +85,18 @@ class Gpt(nn.Module):
                             name="position_embed")(positions_BxL)
     x_BxLxD = nn.Dropout(c.dropout_rate)(x_BxLxD, deterministic=deterministic)
     x_BxLxD = constrain(x_BxLxD.astype(c.dtype), ("batch", "length", "act_embed"))
-    x_BxLxD = apply_layer_stack(
-        GptBlock, x_BxLxD, segment_ids_BxL, positions_BxL, deterministic,
-        num_layers=c.num_layers, scan=c.scan, remat=c.remat, name="blocks", config=c)
+    new_cache = None
+    if cache is not None or return_cache:
+      # Decoding computes no gradients: remat would only cost compile time.
+      x_BxLxD, new_cache = apply_layer_stack(
+          GptBlock, x_BxLxD, segment_ids_BxL if cache is None else kv_segment_ids_BxS,
+          positions_BxL, deterministic, layer_inputs=cache, return_outputs=True,
+          num_layers=c.num_layers, scan=c.scan, remat="none", name="blocks", config=c,
+          decode=True)
+    else:
+      x_BxLxD = apply_layer_stack(
+          GptBlock, x_BxLxD, segment_ids_BxL, positions_BxL, deterministic,
+          num_layers=c.num_layers, scan=c.scan, remat=c.remat, name="blocks", config=c)
     x_BxLxD = make_norm("layernorm", epsilon=c.layer_norm_epsilon, dtype=c.dtype,
                         param_dtype=c.param_dtype, name="ln_final")(x_BxLxD)
     if c.tie_embeddings:
@@ -71,4 +105,5 @@ class Gpt(nn.Module):
       logits_BxLxV = DenseGeneral((c.vocab_size,), ("embed", "vocab"), use_bias=False,
                                   dtype=c.dtype, param_dtype=c.param_dtype,
                                   name="lm_head")(x_BxLxD)
-    return constrain(logits_BxLxV.astype(jnp.float32), ("batch", "length", "act_vocab"))
+    logits_BxLxV = constrain(logits_BxLxV.astype(jnp.float32), ("batch", "length", "act_vocab"))
+    return logits_BxLxV if new_cache is None else (logits_BxLxV, new_cache)

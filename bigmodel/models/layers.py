@@ -8,6 +8,7 @@ width, F mlp width, N heads, K kv heads, H head dim, V vocabulary.
 """
 from typing import Any, Callable, Optional
 
+import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -95,10 +96,20 @@ def apply_rope(x_BxLxNxH: jax.Array, positions_BxL: jax.Array,
   return rotated.astype(x_BxLxNxH.dtype)
 
 
+# MLP activations by config name (``model.mlp_activation``). Both GELUs exist
+# because published weights were trained with one or the other: GPT-2 and T5
+# v1.1 use the tanh approximation, BERT the exact (erf) form.
+ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
+    "gelu_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+    "gelu_exact": lambda x: jax.nn.gelu(x, approximate=False),
+    "relu": jax.nn.relu,
+}
+
+
 class Mlp(nn.Module):
   """Position-wise MLP: D -> F -> D, optionally gated (T5 v1.1's gated-GELU)."""
   hidden_dim: int
-  activation: str = "gelu"
+  activation: str = "gelu_tanh"  # A name in ACTIVATIONS.
   gated: bool = False
   use_bias: bool = True
   dropout_rate: float = 0.0
@@ -111,7 +122,7 @@ class Mlp(nn.Module):
     dense = lambda features, axes, stddev, name: DenseGeneral(  # pylint: disable=g-long-lambda
         (features,), axes, use_bias=self.use_bias, stddev=stddev, dtype=self.dtype,
         param_dtype=self.param_dtype, name=name)
-    act = getattr(jax.nn, self.activation)
+    act = ACTIVATIONS[self.activation]
     h_BxLxF = act(dense(self.hidden_dim, ("embed", "mlp"), 0.02, "wi")(x_BxLxD))
     if self.gated:
       h_BxLxF = h_BxLxF * dense(self.hidden_dim, ("embed", "mlp"), 0.02, "wi_linear")(x_BxLxD)
@@ -121,11 +132,42 @@ class Mlp(nn.Module):
     return dense(d, ("mlp", "embed"), self.out_init_stddev, "wo")(h_BxLxF)
 
 
+@flax.struct.dataclass
+class KVCache:
+  """One attention layer's keys and values for incremental decoding.
+
+  ``index`` is how many slots are filled: the next keys go there. Stacked
+  over a layer scan every leaf gains a leading [layers] axis.
+  """
+  k_BxSxKxH: jax.Array
+  v_BxSxKxH: jax.Array
+  index: jax.Array  # int32 scalar.
+
+  def padded(self, num_slots: int) -> "KVCache":
+    """The same cache with room for ``num_slots`` keys (zeros after ``index``)."""
+    pad = [(0, 0)] * self.k_BxSxKxH.ndim
+    pad[-3] = (0, num_slots - self.k_BxSxKxH.shape[-3])
+    return KVCache(jnp.pad(self.k_BxSxKxH, pad), jnp.pad(self.v_BxSxKxH, pad), self.index)
+
+
 class MultiHeadAttention(nn.Module):
   """Self- or cross-attention with optional rotary positions and bias.
 
   Dropout applies to the output, not the attention probabilities, so fused
   kernels (which never materialise the probabilities) stay exact.
+
+  Decoding (see ``bigmodel.generation``) adds three ways to call it; the
+  training call is untouched by them:
+
+  - ``return_kv``: as usual, and also return this call's keys/values as a
+    ``KVCache`` (prefill: the prompt's cache, self- or cross-attention).
+  - ``cache`` (self-attention, one step): write this call's keys/values into
+    ``cache`` at ``cache.index`` and attend to every slot, masked by
+    ``kv_segment_ids_BxS`` (the caller marks filled slots, the new ones
+    included); returns the updated cache too. No causal mask is needed: the
+    slots after the new keys are empty, hence masked.
+  - ``fixed_kv`` (cross-attention, one step): attend to these precomputed
+    keys/values; ``kv_BxSxD`` is not used. Returns the output only.
   """
   num_heads: int
   head_dim: int
@@ -153,8 +195,14 @@ class MultiHeadAttention(nn.Module):
       q_positions_BxT: Optional[jax.Array] = None,
       kv_positions_BxS: Optional[jax.Array] = None,
       bias_BxNxTxS: Optional[jax.Array] = None,
-  ) -> jax.Array:
-    """Returns [B, T, D]; ``kv_BxSxD`` None means self-attention."""
+      return_kv: bool = False,
+      cache: Optional[KVCache] = None,
+      fixed_kv: Optional[KVCache] = None,
+  ):
+    """Returns [B, T, D]; ``kv_BxSxD`` None means self-attention.
+
+    With ``return_kv`` or ``cache``: ([B, T, D], KVCache).
+    """
     if kv_BxSxD is None:
       kv_BxSxD, kv_positions_BxS = x_BxTxD, q_positions_BxT
     kv_heads = self.num_kv_heads or self.num_heads
@@ -169,23 +217,45 @@ class MultiHeadAttention(nn.Module):
       # The attention functions scale scores by 1/sqrt(H); undo that here.
       q_BxTxNxH = q_BxTxNxH * jnp.asarray(self.score_scale * self.head_dim ** 0.5,
                                           q_BxTxNxH.dtype)
-    k_BxSxKxH = project(kv_BxSxD, kv_heads, "key")
-    v_BxSxKxH = project(kv_BxSxD, kv_heads, "value")
+    head_axes = ("batch", "length", "act_heads", "act_kv")
+    if fixed_kv is not None:
+      k_BxSxKxH, v_BxSxKxH = fixed_kv.k_BxSxKxH, fixed_kv.v_BxSxKxH
+    else:
+      k_BxSxKxH = project(kv_BxSxD, kv_heads, "key")
+      v_BxSxKxH = project(kv_BxSxD, kv_heads, "value")
     if self.rope_theta is not None:
       q_BxTxNxH = apply_rope(q_BxTxNxH, q_positions_BxT, self.rope_theta)
-      k_BxSxKxH = apply_rope(k_BxSxKxH, kv_positions_BxS, self.rope_theta)
-    head_axes = ("batch", "length", "act_heads", "act_kv")
+      if fixed_kv is None:
+        k_BxSxKxH = apply_rope(k_BxSxKxH, kv_positions_BxS, self.rope_theta)
     q_BxTxNxH = constrain(q_BxTxNxH, head_axes)
     k_BxSxKxH = constrain(k_BxSxKxH, head_axes)
     v_BxSxKxH = constrain(v_BxSxKxH, head_axes)
+    new_kv = KVCache(k_BxSxKxH, v_BxSxKxH, jnp.asarray(k_BxSxKxH.shape[1], jnp.int32))
+    impl = self.attention_impl
+    if cache is not None:
+      # Write the new keys at the cache's index; the cache keeps the
+      # activations' sharding (batch over data x fsdp, heads over tensor).
+      write = lambda buf, new: constrain(jax.lax.dynamic_update_slice_in_dim(  # pylint: disable=g-long-lambda
+          buf, new.astype(buf.dtype), cache.index, axis=1), head_axes)
+      new_kv = KVCache(write(cache.k_BxSxKxH, k_BxSxKxH), write(cache.v_BxSxKxH, v_BxSxKxH),
+                       cache.index + k_BxSxKxH.shape[1])
+      k_BxSxKxH, v_BxSxKxH = new_kv.k_BxSxKxH, new_kv.v_BxSxKxH
+    if cache is not None or fixed_kv is not None:
+      # A few query rows against the cache: fused kernels gain nothing (and
+      # want block-sized lengths), the plain einsum is the fast path.
+      impl = "xla"
     out_BxTxNxH = dot_product_attention(
-        q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, impl=self.attention_impl, causal=causal,
+        q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, impl=impl, causal=causal,
         q_segment_ids_BxT=q_segment_ids_BxT, kv_segment_ids_BxS=kv_segment_ids_BxS,
         bias_BxNxTxS=bias_BxNxTxS)
     out_BxTxNxH = constrain(out_BxTxNxH, head_axes)
-    return DenseGeneral((x_BxTxD.shape[-1],), ("heads", "kv", "embed"), axis=(-2, -1),
-                        use_bias=self.use_bias, stddev=self.out_init_stddev, dtype=self.dtype,
-                        param_dtype=self.param_dtype, name="out")(out_BxTxNxH)
+    out_BxTxD = DenseGeneral((x_BxTxD.shape[-1],), ("heads", "kv", "embed"), axis=(-2, -1),
+                             use_bias=self.use_bias, stddev=self.out_init_stddev,
+                             dtype=self.dtype, param_dtype=self.param_dtype,
+                             name="out")(out_BxTxNxH)
+    if return_kv or cache is not None:
+      return out_BxTxD, new_kv
+    return out_BxTxD
 
 
 class RelativePositionBias(nn.Module):

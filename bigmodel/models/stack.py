@@ -1,8 +1,10 @@
 """A stack of identical layers, scanned or unrolled, with a named remat policy.
 
 Shared by every family. A block follows the scan carry convention:
-``block(x, *args) -> (x, None)`` where ``args`` are broadcast to every layer and
-the last one is the static ``deterministic`` flag.
+``block(x, *args) -> (x, y)`` where ``args`` are broadcast to every layer and
+the last one is the static ``deterministic`` flag; ``y`` is None in training.
+Decoding adds one per-layer input after the broadcast ones (each layer's
+key/value cache) and collects the per-layer outputs ``y`` (updated caches).
 """
 from typing import Any, Callable
 
@@ -28,30 +30,41 @@ def apply_layer_stack(
     scan: bool,
     remat: str,
     name: str,
+    layer_inputs: Any = None,
+    return_outputs: bool = False,
     **block_kwargs: Any,
-) -> jax.Array:
+) -> Any:
   """Applies ``num_layers`` blocks to ``x``; must be called inside ``nn.compact``.
 
   With ``scan`` the parameters get a leading ``layers`` axis and the layer is
-  compiled once, so compile time stays flat in depth.
+  compiled once, so compile time stays flat in depth. ``layer_inputs`` (a
+  pytree with a leading [layers] axis, e.g. stacked ``KVCache``s) is passed
+  to layer i as its slice i, after ``args``. With ``return_outputs`` this
+  returns ``(x, ys)``: the blocks' second outputs stacked over layers.
   """
   if remat not in REMAT_POLICIES:
     raise ValueError(f"unknown remat policy {remat!r}; choose from {tuple(REMAT_POLICIES)}")
+  extra = () if layer_inputs is None else (layer_inputs,)
   if remat != "none":
-    # `deterministic` (the last argument) selects Python branches: keep it static.
+    # `deterministic` (the last broadcast argument) selects Python branches: keep it static.
     block_cls = nn.remat(block_cls, policy=REMAT_POLICIES[remat],
-                         prevent_cse=not scan, static_argnums=(-1,))
+                         prevent_cse=not scan, static_argnums=(-1 - len(extra),))
   if scan:
     stack = nn.scan(
         block_cls,
         variable_axes={"params": 0},
         split_rngs={"params": True, "dropout": True},
-        in_axes=(nn.broadcast,) * len(args),
+        in_axes=(nn.broadcast,) * len(args) + (0,) * len(extra),
         length=num_layers,
         metadata_params={nn.PARTITION_NAME: "layers"},
     )(name=name, **block_kwargs)
-    x, _ = stack(x, *args)
-    return x
+    x, ys = stack(x, *args, *extra)
+    return (x, ys) if return_outputs else x
+  outputs = []
   for i in range(num_layers):
-    x, _ = block_cls(name=f"{name}_{i}", **block_kwargs)(x, *args)
-  return x
+    layer_extra = tuple(jax.tree_util.tree_map(lambda a, i=i: a[i], e) for e in extra)
+    x, y = block_cls(name=f"{name}_{i}", **block_kwargs)(x, *args, *layer_extra)
+    outputs.append(y)
+  if not return_outputs:
+    return x
+  return x, jax.tree_util.tree_map(lambda *ys: jax.numpy.stack(ys), *outputs)

@@ -1,0 +1,52 @@
+r"""Hugging Face GPT-2 / BERT / T5 weights in and out of bigmodel.
+
+Import: ``python -m bigmodel.convert --from_hf=HF_DIR [--family=gpt2|bert|t5] --workdir=OUT``
+reads ``config.json`` and ``model.safetensors`` (or shards with
+``model.safetensors.index.json``) and writes a bigmodel workdir: ``config.json``,
+a step-0 checkpoint and the tokenizer. ``--family`` defaults to the
+``model_type`` in ``config.json``.
+
+Export: ``python -m bigmodel.convert --to_hf=OUT_DIR --workdir=DIR [--step=S]``
+writes ``config.json`` + ``model.safetensors`` (+ tokenizer files) that
+``transformers``' ``from_pretrained`` loads.
+
+Bad input (another architecture, a missing tensor, a shape the config does not
+imply) is one ``error:`` line on stderr and exit status 2. See docs/convert.md.
+"""
+from absl import app
+from absl import flags
+
+from bigmodel import cli
+from bigmodel.errors import fail, user_errors_exit
+
+_FROM_HF = flags.DEFINE_string("from_hf", None, "A Hugging Face model directory to import.")
+_TO_HF = flags.DEFINE_string("to_hf", None, "Directory to export a Hugging Face model to.")
+_FAMILY = flags.DEFINE_string("family", None, "gpt2 | bert | t5 (import; default: model_type).")
+_WORKDIR = flags.DEFINE_string("workdir", None, "The bigmodel workdir written (import) or read "
+                               "(export).")
+_STEP = flags.DEFINE_integer("step", None, "Export: checkpoint step; default: the latest.")
+
+
+def main(argv):
+  if len(argv) > 1:
+    fail(f"unexpected arguments: {' '.join(argv[1:])}")
+  cli.require_flags("workdir")
+  if (_FROM_HF.value is None) == (_TO_HF.value is None):
+    fail("give exactly one of --from_hf (import) and --to_hf (export)")
+  # Imported here so that flag errors answer before JAX starts.
+  from bigmodel.hf.interop import export_hf, import_hf  # pylint: disable=g-import-not-at-top
+  with user_errors_exit():
+    if _FROM_HF.value is not None:
+      summary = import_hf(_FROM_HF.value, _FAMILY.value, _WORKDIR.value)
+      print(f"imported a {summary['family']} model ({summary['num_params']:,} parameters) "
+            f"into {_WORKDIR.value}; tokenizer: {', '.join(summary['tokenizer'] or ['none'])}")
+      if summary["unused"]:
+        print(f"not imported (no bigmodel parameter): {', '.join(summary['unused'])}")
+    else:
+      summary = export_hf(_WORKDIR.value, _TO_HF.value, _STEP.value)
+      print(f"exported step {summary['step']} of {_WORKDIR.value} as a {summary['family']} model "
+            f"({summary['num_tensors']} tensors) to {_TO_HF.value}")
+
+
+if __name__ == "__main__":
+  app.run(main, flags_parser=cli.parse_flags)

@@ -1,0 +1,142 @@
+r"""Evaluates a run's checkpoint: ``python -m bigmodel.evaluate --workdir=DIR [--split=validation] [--step=S]``.
+
+Runs the trainer's eval path (``train_step.eval_step`` over the validation
+batches of the run's own data config, summed by ``evaluation.evaluate``) and
+reports, by task:
+
+- lm: ``eval_loss`` and ``eval_perplexity`` (next-token accuracy too);
+- mlm (BERT): ``eval_accuracy`` on the masked tokens, and the loss;
+- classify: ``eval_accuracy``, macro ``eval_precision`` / ``eval_recall`` /
+  ``eval_f1`` and the majority-class baseline;
+- seq2seq: the loss, and ``eval_exact_match``: the share of examples whose
+  greedy generation (cached decoding, up to the target length) equals the
+  target (span corruption: the loss only).
+
+``--eval_steps`` overrides ``train.eval_steps`` (batches; 0 for classify and
+seq2seq = the whole split). Writes ``--out`` (default
+``DIR/eval_SPLIT_stepS.json``) and prints a table. Only the validation split
+exists as an eval stream in this stack.
+"""
+import functools
+import json
+import os
+from typing import Any, Optional
+
+from absl import app
+from absl import flags
+import jax
+import ml_collections
+import numpy as np
+
+from bigmodel import cli
+from bigmodel import sharding
+from bigmodel.checkpoint import restore_params
+from bigmodel.data import build_datasets
+from bigmodel.errors import UserError, fail, user_errors_exit
+from bigmodel.evaluation import classification_eval_args, evaluate
+from bigmodel.generation.generator import Generator
+from bigmodel.models import build_model
+from bigmodel.train_step import eval_step
+
+FLAGS = flags.FLAGS
+SPLITS = ("validation",)
+
+
+def exact_match(generator: Generator, eval_batches, decoder_length: int) -> dict[str, float]:
+  """Share of real examples whose greedy generation equals the target (EOS excluded).
+
+  Batches hold one example per row (seq2seq evaluation); padding rows have
+  ``example_mask`` 0.
+  """
+  matches = total = 0
+  eos = generator.eos_id
+  for batch in eval_batches:
+    rows = np.nonzero(batch["example_mask"] > 0)[0] if "example_mask" in batch else \
+        np.arange(batch["encoder_inputs"].shape[0])
+    prompts, targets = [], []
+    for row in rows:
+      prompts.append(batch["encoder_inputs"][row][batch["encoder_segment_ids"][row] > 0].tolist())
+      target = batch["decoder_targets"][row][batch["loss_mask"][row] > 0].tolist()
+      targets.append(target[:target.index(eos)] if eos in target else target)
+    if not prompts:
+      continue
+    generated = generator.generate_ids(prompts, max_new_tokens=decoder_length)
+    matches += sum(g == t for g, t in zip(generated, targets))
+    total += len(prompts)
+  return {"eval_exact_match": matches / max(total, 1), "eval_generated_examples": float(total)}
+
+
+def evaluate_run(workdir: str, split: str = "validation", step: Optional[int] = None,
+                 eval_steps: Optional[int] = None, with_confusion: bool = False
+                 ) -> tuple[dict[str, Any], int, dict]:
+  """(metrics, step, the run's config) of checkpoint ``step`` (default: latest).
+
+  ``with_confusion`` adds, for classifiers, ``eval_confusion`` (counts
+  [true class, predicted class]) and ``eval_labels`` (the class names).
+  """
+  if split not in SPLITS:
+    raise UserError(f"--split={split} is not one of: {', '.join(SPLITS)}")
+  if not os.path.isdir(workdir):
+    raise UserError(f"workdir {workdir} does not exist")
+  mesh = sharding.make_mesh(ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1)))
+  with sharding.activate(mesh):
+    params, config_dict, step = restore_params(workdir, mesh, step)
+  config = ml_collections.ConfigDict(config_dict)
+  if eval_steps is not None:
+    config.train.eval_steps = eval_steps
+  datasets = build_datasets(config, workdir)
+  if hasattr(datasets.train_iter, "close"):
+    datasets.train_iter.close()  # Only the eval stream is read.
+  if datasets.make_eval_iter is None:
+    raise UserError(f"the run in {workdir} has no {split} data to evaluate (synthetic data, "
+                    "no validation split, or eval_steps 0)")
+  model = build_model(config.model)
+  eval_fn = jax.jit(functools.partial(eval_step, model=model))
+  with sharding.activate(mesh):
+    metrics = evaluate(eval_fn, params, datasets.make_eval_iter(), mesh,
+                       with_confusion=with_confusion,
+                       **classification_eval_args(config, datasets))
+    if with_confusion and "eval_confusion" in metrics:
+      metrics["eval_labels"] = list(datasets.label_names)
+    if config.data.task == "seq2seq":
+      generator = Generator(model, params, config, datasets.tokenizer, mesh)
+      metrics.update(exact_match(generator, datasets.make_eval_iter(), datasets.decoder_length))
+  return metrics, step, config.to_dict()
+
+
+def format_table(metrics: dict[str, float]) -> str:
+  width = max(len(k) for k in metrics)
+  return "\n".join([f"{'metric'.ljust(width)}  value"] +
+                   [f"{k.ljust(width)}  {v:.6g}" for k, v in sorted(metrics.items())])
+
+
+def define_flags() -> None:
+  flags.DEFINE_string("workdir", None, "A training run's directory.")
+  flags.DEFINE_enum("split", "validation", list(SPLITS), "Which data to evaluate on.")
+  flags.DEFINE_integer("step", None, "Checkpoint step; default: the latest.")
+  flags.DEFINE_integer("eval_steps", None, "Batches (overrides train.eval_steps).")
+  flags.DEFINE_string("out", None, "JSON output; default DIR/eval_SPLIT_stepS.json.")
+
+
+def main(argv):
+  if len(argv) > 1:
+    fail(f"unexpected arguments: {' '.join(argv[1:])}")
+  cli.require_flags("workdir")
+  with user_errors_exit():
+    metrics, step, config = evaluate_run(FLAGS.workdir, FLAGS.split, FLAGS.step,
+                                         FLAGS.eval_steps)
+  out = FLAGS.out or os.path.join(FLAGS.workdir, f"eval_{FLAGS.split}_step{step}.json")
+  record: dict[str, Any] = dict(step=step, split=FLAGS.split, family=config["model"]["family"],
+                                task=config["data"]["task"], metrics=metrics)
+  with open(out + ".tmp", "w") as f:
+    json.dump(record, f, indent=2, sort_keys=True)
+    f.write("\n")
+  os.replace(out + ".tmp", out)
+  print(f"{config['model']['family']} / {config['data']['task']}, step {step}, {FLAGS.split}:")
+  print(format_table(metrics))
+  print(f"wrote {out}", flush=True)
+
+
+if __name__ == "__main__":
+  define_flags()
+  app.run(main, flags_parser=cli.parse_flags)

@@ -1,0 +1,165 @@
+"""Hugging Face model directory <-> bigmodel workdir (checkpoint + config.json).
+
+``import_hf`` writes what a training run would: ``WORKDIR/config.json`` and a
+checkpoint at step 0 in ``WORKDIR/checkpoints`` (parameters, a fresh
+optimizer state, the config), plus the HF tokenizer in ``WORKDIR/tokenizer``
+(``data.tokenizer`` points there). So ``--config.init_from=WORKDIR``
+fine-tunes from it, and tools that load a workdir's latest checkpoint work on
+it. ``export_hf`` reads any run's checkpoint back into a HF directory.
+"""
+import os
+import re
+from typing import Any, Optional
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from bigmodel import cli
+from bigmodel import sharding
+from bigmodel.checkpoint import CHECKPOINT_DIR, Checkpointer, restore_params
+from bigmodel.config import base_config, validate
+from bigmodel.errors import UserError
+from bigmodel.hf import FAMILIES
+from bigmodel.hf.files import TensorReader, read_config, write_model
+from bigmodel.hf.mapping import export_tensors, import_params
+from bigmodel.hf.tokenizer import HfTokenizer, copy_tokenizer_files, has_tokenizer
+from bigmodel.models import T5, ModelConfig, build_model
+from bigmodel.optim import make_optimizer
+from bigmodel.state import TrainState
+
+TOKENIZER_DIR = "tokenizer"
+
+
+def _flatten(tree: Any) -> dict[str, Any]:
+  return {sharding.path_name(p): x for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def _unflatten(flat: dict[str, Any]) -> dict[str, Any]:
+  tree: dict[str, Any] = {}
+  for path, value in flat.items():
+    *parents, leaf = path.split("/")
+    node = tree
+    for key in parents:
+      node = node.setdefault(key, {})
+    node[leaf] = value
+  return tree
+
+
+def param_shapes(model, seq_len: int) -> dict[str, tuple[int, ...]]:
+  """The model's parameter shapes by path, without allocating them."""
+  tokens = jnp.zeros((1, seq_len), jnp.int32)
+  inputs = (tokens, tokens) if isinstance(model, T5) else (tokens,)
+  boxed = jax.eval_shape(lambda: model.init(jax.random.key(0), *inputs)["params"])
+  return {k: tuple(v.shape) for k, v in _flatten(sharding.strip_boxes(boxed)).items()}
+
+
+def hf_config_to_config(hf: dict[str, Any], family: str) -> ml_collections.ConfigDict:
+  """The bigmodel config of a HF ``config.json`` (UserError if not this family)."""
+  if family not in FAMILIES:
+    raise UserError(f"--family={family!r} is not one of: {', '.join(FAMILIES)}")
+  name_map = FAMILIES[family]
+  model_type = hf.get("model_type")
+  if model_type != name_map.MODEL_TYPE:
+    raise UserError(f"config.json describes a {model_type!r} model (architectures "
+                    f"{hf.get('architectures')}), not {family}")
+  config = base_config()
+  config.model.update(name_map.model_config(hf))
+  if config.model.position_embedding == "learned":
+    config.data.seq_len = min(config.data.seq_len, config.model.max_len)
+  return config
+
+
+def _check_tied(reader: TensorReader, tied: tuple[tuple[str, str], ...]) -> None:
+  """A stored copy of a tied tensor must equal the original (bigmodel ties them)."""
+  for copy, original in tied:
+    if reader.has(copy) and reader.has(original):
+      if not np.array_equal(reader.get(copy, reader.shape(copy)),
+                            reader.get(original, reader.shape(original))):
+        raise UserError(f"tensor {copy} differs from {original}, but this architecture ties them")
+
+
+def import_hf(hf_dir: str, family: Optional[str], workdir: str) -> dict[str, Any]:
+  """Converts the HF model in ``hf_dir`` into a bigmodel workdir.
+
+  Returns a summary: family, parameter count, the tokenizer kept (or None) and
+  the HF tensors no parameter came from.
+  """
+  hf = read_config(hf_dir)
+  family = family or next((f for f, m in FAMILIES.items() if m.MODEL_TYPE == hf.get("model_type")),
+                          None)
+  if family is None:
+    raise UserError(f"config.json describes a {hf.get('model_type')!r} model; supported: "
+                    f"{', '.join(FAMILIES)}")
+  config = hf_config_to_config(hf, family)
+  if os.path.isdir(os.path.join(workdir, CHECKPOINT_DIR)) and os.listdir(
+      os.path.join(workdir, CHECKPOINT_DIR)):
+    raise UserError(f"--workdir={workdir} already holds checkpoints; choose a new directory")
+  name_map = FAMILIES[family]
+  reader = TensorReader(hf_dir)
+  model = build_model(config.model)
+  model_config = ModelConfig.from_config(config.model)
+  flat = import_params(name_map.rules(model_config, hf), reader,
+                       param_shapes(model, config.data.seq_len), scan=config.model.scan)
+  _check_tied(reader, name_map.TIED)
+  reader.mark_used(n for pair in name_map.TIED for n in pair if reader.has(n))
+  unused = [n for n in reader.unused()
+            if not any(re.fullmatch(p, n) for p in name_map.IGNORED)]
+
+  os.makedirs(workdir, exist_ok=True)
+  tokenizer_files = copy_tokenizer_files(hf_dir, os.path.join(workdir, TOKENIZER_DIR))
+  if has_tokenizer(os.path.join(workdir, TOKENIZER_DIR)):
+    config.data.tokenizer = os.path.abspath(os.path.join(workdir, TOKENIZER_DIR))
+    config.data.vocab_size = HfTokenizer(config.data.tokenizer).vocab_size
+  else:  # A tokenizer trained later must fit the embedding.
+    config.data.vocab_size = min(config.data.vocab_size, config.model.vocab_size)
+  validate(config)
+  _save_checkpoint(workdir, config, _unflatten(flat))
+  cli.write_config(config, os.path.join(workdir, "config.json"))
+  return {"family": family, "num_params": sum(x.size for x in flat.values()),
+          "tokenizer": tokenizer_files or None, "unused": unused}
+
+
+def _save_checkpoint(workdir: str, config: ml_collections.ConfigDict, params: Any) -> None:
+  """A step-0 checkpoint in the trainer's layout (fresh optimizer state)."""
+  params = jax.tree_util.tree_map(jnp.asarray, params)
+  optimizer, _ = make_optimizer(config.optim, config.train.steps)
+  state = TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                     opt_state=optimizer.init(params), rng=jax.random.key(config.train.seed))
+  checkpointer = Checkpointer(workdir, keep=1, async_save=False)
+  try:
+    checkpointer.save(0, state, {}, config)
+    checkpointer.wait()
+  finally:
+    checkpointer.close()
+
+
+def export_hf(workdir: str, out: str, step: Optional[int] = None) -> dict[str, Any]:
+  """Writes checkpoint ``step`` (default: the latest) of ``workdir`` as a HF directory."""
+  if os.path.exists(out) and os.listdir(out):
+    raise UserError(f"--to_hf={out} already exists and is not empty; choose a new directory")
+  mesh = sharding.make_mesh(ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1)))
+  with sharding.activate(mesh):
+    params, config, step = restore_params(workdir, mesh, step)
+  model_config = ModelConfig.from_config(ml_collections.ConfigDict(config["model"]))
+  family = next((f for f, m in FAMILIES.items() if m.FAMILY == model_config.family), None)
+  if family is None:
+    raise UserError(f"a {model_config.family} model has no Hugging Face export")
+  name_map = FAMILIES[family]
+  hf = name_map.hf_config(model_config)
+  flat = {k: np.asarray(jax.device_get(v), np.float32) for k, v in _flatten(params).items()}
+  tensors = export_tensors(name_map.rules(model_config), flat, scan=model_config.scan)
+  tokenizer_dir = config["data"].get("tokenizer", "")
+  tokenizer_files = []
+  if tokenizer_dir and os.path.isdir(tokenizer_dir):
+    tokenizer_files = copy_tokenizer_files(tokenizer_dir, out)
+    tokenizer = HfTokenizer(tokenizer_dir)
+    hf.update(bos_token_id=tokenizer.bos_id, eos_token_id=tokenizer.eos_id,
+              pad_token_id=tokenizer.pad_id)
+    if family == "t5":
+      hf["decoder_start_token_id"] = tokenizer.pad_id  # T5 starts decoding from pad.
+  hf["torch_dtype"] = "float32"
+  write_model(out, hf, tensors)
+  return {"family": family, "step": step, "num_tensors": len(tensors),
+          "tokenizer": tokenizer_files or None}

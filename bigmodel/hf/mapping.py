@@ -1,0 +1,159 @@
+"""Name maps between Hugging Face tensors and bigmodel parameters, both ways.
+
+A family (``bigmodel/hf/{gpt2,bert,t5}.py``) lists :class:`Rule`s, one per
+bigmodel parameter: which HF tensor holds it, its HF shape and layout. The
+same rules import (HF -> bigmodel) and export (bigmodel -> HF), so a
+round trip is the identity by construction.
+
+Layouts of a HF tensor:
+
+* ``same``: the bigmodel parameter reshaped (embeddings, norms, biases);
+* ``linear``: torch ``nn.Linear`` weight ``[out, in]``: transposed;
+* ``conv1d``: GPT-2's ``Conv1D`` weight, already ``[in, out]``.
+
+bigmodel kernels are ``[in..., out...]`` (e.g. a query kernel ``[D, N, H]``),
+so after the transpose only a reshape remains. ``part`` picks one of several
+projections fused along the output axis (GPT-2's ``c_attn`` holds q, k, v).
+"""
+import dataclasses
+from typing import Any
+
+import numpy as np
+
+from bigmodel.errors import UserError
+from bigmodel.hf.files import TensorReader
+
+
+@dataclasses.dataclass(frozen=True)
+class Rule:
+  """One bigmodel parameter and the HF tensor that holds it.
+
+  Attributes:
+    param: bigmodel path as in a scanned model, e.g. ``blocks/attn/query/kernel``.
+    hf: HF names; ``{i}`` is the layer. Import reads the first present, export
+      writes the first (later ones are aliases, e.g. T5's tied embedding names).
+    hf_shape: Shape of the whole HF tensor (all parts of a fused one).
+    layout: ``same`` | ``linear`` | ``conv1d`` (see the module doc).
+    part: (index, count): this parameter is part ``index`` of ``count`` equal
+      slices of the HF tensor's output axis.
+    layers: > 0: a per-layer tensor of a stack this deep (``blocks`` in ``param``).
+    scale: bigmodel value = ``scale`` x HF value (folds a constant into a weight).
+  """
+  param: str
+  hf: tuple[str, ...]
+  hf_shape: tuple[int, ...]
+  layout: str = "same"
+  part: tuple[int, int] = (0, 1)
+  layers: int = 0
+  scale: float = 1.0
+
+  def hf_names(self, layer: int) -> list[str]:
+    return [name.format(i=layer) for name in self.hf]
+
+  def param_path(self, layer: int, scan: bool) -> str:
+    """The parameter's path in an unscanned model (``blocks_3/...``) or a scanned one."""
+    if not self.layers or scan:
+      return self.param
+    parts = self.param.split("/")
+    stack = next(k for k, p in enumerate(parts) if p == "blocks")
+    parts[stack] = f"blocks_{layer}"
+    return "/".join(parts)
+
+
+def _out_axis(layout: str) -> int:
+  return 0 if layout == "linear" else -1
+
+
+def to_param(rule: Rule, hf_array: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+  """The HF tensor (whole, as stored) -> this rule's bigmodel parameter of ``shape``."""
+  index, count = rule.part
+  x = np.split(hf_array, count, axis=_out_axis(rule.layout))[index]
+  if rule.layout == "linear":
+    x = x.T  # [out, in] -> [in, out].
+  return (x * np.float32(rule.scale)).reshape(shape)
+
+
+def to_hf_part(rule: Rule, param: np.ndarray) -> np.ndarray:
+  """A bigmodel parameter -> its part of the HF tensor (the inverse of ``to_param``)."""
+  x = np.asarray(param, np.float32) / np.float32(rule.scale)
+  if rule.layout == "same":
+    return x.reshape(rule.hf_shape[:-1] + (rule.hf_shape[-1] // rule.part[1],))
+  in_size = rule.hf_shape[1] if rule.layout == "linear" else rule.hf_shape[0]
+  x = x.reshape(in_size, -1)
+  return x.T if rule.layout == "linear" else x
+
+
+def _check_coverage(rules: list[Rule], shapes: dict[str, tuple[int, ...]], scan: bool) -> None:
+  covered = {r.param_path(i, scan) for r in rules for i in range(max(r.layers, 1))}
+  if covered != set(shapes):
+    # A family's rules and its model disagree: a bug here, not bad input.
+    raise RuntimeError(f"rules cover {sorted(covered - set(shapes))} not in the model; model "
+                       f"parameters without a rule: {sorted(set(shapes) - covered)}")
+
+
+def import_params(rules: list[Rule], reader: TensorReader,
+                  shapes: dict[str, tuple[int, ...]], scan: bool) -> dict[str, np.ndarray]:
+  """Flat bigmodel parameters (path -> float32 array) read through ``rules``.
+
+  ``shapes`` are the model's parameter shapes by path (scanned stacks carry a
+  leading layer axis).
+  """
+  _check_coverage(rules, shapes, scan)
+  params: dict[str, Any] = {}
+  for rule in rules:
+    per_layer = []
+    for layer in range(max(rule.layers, 1)):
+      names = rule.hf_names(layer)
+      name = next((n for n in names if reader.has(n)), None)
+      if name is None:
+        raise UserError(f"tensor {names[0]} is missing from {reader.directory}")
+      path = rule.param_path(layer, scan)
+      shape = shapes[path][1:] if rule.layers and scan else shapes[path]
+      per_layer.append((path, to_param(rule, reader.get(name, rule.hf_shape), shape)))
+      reader.mark_used(names)  # Aliases of a tied tensor are accounted for too.
+    if rule.layers and scan:
+      params[rule.param] = np.stack([array for _, array in per_layer])
+    else:
+      params.update(per_layer)
+  return params
+
+
+def export_tensors(rules: list[Rule], params: dict[str, np.ndarray],
+                   scan: bool) -> dict[str, np.ndarray]:
+  """HF tensors (name -> float32 array) from flat bigmodel parameters."""
+  _check_coverage(rules, {k: v.shape for k, v in params.items()}, scan)
+  parts: dict[str, dict[int, np.ndarray]] = {}
+  axis_of: dict[str, int] = {}
+  for rule in rules:
+    for layer in range(max(rule.layers, 1)):
+      param = params[rule.param_path(layer, scan)]
+      if rule.layers and scan:
+        param = param[layer]
+      name = rule.hf_names(layer)[0]
+      parts.setdefault(name, {})[rule.part[0]] = to_hf_part(rule, param)
+      axis_of[name] = _out_axis(rule.layout)
+  return {name: np.concatenate([p[k] for k in sorted(p)], axis=axis_of[name])
+          for name, p in parts.items()}
+
+
+# HF activation names (``activation_function``, ``hidden_act``, T5's
+# ``feed_forward_proj`` suffix) <-> ``model.mlp_activation``. HF's "gelu" is
+# the exact erf form; "gelu_new" and "gelu_pytorch_tanh" the tanh approximation.
+FROM_HF_ACTIVATION = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh",
+                      "gelu": "gelu_exact", "relu": "relu"}
+TO_HF_ACTIVATION = {"gelu_tanh": "gelu_new", "gelu_exact": "gelu", "relu": "relu"}
+
+
+def hf_value(hf_config: dict[str, Any], key: str, default: Any = None) -> Any:
+  """``hf_config[key]``; a missing key without a default is a UserError."""
+  value = hf_config.get(key, default)
+  if value is None:
+    raise UserError(f"config.json has no {key!r}")
+  return value
+
+
+def mlp_activation(hf_name: str, key: str) -> str:
+  if hf_name not in FROM_HF_ACTIVATION:
+    raise UserError(f"config.json {key}={hf_name!r} is not supported; supported: "
+                    f"{', '.join(FROM_HF_ACTIVATION)}")
+  return FROM_HF_ACTIVATION[hf_name]
