@@ -103,17 +103,9 @@ def compile_step(config, mesh) -> tuple[Any, Any, dict[str, float]]:
   return compiled, pieces, {"lower_s": lowered_at - start, "compile_s": done - lowered_at}
 
 
-def matmul_tflops_now(dtype_name: str, n: int = 2048, repeats: int = 3) -> float:
-  """Median TFLOP/s of an n^3 matmul right now (not cached: it tracks contention)."""
-  a = jnp.ones((n, n), dtype_name)
-  matmul = jax.jit(lambda x, y: x @ y)
-  matmul(a, a).block_until_ready()
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    matmul(a, a).block_until_ready()
-    times.append(time.perf_counter() - start)
-  return 2 * n ** 3 / statistics.median(times) / 1e12
+def matmul_tflops_now(dtype_name: str) -> float:
+  """Median TFLOP/s of a matmul right now (not cached: it tracks contention)."""
+  return flops.time_matmul_tflops(dtype_name, repeats=3, reduce=statistics.median)
 
 
 def time_steps(compiled, state, batches, steps: int, warmup: int,

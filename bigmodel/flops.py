@@ -154,15 +154,11 @@ def param_count(c: ModelConfig, max_len: int | None = None) -> int:
   return total
 
 
-@functools.lru_cache(maxsize=None)
-def measured_matmul_tflops(dtype_name: str = "float32", n: int = 2048, repeats: int = 5) -> float:
-  """Best TFLOP/s of an n^3 jitted matmul on the default device.
-
-  The fastest repeat, not the median: a peak should not count time lost to
-  other processes on a shared machine.
-  """
-  dtype = jnp.dtype(dtype_name)
-  a = jnp.ones((n, n), dtype)
+def time_matmul_tflops(dtype_name: str = "float32", n: int = 2048, repeats: int = 5,
+                       reduce=min) -> float:
+  """TFLOP/s of an n^3 jitted matmul on the default device, right now:
+  ``reduce`` (min or statistics.median) over ``repeats`` timings."""
+  a = jnp.ones((n, n), jnp.dtype(dtype_name))
   matmul = jax.jit(lambda x, y: x @ y)
   matmul(a, a).block_until_ready()
   times = []
@@ -170,7 +166,14 @@ def measured_matmul_tflops(dtype_name: str = "float32", n: int = 2048, repeats: 
     start = time.perf_counter()
     matmul(a, a).block_until_ready()
     times.append(time.perf_counter() - start)
-  return 2 * n ** 3 / min(times) / 1e12
+  return 2 * n ** 3 / reduce(times) / 1e12
+
+
+@functools.lru_cache(maxsize=None)
+def measured_matmul_tflops(dtype_name: str = "float32") -> float:
+  """The device's peak: the fastest of 5 timings (a peak should not count time
+  lost to other processes on a shared machine), measured once per process."""
+  return time_matmul_tflops(dtype_name)
 
 
 def datasheet_peak_tflops(device_kind: str) -> float | None:
