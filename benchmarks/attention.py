@@ -1,11 +1,16 @@
-"""Times attention implementations: forward and forward+backward under jit.
+"""Attention implementations under jit: forward and forward+backward time, TFLOP/s, error.
 
-    python benchmarks/attention.py                      # default shapes for the platform
-    python benchmarks/attention.py --shapes 4x2048x16x128 --dtype bfloat16 --causal
+    python -m benchmarks.attention                      # the sweep for this platform
+    python -m benchmarks.attention --shapes 4x2048x16x128 --dtype bfloat16 --no-causal
 
-Shapes are BxLxNxH (self-attention, T = S = L). Prints the median wall time
-of each implementation and its ratio to ``xla``. On CPU the Pallas kernel
-runs in Pallas' interpreter: a correctness check, not a speed measurement.
+Shapes are BxLxNxH (self-attention, T = S = L). On GPU and TPU the default
+sweep is the usual one: batch x length = 16k tokens, hidden N x H = 2048,
+head_dim 64 and 128, length 512 .. 16k, causal and not. FLOPs: forward
+4 B N L^2 H (half when causal), backward 2.5x the forward. Each row also
+gives the largest |output - float32 reference| (``pallas_kernels.reference``
+on float32 inputs): on CPU, where the Pallas kernels run in Pallas'
+interpreter, that error column is the point and the timings only show that
+the kernels run.
 """
 import argparse
 import functools
@@ -17,28 +22,41 @@ import jax.numpy as jnp
 
 from bigmodel.models.attention import dot_product_attention
 
-DEFAULT_SHAPES = {
-    "cpu": ["1x512x4x64", "1x1024x4x64", "1x1024x2x128"],
-    "gpu": ["8x1024x16x64", "4x2048x16x128", "2x4096x16x128", "1x8192x16x128"],
-    "tpu": ["8x1024x16x128", "4x2048x16x128", "2x4096x16x128", "1x8192x16x128"],
-}
+TOKENS, HIDDEN = 16384, 2048
+CPU_SHAPES = ["1x256x4x64", "1x512x4x64", "1x512x2x128", "1x200x2x128"]
 
 
-def _median_ms(fn, args, iters):
+def default_sweep(platform: str) -> list[tuple[tuple[int, int, int, int], bool]]:
+  """((B, L, N, H), causal) cases: the standard sweep, or a small one on CPU."""
+  if platform == "cpu":
+    shapes = [tuple(int(x) for x in s.split("x")) for s in CPU_SHAPES]
+  else:
+    shapes = [(TOKENS // length, length, HIDDEN // head_dim, head_dim)
+              for head_dim in (64, 128) for length in (512, 1024, 2048, 4096, 8192, 16384)]
+  return [(shape, causal) for causal in (True, False) for shape in shapes]
+
+
+def attention_flops(shape, causal: bool) -> tuple[float, float]:
+  """(forward, forward + backward) FLOPs of one attention call."""
+  b, length, n, h = shape
+  forward = 4 * b * n * length * length * h / (2 if causal else 1)
+  return forward, forward * 3.5
+
+
+def _median_s(fn, args, iters):
   jax.block_until_ready(fn(*args))  # Compile and warm up.
   times = []
   for _ in range(iters):
     start = time.perf_counter()
     jax.block_until_ready(fn(*args))
-    times.append((time.perf_counter() - start) * 1e3)
+    times.append(time.perf_counter() - start)
   return statistics.median(times)
 
 
-def time_impl(impl, shape, dtype, causal, iters):
-  """(forward ms, forward+backward ms) for one implementation and shape."""
-  b, length, n, h = shape
+def measure(impl, shape, dtype, causal, iters) -> dict[str, float]:
+  """Forward and forward+backward seconds, and the forward's error vs float32."""
   keys = jax.random.split(jax.random.key(0), 4)
-  q, k, v, d_out = (jax.random.normal(key, (b, length, n, h), dtype) for key in keys)
+  q, k, v, d_out = (jax.random.normal(key, shape, dtype) for key in keys)
   attention = functools.partial(dot_product_attention, impl=impl, causal=causal)
   forward = jax.jit(attention)
 
@@ -47,47 +65,60 @@ def time_impl(impl, shape, dtype, causal, iters):
     out, vjp = jax.vjp(attention, q, k, v)
     return out, vjp(d_out)
 
-  return (_median_ms(forward, (q, k, v), iters),
-          _median_ms(forward_backward, (q, k, v, d_out), iters))
+  exact = jax.jit(functools.partial(dot_product_attention, impl="xla", causal=causal))(
+      *(x.astype(jnp.float32) for x in (q, k, v)))
+  error = float(jnp.max(jnp.abs(forward(q, k, v).astype(jnp.float32) - exact)))
+  return dict(fwd_s=_median_s(forward, (q, k, v), iters),
+              fwd_bwd_s=_median_s(forward_backward, (q, k, v, d_out), iters), error=error)
 
 
 def main():
   platform = jax.default_backend()
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--shapes", nargs="+", default=DEFAULT_SHAPES.get(platform, ["1x512x4x64"]),
-                      help="BxLxNxH per benchmark")
+  parser.add_argument("--shapes", nargs="+", default=None,
+                      help="BxLxNxH cases (default: the platform's sweep)")
+  parser.add_argument("--causal", action=argparse.BooleanOptionalAction, default=None,
+                      help="with --shapes: causal or not (default: both)")
   parser.add_argument("--dtype", default="float32" if platform == "cpu" else "bfloat16")
-  parser.add_argument("--causal", action=argparse.BooleanOptionalAction, default=True)
-  parser.add_argument("--iters", type=int, default=5 if platform == "cpu" else 20)
+  parser.add_argument("--iters", type=int, default=3 if platform == "cpu" else 20)
   parser.add_argument("--impls", nargs="+", default=None,
                       help="default: xla pallas (+ cudnn on GPU with 16-bit dtypes)")
   args = parser.parse_args()
   dtype = jnp.dtype(args.dtype)
   impls = args.impls or (["xla", "pallas"] + (
       ["cudnn"] if platform == "gpu" and dtype in (jnp.bfloat16, jnp.float16) else []))
+  if args.shapes:
+    causals = (True, False) if args.causal is None else (args.causal,)
+    cases = [(tuple(int(x) for x in s.split("x")), c) for c in causals for s in args.shapes]
+  else:
+    cases = default_sweep(platform)
 
   print(f"platform={platform} ({jax.devices()[0].device_kind}) dtype={dtype} "
-        f"causal={args.causal} iters={args.iters}")
+        f"iters={args.iters} (medians)")
   if platform == "cpu":
-    print("NOTE: on CPU the Pallas kernels run in interpret mode; these timings only show "
-          "that they run, not how fast they are on an accelerator.")
-  header = f"{'shape BxLxNxH':>16} {'impl':>7} {'fwd ms':>10} {'fwd+bwd ms':>11} " \
-           f"{'fwd/xla':>8} {'f+b/xla':>8}"
+    print("NOTE: on CPU the Pallas kernels run in interpret mode: the error column checks "
+          "them, the timings are not a speed measurement.")
+  header = (f"{'BxLxNxH':>15} {'causal':>6} {'impl':>7} {'fwd ms':>9} {'fwd TF/s':>9} "
+            f"{'f+b ms':>9} {'f+b TF/s':>9} {'f+b/xla':>8} {'max err':>9}")
   print(header)
   print("-" * len(header))
-  for spec in args.shapes:
-    shape = tuple(int(x) for x in spec.split("x"))
-    results = {}
+  for shape, causal in cases:
+    spec = "x".join(map(str, shape))
+    flops_fwd, flops_fwd_bwd = attention_flops(shape, causal)
+    xla_fwd_bwd = None
     for impl in impls:
       try:
-        results[impl] = time_impl(impl, shape, dtype, args.causal, args.iters)
+        r = measure(impl, shape, dtype, causal, args.iters)
       except Exception as e:  # pylint: disable=broad-except  # Report and go on.
-        print(f"{spec:>16} {impl:>7} failed: {type(e).__name__}: {str(e).splitlines()[0][:80]}")
+        print(f"{spec:>15} {str(causal):>6} {impl:>7} failed: {type(e).__name__}: "
+              f"{str(e).splitlines()[0][:70]}")
         continue
-      fwd, fwd_bwd = results[impl]
-      base = results.get("xla")
-      ratios = (f"{fwd / base[0]:8.2f} {fwd_bwd / base[1]:8.2f}" if base else f"{'-':>8} {'-':>8}")
-      print(f"{spec:>16} {impl:>7} {fwd:10.2f} {fwd_bwd:11.2f} {ratios}")
+      xla_fwd_bwd = r["fwd_bwd_s"] if impl == "xla" else xla_fwd_bwd
+      ratio = f"{r['fwd_bwd_s'] / xla_fwd_bwd:8.2f}" if xla_fwd_bwd else f"{'-':>8}"
+      print(f"{spec:>15} {str(causal):>6} {impl:>7} {r['fwd_s'] * 1e3:9.2f} "
+            f"{flops_fwd / r['fwd_s'] / 1e12:9.3f} {r['fwd_bwd_s'] * 1e3:9.2f} "
+            f"{flops_fwd_bwd / r['fwd_bwd_s'] / 1e12:9.3f} {ratio} {r['error']:9.2e}",
+            flush=True)
 
 
 if __name__ == "__main__":
