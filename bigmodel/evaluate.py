@@ -8,7 +8,8 @@ reports, by task:
 - mlm (BERT): ``eval_accuracy`` on the masked tokens, and the loss;
 - classify: ``eval_accuracy``, macro ``eval_precision`` / ``eval_recall`` /
   ``eval_f1`` and the majority-class baseline;
-- seq2seq: the loss, and ``eval_exact_match``: the share of examples whose
+- seq2seq: the loss, ``eval_baseline_loss`` (a unigram predictor that
+  ignores the input), and ``eval_exact_match``: the share of examples whose
   greedy generation (cached decoding, up to the target length) equals the
   target (span corruption: the loss only).
 
@@ -96,6 +97,7 @@ def evaluate_run(workdir: str, split: str = "validation", step: Optional[int] = 
     metrics = evaluate(eval_fn, params, datasets.make_eval_iter(), mesh,
                        with_confusion=with_confusion,
                        **classification_eval_args(config, datasets))
+    metrics.update(datasets.eval_baselines)
     if with_confusion and "eval_confusion" in metrics:
       metrics["eval_labels"] = list(datasets.label_names)
     if config.data.task == "seq2seq":

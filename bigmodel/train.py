@@ -197,6 +197,7 @@ class Trainer:
               is_last or (train_cfg.eval_every and step % train_cfg.eval_every == 0)):
             record.update(evaluate(eval_fn, state.params, self.datasets.make_eval_iter(), mesh,
                                    **classification_eval_args(config, self.datasets)))
+            record.update(self.datasets.eval_baselines)
             interval_start, interval_steps = time.perf_counter(), 0  # Eval is not step time.
           if record:
             last_metrics.update(record)

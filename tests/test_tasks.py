@@ -350,6 +350,17 @@ def test_seq2seq_packs_pairs(tmp_path, tokenizer_file):
       evaluated.append((datasets.tokenizer.decode(encoder[:-1]),
                         datasets.tokenizer.decode(decoder[:-1])))
   assert evaluated == held_out
+  # The input-ignoring baseline by hand: add-half smoothed train target
+  # unigrams, scored on the held-out targets (EOS included).
+  tokenizer = datasets.tokenizer
+  targets = lambda rows: [tokenizer.encode(t) + [tokenizer.eos_id] for _, t in rows]  # noqa: E731
+  counts = np.full(tokenizer.vocab_size, 0.5)
+  for ids in targets(records_lib.hold_out(pairs)[0]):
+    for i in ids:
+      counts[i] += 1
+  held_out_ids = np.concatenate(targets(held_out))
+  expected_loss = -np.log(counts[held_out_ids] / counts.sum()).mean()
+  assert datasets.eval_baselines == {"eval_baseline_loss": pytest.approx(expected_loss)}
   _assert_resumes_exactly(
       lambda: build_datasets(config, str(tmp_path / "work")).train_iter)
 

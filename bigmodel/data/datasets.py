@@ -72,6 +72,9 @@ class Datasets:
     label_names: Class names (class id = index) of a classify task.
     baseline_accuracy: Validation accuracy of always predicting the most
       frequent train class (classify), to compare a fine-tuned model with.
+    eval_baselines: Metrics of a predictor that ignores the input, added to
+      every evaluation to compare the model with (seq2seq:
+      ``eval_baseline_loss``, see ``seq2seq_pipeline.unigram_baseline_loss``).
     encoder_length: Le of encoder-decoder batches (None otherwise).
     decoder_length: Ld of encoder-decoder batches (None otherwise).
   """
@@ -82,6 +85,7 @@ class Datasets:
   special_ids: SpecialIds | None = None
   label_names: tuple[str, ...] | None = None
   baseline_accuracy: float | None = None
+  eval_baselines: dict[str, float] = dataclasses.field(default_factory=dict)
   encoder_length: int | None = None
   decoder_length: int | None = None
 
@@ -354,6 +358,11 @@ def _task_datasets(config: ml_collections.ConfigDict, workdir: str,
         **common)
     make_eval_iter = lambda: seq2seq_pipeline.make_seq2seq_eval_iter(  # noqa: E731
         validation, encode, num_batches=num_eval_batches, **common)
+    if validation is not None and data.task == "seq2seq":
+      result.eval_baselines["eval_baseline_loss"] = (
+          seq2seq_pipeline.unigram_baseline_loss(encode, task.train, validation))
+      logging.info("Unigram (input-ignoring) baseline: %.4f validation loss",
+                   result.eval_baselines["eval_baseline_loss"])
     result.encoder_length = encode.encoder_length
     result.decoder_length = encode.decoder_length
   else:

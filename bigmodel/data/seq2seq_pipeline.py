@@ -119,13 +119,19 @@ class EncodePair(grain.transforms.Map):
     ids = self.tokenizer.encode(text)[:length - 1]
     return np.asarray(ids + [self.tokenizer.eos_id], np.int32)
 
+  def target_ids(self, record: Mapping[str, Any]) -> np.ndarray:
+    """The decoder's targets of ``record``: what ``map`` puts in "decoder"."""
+    return self._with_eos(
+        answer_text(record, self.answer_key, self.class_names),
+        self.decoder_length)
+
   def map(self, record: Mapping[str, Any]) -> dict[str, Any]:
-    answer = answer_text(record, self.answer_key, self.class_names)
     example = {
         "encoder": self._with_eos(record_text(record, self.text_key),
                                   self.encoder_length),
-        "decoder": self._with_eos(answer, self.decoder_length)}
+        "decoder": self.target_ids(record)}
     if self.label_ids is not None:
+      answer = answer_text(record, self.answer_key, self.class_names)
       example["label"] = np.int32(self.label_ids[answer])
     return example
 
@@ -311,6 +317,26 @@ def make_seq2seq_eval_iter(records: Sequence[Mapping[str, Any]],
                                         per_example=True,
                                         with_label=encode.label_ids
                                         is not None))
+
+
+def unigram_baseline_loss(encode: EncodePair,
+                          train: Sequence[Mapping[str, Any]],
+                          validation: Sequence[Mapping[str, Any]]) -> float:
+  """Eval loss of the best predictor that ignores the input: every target
+  token drawn from the train targets' token frequencies (add-half smoothed
+  over the tokenizer's vocabulary), in nats per target token (EOS included),
+  the unit of the seq2seq ``eval_loss``."""
+  vocab_size = encode.tokenizer.vocab_size
+  counts = np.full(vocab_size, 0.5)
+  for index in range(len(train)):
+    np.add.at(counts, encode.target_ids(train[index]), 1)
+  log_probs = np.log(counts / counts.sum())
+  loss_sum = num_tokens = 0.0
+  for index in range(len(validation)):
+    ids = encode.target_ids(validation[index])
+    loss_sum -= log_probs[ids].sum()
+    num_tokens += len(ids)
+  return loss_sum / max(num_tokens, 1)
 
 
 def segment_exact_match(predictions: np.ndarray,
