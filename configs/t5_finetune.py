@@ -18,6 +18,11 @@ def get_config(preset: str = "tiny"):
   # (longer targets are truncated).
   c.data.target_len = 64
   c.model.dropout_rate = 0.1
-  c.optim.update(name="adafactor", learning_rate=1e-3, schedule="constant", warmup_steps=0)
+  if preset != "tiny":
+    # T5's fine-tuning recipe from a pretrained checkpoint. The tiny demo
+    # trains from scratch by default, so it keeps the pretraining schedule
+    # (1e-2, inverse sqrt): measured eval loss 5.52 after 300 steps against
+    # 6.31 with constant 1e-3 (input-ignoring baseline 6.44).
+    c.optim.update(learning_rate=1e-3, schedule="constant", warmup_steps=0)
   c.train.update(steps=300 if preset == "tiny" else 10000, log_every=25, eval_every=100)
   return c
