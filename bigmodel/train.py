@@ -17,6 +17,7 @@ from absl import flags
 from absl import logging
 import jax
 import jax.numpy as jnp
+from jax.experimental import multihost_utils
 import ml_collections
 from ml_collections import config_flags
 from jax.sharding import NamedSharding, PartitionSpec as P
@@ -45,17 +46,32 @@ _WORKDIR = flags.DEFINE_string(
 
 
 class PreemptionFlag:
-  """Set by SIGTERM; the loop checks it between steps, never mid-step."""
+  """Whether to save and exit after a step, once a SIGTERM has arrived.
+
+  One process: a SIGTERM handler sets a flag that the loop reads between
+  steps. Several processes: the signal may reach some of them, at different
+  steps, yet the save is collective, so JAX's preemption sync manager (which
+  catches SIGTERM itself and tells every process) picks one step for all.
+  """
 
   def __init__(self):
-    self.requested = False
-    self._previous = signal.signal(signal.SIGTERM, self._handle)
+    self._requested = False
+    self._multi_process = jax.process_count() > 1
+    if not self._multi_process:
+      self._previous = signal.signal(signal.SIGTERM, self._handle)
 
   def _handle(self, signum, frame):  # pylint: disable=unused-argument
-    self.requested = True
+    self._requested = True
+
+  def reached(self, step: int) -> bool:
+    """True at the step to save and exit at; call once per step."""
+    if self._multi_process:
+      return multihost_utils.reached_preemption_sync_point(step)
+    return self._requested
 
   def restore(self):
-    signal.signal(signal.SIGTERM, self._previous)
+    if not self._multi_process:
+      signal.signal(signal.SIGTERM, self._previous)
 
 
 def check_batch_layout(config, mesh) -> None:
@@ -177,7 +193,10 @@ class Trainer:
             interval_start, interval_steps = time.perf_counter(), 0
           is_last = step == train_cfg.steps
           save_every = config.checkpoint.save_every
-          will_save = is_last or preemption.requested or (save_every and step % save_every == 0)
+          # Read once: a SIGTERM arriving later in this step must not make it
+          # exit without the save that the flag promises.
+          preempted = preemption.reached(step)
+          will_save = is_last or preempted or (save_every and step % save_every == 0)
           record: dict[str, float] = {}
           if step % train_cfg.log_every == 0 or is_last or will_save:
             fetched = {k: float(v) for k, v in jax.device_get(metrics).items()}
@@ -207,7 +226,7 @@ class Trainer:
               self.on_metrics(step, dict(record))
           if will_save:
             self._save(state, step, record)
-          if preemption.requested and not is_last:
+          if preempted and not is_last:
             self.checkpointer.wait()
             print(f"preempted: saved the checkpoint at step {step}; exiting", flush=True)
             return last_metrics

@@ -198,6 +198,24 @@ def test_nonfinite_policy(tmp_path, policy):
   assert sorted(os.listdir(tmp_path / "checkpoints")) == ["2", "4", "6"]
 
 
+def test_sigterm_late_in_a_step_still_saves_what_it_announces(tmp_path, capsys):
+  """A SIGTERM after a step decided not to save (here: from the metrics
+  callback of step 5) is honoured at the next step, with a save."""
+  from bigmodel.train import Trainer  # pylint: disable=g-import-not-at-top
+  config = tiny_config()
+  config.data.source = "synthetic"
+  config.train.update(steps=10, log_every=1, eval_every=0, sample_tokens=0, progress=False)
+  config.checkpoint.save_every = 4
+
+  def sigterm_at_step_5(step, record):  # pylint: disable=unused-argument
+    if step == 5:
+      os.kill(os.getpid(), signal.SIGTERM)
+
+  Trainer(config, str(tmp_path), on_metrics=sigterm_at_step_5).run()
+  assert "preempted: saved the checkpoint at step 6;" in capsys.readouterr().out
+  assert sorted(os.listdir(tmp_path / "checkpoints")) == ["4", "6"]
+
+
 def test_export_params(tmp_path, corpus):
   workdir = tmp_path / "run"
   code, _, stderr = finish(start_run(workdir, corpus, "--config.train.steps=2"))

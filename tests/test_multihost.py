@@ -182,6 +182,33 @@ def _kill_one_process(tmp_path):
   assert not _alive(survivor)
 
 
+def test_sigterm_to_one_process_saves_on_all_and_exits_zero(tmp_path):
+  try:
+    _sigterm_one_process(tmp_path)
+  finally:
+    _kill_leftovers(str(tmp_path))
+
+
+def _sigterm_one_process(tmp_path):
+  """A preemption notice may reach one host only; the save is collective, so
+  every process must agree on the step, save it together, and exit 0."""
+  workdir = tmp_path / "run"
+  launch = start_launch(workdir, "--config.train.steps=100000", "--config.checkpoint.save_every=0")
+  metrics = workdir / "metrics.jsonl"
+  deadline = time.time() + 300
+  while not (metrics.exists() and metrics.read_text().count("\n") >= 2):
+    assert launch.poll() is None, launch.communicate()[1][-3000:]
+    assert time.time() < deadline, "training did not start"
+    time.sleep(0.1)
+  os.kill(_find_process("bigmodel.train", str(workdir), "--process_id=1"), signal.SIGTERM)
+  stdout, stderr = launch.communicate(timeout=120)
+  assert launch.returncode == 0, stderr[-3000:]
+  saved_step = int(stdout.split("preempted: saved the checkpoint at step")[1].split(";")[0])
+  assert os.listdir(workdir / "checkpoints") == [str(saved_step)]
+  process_1_log = (workdir / "launch_logs" / "process_1.log").read_text()
+  assert f"preempted: saved the checkpoint at step {saved_step};" in process_1_log
+
+
 def _free_port():
   with socket.socket() as s:
     s.bind(("127.0.0.1", 0))
