@@ -153,6 +153,18 @@ def _alive(pid):
     return False
 
 
+def start_endless_launch(workdir):
+  """A 2-process launch that trains until stopped; returns once it logs steps."""
+  launch = start_launch(workdir, "--config.train.steps=100000", "--config.checkpoint.save_every=0")
+  metrics = workdir / "metrics.jsonl"
+  deadline = time.time() + 300
+  while not (metrics.exists() and metrics.read_text().count("\n") >= 2):
+    assert launch.poll() is None, launch.communicate()[1][-3000:]
+    assert time.time() < deadline, "training did not start"
+    time.sleep(0.1)
+  return launch
+
+
 def test_killing_one_process_stops_the_whole_launch(tmp_path):
   try:
     _kill_one_process(tmp_path)
@@ -162,13 +174,7 @@ def test_killing_one_process_stops_the_whole_launch(tmp_path):
 
 def _kill_one_process(tmp_path):
   workdir = tmp_path / "run"
-  launch = start_launch(workdir, "--config.train.steps=100000", "--config.checkpoint.save_every=0")
-  metrics = workdir / "metrics.jsonl"
-  deadline = time.time() + 300
-  while not (metrics.exists() and metrics.read_text().count("\n") >= 2):
-    assert launch.poll() is None, launch.communicate()[1][-3000:]
-    assert time.time() < deadline, "training did not start"
-    time.sleep(0.1)
+  launch = start_endless_launch(workdir)
   victim = _find_process("bigmodel.train", str(workdir), "--process_id=1")
   survivor = _find_process("bigmodel.train", str(workdir), "--process_id=0")
   killed_at = time.time()
@@ -193,13 +199,7 @@ def _sigterm_one_process(tmp_path):
   """A preemption notice may reach one host only; the save is collective, so
   every process must agree on the step, save it together, and exit 0."""
   workdir = tmp_path / "run"
-  launch = start_launch(workdir, "--config.train.steps=100000", "--config.checkpoint.save_every=0")
-  metrics = workdir / "metrics.jsonl"
-  deadline = time.time() + 300
-  while not (metrics.exists() and metrics.read_text().count("\n") >= 2):
-    assert launch.poll() is None, launch.communicate()[1][-3000:]
-    assert time.time() < deadline, "training did not start"
-    time.sleep(0.1)
+  launch = start_endless_launch(workdir)
   os.kill(_find_process("bigmodel.train", str(workdir), "--process_id=1"), signal.SIGTERM)
   stdout, stderr = launch.communicate(timeout=120)
   assert launch.returncode == 0, stderr[-3000:]
