@@ -26,10 +26,15 @@ TOKENS, HIDDEN = 16384, 2048
 CPU_SHAPES = ["1x256x4x64", "1x512x4x64", "1x512x2x128", "1x200x2x128"]
 
 
+def parse_shape(spec: str) -> tuple[int, ...]:
+  """"BxLxNxH" -> (B, L, N, H)."""
+  return tuple(int(x) for x in spec.split("x"))
+
+
 def default_sweep(platform: str) -> list[tuple[tuple[int, int, int, int], bool]]:
   """((B, L, N, H), causal) cases: the standard sweep, or a small one on CPU."""
   if platform == "cpu":
-    shapes = [tuple(int(x) for x in s.split("x")) for s in CPU_SHAPES]
+    shapes = [parse_shape(s) for s in CPU_SHAPES]
   else:
     shapes = [(TOKENS // length, length, HIDDEN // head_dim, head_dim)
               for head_dim in (64, 128) for length in (512, 1024, 2048, 4096, 8192, 16384)]
@@ -53,10 +58,18 @@ def _median_s(fn, args, iters):
   return statistics.median(times)
 
 
-def measure(impl, shape, dtype, causal, iters) -> dict[str, float]:
-  """Forward and forward+backward seconds, and the forward's error vs float32."""
+def make_case(shape, dtype, causal):
+  """Inputs (q, k, v, d_out) of one case, and its float32 reference output."""
   keys = jax.random.split(jax.random.key(0), 4)
-  q, k, v, d_out = (jax.random.normal(key, shape, dtype) for key in keys)
+  inputs = tuple(jax.random.normal(key, shape, dtype) for key in keys)
+  exact = jax.jit(functools.partial(dot_product_attention, impl="xla", causal=causal))(
+      *(x.astype(jnp.float32) for x in inputs[:3]))
+  return inputs, exact
+
+
+def measure(impl, inputs, exact, causal, iters) -> dict[str, float]:
+  """Forward and forward+backward seconds, and the forward's error vs ``exact``."""
+  q, k, v, d_out = inputs
   attention = functools.partial(dot_product_attention, impl=impl, causal=causal)
   forward = jax.jit(attention)
 
@@ -65,11 +78,9 @@ def measure(impl, shape, dtype, causal, iters) -> dict[str, float]:
     out, vjp = jax.vjp(attention, q, k, v)
     return out, vjp(d_out)
 
-  exact = jax.jit(functools.partial(dot_product_attention, impl="xla", causal=causal))(
-      *(x.astype(jnp.float32) for x in (q, k, v)))
   error = float(jnp.max(jnp.abs(forward(q, k, v).astype(jnp.float32) - exact)))
   return dict(fwd_s=_median_s(forward, (q, k, v), iters),
-              fwd_bwd_s=_median_s(forward_backward, (q, k, v, d_out), iters), error=error)
+              fwd_bwd_s=_median_s(forward_backward, inputs, iters), error=error)
 
 
 def main():
@@ -89,7 +100,7 @@ def main():
       ["cudnn"] if platform == "gpu" and dtype in (jnp.bfloat16, jnp.float16) else []))
   if args.shapes:
     causals = (True, False) if args.causal is None else (args.causal,)
-    cases = [(tuple(int(x) for x in s.split("x")), c) for c in causals for s in args.shapes]
+    cases = [(parse_shape(s), c) for c in causals for s in args.shapes]
   else:
     cases = default_sweep(platform)
 
@@ -105,10 +116,11 @@ def main():
   for shape, causal in cases:
     spec = "x".join(map(str, shape))
     flops_fwd, flops_fwd_bwd = attention_flops(shape, causal)
+    inputs, exact = make_case(shape, dtype, causal)
     xla_fwd_bwd = None
     for impl in impls:
       try:
-        r = measure(impl, shape, dtype, causal, args.iters)
+        r = measure(impl, inputs, exact, causal, args.iters)
       except Exception as e:  # pylint: disable=broad-except  # Report and go on.
         print(f"{spec:>15} {str(causal):>6} {impl:>7} failed: {type(e).__name__}: "
               f"{str(e).splitlines()[0][:70]}")
