@@ -7,14 +7,17 @@ temporary directory and renames it when complete, so a half-written checkpoint
 is never picked up). Restoring reshards onto whatever mesh the restoring run
 uses.
 """
+import glob
 import os
 import shutil
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 from absl import logging
 import jax
+import jax.numpy as jnp
 from jax.experimental import multihost_utils
 import ml_collections
+import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers
 
@@ -23,6 +26,60 @@ from bigmodel.errors import UserError
 CHECKPOINT_DIR = "checkpoints"
 # Unusable checkpoints are moved here (never deleted) when an older one is used.
 CORRUPT_DIR = "checkpoints_unusable"
+# A save needs the state's size free on disk, plus this margin (metadata, JSON).
+_SPACE_MARGIN_BYTES = 16 << 20
+
+
+class CheckpointWriteError(Exception):
+  """A checkpoint could not be written (e.g. a full disk): the run stops, exit 3.
+
+  Not a :class:`UserError` (the input was fine), but reported the same way:
+  one ``error:`` line; the earlier checkpoints are intact.
+  """
+
+
+def _as_uint32(x: jax.Array) -> jax.Array:
+  """The raw bits of ``x`` as uint32 words (one per element; two for 8-byte types)."""
+  if x.dtype == jnp.bool_:
+    return x.astype(jnp.uint32)
+  size = x.dtype.itemsize
+  if size == 4:
+    return jax.lax.bitcast_convert_type(x, jnp.uint32)
+  if size == 8:
+    return jax.lax.bitcast_convert_type(x, jnp.uint32)  # Adds a trailing axis of 2.
+  unsigned = {1: jnp.uint8, 2: jnp.uint16}[size]
+  return jax.lax.bitcast_convert_type(x, unsigned).astype(jnp.uint32)
+
+
+def _leaf_digest(x: jax.Array) -> jax.Array:
+  """Two wrapping uint32 sums of the bits: plain, and weighted by odd position
+  weights. Any single flipped bit changes the plain sum (by +-2^k, never 0 mod
+  2^32); the weighted one also catches swapped elements. Elementwise work and
+  a reduction: it stays sharded like ``x``, unlike a host-side hash (orbax's
+  tensorstore files carry no checksum of their own)."""
+  bits = _as_uint32(x)
+  index = jnp.zeros(bits.shape, jnp.uint32)
+  for axis in range(bits.ndim):
+    stride = int(np.prod(bits.shape[axis + 1:], dtype=np.int64)) % (1 << 32)
+    index = index + jax.lax.broadcasted_iota(jnp.uint32, bits.shape, axis) * jnp.uint32(stride)
+  weights = index * jnp.uint32(2) + jnp.uint32(1)
+  return jnp.stack([bits.sum(dtype=jnp.uint32), (bits * weights).sum(dtype=jnp.uint32)])
+
+
+_tree_digests = jax.jit(lambda tree: jax.tree_util.tree_map(_leaf_digest, tree))
+
+
+def state_digests(saveable_state: Any) -> dict[str, list[int]]:
+  """``{leaf path: [sum, weighted sum]}`` of every array of a saveable state."""
+  digests = _tree_digests(saveable_state)
+  flat = jax.tree_util.tree_flatten_with_path(digests)[0]
+  return {jax.tree_util.keystr(path): [int(v) for v in np.asarray(x.addressable_data(0))]
+          for path, x in flat}
+
+
+def _state_nbytes(state: Any) -> int:
+  return sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(state)
+             if hasattr(x, "dtype"))
 
 
 def _to_saveable(state: Any) -> Any:
@@ -49,7 +106,9 @@ class Checkpointer:
   """
 
   def __init__(self, workdir: str, *, keep: int, keep_best: bool = False,
-               async_save: bool = True):
+               async_save: bool = True, read_only: bool = False):
+    if keep < 1:  # LatestN(0) would delete every checkpoint, the newest included.
+      raise UserError(f"checkpoint.keep={keep} must be >= 1")
     self.workdir = workdir
     self.directory = os.path.join(os.path.abspath(workdir), CHECKPOINT_DIR)
     policies = [checkpoint_managers.LatestN(n=keep)]
@@ -57,9 +116,12 @@ class Checkpointer:
       policies.append(checkpoint_managers.BestN(
           get_metric_fn=lambda metrics: metrics["eval_loss"], reverse=True, n=1,
           keep_checkpoints_without_metrics=False))
+    # A writer removes the temporary folders of saves that a kill interrupted;
+    # a reader (evaluate, export) must not: a live run may be writing them.
     options = ocp.CheckpointManagerOptions(
         preservation_policy=checkpoint_managers.AnyPreservationPolicy(policies),
-        enable_async_checkpointing=async_save, create=True)
+        enable_async_checkpointing=async_save, create=not read_only, read_only=read_only,
+        cleanup_tmp_directories=not read_only)
     self._manager = ocp.CheckpointManager(self.directory, options=options)
 
   def latest_step(self) -> Optional[int]:
@@ -70,51 +132,109 @@ class Checkpointer:
 
   def save(self, step: int, state: Any, data_state: dict[str, Any],
            config: ml_collections.ConfigDict, metrics: Optional[dict[str, float]] = None) -> None:
-    """Starts saving ``state`` at ``step``; returns once arrays are copied off device."""
-    self._manager.save(
-        step,
-        args=ocp.args.Composite(
-            state=ocp.args.StandardSave(_to_saveable(state)),
-            data=ocp.args.JsonSave(data_state),
-            config=ocp.args.JsonSave(config.to_dict())),
-        metrics=metrics, force=True)
+    """Starts saving ``state`` at ``step``; returns once arrays are copied off device.
+
+    Also saves a digest of every array, checked at restore.
+
+    Raises:
+      CheckpointWriteError: too little free space, or the write failed (the
+        partial temporary folder is removed; earlier checkpoints are intact).
+    """
+    self._pending_step = step
+    self.wait()  # An earlier async save's failure surfaces here, not later.
+    saveable = _to_saveable(state)
+    needed = _state_nbytes(saveable) + _SPACE_MARGIN_BYTES
+    free = shutil.disk_usage(self.directory).free
+    if free < needed:
+      raise CheckpointWriteError(
+          f"not enough free space to save the checkpoint at step {step} in {self.directory}: "
+          f"{free / 2**20:.1f} MiB free, about {needed / 2**20:.1f} MiB needed; the earlier "
+          "checkpoints are intact")
+    try:
+      self._manager.save(
+          step,
+          args=ocp.args.Composite(
+              state=ocp.args.StandardSave(saveable),
+              data=ocp.args.JsonSave(data_state),
+              config=ocp.args.JsonSave(config.to_dict()),
+              digests=ocp.args.JsonSave(state_digests(saveable))),
+          metrics=metrics, force=True)
+    except Exception as e:  # pylint: disable=broad-except
+      self._write_failed(step, e)
+
+  def _write_failed(self, step: int, error: Exception) -> None:
+    """Removes the partial save and raises one clear ``CheckpointWriteError``."""
+    for tmp in glob.glob(os.path.join(self.directory, f"{step}.orbax-checkpoint-tmp*")):
+      shutil.rmtree(tmp, ignore_errors=True)
+    reason = " ".join(str(error).split())
+    for known in ("No space left on device", "File too large", "Disk quota exceeded",
+                  "Read-only file system", "Permission denied"):
+      if known in reason:
+        reason = known
+        break
+    free = shutil.disk_usage(self.directory).free
+    raise CheckpointWriteError(
+        f"writing the checkpoint at step {step} to {self.directory} failed: {reason[:300]} "
+        f"({free / 2**20:.1f} MiB free); the earlier checkpoints are intact") from None
 
   def is_saving(self) -> bool:
     """True while an async save is still being written."""
     return self._manager.is_saving_in_progress()
 
   def wait(self) -> None:
-    """Blocks until every started save is durable on disk."""
-    self._manager.wait_until_finished()
+    """Blocks until every started save is durable on disk.
+
+    Raises:
+      CheckpointWriteError: a background save failed.
+    """
+    try:
+      self._manager.wait_until_finished()
+    except Exception as e:  # pylint: disable=broad-except
+      self._write_failed(getattr(self, "_pending_step", -1), e)
 
   def close(self) -> None:
     self._manager.close()
 
   def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict[str, Any]]:
-    """Restores checkpoint ``step`` onto ``abstract_state``'s shardings."""
-    restored = self._manager.restore(
-        step,
-        args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(_to_saveable(abstract_state)),
-            data=ocp.args.JsonRestore()))
+    """Restores checkpoint ``step`` onto ``abstract_state``'s shardings.
+
+    Raises:
+      ValueError: an array does not match the digest saved with it.
+    """
+    items = dict(state=ocp.args.StandardRestore(_to_saveable(abstract_state)),
+                 data=ocp.args.JsonRestore())
+    has_digests = os.path.isdir(os.path.join(self.directory, str(step), "digests"))
+    if has_digests:  # Checkpoints written before digests existed have none.
+      items["digests"] = ocp.args.JsonRestore()
+    restored = self._manager.restore(step, args=ocp.args.Composite(**items))
+    if has_digests:
+      saved, actual = restored["digests"], state_digests(restored["state"])
+      changed = sorted(k for k in actual if saved.get(k) != actual[k])
+      if changed or set(saved) != set(actual):
+        raise ValueError(f"the arrays {', '.join(changed) or '(tree)'} do not match the "
+                         "digests saved with them: the checkpoint is corrupt")
     return _from_saveable(restored["state"]), restored["data"]
 
   def restore_config(self, step: int) -> dict[str, Any]:
     return self._manager.restore(
         step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
 
-  def restore_latest_usable(self, abstract_state: Any) -> Optional[tuple[int, Any, dict]]:
+  def restore_latest_usable(
+      self, abstract_state: Any, accept_data_state: Callable[[dict], None] = lambda _: None,
+  ) -> Optional[tuple[int, Any, dict]]:
     """Restores the newest checkpoint that loads; None when there is none.
 
-    A checkpoint that fails to load is reported on one line and the previous
-    one is tried. Once a usable one is found, the unusable newer ones are moved
-    to ``WORKDIR/checkpoints_unusable`` so training can save those steps
-    again. If none loads, raises ``UserError`` and touches nothing.
+    A checkpoint that fails to load (or whose data-iterator state
+    ``accept_data_state`` rejects by raising) is reported on one line and the
+    previous one is tried. Once a usable one is found, the unusable newer ones
+    are moved to ``WORKDIR/checkpoints_unusable`` so training can save those
+    steps again. If none loads, raises ``UserError`` and touches nothing.
     """
     failures = []
     for step in reversed(self.all_steps()):
       try:
         state, data_state = self.restore(step, abstract_state)
+        accept_data_state(data_state)
       except Exception as e:  # pylint: disable=broad-except
         reason = " ".join(str(e).split())[:300] or type(e).__name__
         logging.warning("checkpoint at step %d is unusable (%s); trying the previous one",
@@ -135,7 +255,12 @@ class Checkpointer:
     if jax.process_index() == 0:
       target = os.path.join(self.workdir, CORRUPT_DIR)
       os.makedirs(target, exist_ok=True)
-      shutil.move(os.path.join(self.directory, str(step)), os.path.join(target, str(step)))
+      # The same step may be set aside again after a later run saves it anew:
+      # every copy gets its own name, so setting aside never fails.
+      name, n = str(step), 1
+      while os.path.lexists(os.path.join(target, name)):
+        name, n = f"{step}.{n}", n + 1
+      shutil.move(os.path.join(self.directory, str(step)), os.path.join(target, name))
     if jax.process_count() > 1:
       multihost_utils.sync_global_devices(f"bigmodel_move_aside_{step}")
     self._manager.reload()
@@ -153,7 +278,7 @@ def restore_params(workdir: str, mesh, step: Optional[int] = None) -> tuple[Any,
   from bigmodel.state import abstract_sharded_state  # pylint: disable=g-import-not-at-top
   if not os.path.isdir(os.path.join(workdir, CHECKPOINT_DIR)):
     raise UserError(f"no checkpoints in {os.path.join(workdir, CHECKPOINT_DIR)}")
-  checkpointer = Checkpointer(workdir, keep=1_000_000)
+  checkpointer = Checkpointer(workdir, keep=1_000_000, read_only=True)
   try:
     steps = checkpointer.all_steps()
     if not steps:

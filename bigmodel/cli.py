@@ -2,16 +2,21 @@
 failure becomes one ``error:`` line and exit status 2 (absl alone would print
 usage and a traceback, with status 1)."""
 import difflib
-import importlib.util
 import json
 import os
 import re
+import sys
+import traceback
+import types
 from typing import Any, Optional, Sequence
 
 from absl import flags
 import ml_collections
+# is_config_flag is meant for users but not re-exported by the package.
+from ml_collections.config_flags import config_flags
 
-from bigmodel.errors import fail
+from bigmodel import console
+from bigmodel.errors import UserError, fail
 
 
 def _config_keys(config: Any, prefix: str = "") -> list[str]:
@@ -24,22 +29,8 @@ def _config_keys(config: Any, prefix: str = "") -> list[str]:
   return keys
 
 
-def _load_config_file(spec: str) -> Optional[ml_collections.ConfigDict]:
-  """Loads ``path.py[:arg]`` without flags, to explain a failed override."""
-  path, _, arg = spec.partition(":")
-  try:
-    module_spec = importlib.util.spec_from_file_location("_bigmodel_config", path)
-    module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
-    return module.get_config(arg) if arg else module.get_config()
-  except Exception:  # pylint: disable=broad-except
-    return None
-
-
-def _unknown_key_message(argv: Sequence[str]) -> str:
-  """Names the override whose key does not exist, and the keys nearby."""
-  spec = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), "")
-  config = _load_config_file(spec) if spec else None
+def _unknown_key_message(argv: Sequence[str], config: Any) -> str:
+  """Names the override whose key does not exist in ``config``, and the keys nearby."""
   if config is None:
     return "unknown config key"
   known = _config_keys(config)
@@ -56,24 +47,135 @@ def _unknown_key_message(argv: Sequence[str]) -> str:
   return "unknown config key"
 
 
+def _config_spec(argv: Sequence[str]) -> Optional[str]:
+  """The value of the last ``--config=SPEC`` (or ``--config SPEC``), as absl takes it."""
+  spec = None
+  for i, arg in enumerate(argv):
+    if arg.startswith("--config="):
+      spec = arg.split("=", 1)[1]
+    elif arg == "--config" and i + 1 < len(argv):
+      spec = argv[i + 1]
+  return spec
+
+
+def _line_in(tb: Optional[types.TracebackType], path: str) -> str:
+  """`` (line N)``: the innermost line of ``path`` in the traceback, if any."""
+  lines = [line for frame, line in traceback.walk_tb(tb) if frame.f_code.co_filename == path]
+  return f" (line {lines[-1]})" if lines else ""
+
+
+def _check_config_file(spec: str) -> Any:
+  """Loads ``path[:arg]`` as ml_collections will; fails with one line on any problem.
+
+  Returns the config (it also explains an unknown override key).
+
+  Done before absl parses the flags: ml_collections lets a SyntaxError or an
+  exception of the config's own code escape as a traceback, and turns an
+  unreadable file into a config that fails only when the run first uses it.
+  """
+  path, colon, arg = spec.partition(":")
+  where = f"cannot load the config file {path}"
+  hint = "" if path.endswith(".py") else "; --config takes a Python file that defines get_config()"
+  if not os.path.isfile(path):
+    fail(f"{where}: no such file")
+  try:
+    with open(path, "rb") as f:
+      source = f.read()
+  except OSError as e:
+    fail(f"{where}: {e.strerror or e}")
+  try:
+    code = compile(source, path, "exec", dont_inherit=True)
+  except (SyntaxError, ValueError) as e:
+    message = getattr(e, "msg", None) or str(e)
+    # Undecodable bytes and null bytes (a binary file) are SyntaxErrors, or ValueErrors
+    # before Python 3.12, yet the file is simply not Python source.
+    if isinstance(e, ValueError) or "null bytes" in message or "codec can't decode" in message:
+      fail(f"{where}: not Python source text ({message.removeprefix('(unicode error) ')}){hint}")
+    fail(f"{where}: syntax error at line {e.lineno}: {message}{hint}")
+  # Registered while it runs, as an import would: dataclasses look their module up.
+  module = types.ModuleType("_bigmodel_config_check")
+  module.__file__ = path
+  sys.modules[module.__name__] = module
+  try:
+    exec(code, module.__dict__)  # pylint: disable=exec-used
+  except Exception as e:  # pylint: disable=broad-except
+    fail(f"{where}: {type(e).__name__}: {e}{_line_in(e.__traceback__, path)}{hint}")
+  finally:
+    sys.modules.pop(module.__name__, None)
+  get_config = getattr(module, "get_config", None)
+  if not callable(get_config):
+    fail(f"{where}: it defines no get_config(){hint}")
+  call = f"get_config({arg!r})" if colon else "get_config()"
+  try:
+    config = get_config(arg) if colon else get_config()
+  except UserError as e:
+    fail(f"{where}: {call}: {e}")
+  except Exception as e:  # pylint: disable=broad-except
+    fail(f"{where}: {call} raised {type(e).__name__}: {e}{_line_in(e.__traceback__, path)}")
+  if config is None:
+    fail(f"{where}: {call} returned None, not a config (a missing return?)")
+  return config
+
+
 def parse_flags(argv: Sequence[str]) -> list[str]:
   """absl ``flags_parser`` for ``app.run``: parses, or fails with one line."""
-  for arg in argv:
-    if arg.startswith("--config="):
-      path = arg.split("=", 1)[1].partition(":")[0]
-      if not os.path.isfile(path):
-        # Checked first: ml_collections prints a traceback for a missing file.
-        fail(f"cannot load the config file {path}: no such file")
+  spec, config = _config_spec(argv), None
+  if spec is not None:
+    if "config" in flags.FLAGS and config_flags.is_config_flag(flags.FLAGS["config"]):
+      config = _check_config_file(spec)
+    elif not os.path.isfile(spec.partition(":")[0]):
+      # Checked first: ml_collections prints a traceback for a missing file.
+      fail(f"cannot load the config file {spec.partition(':')[0]}: no such file")
   try:
-    return flags.FLAGS(argv)
+    remaining = flags.FLAGS(argv)
   except (AttributeError, KeyError):
-    fail(_unknown_key_message(argv))
+    fail(_unknown_key_message(argv, config))
   except flags.Error as e:
     lines = [line.strip() for line in str(e).strip().splitlines() if line.strip()]
     head = lines[0].split(": Error whilst parsing")[0]
     detail = lines[-1] if len(lines) > 1 else ""
     fail(f"{head}: {detail}" if detail else head)
-  return []  # Unreachable: fail() exits.
+  console.quiet_libraries()  # Every command's console: its own lines (see console.py).
+  return remaining
+
+
+def _label(path: str, flag: Optional[str]) -> str:
+  return f"{flag}={path}" if flag else path
+
+
+def _check_parent(path: str, flag: Optional[str]) -> None:
+  """The folder that will hold ``path`` exists and can be written to."""
+  parent = os.path.dirname(os.path.abspath(path))
+  if not os.path.exists(parent):
+    raise UserError(f"{_label(path, flag)}: the folder {parent} does not exist")
+  if not os.path.isdir(parent):
+    raise UserError(f"{_label(path, flag)}: {parent} is not a folder")
+  if not os.access(parent, os.W_OK | os.X_OK):
+    raise UserError(f"{_label(path, flag)}: cannot write to {parent} (permission denied)")
+
+
+def check_output_file(path: str, flag: Optional[str] = None) -> None:
+  """Raises UserError unless the file ``path`` can be written (created or replaced).
+
+  For a command to call before its slow work; ``flag`` (e.g. "--out") names
+  where the path came from in the message.
+  """
+  if not path:
+    raise UserError(f"{flag or 'the output path'} is empty; give a file's path")
+  if os.path.isdir(path):
+    raise UserError(f"{_label(path, flag)} is a folder; give the path of a file")
+  _check_parent(path, flag)
+  if os.path.exists(path) and not os.access(path, os.W_OK):
+    raise UserError(f"{_label(path, flag)}: cannot overwrite it (permission denied)")
+
+
+def check_new_folder(path: str, flag: Optional[str] = None) -> None:
+  """Raises UserError unless the folder ``path`` does not exist and can be created."""
+  if not path:
+    raise UserError(f"{flag or 'the output path'} is empty; give a new folder's path")
+  if os.path.lexists(path):
+    raise UserError(f"{_label(path, flag)} already exists; choose a new path")
+  _check_parent(path, flag)
 
 
 def require_flags(*names: str) -> None:

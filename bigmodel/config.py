@@ -103,14 +103,17 @@ def base_config() -> ml_collections.ConfigDict:
       sample_prompt="def ",
       sample_temperature=0.8,
       progress=True,          # A compact progress line on a terminal.
-      nonfinite="skip",       # A non-finite loss/gradient: skip the update, or halt.
+      nonfinite="skip",       # A non-finite loss/gradient/update: skip the update, or halt.
+      # skip: halt anyway once this many updates were skipped in a row, or within
+      # one logging interval (a diverged run never recovers by skipping).
+      max_nonfinite=5,
   ))
 
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
 
   c.checkpoint = ml_collections.ConfigDict(dict(
       save_every=0,       # Steps between saves; 0 = only at the end and on SIGTERM.
-      keep=3,             # The latest checkpoints kept.
+      keep=3,             # The latest checkpoints kept (>= 1: the newest is never deleted).
       keep_best=False,    # Also keep the one with the lowest eval_loss.
       async_save=True,    # Write in the background while training continues.
   ))
@@ -136,7 +139,13 @@ _CHOICES = {
 }
 _POSITIVE = ("model.vocab_size", "model.num_layers", "model.num_heads", "model.embed_dim",
              "model.mlp_dim", "model.max_len", "data.seq_len", "train.steps",
-             "train.batch_size", "train.log_every", "optim.grad_accum")
+             "train.batch_size", "train.log_every", "optim.grad_accum", "checkpoint.keep",
+             "train.max_nonfinite")
+_NON_NEGATIVE = ("model.num_kv_heads", "model.head_dim", "model.num_decoder_layers",
+                 "optim.warmup_steps", "optim.decay_steps", "optim.eps", "optim.clip",
+                 "optim.weight_decay", "optim.end_lr_fraction", "train.eval_every",
+                 "train.eval_steps", "train.sample_tokens", "train.sample_temperature",
+                 "checkpoint.save_every")
 
 
 def _get(config, dotted: str):
@@ -158,6 +167,9 @@ def validate(config) -> None:
   for key in _POSITIVE:
     if _get(config, key) <= 0:
       raise UserError(f"--config.{key} must be positive, got {_get(config, key)}")
+  for key in _NON_NEGATIVE:
+    if _get(config, key) < 0:
+      raise UserError(f"--config.{key} must be >= 0, got {_get(config, key)}")
   m = config.model
   allowed_positions = {"gpt": ("learned", "rope"), "bert": ("learned",), "t5": ("relative",)}
   if m.position_embedding not in allowed_positions[m.family]:

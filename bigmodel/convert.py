@@ -11,7 +11,8 @@ writes ``config.json`` + ``model.safetensors`` (+ tokenizer files) that
 ``transformers``' ``from_pretrained`` loads.
 
 Bad input (another architecture, a missing tensor, a shape the config does not
-imply) is one ``error:`` line on stderr and exit status 2. See docs/convert.md.
+imply, a broken file, a file outside the model directory) is one ``error:``
+line on stderr and exit status 2, before anything is written. See docs/convert.md.
 """
 from absl import app
 from absl import flags

@@ -18,10 +18,11 @@ seq2seq = the whole split). Writes ``--out`` (default
 ``DIR/eval_SPLIT_stepS.json``) and prints a table. Only the validation split
 exists as an eval stream in this stack.
 """
+import contextlib
 import functools
 import json
 import os
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 from absl import app
 from absl import flags
@@ -68,12 +69,15 @@ def exact_match(generator: Generator, eval_batches, decoder_length: int) -> dict
 
 
 def evaluate_run(workdir: str, split: str = "validation", step: Optional[int] = None,
-                 eval_steps: Optional[int] = None, with_confusion: bool = False
+                 eval_steps: Optional[int] = None, with_confusion: bool = False,
+                 check_step: Optional[Callable[[int], None]] = None
                  ) -> tuple[dict[str, Any], int, dict]:
   """(metrics, step, the run's config) of checkpoint ``step`` (default: latest).
 
   ``with_confusion`` adds, for classifiers, ``eval_confusion`` (counts
   [true class, predicted class]) and ``eval_labels`` (the class names).
+  ``check_step`` is called with the checkpoint's step before the evaluation
+  (e.g. to refuse an output path named after the step that cannot be written).
   """
   if split not in SPLITS:
     raise UserError(f"--split={split} is not one of: {', '.join(SPLITS)}")
@@ -82,10 +86,18 @@ def evaluate_run(workdir: str, split: str = "validation", step: Optional[int] = 
   mesh = sharding.make_mesh(ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1)))
   with sharding.activate(mesh):
     params, config_dict, step = restore_params(workdir, mesh, step)
+  if check_step is not None:
+    check_step(step)
   config = ml_collections.ConfigDict(config_dict)
   if eval_steps is not None:
     config.train.eval_steps = eval_steps
-  datasets = build_datasets(config, workdir)
+  try:
+    datasets = build_datasets(config, workdir)
+  except OSError as e:
+    # The data is prepared (or the tokenizer trained) under the workdir when
+    # missing there: a read-only or full workdir fails here.
+    raise UserError(f"cannot prepare the run's data for evaluation in {workdir}: "
+                    f"{e.strerror or e}{f': {e.filename}' if e.filename else ''}") from e
   if hasattr(datasets.train_iter, "close"):
     datasets.train_iter.close()  # Only the eval stream is read.
   if datasets.make_eval_iter is None:
@@ -120,20 +132,55 @@ def define_flags() -> None:
   flags.DEFINE_string("out", None, "JSON output; default DIR/eval_SPLIT_stepS.json.")
 
 
+def default_out(workdir: str, split: str, step: int) -> str:
+  return os.path.join(workdir, f"eval_{split}_step{step}.json")
+
+
+def check_output(out: Optional[str], workdir: str) -> None:
+  """Raises UserError unless the record can be written: ``out``, or by default the workdir.
+
+  Called before the evaluation, which may take long. The default file's name
+  holds the step, known once the checkpoint is found (``evaluate_run``'s
+  ``check_step`` checks it then).
+  """
+  if out:
+    cli.check_output_file(out, "--out")
+  elif os.path.isdir(workdir) and not os.access(workdir, os.W_OK | os.X_OK):
+    raise UserError(f"cannot write to {workdir} (permission denied), where the results go "
+                    "by default; give --out=PATH elsewhere")
+
+
+def write_record(record: dict[str, Any], out: str) -> None:
+  """Writes ``record`` as JSON to ``out``, atomically, leaving no temporary file."""
+  tmp = f"{out}.tmp.{os.getpid()}"
+  try:
+    with open(tmp, "x") as f:  # "x": never truncates a file that is someone else's.
+      json.dump(record, f, indent=2, sort_keys=True)
+      f.write("\n")
+    os.replace(tmp, out)
+  except BaseException:
+    with contextlib.suppress(OSError):
+      os.remove(tmp)
+    raise
+
+
 def main(argv):
   if len(argv) > 1:
     fail(f"unexpected arguments: {' '.join(argv[1:])}")
   cli.require_flags("workdir")
   with user_errors_exit():
+    check_output(FLAGS.out, FLAGS.workdir)
+    check_step = None if FLAGS.out else lambda step: cli.check_output_file(
+        default_out(FLAGS.workdir, FLAGS.split, step))
     metrics, step, config = evaluate_run(FLAGS.workdir, FLAGS.split, FLAGS.step,
-                                         FLAGS.eval_steps)
-  out = FLAGS.out or os.path.join(FLAGS.workdir, f"eval_{FLAGS.split}_step{step}.json")
+                                         FLAGS.eval_steps, check_step=check_step)
+  out = FLAGS.out or default_out(FLAGS.workdir, FLAGS.split, step)
   record: dict[str, Any] = dict(step=step, split=FLAGS.split, family=config["model"]["family"],
                                 task=config["data"]["task"], metrics=metrics)
-  with open(out + ".tmp", "w") as f:
-    json.dump(record, f, indent=2, sort_keys=True)
-    f.write("\n")
-  os.replace(out + ".tmp", out)
+  try:
+    write_record(record, out)
+  except OSError as e:  # Checked up front, but the disk may fill or the folder go.
+    fail(f"cannot write {out}: {e.strerror or e}")
   print(f"{config['model']['family']} / {config['data']['task']}, step {step}, {FLAGS.split}:")
   print(format_table(metrics))
   print(f"wrote {out}", flush=True)

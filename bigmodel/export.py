@@ -2,9 +2,14 @@ r"""Exports parameters only, for inference and fine-tuning.
 
 ``python -m bigmodel.export --workdir=DIR [--step=S] --out=PATH [--dtype=bfloat16]``
 writes ``PATH/params`` (an orbax checkpoint of the parameter tree, cast to
-``dtype``) and ``PATH/config.json`` (the run's config). ``PATH`` must not exist.
+``dtype``) and ``PATH/config.json`` (the run's config). ``PATH`` must not exist
+and its folder must; both are checked before the checkpoint is read. The export
+is written next to ``PATH`` under a temporary name and renamed when complete:
+a failed export leaves nothing at ``PATH``.
 """
 import os
+import shutil
+import tempfile
 
 from absl import app
 from absl import flags
@@ -27,16 +32,33 @@ _DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Paramet
 def export_params(workdir: str, out: str, step: int | None = None,
                   dtype: str = "float32") -> int:
   """Writes the parameters of checkpoint ``step`` to ``out``; returns the step."""
-  if os.path.exists(out):
-    raise UserError(f"--out={out} already exists; choose a new path")
+  # Before reading the checkpoint: orbax retries an uncreatable path for minutes.
+  cli.check_new_folder(out, "--out")
   mesh = sharding.make_mesh(ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1)))
   with sharding.activate(mesh):
     params, config, step = restore_params(workdir, mesh, step)
   params = jax.tree_util.tree_map(lambda x: x.astype(jnp.dtype(dtype)), params)
-  exporter = ocp.StandardCheckpointer()
-  exporter.save(os.path.join(os.path.abspath(out), "params"), params)
-  exporter.wait_until_finished()
-  cli.write_config(ml_collections.ConfigDict(config), os.path.join(out, "config.json"))
+  out = os.path.abspath(out)
+  partial = None
+  try:
+    partial = tempfile.mkdtemp(dir=os.path.dirname(out),
+                               prefix=f"{os.path.basename(out)}.partial.")
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(partial, 0o777 & ~umask)  # mkdtemp's 0700 would stay on PATH.
+    exporter = ocp.StandardCheckpointer()
+    exporter.save(os.path.join(partial, "params"), params)
+    exporter.wait_until_finished()
+    cli.write_config(ml_collections.ConfigDict(config), os.path.join(partial, "config.json"))
+    if os.path.lexists(out):  # Created meanwhile by someone else: theirs stays.
+      raise UserError(f"--out={out} appeared during the export; choose a new path")
+    os.rename(partial, out)
+  except OSError as e:
+    raise UserError(f"cannot export to {out}: {e.strerror or e}"
+                    f"{f': {e.filename}' if e.filename else ''}") from e
+  finally:
+    if partial is not None:  # Only there still when something failed.
+      shutil.rmtree(partial, ignore_errors=True)
   return step
 
 

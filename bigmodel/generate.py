@@ -16,6 +16,7 @@ In Python (notebooks), the same loader::
 The flags are defined only when this runs as a program, so importing it
 (e.g. next to ``bigmodel.train``) defines none.
 """
+import io
 import os
 
 from absl import app
@@ -46,10 +47,24 @@ def define_flags() -> None:
 def _read_prompts() -> list[str]:
   prompts = list(FLAGS.prompt or [])
   if FLAGS.prompts_file:
-    if not os.path.isfile(FLAGS.prompts_file):
-      raise UserError(f"--prompts_file={FLAGS.prompts_file} does not exist")
-    with open(FLAGS.prompts_file) as f:
-      prompts += [line.rstrip("\n") for line in f]
+    path = FLAGS.prompts_file
+    if not os.path.exists(path):
+      raise UserError(f"--prompts_file={path} does not exist")
+    if not os.path.isfile(path):
+      raise UserError(f"--prompts_file={path} is not a file")
+    try:
+      with open(path, "rb") as f:
+        data = f.read()
+    except OSError as e:
+      raise UserError(f"cannot read --prompts_file={path}: {e.strerror or e}") from e
+    try:
+      # UTF-8 whatever the locale; decoded whole so that the offset is the file's.
+      text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+      raise UserError(f"--prompts_file={path} is not UTF-8 text (byte {e.start} is "
+                      f"{data[e.start]:#04x}); save it as UTF-8") from e
+    # Universal newlines, as reading the file as text would.
+    prompts += [line.rstrip("\n") for line in io.StringIO(text, newline=None)]
   if not prompts:
     raise UserError("give --prompt or --prompts_file")
   return prompts

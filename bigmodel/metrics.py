@@ -29,6 +29,11 @@ class MetricsWriter:
         self._tensorboard.add_scalar(key, value, step)
     self._print(record)
 
+  def write_event(self, step: int, **fields: Any) -> None:
+    """A record for ``metrics.jsonl`` only, e.g. ``resumed_from``: steps after it
+    may repeat ones logged before (keep the last record of each step)."""
+    self._jsonl.write(json.dumps({"step": int(step), **fields}) + "\n")
+
   def _print(self, record: dict[str, Any]) -> None:
     shown = [f"step {record['step']}/{self._total_steps}"]
     for key, fmt in (("loss", ".4f"), ("eval_loss", ".4f"), ("eval_perplexity", ".2f"),

@@ -7,8 +7,10 @@ is resumed exactly from the latest usable one. SIGTERM finishes the current
 step, saves, and exits 0. Prints a sample from the trained model at the end.
 """
 import functools
+import logging as logging_std
 import os
 import signal
+import sys
 import time
 from typing import Callable, Optional
 
@@ -16,19 +18,20 @@ from absl import app
 from absl import flags
 from absl import logging
 import jax
-import jax.numpy as jnp
 from jax.experimental import multihost_utils
 import ml_collections
 from ml_collections import config_flags
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from bigmodel import cli
+from bigmodel import console
 from bigmodel import distributed  # Also defines the multi-process flags.
 from bigmodel import flops
+from bigmodel import resume
 from bigmodel import sharding
-from bigmodel.checkpoint import Checkpointer
+from bigmodel.checkpoint import Checkpointer, CheckpointWriteError
 from bigmodel.config import validate
-from bigmodel.data import build_datasets
+from bigmodel.data import build_datasets, validate_data_config
 from bigmodel.errors import UserError, fail, user_errors_exit
 from bigmodel.evaluation import classification_eval_args, evaluate
 from bigmodel.generation.generator import Generator
@@ -36,32 +39,68 @@ from bigmodel.metrics import MetricsWriter
 from bigmodel.models import ModelConfig, build_model
 from bigmodel.optim import make_optimizer
 from bigmodel.pretrained import init_from_pretrained
+from bigmodel.run_lock import RunLock
 from bigmodel.state import abstract_sharded_state, create_sharded_state
-from bigmodel.train_step import eval_step, make_train_step
+from bigmodel.train_step import all_finite, eval_step, make_train_step
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Config file and preset, e.g. configs/gpt.py:tiny.", lock_config=True)
 _WORKDIR = flags.DEFINE_string(
     "workdir", None, "Directory for the config, metrics, tokenizer, data and checkpoints.")
+# Exit status when a checkpoint cannot be written (a full disk, ...); bad input is 2.
+CHECKPOINT_WRITE_FAILED = 3
 
 
-class PreemptionFlag:
-  """Whether to save and exit after a step, once a SIGTERM has arrived.
+def make_workdir(workdir: str) -> None:
+  """Creates ``workdir`` (and parents); UserError if that is impossible."""
+  try:
+    os.makedirs(workdir, exist_ok=True)
+  except OSError as e:
+    raise UserError(f"cannot create the workdir {workdir}: {e.strerror or e}") from None
+  if not os.access(workdir, os.W_OK | os.X_OK):
+    raise UserError(f"cannot write to the workdir {workdir}: permission denied")
 
-  One process: a SIGTERM handler sets a flag that the loop reads between
-  steps. Several processes: the signal may reach some of them, at different
-  steps, yet the save is collective, so JAX's preemption sync manager (which
-  catches SIGTERM itself and tells every process) picks one step for all.
+
+class StoppedBeforeStart(Exception):
+  """SIGTERM or Ctrl-C before the first step: nothing to save, exit 0."""
+
+
+class StopRequest:
+  """Whether to save and exit after a step, once SIGTERM or Ctrl-C (SIGINT) arrived.
+
+  One process: a handler sets a flag that the loop reads between steps; a
+  signal before the first step stops the start-up at once (nothing to save),
+  and a second Ctrl-C exits at once. Several processes: the signal may reach
+  some of them, at different steps, yet the save is collective, so JAX's
+  preemption sync manager (which catches SIGTERM itself and tells every
+  process) picks one step for all; Ctrl-C is forwarded to it as SIGTERM.
   """
 
   def __init__(self):
     self._requested = False
+    self._started = False
     self._multi_process = jax.process_count() > 1
-    if not self._multi_process:
-      self._previous = signal.signal(signal.SIGTERM, self._handle)
+    self._previous = {}
+    signals = (signal.SIGINT,) if self._multi_process else (signal.SIGTERM, signal.SIGINT)
+    for signum in signals:
+      self._previous[signum] = signal.signal(signum, self._handle)
 
   def _handle(self, signum, frame):  # pylint: disable=unused-argument
+    if self._multi_process:
+      os.kill(os.getpid(), signal.SIGTERM)  # JAX's preemption notifier takes it from here.
+      return
+    if not self._started:
+      raise StoppedBeforeStart(signal.Signals(signum).name)
+    if self._requested and signum == signal.SIGINT:
+      raise KeyboardInterrupt  # The second Ctrl-C: exit now, without saving.
     self._requested = True
+    if signum == signal.SIGINT:
+      print("\nCtrl-C: saving after this step (press again to exit at once)",
+            file=sys.stderr, flush=True)
+
+  def start(self) -> None:
+    """From here on a signal requests a save instead of stopping the start-up."""
+    self._started = True
 
   def reached(self, step: int) -> bool:
     """True at the step to save and exit at; call once per step."""
@@ -70,8 +109,8 @@ class PreemptionFlag:
     return self._requested
 
   def restore(self):
-    if not self._multi_process:
-      signal.signal(signal.SIGTERM, self._previous)
+    for signum, previous in self._previous.items():
+      signal.signal(signum, previous)
 
 
 def check_batch_layout(config, mesh) -> None:
@@ -84,13 +123,16 @@ def check_batch_layout(config, mesh) -> None:
         f"size {dp} (mesh data={mesh.shape['data']} x fsdp={mesh.shape['fsdp']})")
 
 
-@jax.jit
-def _all_finite(tree) -> jax.Array:
-  return jnp.all(jnp.stack([jnp.isfinite(x).all() for x in jax.tree_util.tree_leaves(tree)]))
+_all_finite = jax.jit(all_finite)
 
 
 class Trainer:
-  """One training run: builds everything from the config, then ``run()``."""
+  """One training run: builds everything from the config, then ``run()``.
+
+  Nothing is written before the whole config is validated and the workdir's
+  lock is taken (one trainer per workdir); ``config.json`` is written only
+  once the run has its initial state, i.e. for a run that starts.
+  """
 
   def __init__(self, config: ml_collections.ConfigDict, workdir: str,
                on_metrics: Optional[Callable[[int, dict], None]] = None,
@@ -98,35 +140,85 @@ class Trainer:
     """``on_metrics(step, record)`` sees every logged record (notebook plots);
     ``devices`` (default: all) are the ones ``config.mesh`` spans."""
     validate(config)
+    validate_data_config(config, jax.process_count())
     self.config, self.workdir, self.on_metrics = config, workdir, on_metrics
     self.mesh = sharding.make_mesh(config.mesh, devices)
     check_batch_layout(config, self.mesh)
-    os.makedirs(workdir, exist_ok=True)
     self.is_writer = jax.process_index() == 0
-    if self.is_writer:
-      cli.write_config(config, os.path.join(workdir, "config.json"))
-    self.datasets = build_datasets(config, workdir, jax.process_index(), jax.process_count())
-    self.model = build_model(config.model)
-    self.optimizer, self.schedule = make_optimizer(config.optim, config.train.steps)
-    self.checkpointer = Checkpointer(workdir, keep=config.checkpoint.keep,
-                                     keep_best=config.checkpoint.keep_best,
-                                     async_save=config.checkpoint.async_save)
+    self.stop = StopRequest()  # From here a signal ends the start-up cleanly.
+    self._lock: Optional[RunLock] = None
+    self._log_file = None
+    self.checkpointer = None
+    try:
+      if self.is_writer:  # On several processes only the coordinator takes the lock.
+        make_workdir(workdir)
+        self._lock = RunLock(workdir)
+        stale = self._lock.acquire()
+        if stale:
+          print(f"took over the workdir lock: {stale}", flush=True)
+      self._log_file = console.add_log_file(os.path.join(workdir, (
+          "train.log" if self.is_writer else f"train.process_{jax.process_index()}.log")))
+      if jax.process_count() > 1:
+        multihost_utils.sync_global_devices("bigmodel_workdir_locked")
+      self.checkpointer = Checkpointer(workdir, keep=config.checkpoint.keep,
+                                       keep_best=config.checkpoint.keep_best,
+                                       async_save=config.checkpoint.async_save)
+      self.model = build_model(config.model)
+      self.optimizer, self.schedule = make_optimizer(config.optim, config.train.steps)
+      self.data_changes = self._check_saved_config()
+      self.datasets = build_datasets(config, workdir, jax.process_index(), jax.process_count())
+    except BaseException:
+      self._release()
+      raise
     self.peak_tflops, peak_source = flops.peak_tflops_per_device(
         config.train.peak_tflops_per_device, config.model.dtype)
     logging.info("peak %.1f TFLOP/s per device (%s)", self.peak_tflops, peak_source)
+
+  def _release(self) -> None:
+    self.stop.restore()
+    if self.checkpointer is not None:
+      self.checkpointer.close()
+    if self._log_file is not None:
+      logging_std.getLogger().removeHandler(self._log_file)
+      self._log_file.close()
+    if self._lock is not None:
+      self._lock.release()
+
+  def _check_saved_config(self) -> list[str]:
+    """Compares the newest checkpoint's config with this one (see ``bigmodel.resume``)."""
+    for step in reversed(self.checkpointer.all_steps()):
+      try:
+        saved = self.checkpointer.restore_config(step)
+      except Exception:  # pylint: disable=broad-except
+        continue  # A corrupt checkpoint: restoring reports it and uses an older one.
+      with sharding.activate(self.mesh):
+        abstract_state, _ = abstract_sharded_state(self.config, self.model, self.optimizer,
+                                                   self.mesh)
+        return resume.check_saved_config(saved, self.config, step, abstract_state, self.mesh)
+    return []
 
   def _initial_state(self):
     """The latest usable checkpoint (resharded onto this mesh), or a fresh state."""
     abstract_state, state_shardings = abstract_sharded_state(
         self.config, self.model, self.optimizer, self.mesh)
-    restored = self.checkpointer.restore_latest_usable(abstract_state)
+    train_iter = self.datasets.train_iter
+
+    def accept_data_state(data_state):
+      try:
+        train_iter.set_state(data_state)
+      except Exception:  # pylint: disable=broad-except
+        if not self.data_changes:
+          raise  # Same data: a state that does not load is a damaged checkpoint.
+        print("the saved data position does not fit the changed data settings; reading "
+              "the data from its start", flush=True)
+
+    restored = self.checkpointer.restore_latest_usable(abstract_state, accept_data_state)
     if restored is None:
       state, _ = create_sharded_state(self.config, self.model, self.optimizer, self.mesh)
       if self.config.init_from:
         state = init_from_pretrained(state, self.config, self.mesh)
       return state, state_shardings
-    step, state, data_state = restored
-    self.datasets.train_iter.set_state(data_state)
+    step, state, _ = restored
     print(f"resuming from the checkpoint at step {step} in {self.checkpointer.directory}",
           flush=True)
     return state, state_shardings
@@ -140,12 +232,16 @@ class Trainer:
 
   def _check_nonfinite(self, metrics: dict[str, float], step: int, seen: int) -> int:
     """Applies ``train.nonfinite`` to updates skipped since the last check."""
-    count = int(metrics["nonfinite_steps"])
+    count, in_a_row = int(metrics["nonfinite_steps"]), int(metrics["nonfinite_in_a_row"])
     if count > seen:
-      message = (f"{count - seen} update(s) with a non-finite loss or gradient up to step "
-                 f"{step} (loss {metrics['loss']})")
+      message = (f"{count - seen} update(s) with a non-finite loss, gradient or update up to "
+                 f"step {step} (loss {metrics['loss']})")
+      limit = self.config.train.max_nonfinite
       if self.config.train.nonfinite == "halt":
         raise UserError(message + "; halting (train.nonfinite=halt)")
+      if in_a_row >= limit or count - seen >= limit:
+        raise UserError(f"{message}, {in_a_row} in a row; halting: the run diverged "
+                        f"(train.max_nonfinite={limit})")
       logging.warning("%s; skipped them (train.nonfinite=skip)", message)
     return count
 
@@ -153,13 +249,17 @@ class Trainer:
     """Trains up to ``train.steps``; returns the last logged metrics."""
     config, mesh = self.config, self.mesh
     train_cfg = config.train
-    preemption = PreemptionFlag()
-    writer = MetricsWriter(self.workdir, train_cfg.steps, train_cfg.progress) \
-        if self.is_writer else None
+    writer = None
     last_metrics: dict[str, float] = {}
     try:
       with sharding.activate(mesh):
         state, state_shardings = self._initial_state()
+        start_step = int(state.step)
+        if self.is_writer:
+          cli.write_config(config, os.path.join(self.workdir, "config.json"))
+          writer = MetricsWriter(self.workdir, train_cfg.steps, train_cfg.progress)
+          if start_step:  # Readers keep the last record of a step logged twice.
+            writer.write_event(start_step, resumed_from=start_step)
         num_params = sum(x.size for x in jax.tree_util.tree_leaves(state.params))
         logging.info("model: %s, %.2fM parameters; mesh %s", config.model.family,
                      num_params / 1e6, dict(mesh.shape))
@@ -175,9 +275,9 @@ class Trainer:
                           in_shardings=(state_shardings.params, batch_sharding),
                           out_shardings=replicated)
 
-        start_step = int(state.step)
         nonfinite_seen = None
         interval_start, interval_steps = None, 0
+        self.stop.start()
         for step in range(start_step + 1, train_cfg.steps + 1):
           batch = sharding.global_batch(next(self.datasets.train_iter), mesh)
           if step == start_step + 1:
@@ -193,9 +293,9 @@ class Trainer:
             interval_start, interval_steps = time.perf_counter(), 0
           is_last = step == train_cfg.steps
           save_every = config.checkpoint.save_every
-          # Read once: a SIGTERM arriving later in this step must not make it
+          # Read once: a signal arriving later in this step must not make it
           # exit without the save that the flag promises.
-          preempted = preemption.reached(step)
+          preempted = self.stop.reached(step)
           will_save = is_last or preempted or (save_every and step % save_every == 0)
           record: dict[str, float] = {}
           if step % train_cfg.log_every == 0 or is_last or will_save:
@@ -232,16 +332,17 @@ class Trainer:
             return last_metrics
         self.checkpointer.wait()
     finally:
-      preemption.restore()
       if writer:
         writer.close()
-      self.checkpointer.close()
       if hasattr(self.datasets.train_iter, "close"):
         self.datasets.train_iter.close()  # Stops grain's worker processes, if any.
+      self._release()
 
+    # Every process takes part: generation is a computation over the global mesh.
     if (config.model.family == "gpt" and self.datasets.tokenizer is not None
-        and train_cfg.sample_tokens > 0 and self.is_writer):
-      print_sample(config, self.model, state.params, self.datasets.tokenizer, mesh)
+        and train_cfg.sample_tokens > 0):
+      print_sample(config, self.model, state.params, self.datasets.tokenizer, mesh,
+                   show=self.is_writer)
     return last_metrics
 
 
@@ -250,12 +351,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   return Trainer(config, workdir).run()
 
 
-def print_sample(config, model, params, tokenizer, mesh) -> None:
-  """Prints ``train.sample_prompt`` and a sampled continuation, cut at end-of-text."""
+def print_sample(config, model, params, tokenizer, mesh, show: bool = True) -> None:
+  """Prints ``train.sample_prompt`` and a sampled continuation, cut at end-of-text.
+
+  Every process of a multi-process run must call it (``show`` on one).
+  """
   generator = Generator(model, params, config, tokenizer, mesh)
   completion, = generator.generate(
       config.train.sample_prompt, max_new_tokens=config.train.sample_tokens,
       temperature=config.train.sample_temperature, seed=config.train.seed + 1)
+  if not show:
+    return
   print("----- sample -----")
   print(config.train.sample_prompt + completion)
   print("------------------", flush=True)
@@ -267,7 +373,18 @@ def main(argv):
   cli.require_flags("config", "workdir")
   distributed.initialize()  # Joins the other processes, if any, before devices are used.
   with distributed.failure_guard(), user_errors_exit():
-    train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+    try:
+      train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+    except StoppedBeforeStart as e:
+      print(f"stopped by {e} before the first step: nothing to save", flush=True)
+    except CheckpointWriteError as e:
+      print(f"error: {e}", file=sys.stderr, flush=True)
+      if jax.process_count() > 1:
+        sys.exit(CHECKPOINT_WRITE_FAILED)  # failure_guard tells the other processes.
+      # orbax's abandoned write tasks would print tracebacks at interpreter
+      # shutdown; the trainer has already released everything it holds.
+      sys.stdout.flush()
+      os._exit(CHECKPOINT_WRITE_FAILED)  # pylint: disable=protected-access
 
 
 if __name__ == "__main__":

@@ -62,15 +62,34 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, model: nn.Modu
 
   updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
+  # optax.apply_if_finite skips an update whose gradient is not finite; an
+  # update that turns finite gradients into non-finite parameters (e.g. a zero
+  # epsilon) is skipped here and counted the same way.
+  params, opt_state = jax.lax.cond(
+      all_finite(params), lambda: (params, opt_state),
+      lambda: (state.params, _count_skipped(state.opt_state)))
   metrics = {
       "loss": loss,
       "grad_norm": optax.tree.norm(grads),
       "learning_rate": schedule(state.step),
-      # Updates skipped so far for a non-finite gradient (optax.apply_if_finite).
+      # Updates skipped so far, and in a row up to this one.
       "nonfinite_steps": opt_state.total_notfinite,
+      "nonfinite_in_a_row": opt_state.notfinite_count,
   }
   new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state, rng=rng)
   return new_state, metrics
+
+
+def all_finite(tree: Any) -> jax.Array:
+  """A bool scalar: every element of every leaf is finite."""
+  return jnp.all(jnp.stack([jnp.isfinite(x).all() for x in jax.tree_util.tree_leaves(tree)]))
+
+
+def _count_skipped(opt_state: optax.ApplyIfFiniteState) -> optax.ApplyIfFiniteState:
+  """``opt_state`` unchanged but for one more skipped update in its counters."""
+  return opt_state._replace(notfinite_count=opt_state.notfinite_count + 1,
+                            last_finite=jnp.array(False),
+                            total_notfinite=opt_state.total_notfinite + 1)
 
 
 def eval_step(params: Any, batch: dict[str, jax.Array], *, model: nn.Module) -> dict[str, jax.Array]:

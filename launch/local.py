@@ -14,7 +14,8 @@ SIGINT / SIGTERM are passed on to every process.
 
 Exit status: 0 when every process exited 0; otherwise the first failure's
 status (128 + signal number for a process killed by a signal); 2 for bad
-launcher flags.
+launcher flags, a program that cannot be run or logs that cannot be written
+(checked before any process starts).
 """
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ import argparse
 import os
 import re
 import shlex
+import shutil
 import signal
 import socket
 import subprocess
@@ -33,6 +35,10 @@ from typing import Optional, Sequence
 _DEVICE_COUNT_FLAG = "--xla_force_host_platform_device_count"
 _POLL_SECONDS = 0.1
 _TAIL_LINES = 30
+
+
+class LaunchError(Exception):
+  """The processes cannot be started: reported as one ``error:`` line, exit status 2."""
 
 
 class _Parser(argparse.ArgumentParser):
@@ -68,6 +74,8 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser.error(f"--devices_per_process={args.devices_per_process} must be >= 1")
   if not 0 <= args.port < 65536:
     parser.error(f"--port={args.port} must be in [0, 65535]")
+  if args.log_dir and os.path.exists(args.log_dir) and not os.path.isdir(args.log_dir):
+    parser.error(f"--log_dir={args.log_dir} is an existing file; give a folder")
   taken = [a for a in args.command
            if re.match(r"--(coordinator_address|num_processes|process_id)(=|$)", a)]
   if taken:
@@ -95,6 +103,17 @@ def process_command(command: Sequence[str], address: str, num_processes: int,
                     process_id: int) -> list[str]:
   return [*command, f"--coordinator_address={address}", f"--num_processes={num_processes}",
           f"--process_id={process_id}"]
+
+
+def check_program(program: str, env: dict[str, str]) -> None:
+  """Raises LaunchError unless ``program`` can be run (as Popen would find it)."""
+  if os.sep in program:
+    if not os.path.isfile(program):
+      raise LaunchError(f"cannot run {program}: no such file")
+    if not os.access(program, os.X_OK):
+      raise LaunchError(f"cannot run {program}: not executable")
+  elif shutil.which(program, path=env.get("PATH", os.defpath)) is None:
+    raise LaunchError(f"cannot run {program}: no such program on PATH")
 
 
 def default_log_dir(command: Sequence[str]) -> str:
@@ -136,27 +155,57 @@ class Launch:
     self.log_dir = args.log_dir or default_log_dir(args.command)
     self.processes: list[subprocess.Popen] = []
     self.log_paths: list[Optional[str]] = []
+    self.logs: list = []  # Opened by prepare(): process i's stdout (None: this terminal).
 
   def commands(self) -> list[tuple[dict[str, str], list[str]]]:
     env = process_env(dict(os.environ), self.args.devices_per_process)
     return [(env, process_command(self.args.command, self.address, self.args.num_processes, i))
             for i in range(self.args.num_processes)]
 
-  def start(self) -> None:
-    os.makedirs(self.log_dir, exist_ok=True)
-    for i, (env, command) in enumerate(self.commands()):
-      if i == 0:
-        stdout, path = None, None  # Process 0 streams to this terminal.
-      else:
+  def prepare(self) -> None:
+    """Checks the program and opens the logs, before any process starts: a launch
+    refused later would leave the started processes waiting for their peers."""
+    env, command = self.commands()[0]
+    check_program(command[0], env)
+    logs = [None]  # Process 0 streams to this terminal.
+    try:
+      if self.args.num_processes > 1:
+        os.makedirs(self.log_dir, exist_ok=True)
+      for i in range(1, self.args.num_processes):
         path = os.path.join(self.log_dir, f"process_{i}.log")
-        stdout = open(path, "w")  # pylint: disable=consider-using-with
-      # Own process group: stopping a process also stops its children (grain workers).
-      self.processes.append(subprocess.Popen(command, env=env, stdout=stdout,
-                                             stderr=subprocess.STDOUT if stdout else None,
-                                             start_new_session=True))
-      if stdout is not None:
-        stdout.close()
-      self.log_paths.append(path)
+        logs.append(open(path, "w"))  # pylint: disable=consider-using-with
+    except OSError as e:
+      for log in logs[1:]:
+        log.close()
+      raise LaunchError(f"cannot write the logs in {self.log_dir}: {e.strerror or e}"
+                        f"{f': {e.filename}' if e.filename else ''}") from e
+    self.logs = logs
+
+  def start(self) -> None:
+    """Starts every process (after prepare()), or none: stopped if one fails to start."""
+    if not self.logs:
+      self.prepare()
+    commands, logs = self.commands(), self.logs
+    try:
+      for i, (env, command) in enumerate(commands):
+        stdout = logs[i]
+        # Own process group: stopping a process also stops its children (grain workers).
+        self.processes.append(subprocess.Popen(command, env=env, stdout=stdout,
+                                               stderr=subprocess.STDOUT if stdout else None,
+                                               start_new_session=True))
+        self.log_paths.append(stdout.name if stdout else None)
+    except OSError as e:
+      # Without all of them the started ones would wait for their peers for ever.
+      self.signal_all(signal.SIGKILL)
+      for process in self.processes:
+        process.wait()
+      raise LaunchError(f"cannot start process {len(self.processes)} "
+                        f"({shlex.join(commands[len(self.processes)][1])}): "
+                        f"{e.strerror or e}") from e
+    finally:
+      for log in logs[1:]:
+        log.close()  # The processes hold their own copies.
+      self.logs = []
 
   def signal_all(self, signum: int) -> None:
     for process in self.processes:
@@ -207,16 +256,21 @@ def main(argv: Sequence[str]) -> int:
       print(f"XLA_FLAGS={shlex.quote(env['XLA_FLAGS'])} JAX_PLATFORMS={env['JAX_PLATFORMS']} "
             + shlex.join(command))
     return 0
-  print(f"launch: {args.num_processes} processes x {args.devices_per_process} CPU devices, "
-        f"coordinator {launch.address}; processes 1.. log to {launch.log_dir}",
-        file=sys.stderr, flush=True)
 
   def forward(signum, frame):  # pylint: disable=unused-argument
     launch.signal_all(signum)  # SIGTERM: each trainer saves and exits 0.
 
   signal.signal(signal.SIGINT, forward)
   signal.signal(signal.SIGTERM, forward)
-  launch.start()
+  try:
+    launch.prepare()
+    print(f"launch: {args.num_processes} processes x {args.devices_per_process} CPU devices, "
+          f"coordinator {launch.address}; processes 1.. log to {launch.log_dir}",
+          file=sys.stderr, flush=True)
+    launch.start()
+  except LaunchError as e:
+    print(f"error: {e}", file=sys.stderr, flush=True)
+    return 2
   return launch.wait()
 
 

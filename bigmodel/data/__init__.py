@@ -8,11 +8,11 @@ The trainer calls :func:`build_datasets` (in :mod:`bigmodel.data.datasets`);
 :func:`decode` renders them.
 """
 from bigmodel.data.datasets import TASKS, Datasets, build_datasets
-from bigmodel.data.datasets import is_encoder_decoder
+from bigmodel.data.datasets import is_encoder_decoder, validate_data_config
 from bigmodel.data.seq2seq_pipeline import segment_exact_match
 from bigmodel.data.special import SpecialIds, decode, special_ids
 from bigmodel.data.tokenizer import Tokenizer
 
 __all__ = ["Datasets", "SpecialIds", "TASKS", "Tokenizer", "build_datasets",
            "decode", "is_encoder_decoder", "segment_exact_match",
-           "special_ids"]
+           "special_ids", "validate_data_config"]

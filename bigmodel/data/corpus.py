@@ -23,11 +23,14 @@ warning.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import fnmatch
 import glob
 import hashlib
+import io
 import os
+import sys
 import sysconfig
 import time
 from collections.abc import Iterator, Mapping, Sequence
@@ -40,6 +43,9 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from bigmodel.errors import UserError
+
+# Bytes read from each corpus file to tell text from binary.
+_BINARY_SNIFF_BYTES = 8192
 
 # Share of the files that go to the validation split, in 1/10000.
 _VALIDATION_PER_10000 = 200
@@ -146,15 +152,21 @@ def resolve_files(paths: str, file_pattern: str) -> list[CorpusFile]:
     path = os.path.abspath(name)
     try:
       stat = os.stat(path)
+      with open(path, "rb") as f:
+        head = f.read(_BINARY_SNIFF_BYTES)
     except OSError as e:
       logging.warning("Skipping unreadable corpus file %s: %s", path, e)
+      continue
+    if b"\0" in head:  # git's test for a binary file.
+      print(f"warning: skipping {path}: a binary file (NUL bytes), not text",
+            file=sys.stderr, flush=True)
       continue
     files.append(CorpusFile(path=path, relpath=os.path.relpath(path, root),
                             size=stat.st_size, mtime_ns=stat.st_mtime_ns))
   files.sort(key=lambda f: f.relpath)
   where = f"data.paths={paths!r}" if paths else "the Python standard library"
   if not files:
-    raise UserError(f"no file matching data.file_pattern={file_pattern!r} in"
+    raise UserError(f"no text file matching data.file_pattern={file_pattern!r} in"
                     f" {where}; set data.paths or data.file_pattern")
   if not any(f.size for f in files):
     raise UserError(f"the corpus in {where} is empty: all {len(files)} files"
@@ -276,7 +288,8 @@ def load_text_files(paths: str, file_pattern: str,
     start = time.perf_counter()
     tfds.disable_progress_bar()  # Progress bars would flood the training log.
     try:
-      builder.download_and_prepare()
+      with contextlib.redirect_stdout(io.StringIO()):  # tfds prints "Downloading ...".
+        builder.download_and_prepare()
     except Exception:  # pylint: disable=broad-except
       # Hosts sharing data_dir race to rename their finished copy into
       # place; losing that race is fine since the copies are identical.
@@ -296,14 +309,31 @@ def load_text_files(paths: str, file_pattern: str,
                     text_key="text")
 
 
+def check_offline_tfds_name(name: str, example: str = "lm1b") -> None:
+  """UserError for a tfds name that cannot be opened without the network.
+
+  A namespaced name (``huggingface:imdb``, ``kubric:...``) makes tfds query
+  the community registry or the Hugging Face hub before anything else, so it
+  is refused before tfds sees it.
+  """
+  if not name:
+    raise UserError(f"data.source='tfds' needs data.tfds_name, e.g. {example!r}")
+  namespace, sep, _ = name.split("/")[0].partition(":")
+  if sep:
+    raise UserError(
+        f"data.tfds_name={name!r} is a community dataset (namespace {namespace!r}) that tfds "
+        "fetches over the network, and bigmodel never downloads; use a registered tfds "
+        "dataset prepared under data.data_dir, or its text as files (data.paths)")
+
+
 def open_prepared_tfds(name: str, data_dir: str | None,
                        example: str) -> tuple[Any, set[str]]:
   """(builder, split names) of a prepared tfds dataset with a train split.
 
-  Never downloads: an unknown or unprepared dataset is a ``UserError``.
+  Never downloads: an unknown, unprepared or community (network) dataset is a
+  ``UserError``.
   """
-  if not name:
-    raise UserError(f"data.source='tfds' needs data.tfds_name, e.g. {example!r}")
+  check_offline_tfds_name(name, example)
   try:
     builder = tfds.builder(name, data_dir=data_dir or None, try_gcs=False)
   except tfds.core.registered.DatasetNotFoundError as e:

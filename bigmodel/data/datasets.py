@@ -45,6 +45,7 @@ from bigmodel.data.special import SpecialIds, special_ids
 from bigmodel.data.synthetic import SyntheticIterator
 from bigmodel.data.tokenizer import Tokenizer, chars_per_token
 from bigmodel.data.tokenizer import load_or_train_tokenizer
+from bigmodel.data.corpus import check_offline_tfds_name
 from bigmodel.errors import UserError
 
 TASKS = ("lm", "mlm", "span_corruption", "classify", "seq2seq")
@@ -120,8 +121,12 @@ def _extra_ids_needed(config: ml_collections.ConfigDict) -> int:
   return 0
 
 
-def _validate(config: ml_collections.ConfigDict, process_count: int) -> None:
-  """Data checks beyond ``bigmodel.config.validate``, before touching any data."""
+def validate_data_config(config: ml_collections.ConfigDict, process_count: int) -> None:
+  """Data checks beyond ``bigmodel.config.validate``, before touching any data.
+
+  Raises:
+    UserError: naming the first setting that cannot work.
+  """
   data, model, train = config.data, config.model, config.train
   if data.task not in TASKS:
     raise UserError(f"--config.data.task={data.task!r} is not one of:"
@@ -130,6 +135,8 @@ def _validate(config: ml_collections.ConfigDict, process_count: int) -> None:
     raise UserError(
         f"train.batch_size={train.batch_size} must be a multiple of"
         f" the number of processes ({process_count})")
+  if data.source == "tfds":
+    check_offline_tfds_name(data.tfds_name)
   if data.num_workers < 0:
     raise UserError(f"data.num_workers={data.num_workers} must be >= 0")
   if data.target_len < 0:
@@ -172,7 +179,7 @@ def build_datasets(config: ml_collections.ConfigDict, workdir: str,
   Raises:
     UserError: for a config or data that cannot work, with what is allowed.
   """
-  _validate(config, process_count)
+  validate_data_config(config, process_count)
   data, train = config.data, config.train
   host = _Host(index=process_index, count=process_count,
                batch_size=train.batch_size // process_count)

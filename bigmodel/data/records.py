@@ -28,9 +28,11 @@ is the index in that list.
 from __future__ import annotations
 
 import collections
+import contextlib
 import csv
 import dataclasses
 import hashlib
+import io
 import json
 import os
 import sys
@@ -306,7 +308,8 @@ def load_task_files(paths: str, kind: str, text_column: str,
         data_dir=data_dir, config=config, file_format="array_record")
     tfds.disable_progress_bar()
     try:
-      builder.download_and_prepare()
+      with contextlib.redirect_stdout(io.StringIO()):  # tfds prints "Downloading ...".
+        builder.download_and_prepare()
     except Exception:  # pylint: disable=broad-except
       if not builder.is_prepared():  # See corpus.load_text_files.
         raise

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import time
 from collections.abc import Callable, Iterable, Sequence
 
@@ -136,10 +137,14 @@ def training_sentences(texts: Iterable[str], seed: int,
     (sentences, number of characters read).
   """
   sentences, num_chars = [], 0
+  # sentencepiece skips sentences over its byte limit outright: longer lines
+  # (minified code, a text without newlines) are cut into pieces that fit.
+  max_len = _MAX_SENTENCE_BYTES // 4
   for text in texts:
     num_chars += len(text)
-    sentences.extend(line for line in text.split("\n")
-                     if line.strip() and len(line) * 4 <= _MAX_SENTENCE_BYTES)
+    for line in text.split("\n"):
+      if line.strip():
+        sentences.extend(line[i:i + max_len] for i in range(0, len(line), max_len))
     if num_chars >= max_chars:
       break
   if len(sentences) > max_sentences:
@@ -190,8 +195,14 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, seed: int = 0,
         minloglevel=2,
     )
   except RuntimeError as e:  # E.g. "Vocabulary size is smaller than required".
-    raise UserError(f"cannot train a tokenizer with data.vocab_size="
-                    f"{vocab_size} on this corpus: {e}") from e
+    reason = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+    match = re.search(r"required_chars\.\s*(\d+) vs (\d+)", str(e))
+    if match:
+      reason = (f"the corpus has {match.group(2)} distinct characters to cover, more than "
+                f"the {match.group(1)} pieces data.vocab_size leaves for them; raise "
+                "data.vocab_size or remove files that are not text of one language")
+    raise UserError(f"cannot train a tokenizer with data.vocab_size={vocab_size} on this "
+                    f"corpus: {reason}") from e
   tokenizer = Tokenizer(model.getvalue())
   logging.info("Trained a %d-piece tokenizer on %d lines (%d characters read)"
                " in %.1f s", tokenizer.vocab_size, len(sentences), num_chars,

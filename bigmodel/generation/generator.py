@@ -20,6 +20,7 @@ from typing import Any, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
+from jax.experimental import multihost_utils
 import ml_collections
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
@@ -172,6 +173,8 @@ class Generator:
         loop = self._loop("sample", num_new, static_key=sampling.static_key(), eos_id=eos)
         out_BxN = loop(self.params, tokens_BxP, lengths_B, jnp.int32(max_new),
                        jax.random.key(seed), sampling.values())
+    if not out_BxN.is_fully_addressable:  # Several processes: every one gets all rows.
+      out_BxN = multihost_utils.process_allgather(out_BxN, tiled=True)
     out_BxN = np.asarray(jax.device_get(out_BxN))
     results = []
     for row, (_, allowed) in enumerate(fitted):

@@ -8,7 +8,7 @@ word embedding (tied) plus its own bias.
 from typing import Any
 
 from bigmodel.errors import UserError
-from bigmodel.hf.mapping import Rule, TO_HF_ACTIVATION, hf_value, mlp_activation
+from bigmodel.hf.mapping import Rule, TO_HF_ACTIVATION, hf_heads_and_width, hf_size, mlp_activation
 from bigmodel.models.config import ModelConfig
 
 MODEL_TYPE = "bert"
@@ -24,12 +24,13 @@ def model_config(hf: dict[str, Any]) -> dict[str, Any]:
   if position_type != "absolute":
     raise UserError(f"config.json position_embedding_type={position_type!r} is not supported "
                     "(only absolute)")
+  num_heads, embed_dim = hf_heads_and_width(hf, "num_attention_heads", "hidden_size")
   return dict(
-      family=FAMILY, vocab_size=hf_value(hf, "vocab_size"),
-      num_layers=hf_value(hf, "num_hidden_layers"), num_heads=hf_value(hf, "num_attention_heads"),
-      num_kv_heads=0, head_dim=0, embed_dim=hf_value(hf, "hidden_size"),
-      mlp_dim=hf_value(hf, "intermediate_size"), max_len=hf_value(hf, "max_position_embeddings"),
-      type_vocab_size=hf.get("type_vocab_size", 2), position_embedding="learned",
+      family=FAMILY, vocab_size=hf_size(hf, "vocab_size"),
+      num_layers=hf_size(hf, "num_hidden_layers"), num_heads=num_heads,
+      num_kv_heads=0, head_dim=0, embed_dim=embed_dim,
+      mlp_dim=hf_size(hf, "intermediate_size"), max_len=hf_size(hf, "max_position_embeddings"),
+      type_vocab_size=hf_size(hf, "type_vocab_size", 2), position_embedding="learned",
       norm_position="post", num_classes=0, layer_norm_epsilon=hf.get("layer_norm_eps", 1e-12),
       mlp_activation=mlp_activation(hf.get("hidden_act", "gelu"), "hidden_act"),
       dropout_rate=hf.get("hidden_dropout_prob", 0.1))

@@ -8,14 +8,15 @@ weights are stored ``[in, out]`` (the transpose of ``nn.Linear``), and
 from typing import Any
 
 from bigmodel.errors import UserError
-from bigmodel.hf.mapping import Rule, TO_HF_ACTIVATION, hf_value, mlp_activation
+from bigmodel.hf.mapping import Rule, TO_HF_ACTIVATION, hf_heads_and_width, hf_size, mlp_activation
 from bigmodel.models.config import ModelConfig
 
 MODEL_TYPE = "gpt2"
 FAMILY = "gpt"
 # Tensors read by no rule that are not weights: causal-mask buffers of old checkpoints.
 IGNORED = (r"(transformer\.)?h\.\d+\.attn\.(masked_)?bias",)
-# Tensors that must equal another when the model ties them: (copy, original).
+# Tensors that must equal another when the model ties them: (copy, original). An
+# untied model (tie_word_embeddings: false) reads lm_head.weight as its own head.
 TIED = (("lm_head.weight", "transformer.wte.weight"),)
 
 
@@ -25,12 +26,15 @@ def model_config(hf: dict[str, Any]) -> dict[str, Any]:
     raise UserError("config.json scale_attn_by_inverse_layer_idx=true is not supported")
   if not hf.get("scale_attn_weights", True):
     raise UserError("config.json scale_attn_weights=false is not supported")
-  embed_dim = hf_value(hf, "n_embd")
+  num_heads, embed_dim = hf_heads_and_width(hf, "n_head", "n_embd")
+  tied = hf.get("tie_word_embeddings", True)  # A string "false" must not tie silently.
+  if not isinstance(tied, bool):
+    raise UserError(f"config.json tie_word_embeddings={tied!r} is not true or false")
   return dict(
-      family=FAMILY, vocab_size=hf_value(hf, "vocab_size"), num_layers=hf_value(hf, "n_layer"),
-      num_heads=hf_value(hf, "n_head"), num_kv_heads=0, head_dim=0, embed_dim=embed_dim,
-      mlp_dim=hf.get("n_inner") or 4 * embed_dim, max_len=hf_value(hf, "n_positions"),
-      position_embedding="learned", tie_embeddings=hf.get("tie_word_embeddings", True),
+      family=FAMILY, vocab_size=hf_size(hf, "vocab_size"), num_layers=hf_size(hf, "n_layer"),
+      num_heads=num_heads, num_kv_heads=0, head_dim=0, embed_dim=embed_dim,
+      mlp_dim=hf_size(hf, "n_inner", 4 * embed_dim), max_len=hf_size(hf, "n_positions"),
+      position_embedding="learned", tie_embeddings=tied,
       layer_norm_epsilon=hf.get("layer_norm_epsilon", 1e-5),
       mlp_activation=mlp_activation(hf.get("activation_function", "gelu_new"),
                                     "activation_function"),

@@ -7,8 +7,10 @@ optimizer state, the config), plus the HF tokenizer in ``WORKDIR/tokenizer``
 fine-tunes from it, and tools that load a workdir's latest checkpoint work on
 it. ``export_hf`` reads any run's checkpoint back into a HF directory.
 """
+import contextlib
 import os
 import re
+import shutil
 from typing import Any, Optional
 
 import jax
@@ -23,8 +25,8 @@ from bigmodel.config import base_config, validate
 from bigmodel.errors import UserError
 from bigmodel.hf import FAMILIES
 from bigmodel.hf.files import TensorReader, read_config, write_model
-from bigmodel.hf.mapping import export_tensors, import_params
-from bigmodel.hf.tokenizer import HfTokenizer, copy_tokenizer_files, has_tokenizer
+from bigmodel.hf.mapping import Rule, export_tensors, import_params
+from bigmodel.hf.tokenizer import HfTokenizer, copy_tokenizer_files, has_tokenizer, tokenizer_files
 from bigmodel.models import T5, ModelConfig, build_model
 from bigmodel.optim import make_optimizer
 from bigmodel.state import TrainState
@@ -71,20 +73,76 @@ def hf_config_to_config(hf: dict[str, Any], family: str) -> ml_collections.Confi
   return config
 
 
-def _check_tied(reader: TensorReader, tied: tuple[tuple[str, str], ...]) -> None:
-  """A stored copy of a tied tensor must equal the original (bigmodel ties them)."""
+def _check_tied(reader: TensorReader, tied: tuple[tuple[str, str], ...],
+                rules: list[Rule]) -> None:
+  """A stored copy of a tied tensor must equal the original (bigmodel ties them).
+
+  A "copy" that a rule reads as a parameter of its own (GPT-2's ``lm_head.weight``
+  when ``tie_word_embeddings`` is false) is no copy and may differ.
+  """
+  own = {rule.hf[0] for rule in rules}
   for copy, original in tied:
-    if reader.has(copy) and reader.has(original):
+    if copy not in own and reader.has(copy) and reader.has(original):
       if not np.array_equal(reader.get(copy, reader.shape(copy)),
                             reader.get(original, reader.shape(original))):
         raise UserError(f"tensor {copy} differs from {original}, but this architecture ties them")
 
 
+# What an import writes into its workdir (cli.write_config goes through config.json.tmp).
+_WRITTEN = ("config.json", "config.json.tmp", CHECKPOINT_DIR, TOKENIZER_DIR)
+
+
+def _check_workdir(workdir: str) -> None:
+  """Import never replaces anything: what it writes must be absent or an empty directory."""
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise UserError(f"--workdir={workdir} is not a directory")
+  for name in _WRITTEN:
+    path = os.path.join(workdir, name)
+    if os.path.lexists(path) and not (os.path.isdir(path) and not os.listdir(path)):
+      raise UserError(f"--workdir={workdir} already holds {name}; choose a new directory")
+
+
+def _remove(path: str) -> None:
+  if os.path.isdir(path) and not os.path.islink(path):
+    shutil.rmtree(path)
+  else:
+    os.remove(path)
+
+
+@contextlib.contextmanager
+def _undone_on_failure(workdir: str):
+  """If the block fails, removes what it wrote into ``workdir``, and nothing else.
+
+  A workdir the block created goes, with any parents it created. Otherwise
+  ``_check_workdir`` let each entry of ``_WRITTEN`` through only absent or an
+  empty directory: those absent are removed, those empty emptied again.
+  """
+  created, parent = None, os.path.abspath(workdir)
+  while not os.path.exists(parent):
+    created, parent = parent, os.path.dirname(parent)
+  empty = {n for n in _WRITTEN if os.path.isdir(os.path.join(workdir, n))}
+  try:
+    yield
+  except BaseException:
+    if created:
+      shutil.rmtree(created, ignore_errors=True)
+      raise
+    for name in _WRITTEN:
+      path = os.path.join(workdir, name)
+      if name in empty:
+        for child in os.listdir(path):
+          _remove(os.path.join(path, child))
+      elif os.path.lexists(path):
+        _remove(path)
+    raise
+
+
 def import_hf(hf_dir: str, family: Optional[str], workdir: str) -> dict[str, Any]:
   """Converts the HF model in ``hf_dir`` into a bigmodel workdir.
 
-  Returns a summary: family, parameter count, the tokenizer kept (or None) and
-  the HF tensors no parameter came from.
+  Everything is read and checked before the first write, and a failure while
+  writing removes what was written. Returns a summary: family, parameter
+  count, the tokenizer kept (or None) and the HF tensors no parameter came from.
   """
   hf = read_config(hf_dir)
   family = family or next((f for f, m in FAMILIES.items() if m.MODEL_TYPE == hf.get("model_type")),
@@ -93,32 +151,33 @@ def import_hf(hf_dir: str, family: Optional[str], workdir: str) -> dict[str, Any
     raise UserError(f"config.json describes a {hf.get('model_type')!r} model; supported: "
                     f"{', '.join(FAMILIES)}")
   config = hf_config_to_config(hf, family)
-  if os.path.isdir(os.path.join(workdir, CHECKPOINT_DIR)) and os.listdir(
-      os.path.join(workdir, CHECKPOINT_DIR)):
-    raise UserError(f"--workdir={workdir} already holds checkpoints; choose a new directory")
+  _check_workdir(workdir)
   name_map = FAMILIES[family]
   reader = TensorReader(hf_dir)
   model = build_model(config.model)
   model_config = ModelConfig.from_config(config.model)
-  flat = import_params(name_map.rules(model_config, hf), reader,
-                       param_shapes(model, config.data.seq_len), scan=config.model.scan)
-  _check_tied(reader, name_map.TIED)
+  rules = name_map.rules(model_config, hf)
+  flat = import_params(rules, reader, param_shapes(model, config.data.seq_len),
+                       scan=config.model.scan)
+  _check_tied(reader, name_map.TIED, rules)
   reader.mark_used(n for pair in name_map.TIED for n in pair if reader.has(n))
   unused = [n for n in reader.unused()
             if not any(re.fullmatch(p, n) for p in name_map.IGNORED)]
-
-  os.makedirs(workdir, exist_ok=True)
-  tokenizer_files = copy_tokenizer_files(hf_dir, os.path.join(workdir, TOKENIZER_DIR))
-  if has_tokenizer(os.path.join(workdir, TOKENIZER_DIR)):
+  tokenizer_names = tokenizer_files(hf_dir)
+  if has_tokenizer(hf_dir):
     config.data.tokenizer = os.path.abspath(os.path.join(workdir, TOKENIZER_DIR))
-    config.data.vocab_size = HfTokenizer(config.data.tokenizer).vocab_size
+    config.data.vocab_size = HfTokenizer(hf_dir).vocab_size
   else:  # A tokenizer trained later must fit the embedding.
     config.data.vocab_size = min(config.data.vocab_size, config.model.vocab_size)
   validate(config)
-  _save_checkpoint(workdir, config, _unflatten(flat))
-  cli.write_config(config, os.path.join(workdir, "config.json"))
+
+  with _undone_on_failure(workdir):
+    os.makedirs(workdir, exist_ok=True)
+    copy_tokenizer_files(hf_dir, os.path.join(workdir, TOKENIZER_DIR))
+    _save_checkpoint(workdir, config, _unflatten(flat))
+    cli.write_config(config, os.path.join(workdir, "config.json"))
   return {"family": family, "num_params": sum(x.size for x in flat.values()),
-          "tokenizer": tokenizer_files or None, "unused": unused}
+          "tokenizer": tokenizer_names or None, "unused": unused}
 
 
 def _save_checkpoint(workdir: str, config: ml_collections.ConfigDict, params: Any) -> None:
@@ -151,10 +210,10 @@ def export_hf(workdir: str, out: str, step: Optional[int] = None) -> dict[str, A
   flat = {k: np.asarray(jax.device_get(v), np.float32) for k, v in _flatten(params).items()}
   tensors = export_tensors(name_map.rules(model_config), flat, scan=model_config.scan)
   tokenizer_dir = config["data"].get("tokenizer", "")
-  tokenizer_files = []
+  tokenizer_names = []
   if tokenizer_dir and os.path.isdir(tokenizer_dir):
-    tokenizer_files = copy_tokenizer_files(tokenizer_dir, out)
-    tokenizer = HfTokenizer(tokenizer_dir)
+    tokenizer = HfTokenizer(tokenizer_dir)  # Read before anything is written.
+    tokenizer_names = copy_tokenizer_files(tokenizer_dir, out)
     hf.update(bos_token_id=tokenizer.bos_id, eos_token_id=tokenizer.eos_id,
               pad_token_id=tokenizer.pad_id)
     if family == "t5":
@@ -162,4 +221,4 @@ def export_hf(workdir: str, out: str, step: Optional[int] = None) -> dict[str, A
   hf["torch_dtype"] = "float32"
   write_model(out, hf, tensors)
   return {"family": family, "step": step, "num_tensors": len(tensors),
-          "tokenizer": tokenizer_files or None}
+          "tokenizer": tokenizer_names or None}

@@ -145,15 +145,32 @@ TO_HF_ACTIVATION = {"gelu_tanh": "gelu_new", "gelu_exact": "gelu", "relu": "relu
 
 
 def hf_value(hf_config: dict[str, Any], key: str, default: Any = None) -> Any:
-  """``hf_config[key]``; a missing key without a default is a UserError."""
-  value = hf_config.get(key, default)
+  """``hf_config[key]`` (``default`` if missing or null); UserError if both are missing."""
+  value = hf_config.get(key)
+  value = default if value is None else value
   if value is None:
     raise UserError(f"config.json has no {key!r}")
   return value
 
 
+def hf_size(hf_config: dict[str, Any], key: str, default: Any = None) -> int:
+  """``hf_value``, which must be a positive integer (a width, a count of layers)."""
+  value = hf_value(hf_config, key, default)
+  if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+    raise UserError(f"config.json {key}={value!r} is not a positive integer")
+  return value
+
+
+def hf_heads_and_width(hf_config: dict[str, Any], heads: str, width: str) -> tuple[int, int]:
+  """The head count and model width, which the heads must split evenly."""
+  num_heads, embed_dim = hf_size(hf_config, heads), hf_size(hf_config, width)
+  if embed_dim % num_heads:
+    raise UserError(f"config.json {heads}={num_heads} does not divide {width}={embed_dim}")
+  return num_heads, embed_dim
+
+
 def mlp_activation(hf_name: str, key: str) -> str:
-  if hf_name not in FROM_HF_ACTIVATION:
+  if not isinstance(hf_name, str) or hf_name not in FROM_HF_ACTIVATION:
     raise UserError(f"config.json {key}={hf_name!r} is not supported; supported: "
                     f"{', '.join(FROM_HF_ACTIVATION)}")
   return FROM_HF_ACTIVATION[hf_name]

@@ -14,7 +14,7 @@ checkpoint has no separate ``lm_head.weight``).
 from typing import Any
 
 from bigmodel.errors import UserError
-from bigmodel.hf.mapping import Rule, TO_HF_ACTIVATION, hf_value, mlp_activation
+from bigmodel.hf.mapping import Rule, TO_HF_ACTIVATION, hf_size
 from bigmodel.models.config import ModelConfig
 
 MODEL_TYPE = "t5"
@@ -23,27 +23,29 @@ FAMILY = "t5"
 IGNORED = (r"decoder\.block\.0\.layer\.1\.EncDecAttention\.relative_attention_bias\.weight",)
 TIED = (("encoder.embed_tokens.weight", "shared.weight"),
         ("decoder.embed_tokens.weight", "shared.weight"))
+# feed_forward_proj -> model.mlp_activation: bigmodel's T5 is v1.1, always gated.
+# transformers reads "gated-gelu" as the tanh GELU ("gelu_new"), and "gated-ACT" as ACT.
+FEED_FORWARD_PROJ = {"gated-gelu": "gelu_tanh", "gated-gelu_new": "gelu_tanh",
+                     "gated-gelu_pytorch_tanh": "gelu_tanh", "gated-relu": "relu"}
 
 
 def model_config(hf: dict[str, Any]) -> dict[str, Any]:
   """``config.model`` fields for a T5 ``config.json``."""
   proj = hf.get("feed_forward_proj", "relu")
-  gated, _, act = proj.partition("-")
-  if gated != "gated" or not act:
-    raise UserError(f"config.json feed_forward_proj={proj!r} is not supported: bigmodel's T5 "
-                    "is T5 v1.1 (gated-gelu or gated-relu)")
-  # transformers reads "gated-gelu" as the tanh GELU ("gelu_new").
-  activation = "gelu_tanh" if act == "gelu" else mlp_activation(act, "feed_forward_proj")
-  num_layers = hf_value(hf, "num_layers")
+  if not isinstance(proj, str) or proj not in FEED_FORWARD_PROJ:
+    raise UserError(f"config.json feed_forward_proj={proj!r} is not supported; supported: "
+                    f"{', '.join(FEED_FORWARD_PROJ)}")
+  num_layers = hf_size(hf, "num_layers")
   return dict(
-      family=FAMILY, vocab_size=hf_value(hf, "vocab_size"), num_layers=num_layers,
-      num_decoder_layers=hf.get("num_decoder_layers") or num_layers,
-      num_heads=hf_value(hf, "num_heads"), num_kv_heads=0, head_dim=hf_value(hf, "d_kv"),
-      embed_dim=hf_value(hf, "d_model"), mlp_dim=hf_value(hf, "d_ff"),
+      family=FAMILY, vocab_size=hf_size(hf, "vocab_size"), num_layers=num_layers,
+      num_decoder_layers=hf_size(hf, "num_decoder_layers", num_layers),
+      num_heads=hf_size(hf, "num_heads"), num_kv_heads=0, head_dim=hf_size(hf, "d_kv"),
+      embed_dim=hf_size(hf, "d_model"), mlp_dim=hf_size(hf, "d_ff"),
       position_embedding="relative",
-      relative_buckets=hf.get("relative_attention_num_buckets", 32),
-      relative_max_distance=hf.get("relative_attention_max_distance", 128),
-      layer_norm_epsilon=hf.get("layer_norm_epsilon", 1e-6), mlp_activation=activation,
+      relative_buckets=hf_size(hf, "relative_attention_num_buckets", 32),
+      relative_max_distance=hf_size(hf, "relative_attention_max_distance", 128),
+      layer_norm_epsilon=hf.get("layer_norm_epsilon", 1e-6),
+      mlp_activation=FEED_FORWARD_PROJ[proj],
       tie_embeddings=False, dropout_rate=hf.get("dropout_rate", 0.1))
 
 

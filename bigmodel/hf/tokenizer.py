@@ -16,7 +16,6 @@ start) / ``</s>``.
 """
 from __future__ import annotations
 
-import json
 import os
 import shutil
 from collections.abc import Sequence
@@ -26,6 +25,7 @@ import numpy as np
 import sentencepiece as spm
 
 from bigmodel.errors import UserError
+from bigmodel.hf.files import load_json, model_file
 
 # Files of a HF tokenizer worth keeping with a converted model.
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
@@ -37,9 +37,14 @@ _EOS = ("sep_token", "eos_token", "[SEP]", "<|endoftext|>", "</s>")
 _PAD = ("pad_token", "[PAD]", "<pad>", "<|endoftext|>")
 
 
+def tokenizer_files(source: str) -> list[str]:
+  """The names of the tokenizer files in ``source``; UserError if one resolves outside it."""
+  return [n for n in TOKENIZER_FILES if os.path.isfile(model_file(source, n))]
+
+
 def copy_tokenizer_files(source: str, target: str) -> list[str]:
   """Copies the tokenizer files of ``source`` into ``target``; returns their names."""
-  names = [n for n in TOKENIZER_FILES if os.path.isfile(os.path.join(source, n))]
+  names = tokenizer_files(source)
   if names:
     os.makedirs(target, exist_ok=True)
   for name in names:
@@ -51,6 +56,14 @@ def has_tokenizer(directory: str) -> bool:
   return any(os.path.isfile(os.path.join(directory, n)) for n in ("spiece.model", "tokenizer.json"))
 
 
+def _load(path: str, load: Any) -> Any:
+  """``load()``; a file the library cannot read is a UserError naming it."""
+  try:
+    return load()
+  except Exception as e:  # pylint: disable=broad-except  (both libraries raise bare errors)
+    raise UserError(f"{path} is not a readable tokenizer file: {e}") from e
+
+
 class HfTokenizer:
   """Text <-> ids with a Hugging Face tokenizer directory (see the module doc)."""
 
@@ -60,12 +73,12 @@ class HfTokenizer:
     self._sp: Optional[spm.SentencePieceProcessor] = None
     self._fast: Any = None
     if os.path.isfile(spiece):
-      self._sp = spm.SentencePieceProcessor(model_file=spiece)
+      self._sp = _load(spiece, lambda: spm.SentencePieceProcessor(model_file=spiece))
       self._special = {"pad": self._sp.pad_id(), "eos": self._sp.eos_id()}
       self._special["bos"] = self._sp.bos_id() if self._sp.bos_id() >= 0 else self._special["pad"]
     elif os.path.isfile(fast):
       import tokenizers  # pylint: disable=g-import-not-at-top  (only for tokenizer.json)
-      self._fast = tokenizers.Tokenizer.from_file(fast)
+      self._fast = _load(fast, lambda: tokenizers.Tokenizer.from_file(fast))
       self._special = {role: self._find(candidates)
                        for role, candidates in (("bos", _BOS), ("eos", _EOS), ("pad", _PAD))}
     else:
@@ -78,7 +91,7 @@ class HfTokenizer:
   def _find(self, candidates: Sequence[str]) -> int:
     """The id of the first candidate: a tokenizer_config.json role or a token."""
     config_path = os.path.join(self.directory, "tokenizer_config.json")
-    config = json.load(open(config_path)) if os.path.isfile(config_path) else {}
+    config = load_json(config_path) if os.path.isfile(config_path) else {}
     for candidate in candidates:
       token = config.get(candidate, candidate)
       token = token.get("content") if isinstance(token, dict) else token

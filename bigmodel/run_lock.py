@@ -1,0 +1,129 @@
+"""One trainer per workdir: ``WORKDIR/run.lock`` names the run that owns it.
+
+Two trainers writing one workdir destroy each other's checkpoints and
+interleave ``metrics.jsonl``, so a run takes the lock before it writes
+anything and a second run is refused with one ``error:`` line that names the
+owner (host, pid, start time).
+
+The lock is a file created with ``O_CREAT | O_EXCL`` (atomic on local file
+systems and on NFS v3+). A dead owner must not hold it forever:
+
+* on the same host, a lock whose pid no longer runs is stale;
+* from another host (a shared file system) the pid cannot be checked, so the
+  owner touches the file every ``HEARTBEAT_SECONDS`` and a lock untouched for
+  ``STALE_SECONDS`` is stale.
+
+A stale lock is replaced (and the replacement says so). Only the coordinator
+process (process 0) of a multi-process run takes the lock.
+"""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import threading
+import time
+from typing import Optional
+
+from bigmodel.errors import UserError
+
+LOCK_FILE = "run.lock"
+HEARTBEAT_SECONDS = 20.0
+STALE_SECONDS = 120.0
+
+
+def _pid_running(pid: int) -> bool:
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  except PermissionError:
+    return True  # Exists, owned by another user.
+  return True
+
+
+def _describe(owner: dict) -> str:
+  started = owner.get("started")
+  when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(started)) if started else "?"
+  return f"pid {owner.get('pid', '?')} on {owner.get('host', '?')}, started {when}"
+
+
+class RunLock:
+  """Holds ``WORKDIR/run.lock`` from :meth:`acquire` until :meth:`release`."""
+
+  def __init__(self, workdir: str):
+    self.path = os.path.join(workdir, LOCK_FILE)
+    self._stop = threading.Event()
+    self._thread: Optional[threading.Thread] = None
+    self._owner = {"host": socket.gethostname(), "pid": os.getpid(), "started": time.time()}
+
+  def _stale_reason(self) -> Optional[str]:
+    """Why the existing lock may be taken over, or None if its owner is alive."""
+    try:
+      with open(self.path) as f:
+        owner = json.load(f)
+      age = time.time() - os.stat(self.path).st_mtime
+    except FileNotFoundError:
+      return "gone"
+    except (OSError, ValueError):
+      owner, age = {}, time.time() - os.stat(self.path).st_mtime
+    if not isinstance(owner, dict):
+      owner = {}
+    if owner.get("host") == self._owner["host"] and isinstance(owner.get("pid"), int):
+      if not _pid_running(owner["pid"]):
+        return f"its owner ({_describe(owner)}) is no longer running"
+      raise UserError(f"another run is training in this workdir ({_describe(owner)}); "
+                      f"wait for it or stop it (lock: {self.path})")
+    if age > STALE_SECONDS:
+      return f"its owner ({_describe(owner)}) has not touched it for {age:.0f}s"
+    raise UserError(f"another run is training in this workdir ({_describe(owner)}, lock "
+                    f"touched {age:.0f}s ago); wait for it or stop it (lock: {self.path})")
+
+  def acquire(self) -> Optional[str]:
+    """Takes the lock; returns why an earlier lock was stale, if there was one.
+
+    Raises:
+      UserError: another live run holds it, or the workdir cannot be written.
+    """
+    replaced = None
+    for _ in range(3):  # Another starter may win the race for a stale lock.
+      try:
+        fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666)
+      except FileExistsError:
+        replaced = self._stale_reason()
+        try:
+          os.remove(self.path)
+        except FileNotFoundError:
+          pass
+        continue
+      except OSError as e:
+        raise UserError(f"cannot write to the workdir {os.path.dirname(self.path)}: "
+                        f"{e.strerror or e}") from None
+      with os.fdopen(fd, "w") as f:
+        json.dump(self._owner, f)
+      break
+    else:
+      raise UserError(f"could not take the lock {self.path}: other runs keep taking it")
+    self._thread = threading.Thread(target=self._heartbeat, name="bigmodel-run-lock",
+                                    daemon=True)
+    self._thread.start()
+    return None if replaced == "gone" else replaced
+
+  def _heartbeat(self) -> None:
+    while not self._stop.wait(HEARTBEAT_SECONDS):
+      try:
+        os.utime(self.path)
+      except OSError:
+        pass  # Keep training; a starter may then take the lock over after STALE_SECONDS.
+
+  def release(self) -> None:
+    self._stop.set()
+    if self._thread is not None:
+      self._thread.join(timeout=5)
+    try:
+      with open(self.path) as f:
+        mine = json.load(f) == self._owner
+    except (OSError, ValueError):
+      mine = False
+    if mine:
+      os.remove(self.path)
