@@ -16,11 +16,11 @@ import jax
 import numpy as np
 
 from bigmodel import sharding
-from bigmodel.checkpoint import Checkpointer
+from bigmodel import run as run_lib
 from bigmodel.models import build_model
 from bigmodel.optim import make_optimizer
 from bigmodel.state import create_sharded_state
-from bigmodel.train_step import make_train_step
+from bigmodel.train_step import jit_train_step
 from configs.gpt import get_config
 
 
@@ -47,9 +47,7 @@ def main():
 
   with sharding.activate(mesh):
     state, shardings = create_sharded_state(config, model, optimizer, mesh)
-    step_fn = jax.jit(make_train_step(model, optimizer, schedule, 1),
-                      in_shardings=(shardings, sharding.batch_sharding(mesh)),
-                      out_shardings=(shardings, None), donate_argnums=(0,))
+    step_fn = jit_train_step(model, optimizer, schedule, 1, mesh, shardings)
     batch = sharding.global_batch(batch, mesh)
     state, metrics = step_fn(state, batch)
     jax.block_until_ready(metrics)
@@ -63,8 +61,8 @@ def main():
 
     quiet, overlapped, blocking, durable, sync_saves = [], [], [], [], []
     with tempfile.TemporaryDirectory() as async_dir, tempfile.TemporaryDirectory() as sync_dir:
-      async_ckpt = Checkpointer(async_dir, keep=1, async_save=True)
-      sync_ckpt = Checkpointer(sync_dir, keep=1, async_save=False)
+      async_ckpt = run_lib.checkpointer(async_dir, keep=1, async_save=True)
+      sync_ckpt = run_lib.checkpointer(sync_dir, keep=1, async_save=False)
       step = 1
       for _ in range(args.saves):
         for _ in range(args.steps_between_saves):

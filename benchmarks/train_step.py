@@ -6,9 +6,8 @@ r"""Times the jitted train step: compile time, step time, throughput, MFU, memor
 
 In one process, on synthetic tokens: the device's matmul peak in the training
 dtype (``flops.measured_matmul_tflops``); lower + compile time of the train
-step, built as ``bigmodel.train`` builds it (sharded state, ``make_train_step``,
-``jax.jit`` with in/out shardings and the state donated, under
-``sharding.activate``); the median step time over ``--steps`` steps after
+step, the trainer's own (``train_step.jit_train_step`` on the sharded state,
+under ``sharding.activate``); the median step time over ``--steps`` steps after
 ``--warmup``; tokens/s, model TFLOP/s per device (``flops.train_flops_per_step``,
 the trainer's ``mfu`` count) and MFU against the measured and the datasheet
 peak, and step by step against a matmul timed just before each step (robust
@@ -33,32 +32,28 @@ from typing import Any, Optional
 from absl import app
 from absl import flags
 import jax
-import jax.numpy as jnp
 import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec as P
 
 from bigmodel import flops
 from bigmodel import memory
 from bigmodel import plan
 from bigmodel import sharding
 from bigmodel.config import validate
+from bigmodel.data import train_batch_spec
 from bigmodel.data.synthetic import SyntheticIterator
 from bigmodel.errors import UserError
-from bigmodel.models import ModelConfig, build_model
+from bigmodel.models import ModelConfig, build_model, families
 from bigmodel.optim import make_optimizer
 from bigmodel.state import abstract_sharded_state, create_sharded_state
-from bigmodel.train_step import make_train_step
+from bigmodel.train_step import jit_train_step
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def abstract_batch(config, mesh) -> dict[str, jax.ShapeDtypeStruct]:
-  """The GPT batch's shapes and placement (see ``bigmodel.data``): [B, L] each."""
-  shape = (config.train.batch_size, config.data.seq_len)
-  batch_sharding = sharding.batch_sharding(mesh)
-  dtypes = dict(inputs=jnp.int32, targets=jnp.int32, segment_ids=jnp.int32,
-                positions=jnp.int32, loss_mask=jnp.float32)
-  return {k: jax.ShapeDtypeStruct(shape, d, sharding=batch_sharding) for k, d in dtypes.items()}
+  """The train batch's shapes and placement: the task's BatchSpec (``bigmodel.data``)."""
+  return train_batch_spec(config).abstract_batch(config.train.batch_size,
+                                                 sharding.batch_sharding(mesh))
 
 
 def build_train_step(config, mesh):
@@ -69,10 +64,8 @@ def build_train_step(config, mesh):
   model = build_model(config.model)
   optimizer, schedule = make_optimizer(config.optim, config.train.steps)
   abstract_state, state_shardings = abstract_sharded_state(config, model, optimizer, mesh)
-  step_fn = jax.jit(
-      make_train_step(model, optimizer, schedule, config.optim.grad_accum),
-      in_shardings=(state_shardings, sharding.batch_sharding(mesh)),
-      out_shardings=(state_shardings, NamedSharding(mesh, P())), donate_argnums=(0,))
+  step_fn = jit_train_step(model, optimizer, schedule, config.optim.grad_accum, mesh,
+                           state_shardings)
   return step_fn, model, optimizer, abstract_state, state_shardings
 
 
@@ -233,7 +226,7 @@ def benchmark(config, steps: int, warmup: int, compile_only: bool,
               profile: bool = False) -> dict[str, Any]:
   """Runs the measurements; returns the result record."""
   validate(config)
-  if config.model.family != "gpt":
+  if not families.get(config.model.family).analytic_memory:
     raise UserError(f"benchmarks.train_step times GPT configs; model.family="
                     f"{config.model.family!r} is not supported yet")
   if steps < 1 or warmup < 0:

@@ -23,9 +23,6 @@ from orbax.checkpoint import checkpoint_managers
 
 from bigmodel.errors import UserError
 
-CHECKPOINT_DIR = "checkpoints"
-# Unusable checkpoints are moved here (never deleted) when an older one is used.
-CORRUPT_DIR = "checkpoints_unusable"
 # A save needs the state's size free on disk, plus this margin (metadata, JSON).
 _SPACE_MARGIN_BYTES = 16 << 20
 
@@ -99,18 +96,20 @@ class Checkpointer:
   """Saves and restores a run's checkpoints.
 
   Args:
-    workdir: The run's directory; checkpoints live in ``workdir/checkpoints``.
+    directory: Where the checkpoints live (``bigmodel.run``: WORKDIR/checkpoints).
+    unusable_directory: Where unusable checkpoints are moved when an older one
+      is used (never deleted).
     keep: How many of the latest checkpoints to keep.
     keep_best: Also keep the checkpoint with the lowest ``eval_loss``.
     async_save: Write in a background thread while training continues.
   """
 
-  def __init__(self, workdir: str, *, keep: int, keep_best: bool = False,
-               async_save: bool = True, read_only: bool = False):
+  def __init__(self, directory: str, unusable_directory: str, *, keep: int,
+               keep_best: bool = False, async_save: bool = True, read_only: bool = False):
     if keep < 1:  # LatestN(0) would delete every checkpoint, the newest included.
       raise UserError(f"checkpoint.keep={keep} must be >= 1")
-    self.workdir = workdir
-    self.directory = os.path.join(os.path.abspath(workdir), CHECKPOINT_DIR)
+    self.directory = os.path.abspath(directory)
+    self.unusable_directory = unusable_directory
     policies = [checkpoint_managers.LatestN(n=keep)]
     if keep_best:
       policies.append(checkpoint_managers.BestN(
@@ -253,7 +252,7 @@ class Checkpointer:
 
   def _move_aside(self, step: int) -> None:
     if jax.process_index() == 0:
-      target = os.path.join(self.workdir, CORRUPT_DIR)
+      target = self.unusable_directory
       os.makedirs(target, exist_ok=True)
       # The same step may be set aside again after a later run saves it anew:
       # every copy gets its own name, so setting aside never fails.
@@ -264,34 +263,3 @@ class Checkpointer:
     if jax.process_count() > 1:
       multihost_utils.sync_global_devices(f"bigmodel_move_aside_{step}")
     self._manager.reload()
-
-
-def restore_params(workdir: str, mesh, step: Optional[int] = None) -> tuple[Any, dict, int]:
-  """Parameters of a run's checkpoint (default: the latest), sharded over ``mesh``.
-
-  Returns (params, the run's config as a dict, step). The run's own config
-  rebuilds the abstract state, so this works from any other run.
-  """
-  # Imported here: these build models, which the checkpoint mechanics do not need.
-  from bigmodel.models import build_model  # pylint: disable=g-import-not-at-top
-  from bigmodel.optim import make_optimizer  # pylint: disable=g-import-not-at-top
-  from bigmodel.state import abstract_sharded_state  # pylint: disable=g-import-not-at-top
-  if not os.path.isdir(os.path.join(workdir, CHECKPOINT_DIR)):
-    raise UserError(f"no checkpoints in {os.path.join(workdir, CHECKPOINT_DIR)}")
-  checkpointer = Checkpointer(workdir, keep=1_000_000, read_only=True)
-  try:
-    steps = checkpointer.all_steps()
-    if not steps:
-      raise UserError(f"no checkpoints in {checkpointer.directory}")
-    step = steps[-1] if step is None else step
-    if step not in steps:
-      raise UserError(f"no checkpoint at step {step} in {checkpointer.directory}; "
-                      f"steps: {', '.join(map(str, steps))}")
-    config = ml_collections.ConfigDict(checkpointer.restore_config(step))
-    model = build_model(config.model)
-    optimizer, _ = make_optimizer(config.optim, config.train.steps)
-    abstract_state, _ = abstract_sharded_state(config, model, optimizer, mesh)
-    state, _ = checkpointer.restore(step, abstract_state)
-  finally:
-    checkpointer.close()
-  return state.params, config.to_dict(), step

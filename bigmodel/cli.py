@@ -2,7 +2,6 @@
 failure becomes one ``error:`` line and exit status 2 (absl alone would print
 usage and a traceback, with status 1)."""
 import difflib
-import json
 import os
 import re
 import sys
@@ -183,11 +182,3 @@ def require_flags(*names: str) -> None:
     if flags.FLAGS[name].value is None:
       fail(f"--{name} is required")
 
-
-def write_config(config: ml_collections.ConfigDict, path: str) -> None:
-  """Writes the resolved config as JSON (atomically: never a half file)."""
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    json.dump(config.to_dict(), f, indent=2, sort_keys=True, default=str)
-    f.write("\n")
-  os.replace(tmp, path)

@@ -7,7 +7,8 @@ Every family's config file starts from :func:`base_config` and fills in
 import ml_collections
 
 from bigmodel.errors import UserError
-from bigmodel.models import MODEL_FAMILIES
+from bigmodel import sharding
+from bigmodel.models import families
 from bigmodel.models.attention import ATTENTION_IMPLS
 from bigmodel.models.layers import ACTIVATIONS
 from bigmodel.models.stack import REMAT_POLICIES
@@ -40,7 +41,9 @@ def base_config() -> ml_collections.ConfigDict:
       attention_impl="auto",  # auto (pallas on GPU/TPU, xla on CPU) | xla | pallas | cudnn
       remat="none",           # none | full | dots_saveable | dots_with_no_batch_dims_saveable
       scan=True,              # Scan over layers: compile time flat in depth.
-      # BERT and T5 (ignored by GPT).
+      # Family options (each family's sub-config; ``families.Family.options``).
+      # They stay flat keys so config.json files of earlier runs load; another
+      # family rejects them unless they keep their defaults.
       num_decoder_layers=0,   # T5 decoder depth; 0 = num_layers.
       norm_position="post",   # BERT: post (original BERT) | pre.
       type_vocab_size=2,      # BERT token types.
@@ -109,7 +112,9 @@ def base_config() -> ml_collections.ConfigDict:
       max_nonfinite=5,
   ))
 
-  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+  # rules: overrides of sharding.LOGICAL_AXIS_RULES, "LOGICAL=AXES,..." with mesh
+  # axes joined by + or none, e.g. "embed=none,mlp=fsdp+tensor"; "" = the defaults.
+  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1, rules=""))
 
   c.checkpoint = ml_collections.ConfigDict(dict(
       save_every=0,       # Steps between saves; 0 = only at the end and on SIGTERM.
@@ -124,7 +129,7 @@ def base_config() -> ml_collections.ConfigDict:
 
 
 _CHOICES = {
-    "model.family": tuple(MODEL_FAMILIES),
+    "model.family": tuple(families.FAMILIES),
     "model.position_embedding": ("learned", "rope", "relative"),
     "model.norm_position": ("post", "pre"),
     "model.mlp_activation": tuple(ACTIVATIONS),
@@ -171,10 +176,8 @@ def validate(config) -> None:
     if _get(config, key) < 0:
       raise UserError(f"--config.{key} must be >= 0, got {_get(config, key)}")
   m = config.model
-  allowed_positions = {"gpt": ("learned", "rope"), "bert": ("learned",), "t5": ("relative",)}
-  if m.position_embedding not in allowed_positions[m.family]:
-    raise UserError(f"model.position_embedding={m.position_embedding!r} is not available for "
-                    f"{m.family}; use {' or '.join(allowed_positions[m.family])}")
+  families.get(m.family).validate(m)  # Positions and the family's own options.
+  sharding.logical_rules(config)  # A bad mesh.rules entry is one error line.
   if not m.head_dim and m.embed_dim % m.num_heads:
     raise UserError(f"model.num_heads={m.num_heads} does not divide model.embed_dim={m.embed_dim}"
                     " (or set model.head_dim)")

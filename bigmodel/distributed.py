@@ -72,7 +72,9 @@ _failed_here = threading.Event()
 # as jax's own hardware detection reads them, without initialising a backend.
 _GOOGLE_PCI_VENDOR = "0x1ae0"
 _TPU_PCI_DEVICES = ("0x0027", "0x0056", "0x005e", "0x0062", "0x0063", "0x006f", "0x0076")
-_SOURCES = {"flags": "the flags", "slurm": "SLURM", "tpu": "the TPU metadata"}
+_SOURCES = {"flags": "the flags", "slurm": "SLURM", "tpu": "GKE's TPU variables"}
+# jax's coordinator port on TPU slices (its GKE and Cloud TPU cluster detection).
+_TPU_COORDINATOR_PORT = 8476
 # jax's port for SLURM jobs: the job id mod 4096 in [61440, 65535].
 _SLURM_PORT_BASE, _SLURM_PORT_RANGE = 61440, 4096
 
@@ -95,7 +97,7 @@ class Plan:
   local_device_ids: Optional[tuple[int, ...]] = None
 
   def describe(self) -> str:
-    if self.source == "tpu":
+    if self.source == "tpu" and self.coordinator_address is None:
       return "a TPU slice; workers, ids and coordinator from the TPU metadata"
     devices = "" if self.local_device_ids is None else f", devices {list(self.local_device_ids)}"
     return (f"process {self.process_id} of {self.num_processes}, coordinator "
@@ -201,9 +203,28 @@ def resolve(coordinator_address: Optional[str], num_processes: Optional[int],
   slurm = _slurm_plan(environ)
   if slurm is not None:
     return slurm
+  gke = _gke_tpu_plan(environ)
+  if gke is not None:
+    return gke
   if _on_cloud_tpu(environ):
     return Plan("tpu")
   return None
+
+
+def _gke_tpu_plan(environ: Mapping[str, str]) -> Optional[Plan]:
+  """A plan from GKE's TPU variables, derived as jax's own GKE detection does:
+  the first worker host is the coordinator (jax's TPU port), the host count
+  is the process count, ``TPU_WORKER_ID`` this process. None without them."""
+  hosts = [h for h in environ.get("TPU_WORKER_HOSTNAMES", "").split(",") if h]
+  if not hosts or "TPU_WORKER_ID" not in environ:
+    return None
+  process_id = _env_int(environ, "TPU_WORKER_ID")
+  if not 0 <= process_id < len(hosts):
+    raise UserError(f"TPU_WORKER_ID={process_id} is not in [0, {len(hosts)}) "
+                    f"(TPU_WORKER_HOSTNAMES has {len(hosts)} hosts)")
+  if len(hosts) == 1:
+    return None  # One host: jax's own TPU detection (no coordinator needed).
+  return Plan("tpu", f"{hosts[0]}:{_TPU_COORDINATOR_PORT}", len(hosts), process_id)
 
 
 def _join(plan: Plan, timeout: int, heartbeat_timeout: int) -> None:

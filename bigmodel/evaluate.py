@@ -19,7 +19,6 @@ seq2seq = the whole split). Writes ``--out`` (default
 exists as an eval stream in this stack.
 """
 import contextlib
-import functools
 import json
 import os
 from typing import Any, Callable, Optional
@@ -27,18 +26,16 @@ from typing import Any, Callable, Optional
 from absl import app
 from absl import flags
 import jax
-import ml_collections
 import numpy as np
 
 from bigmodel import cli
 from bigmodel import sharding
-from bigmodel.checkpoint import restore_params
+from bigmodel import run as run_lib
+from bigmodel import train_step
 from bigmodel.data import build_datasets
 from bigmodel.errors import UserError, fail, user_errors_exit
 from bigmodel.evaluation import classification_eval_args, evaluate
 from bigmodel.generation.generator import Generator
-from bigmodel.models import build_model
-from bigmodel.train_step import eval_step
 
 FLAGS = flags.FLAGS
 SPLITS = ("validation",)
@@ -81,14 +78,10 @@ def evaluate_run(workdir: str, split: str = "validation", step: Optional[int] = 
   """
   if split not in SPLITS:
     raise UserError(f"--split={split} is not one of: {', '.join(SPLITS)}")
-  if not os.path.isdir(workdir):
-    raise UserError(f"workdir {workdir} does not exist")
-  mesh = sharding.make_mesh(ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1)))
-  with sharding.activate(mesh):
-    params, config_dict, step = restore_params(workdir, mesh, step)
+  run = run_lib.load_run(workdir, step)
+  config, step, mesh, model, params = run.config, run.step, run.mesh, run.model, run.params
   if check_step is not None:
     check_step(step)
-  config = ml_collections.ConfigDict(config_dict)
   if eval_steps is not None:
     config.train.eval_steps = eval_steps
   try:
@@ -103,8 +96,8 @@ def evaluate_run(workdir: str, split: str = "validation", step: Optional[int] = 
   if datasets.make_eval_iter is None:
     raise UserError(f"the run in {workdir} has no {split} data to evaluate (synthetic data, "
                     "no validation split, or eval_steps 0)")
-  model = build_model(config.model)
-  eval_fn = jax.jit(functools.partial(eval_step, model=model))
+  eval_fn = train_step.jit_eval_step(model, mesh,
+                                     jax.tree_util.tree_map(lambda x: x.sharding, params))
   with sharding.activate(mesh):
     metrics = evaluate(eval_fn, params, datasets.make_eval_iter(), mesh,
                        with_confusion=with_confusion,

@@ -5,6 +5,7 @@ import jax
 import numpy as np
 
 from bigmodel import sharding
+from bigmodel.models import families
 
 
 def confusion_matrix(predictions: np.ndarray, labels: np.ndarray, weights: np.ndarray,
@@ -110,7 +111,7 @@ def classification_eval_args(config, datasets) -> dict[str, Any]:
     return {}
   names = datasets.label_names
   args: dict[str, Any] = {"num_classes": len(names)}
-  if config.model.family == "t5":
+  if families.get(config.model.family).encoder_decoder:  # Text-to-text classification.
     tokenizer, length = datasets.tokenizer, datasets.decoder_length
     args["label_token_ids"] = [(tokenizer.encode(name) + [tokenizer.eos_id])[:length]
                                for name in names]

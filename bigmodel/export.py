@@ -15,12 +15,10 @@ from absl import app
 from absl import flags
 import jax
 import jax.numpy as jnp
-import ml_collections
 import orbax.checkpoint as ocp
 
 from bigmodel import cli
-from bigmodel import sharding
-from bigmodel.checkpoint import restore_params
+from bigmodel import run as run_lib
 from bigmodel.errors import UserError, fail, user_errors_exit
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "A training run's directory.")
@@ -34,10 +32,9 @@ def export_params(workdir: str, out: str, step: int | None = None,
   """Writes the parameters of checkpoint ``step`` to ``out``; returns the step."""
   # Before reading the checkpoint: orbax retries an uncreatable path for minutes.
   cli.check_new_folder(out, "--out")
-  mesh = sharding.make_mesh(ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1)))
-  with sharding.activate(mesh):
-    params, config, step = restore_params(workdir, mesh, step)
-  params = jax.tree_util.tree_map(lambda x: x.astype(jnp.dtype(dtype)), params)
+  run = run_lib.load_run(workdir, step)
+  config, step = run.config, run.step
+  params = jax.tree_util.tree_map(lambda x: x.astype(jnp.dtype(dtype)), run.params)
   out = os.path.abspath(out)
   partial = None
   try:
@@ -49,7 +46,7 @@ def export_params(workdir: str, out: str, step: int | None = None,
     exporter = ocp.StandardCheckpointer()
     exporter.save(os.path.join(partial, "params"), params)
     exporter.wait_until_finished()
-    cli.write_config(ml_collections.ConfigDict(config), os.path.join(partial, "config.json"))
+    run_lib.write_config(config, os.path.join(partial, "config.json"))
     if os.path.lexists(out):  # Created meanwhile by someone else: theirs stays.
       raise UserError(f"--out={out} appeared during the export; choose a new path")
     os.rename(partial, out)

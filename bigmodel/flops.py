@@ -11,10 +11,12 @@ causal (only the lower triangle is needed). Norms, softmax and GELU are not
 counted. Rematerialisation does not change model FLOPs (MFU counts useful
 work); ``recompute_flops_per_token`` gives the extra hardware FLOPs.
 
-BERT (bidirectional, MLM or classification head) and T5 (encoder, decoder
-with cross-attention, gated MLPs) are counted by ``train_flops_per_step``
-from the batch shapes; the trainer's ``mfu`` metric uses it for every family,
-and ``benchmarks/train_step.py`` and ``bigmodel.plan`` (GPT) agree with it.
+Every family counts its own forward pass (``Family.forward_flops`` in
+``bigmodel.models.families``: BERT bidirectional with an MLM or classification
+head, T5's encoder and decoder with cross-attention and gated MLPs);
+``train_flops_per_step`` applies it to the batch shapes. The trainer's ``mfu``
+metric uses it for every family, and ``benchmarks/train_step.py`` and
+``bigmodel.plan`` (GPT) agree with it.
 """
 import functools
 import time
@@ -24,7 +26,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from bigmodel.models import families
 from bigmodel.models.config import ModelConfig
+from bigmodel.models.families import score_flops as _score_flops
 
 # Dense bf16 peak TFLOP/s per chip, from vendor datasheets.
 KNOWN_PEAK_TFLOPS = {
@@ -61,54 +65,21 @@ def train_flops_per_token(c: ModelConfig, seq_len: int, causal: bool = True) -> 
   return 3.0 * sum(forward_flops_per_token(c, seq_len, causal))
 
 
-def _score_flops(c: ModelConfig, q_len: int, kv_len: int, causal: bool) -> float:
-  """Scores and weighted sum of one attention layer: 2 matmuls of q_len x kv_len x N x H."""
-  flops = 2 * 2 * q_len * kv_len * c.num_heads * c.head_dim
-  return flops / 2 if causal else flops
-
-
 def forward_flops_per_example(c: ModelConfig, lengths: Mapping[str, int]) -> float:
   """Model FLOPs of one example's forward pass, for every family.
 
-  ``lengths``: ``{"inputs": L}`` for GPT and BERT, ``{"encoder_inputs": S,
-  "decoder_inputs": T}`` for T5 (the batch keys of ``bigmodel.data``).
-  GPT: causal self-attention and the logits at every position. BERT:
-  bidirectional attention, then the MLM transform and logits at every
-  position, or the pooler and classifier on the first token. T5: gated MLPs;
-  the decoder adds cross-attention (k and v projected from the S encoder
-  positions) and the logits.
+  ``lengths``: the family's token keys (``bigmodel.data``'s batch keys) and
+  their lengths, e.g. ``{"inputs": L}`` for GPT and BERT, ``{"encoder_inputs":
+  E, "decoder_inputs": T}`` for T5. Each family counts its own layers and head
+  (``Family.forward_flops``).
   """
-  d, f, v = c.embed_dim, c.mlp_dim, c.vocab_size
-  kv_heads = c.num_kv_heads or c.num_heads
-  qo_weights = 2 * d * c.num_heads * c.head_dim
-  kv_weights = 2 * d * kv_heads * c.head_dim
-  if c.family == "t5":
-    s, t = lengths["encoder_inputs"], lengths["decoder_inputs"]
-    mlp_weights = 3 * d * f  # Gated: wi, wi_linear, wo.
-    decoder_layers = c.num_decoder_layers or c.num_layers
-    encoder = c.num_layers * (s * 2 * (qo_weights + kv_weights + mlp_weights)
-                              + _score_flops(c, s, s, causal=False))
-    decoder = decoder_layers * (
-        t * 2 * (2 * qo_weights + kv_weights + mlp_weights)  # self q,k,v,o; cross q,o; MLP
-        + s * 2 * kv_weights                                   # cross k, v
-        + _score_flops(c, t, t, causal=True) + _score_flops(c, t, s, causal=False))
-    return float(encoder + decoder + t * 2 * d * v)
-  length = lengths["inputs"]
-  layers = c.num_layers * (length * 2 * (qo_weights + kv_weights + 2 * d * f)
-                           + _score_flops(c, length, length, causal=c.family == "gpt"))
-  if c.family == "gpt":
-    head = length * 2 * d * v
-  elif c.num_classes:
-    head = 2 * (d * d + d * c.num_classes)
-  else:
-    head = length * 2 * (d * d + d * v)
-  return float(layers + head)
+  return families.get(c.family).forward_flops(c, lengths)
 
 
 def train_flops_per_step(c: ModelConfig, batch_shapes: Mapping[str, tuple[int, ...]]) -> float:
   """Forward + backward model FLOPs of a training step on a batch of these shapes
-  (``{key: (B, length)}``, only the token keys are read)."""
-  keys = ("encoder_inputs", "decoder_inputs") if c.family == "t5" else ("inputs",)
+  (``{key: (B, length)}``, only the family's token keys are read)."""
+  keys = families.get(c.family).token_keys
   batch_size = batch_shapes[keys[0]][0]
   return 3.0 * batch_size * forward_flops_per_example(
       c, {k: batch_shapes[k][1] for k in keys})

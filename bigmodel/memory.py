@@ -22,9 +22,12 @@ The estimate has five parts, each per device in bytes:
   gradients), the backward of the logits, or the optimizer update (measured:
   one more parameter-sized buffer for AdamW/SGD, 1.8 for Adafactor).
 
-Shapes in names: B global batch, b sequences per device per micro-batch, L
-sequence length, D width, N heads, K kv heads, H head dim, F mlp width, V
-vocabulary; t the ``tensor`` mesh axis.
+The activation tables model a decoder-only family's layers (a family with
+``analytic_memory``; ``estimate`` refuses the others).
+
+Shape letters as in ``bigmodel.models`` (B global batch, L sequence length, D
+width, N heads, K kv heads, H head dim, F mlp width, V vocabulary), plus b
+sequences per device per micro-batch and t the ``tensor`` mesh axis.
 """
 import dataclasses
 import functools
@@ -38,7 +41,7 @@ from jax.sharding import AbstractMesh, AxisType
 
 from bigmodel import flops
 from bigmodel import sharding
-from bigmodel.models import ModelConfig, build_model
+from bigmodel.models import ModelConfig, build_model, families
 from bigmodel.models.attention import resolve_impl
 from bigmodel.optim import make_optimizer
 from bigmodel.state import init_train_state
@@ -170,10 +173,10 @@ def _tree_bytes(tree: Any, shardings: Any) -> int:
 
 
 @functools.lru_cache(maxsize=256)
-def _state_bytes(key: tuple, mesh_sizes: tuple) -> tuple[int, int, int]:
+def _state_bytes(key: tuple, mesh_sizes: tuple, rules: tuple) -> tuple[int, int, int]:
   boxed = _boxed_state(key)
   shardings = sharding.logical_to_shardings(
-      boxed, abstract_mesh(dict(zip(sharding.MESH_AXES, mesh_sizes))))
+      boxed, abstract_mesh(dict(zip(sharding.MESH_AXES, mesh_sizes))), rules)
   num_params = sum(x.size for x in jax.tree_util.tree_leaves(sharding.strip_boxes(boxed.params)))
   return (num_params, _tree_bytes(boxed.params, shardings.params),
           _tree_bytes(boxed.opt_state, shardings.opt_state))
@@ -182,9 +185,11 @@ def _state_bytes(key: tuple, mesh_sizes: tuple) -> tuple[int, int, int]:
 def state_bytes(config, mesh_shape: Mapping[str, int]) -> tuple[int, int, int]:
   """(parameter count, parameter bytes, optimizer-state bytes) per device.
 
-  Exact: the trainer's state shapes placed by the trainer's sharding rules.
+  Exact: the trainer's state shapes placed by the trainer's sharding rules
+  (``mesh.rules`` included).
   """
-  return _state_bytes(_state_key(config), tuple(int(mesh_shape[a]) for a in sharding.MESH_AXES))
+  return _state_bytes(_state_key(config), tuple(int(mesh_shape[a]) for a in sharding.MESH_AXES),
+                      sharding.logical_rules(config))
 
 
 def _split(size: int, ways: int) -> int:
@@ -288,6 +293,9 @@ def estimate(config, mesh_shape: Mapping[str, int], platform: str = "gpu") -> Me
   layout; ``plan`` reports it).
   """
   c = ModelConfig.from_config(config.model)
+  if not families.get(c.family).analytic_memory:
+    raise ValueError(f"the memory model covers decoder-only families; model.family="
+                     f"{c.family!r} has none yet")
   if c.remat not in LAYER_RESIDUALS:
     raise ValueError(f"no activation model for remat policy {c.remat!r}")
   num_params, params, opt_state = state_bytes(config, mesh_shape)

@@ -30,7 +30,7 @@ from bigmodel import memory
 from bigmodel import sharding
 from bigmodel.config import validate
 from bigmodel.errors import UserError
-from bigmodel.models import ModelConfig
+from bigmodel.models import ModelConfig, families
 from bigmodel.models.attention import resolve_impl
 
 _UNITS = {"": 1, "B": 1, "KB": 1e3, "MB": 1e6, "GB": 1e9, "TB": 1e12,
@@ -276,7 +276,7 @@ def run(config, mesh_text: str, devices: int, device_memory_text: str, peak_text
     memory.uses_fused_attention(config.model.attention_impl, platform)
   except ValueError as e:
     raise UserError(str(e)) from None
-  if config.model.family != "gpt":
+  if not families.get(config.model.family).analytic_memory:
     raise UserError(f"bigmodel.plan models GPT decoders; model.family={config.model.family!r} "
                     "is not supported yet")
   if not 0 < mfu <= 1:

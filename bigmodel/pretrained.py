@@ -9,7 +9,7 @@ from typing import Any
 from absl import logging
 import jax
 
-from bigmodel.checkpoint import restore_params
+from bigmodel.run import restore_params
 from bigmodel.errors import UserError
 from bigmodel.sharding import path_name
 

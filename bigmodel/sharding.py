@@ -2,7 +2,11 @@
 
 Parameters and activations are annotated with logical axis names by the
 models; ``LOGICAL_AXIS_RULES`` maps those names onto the mesh axes ``data``,
-``fsdp`` and ``tensor``. The mesh uses ``AxisType.Auto`` deliberately: GSPMD
+``fsdp`` and ``tensor``. ``mesh.rules`` in the config overrides some of them
+(config data, as in MaxText and the Flax examples), e.g.
+``--config.mesh.rules="embed=none,mlp=fsdp+tensor"``; a mesh made by
+``make_mesh`` carries its config's rules to ``activate`` and
+``logical_to_shardings``. The mesh uses ``AxisType.Auto`` deliberately: GSPMD
 propagates shardings between the annotated points, as in MaxText, instead of
 JAX 0.10's default explicit mode that would need an output sharding on every
 op whose contracting dimension is sharded.
@@ -43,6 +47,51 @@ LOGICAL_AXIS_RULES = (
 )
 
 
+# Rules of the meshes ``make_mesh`` built from a config with ``mesh.rules``.
+_MESH_RULES: dict[Mesh, tuple] = {}
+
+
+def parse_rules(text: str) -> tuple[tuple[str, Any], ...]:
+  """``mesh.rules`` -> overrides: "name=axes,..." where axes are mesh axes joined
+  by ``+`` or ``none`` (replicated). UserError (one line) for a bad rule."""
+  overrides: dict[str, Any] = {}
+  known = dict(LOGICAL_AXIS_RULES)
+  for item in filter(None, (part.strip() for part in (text or "").split(","))):
+    name, sep, axes_text = (x.strip() for x in item.partition("="))
+    if not sep or not name:
+      raise UserError(f"--config.mesh.rules: {item!r} is not LOGICAL=AXES "
+                      "(e.g. embed=none or mlp=fsdp+tensor)")
+    if name not in known:
+      raise UserError(f"--config.mesh.rules: unknown logical axis {name!r}; known: "
+                      f"{', '.join(known)}")
+    axes = tuple(a.strip() for a in axes_text.split("+") if a.strip())
+    if axes_text.strip().lower() in ("none", ""):
+      axes = ()
+    bad = [a for a in axes if a not in MESH_AXES]
+    if bad or len(set(axes)) != len(axes):
+      raise UserError(f"--config.mesh.rules: {item!r} names {', '.join(bad) or 'an axis twice'}; "
+                      f"mesh axes are {', '.join(MESH_AXES)} (joined by +) or none")
+    overrides[name] = None if not axes else axes[0] if len(axes) == 1 else axes
+  return tuple(overrides.items())
+
+
+def logical_rules(config_or_mesh_cfg=None) -> tuple:
+  """``LOGICAL_AXIS_RULES`` with ``mesh.rules`` overrides applied (a config or its ``mesh``)."""
+  if config_or_mesh_cfg is None:
+    return LOGICAL_AXIS_RULES
+  mesh_cfg = config_or_mesh_cfg.get("mesh", config_or_mesh_cfg)
+  overrides = dict(parse_rules(mesh_cfg.get("rules", "")))
+  return tuple((name, overrides.get(name, axes)) for name, axes in LOGICAL_AXIS_RULES)
+
+
+def rules_for(mesh: Mesh) -> tuple:
+  """The rules ``make_mesh`` recorded for ``mesh`` (default: ``LOGICAL_AXIS_RULES``)."""
+  try:
+    return _MESH_RULES.get(mesh, LOGICAL_AXIS_RULES)
+  except TypeError:  # An abstract mesh or another unhashable stand-in.
+    return LOGICAL_AXIS_RULES
+
+
 def resolve_mesh_shape(mesh_cfg, num_devices: int) -> tuple[int, ...]:
   """Sizes for ``MESH_AXES``; one size may be -1 (fill with the remaining devices)."""
   sizes = [int(mesh_cfg[name]) for name in MESH_AXES]
@@ -63,17 +112,27 @@ def resolve_mesh_shape(mesh_cfg, num_devices: int) -> tuple[int, ...]:
 
 
 def make_mesh(mesh_cfg, devices: Optional[Sequence[jax.Device]] = None) -> Mesh:
-  """A (data, fsdp, tensor) mesh over ``devices`` (default: all devices)."""
+  """A (data, fsdp, tensor) mesh over ``devices`` (default: all devices).
+
+  ``mesh_cfg.rules`` (if any) become the mesh's logical-axis rules.
+  """
+  rules = logical_rules(mesh_cfg)  # Checked before any device work.
   devices = list(jax.devices() if devices is None else devices)
   shape = resolve_mesh_shape(mesh_cfg, len(devices))
-  return jax.make_mesh(shape, MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * 3,
+  mesh = jax.make_mesh(shape, MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * 3,
                        devices=devices)
+  # Equal meshes are one key: the latest config's rules win, as its run is the live one.
+  _MESH_RULES[mesh] = rules
+  return mesh
 
 
 @contextlib.contextmanager
-def activate(mesh: Mesh, rules=LOGICAL_AXIS_RULES) -> Iterator[None]:
-  """Makes ``mesh`` and the logical rules current, for tracing jitted steps."""
-  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+def activate(mesh: Mesh, rules=None) -> Iterator[None]:
+  """Makes ``mesh`` and the logical rules current, for tracing jitted steps.
+
+  ``rules`` None: the mesh's own (``rules_for``).
+  """
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules_for(mesh) if rules is None else rules):
     yield
 
 
@@ -88,15 +147,17 @@ def strip_boxes(tree: Any) -> Any:
                                 is_leaf=lambda x: isinstance(x, nn.Partitioned))
 
 
-def logical_to_shardings(abstract_tree: Any, mesh: Mesh, rules=LOGICAL_AXIS_RULES) -> Any:
+def logical_to_shardings(abstract_tree: Any, mesh: Mesh, rules=None) -> Any:
   """NamedShardings for a tree of (possibly logically boxed) abstract arrays.
 
+  ``rules`` None: the mesh's own (``rules_for``).
   Leaves without logical names are replicated, and so is any dimension the
   mesh axes do not divide (e.g. 2 kv heads on tensor=8) or whose box names do
   not match its rank (optimizer statistics that factor a parameter, such as
   Adafactor's row/column moments).
   """
   specs = nn.get_partition_spec(abstract_tree)
+  rules = rules_for(mesh) if rules is None else rules
   shardings = nn.logical_to_mesh_sharding(specs, mesh, rules)
   shapes = strip_boxes(abstract_tree)
 

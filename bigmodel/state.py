@@ -10,7 +10,7 @@ import optax
 from jax.sharding import Mesh
 
 from bigmodel import sharding
-from bigmodel.models import T5
+from bigmodel.models import family_of
 
 
 @flax.struct.dataclass
@@ -25,10 +25,7 @@ def init_train_state(rng: jax.Array, model: nn.Module, optimizer: optax.Gradient
                      seq_len: int) -> TrainState:
   """A fresh state; parameters stay boxed with their logical axis names."""
   params_rng, state_rng = jax.random.split(rng)
-  tokens = jnp.zeros((1, seq_len), jnp.int32)
-  # Encoder-decoders take encoder and decoder tokens; parameter shapes do not
-  # depend on the lengths.
-  inputs = (tokens, tokens) if isinstance(model, T5) else (tokens,)
+  inputs = family_of(model).example_inputs(model.config, seq_len)
   params = model.init({"params": params_rng}, *inputs)["params"]
   return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                     opt_state=optimizer.init(params), rng=state_rng)
@@ -44,7 +41,7 @@ def abstract_sharded_state(config, model: nn.Module, optimizer: optax.GradientTr
   init_fn = functools.partial(init_train_state, model=model, optimizer=optimizer,
                               seq_len=config.data.seq_len)
   boxed = jax.eval_shape(init_fn, jax.random.key(config.train.seed))
-  state_shardings = sharding.logical_to_shardings(boxed, mesh)
+  state_shardings = sharding.logical_to_shardings(boxed, mesh, sharding.logical_rules(config))
   abstract_state = jax.tree_util.tree_map(
       lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
       sharding.strip_boxes(boxed), state_shardings)

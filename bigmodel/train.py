@@ -3,16 +3,31 @@ r"""Trains a model: ``python -m bigmodel.train --config=configs/gpt.py:tiny --wo
 Overrides follow the config's shape, e.g. ``--config.train.steps=40
 --config.mesh.fsdp=2``. Writes ``DIR/config.json``, ``DIR/metrics.jsonl``,
 ``DIR/tensorboard`` and ``DIR/checkpoints``; a ``DIR`` that holds checkpoints
-is resumed exactly from the latest usable one. SIGTERM finishes the current
-step, saves, and exits 0. Prints a sample from the trained model at the end.
+is resumed exactly from the latest usable one. SIGTERM or Ctrl-C finishes the
+current step, saves, and exits 0; before the first step they exit 0 at once.
+Prints a sample from the trained model at the end.
 """
-import functools
 import logging as logging_std
 import os
 import signal
 import sys
-import time
 from typing import Callable, Optional
+
+
+def _exit_before_start(signum, frame) -> None:  # pylint: disable=unused-argument
+  """Nothing is written before the trainer takes over the signals: exit now.
+
+  ``os._exit``: a normal interpreter shutdown in the middle of JAX's start-up
+  (backend threads running) was measured to segfault now and then.
+  """
+  print(f"stopped by {signal.Signals(signum).name} before the first step: nothing to save",
+        flush=True)
+  os._exit(0)  # pylint: disable=protected-access
+
+
+if __name__ == "__main__":  # Covers the imports below too (JAX's take seconds).
+  for _signum in (signal.SIGTERM, signal.SIGINT):
+    signal.signal(_signum, _exit_before_start)
 
 from absl import app
 from absl import flags
@@ -21,7 +36,6 @@ import jax
 from jax.experimental import multihost_utils
 import ml_collections
 from ml_collections import config_flags
-from jax.sharding import NamedSharding, PartitionSpec as P
 
 from bigmodel import cli
 from bigmodel import console
@@ -29,19 +43,21 @@ from bigmodel import distributed  # Also defines the multi-process flags.
 from bigmodel import flops
 from bigmodel import resume
 from bigmodel import sharding
-from bigmodel.checkpoint import Checkpointer, CheckpointWriteError
+from bigmodel import run as run_lib
+from bigmodel.checkpoint import CheckpointWriteError
 from bigmodel.config import validate
 from bigmodel.data import build_datasets, validate_data_config
 from bigmodel.errors import UserError, fail, user_errors_exit
 from bigmodel.evaluation import classification_eval_args, evaluate
 from bigmodel.generation.generator import Generator
 from bigmodel.metrics import MetricsWriter
-from bigmodel.models import ModelConfig, build_model
+from bigmodel.models import ModelConfig, build_model, families
 from bigmodel.optim import make_optimizer
 from bigmodel.pretrained import init_from_pretrained
 from bigmodel.run_lock import RunLock
 from bigmodel.state import abstract_sharded_state, create_sharded_state
-from bigmodel.train_step import all_finite, eval_step, make_train_step
+from bigmodel.train_hooks import CheckpointHook, EvalHook, LogHook, MetricsHook, StepOutcome
+from bigmodel.train_step import all_finite, jit_eval_step, jit_train_step
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Config file and preset, e.g. configs/gpt.py:tiny.", lock_config=True)
@@ -61,8 +77,13 @@ def make_workdir(workdir: str) -> None:
     raise UserError(f"cannot write to the workdir {workdir}: permission denied")
 
 
-class StoppedBeforeStart(Exception):
-  """SIGTERM or Ctrl-C before the first step: nothing to save, exit 0."""
+class StoppedBeforeStart(BaseException):
+  """SIGTERM or Ctrl-C before the first step: nothing to save, exit 0.
+
+  A BaseException, as KeyboardInterrupt is: raised from the signal handler
+  wherever start-up is, it must pass the ``except Exception`` of the code it
+  interrupts (found swallowed by one during data preparation).
+  """
 
 
 class StopRequest:
@@ -156,13 +177,12 @@ class Trainer:
         stale = self._lock.acquire()
         if stale:
           print(f"took over the workdir lock: {stale}", flush=True)
-      self._log_file = console.add_log_file(os.path.join(workdir, (
-          "train.log" if self.is_writer else f"train.process_{jax.process_index()}.log")))
+      self._log_file = console.add_log_file(run_lib.RunDir(workdir).log(jax.process_index()))
       if jax.process_count() > 1:
         multihost_utils.sync_global_devices("bigmodel_workdir_locked")
-      self.checkpointer = Checkpointer(workdir, keep=config.checkpoint.keep,
-                                       keep_best=config.checkpoint.keep_best,
-                                       async_save=config.checkpoint.async_save)
+      self.checkpointer = run_lib.checkpointer(workdir, keep=config.checkpoint.keep,
+                                               keep_best=config.checkpoint.keep_best,
+                                               async_save=config.checkpoint.async_save)
       self.model = build_model(config.model)
       self.optimizer, self.schedule = make_optimizer(config.optim, config.train.steps)
       self.data_changes = self._check_saved_config()
@@ -230,34 +250,20 @@ class Trainer:
     self.checkpointer.save(step, state, self.datasets.train_iter.get_state(), self.config,
                            metrics=best_metric)
 
-  def _check_nonfinite(self, metrics: dict[str, float], step: int, seen: int) -> int:
-    """Applies ``train.nonfinite`` to updates skipped since the last check."""
-    count, in_a_row = int(metrics["nonfinite_steps"]), int(metrics["nonfinite_in_a_row"])
-    if count > seen:
-      message = (f"{count - seen} update(s) with a non-finite loss, gradient or update up to "
-                 f"step {step} (loss {metrics['loss']})")
-      limit = self.config.train.max_nonfinite
-      if self.config.train.nonfinite == "halt":
-        raise UserError(message + "; halting (train.nonfinite=halt)")
-      if in_a_row >= limit or count - seen >= limit:
-        raise UserError(f"{message}, {in_a_row} in a row; halting: the run diverged "
-                        f"(train.max_nonfinite={limit})")
-      logging.warning("%s; skipped them (train.nonfinite=skip)", message)
-    return count
-
   def run(self) -> dict[str, float]:
-    """Trains up to ``train.steps``; returns the last logged metrics."""
+    """Trains up to ``train.steps``; returns the last logged metrics.
+
+    The loop is "next batch -> step -> hooks" (``bigmodel.train_hooks``).
+    """
     config, mesh = self.config, self.mesh
-    train_cfg = config.train
     writer = None
-    last_metrics: dict[str, float] = {}
     try:
       with sharding.activate(mesh):
         state, state_shardings = self._initial_state()
         start_step = int(state.step)
         if self.is_writer:
-          cli.write_config(config, os.path.join(self.workdir, "config.json"))
-          writer = MetricsWriter(self.workdir, train_cfg.steps, train_cfg.progress)
+          run_lib.write_config(config, run_lib.RunDir(self.workdir).config)
+          writer = MetricsWriter(self.workdir, config.train.steps, config.train.progress)
           if start_step:  # Readers keep the last record of a step logged twice.
             writer.write_event(start_step, resumed_from=start_step)
         num_params = sum(x.size for x in jax.tree_util.tree_leaves(state.params))
@@ -265,71 +271,30 @@ class Trainer:
                      num_params / 1e6, dict(mesh.shape))
         if config.print_sharding and self.is_writer:
           print(sharding.describe_shardings(state.params, state_shardings.params), flush=True)
-        batch_sharding = sharding.batch_sharding(mesh)
-        replicated = NamedSharding(mesh, P())
-        train_step_fn = jax.jit(
-            make_train_step(self.model, self.optimizer, self.schedule, config.optim.grad_accum),
-            in_shardings=(state_shardings, batch_sharding),
-            out_shardings=(state_shardings, replicated), donate_argnums=(0,))
-        eval_fn = jax.jit(functools.partial(eval_step, model=self.model),
-                          in_shardings=(state_shardings.params, batch_sharding),
-                          out_shardings=replicated)
+        train_step_fn = jit_train_step(self.model, self.optimizer, self.schedule,
+                                       config.optim.grad_accum, mesh, state_shardings)
+        eval_fn = jit_eval_step(self.model, mesh, state_shardings.params)
+        next_batch = lambda: sharding.global_batch(next(self.datasets.train_iter), mesh)  # noqa: E731
+        first_batch = next_batch()
+        hooks, log = self._hooks(state, first_batch, eval_fn, writer)
 
-        nonfinite_seen = None
-        interval_start, interval_steps = None, 0
         self.stop.start()
-        for step in range(start_step + 1, train_cfg.steps + 1):
-          batch = sharding.global_batch(next(self.datasets.train_iter), mesh)
-          if step == start_step + 1:
-            batch_shapes = {k: v.shape for k, v in batch.items()}
-            tokens_per_step = flops.tokens_per_batch(batch_shapes)
-            flops_per_step = flops.train_flops_per_step(
-                ModelConfig.from_config(config.model), batch_shapes)
+        for step in range(start_step + 1, config.train.steps + 1):
+          batch = first_batch if step == start_step + 1 else next_batch()
           state, metrics = train_step_fn(state, batch)
-          interval_steps += 1
-          if interval_start is None:
-            # The first step includes compilation: time from its end instead.
-            jax.block_until_ready(metrics)
-            interval_start, interval_steps = time.perf_counter(), 0
-          is_last = step == train_cfg.steps
-          save_every = config.checkpoint.save_every
+          is_last = step == config.train.steps
           # Read once: a signal arriving later in this step must not make it
           # exit without the save that the flag promises.
           preempted = self.stop.reached(step)
-          will_save = is_last or preempted or (save_every and step % save_every == 0)
-          record: dict[str, float] = {}
-          if step % train_cfg.log_every == 0 or is_last or will_save:
-            fetched = {k: float(v) for k, v in jax.device_get(metrics).items()}
-            if nonfinite_seen is None:
-              nonfinite_seen = int(fetched["nonfinite_steps"]) if step > 1 else 0
-            nonfinite_seen = self._check_nonfinite(fetched, step, nonfinite_seen)
-            if step % train_cfg.log_every == 0 or is_last:
-              record.update(fetched)
-              if interval_steps:
-                elapsed = time.perf_counter() - interval_start
-                tokens_per_sec = interval_steps * tokens_per_step / elapsed
-                tflops = interval_steps * flops_per_step / elapsed / jax.device_count() / 1e12
-                record.update(tokens_per_sec=tokens_per_sec, tflops_per_device=tflops,
-                              mfu=tflops / self.peak_tflops)
-              interval_start, interval_steps = time.perf_counter(), 0
-          if self.datasets.make_eval_iter and (
-              is_last or (train_cfg.eval_every and step % train_cfg.eval_every == 0)):
-            record.update(evaluate(eval_fn, state.params, self.datasets.make_eval_iter(), mesh,
-                                   **classification_eval_args(config, self.datasets)))
-            record.update(self.datasets.eval_baselines)
-            interval_start, interval_steps = time.perf_counter(), 0  # Eval is not step time.
-          if record:
-            last_metrics.update(record)
-            if writer:
-              writer.write(step, record)
-            if self.on_metrics and self.is_writer:
-              self.on_metrics(step, dict(record))
-          if will_save:
-            self._save(state, step, record)
+          save_every = config.checkpoint.save_every
+          outcome = StepOutcome(step, state, metrics, is_last, save=bool(
+              is_last or preempted or (save_every and step % save_every == 0)))
+          for hook in hooks:
+            hook(outcome)
           if preempted and not is_last:
             self.checkpointer.wait()
             print(f"preempted: saved the checkpoint at step {step}; exiting", flush=True)
-            return last_metrics
+            return log.last_metrics
         self.checkpointer.wait()
     finally:
       if writer:
@@ -339,11 +304,33 @@ class Trainer:
       self._release()
 
     # Every process takes part: generation is a computation over the global mesh.
-    if (config.model.family == "gpt" and self.datasets.tokenizer is not None
-        and train_cfg.sample_tokens > 0):
+    if (families.get(config.model.family).is_causal_lm and self.datasets.tokenizer is not None
+        and config.train.sample_tokens > 0):
       print_sample(config, self.model, state.params, self.datasets.tokenizer, mesh,
                    show=self.is_writer)
-    return last_metrics
+    return log.last_metrics
+
+  def _hooks(self, state, first_batch, eval_fn, writer) -> tuple[list, LogHook]:
+    """The hooks, in order: metrics, evaluation, logging, checkpointing."""
+    config = self.config
+    batch_shapes = {k: v.shape for k, v in first_batch.items()}
+    metrics_hook = MetricsHook(
+        config.train, flops.tokens_per_batch(batch_shapes),
+        flops.train_flops_per_step(ModelConfig.from_config(config.model), batch_shapes),
+        self.peak_tflops, nonfinite_at_start=int(state.opt_state.total_notfinite))
+    hooks = [metrics_hook]
+    if self.datasets.make_eval_iter:
+      def run_eval(params):
+        metrics = evaluate(eval_fn, params, self.datasets.make_eval_iter(), self.mesh,
+                           **classification_eval_args(config, self.datasets))
+        return {**metrics, **self.datasets.eval_baselines}
+      hooks.append(EvalHook(config.train.eval_every, run_eval,
+                            after=metrics_hook.restart_interval))  # Eval is not step time.
+    sinks = [writer.write] if writer else []
+    if self.on_metrics and self.is_writer:
+      sinks.append(self.on_metrics)
+    log = LogHook(sinks)
+    return hooks + [log, CheckpointHook(self._save)], log
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
@@ -376,7 +363,8 @@ def main(argv):
     try:
       train_and_evaluate(_CONFIG.value, _WORKDIR.value)
     except StoppedBeforeStart as e:
-      print(f"stopped by {e} before the first step: nothing to save", flush=True)
+      # The trainer released the lock and closed its files; see _exit_before_start.
+      _exit_before_start(signal.Signals[str(e)], None)
     except CheckpointWriteError as e:
       print(f"error: {e}", file=sys.stderr, flush=True)
       if jax.process_count() > 1:

@@ -3,13 +3,16 @@
 A batch is a dict of [B, L] arrays: ``inputs``, ``targets``, ``segment_ids``,
 ``positions`` and ``loss_mask`` (see ``bigmodel.data``).
 """
+import functools
 from typing import Any, Callable
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 import optax
 
+from bigmodel import sharding
 from bigmodel.models import batch_logits, targets_and_weights
 from bigmodel.state import TrainState
 
@@ -117,3 +120,28 @@ def make_train_step(model, optimizer, schedule, grad_accum) -> Callable[..., Any
     return train_step(state, batch, model=model, optimizer=optimizer, schedule=schedule,
                       grad_accum=grad_accum)
   return step
+
+
+# The one place the steps are compiled: the trainer, `bigmodel.evaluate`,
+# `benchmarks/train_step.py` and the sharding tests all use these, so what is
+# benchmarked and tested is what trains.
+def jit_train_step(model: nn.Module, optimizer: optax.GradientTransformation,
+                   schedule: optax.Schedule, grad_accum: int, mesh: Mesh,
+                   state_shardings: Any) -> Any:
+  """The jitted ``train_step``: (state, global batch) -> (state, replicated metrics).
+
+  The state keeps ``state_shardings`` and is donated (updated in place); the
+  batch is split over the data-parallel axes. Call it under
+  ``sharding.activate(mesh)``.
+  """
+  return jax.jit(make_train_step(model, optimizer, schedule, grad_accum),
+                 in_shardings=(state_shardings, sharding.batch_sharding(mesh)),
+                 out_shardings=(state_shardings, NamedSharding(mesh, P())),
+                 donate_argnums=(0,))
+
+
+def jit_eval_step(model: nn.Module, mesh: Mesh, params_shardings: Any) -> Any:
+  """The jitted ``eval_step``: (params, global batch) -> replicated sums."""
+  return jax.jit(functools.partial(eval_step, model=model),
+                 in_shardings=(params_shardings, sharding.batch_sharding(mesh)),
+                 out_shardings=NamedSharding(mesh, P()))

@@ -1,5 +1,4 @@
 import os
-import subprocess
 import sys
 import sysconfig
 
@@ -7,6 +6,7 @@ import pytest
 
 # Tests import their shared fixtures (model_fixtures.py) as plain modules.
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from commands import run_train  # pylint: disable=wrong-import-position
 
 
 # A GPT run trained 2 steps on part of the stdlib, shared by test_generate.py
@@ -20,15 +20,23 @@ _GPT_RUN_ARGS = [
 ]
 
 
+@pytest.fixture(name="tokenizer_file", scope="session")
+def fixture_tokenizer_file(tmp_path_factory) -> str:
+  """A 400-piece sentencepiece tokenizer trained once on the json package."""
+  from bigmodel.data.tokenizer import train_tokenizer  # pylint: disable=g-import-not-at-top
+  stdlib_json = os.path.join(sysconfig.get_paths()["stdlib"], "json")
+  texts = [open(os.path.join(stdlib_json, name)).read()
+           for name in sorted(os.listdir(stdlib_json)) if name.endswith(".py")]
+  path = tmp_path_factory.mktemp("tok") / "tokenizer.model"
+  path.write_bytes(train_tokenizer(texts, 400).model_proto)
+  return str(path)
+
+
 @pytest.fixture(name="gpt_workdir", scope="session")
 def fixture_gpt_workdir(tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp("gpt_run"))
   stdlib_json = os.path.join(sysconfig.get_paths()["stdlib"], "json")
-  result = subprocess.run(
-      [sys.executable, "-m", "bigmodel.train", *_GPT_RUN_ARGS, f"--workdir={workdir}",
-       f"--config.data.paths={stdlib_json}"],
-      cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))), capture_output=True,
-      text=True, timeout=600)
+  result = run_train(*_GPT_RUN_ARGS, f"--workdir={workdir}", f"--config.data.paths={stdlib_json}")
   assert result.returncode == 0, result.stderr[-3000:]
   assert "----- sample -----" in result.stdout
   return workdir

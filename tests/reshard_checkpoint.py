@@ -14,7 +14,7 @@ import jax  # pylint: disable=wrong-import-position
 import numpy as np  # pylint: disable=wrong-import-position
 
 from bigmodel import sharding  # pylint: disable=wrong-import-position
-from bigmodel.checkpoint import Checkpointer  # pylint: disable=wrong-import-position
+from bigmodel import run as run_lib  # pylint: disable=wrong-import-position
 from bigmodel.models import build_model  # pylint: disable=wrong-import-position
 from bigmodel.optim import make_optimizer  # pylint: disable=wrong-import-position
 from bigmodel.state import abstract_sharded_state, create_sharded_state  # pylint: disable=wrong-import-position
@@ -32,7 +32,7 @@ def main():
     state, _ = create_sharded_state(config, model, optimizer, mesh8)
   kernel = state.params["blocks"]["mlp"]["wi"]["kernel"]
   saved_shards = len({str(s.index) for s in kernel.addressable_shards})
-  checkpointer = Checkpointer(workdir, keep=2)
+  checkpointer = run_lib.checkpointer(workdir, keep=2)
   checkpointer.save(1, state, {"position": 0}, config)
   checkpointer.wait()
   expected = [np.asarray(x) for x in jax.tree_util.tree_leaves(state.params)]

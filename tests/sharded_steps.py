@@ -20,7 +20,7 @@ from bigmodel import sharding  # pylint: disable=wrong-import-position
 from bigmodel.models import build_model  # pylint: disable=wrong-import-position
 from bigmodel.optim import make_optimizer  # pylint: disable=wrong-import-position
 from bigmodel.state import create_sharded_state  # pylint: disable=wrong-import-position
-from bigmodel.train_step import make_train_step  # pylint: disable=wrong-import-position
+from bigmodel.train_step import jit_train_step  # pylint: disable=wrong-import-position
 from model_fixtures import random_family_batch, tiny_config  # pylint: disable=wrong-import-position
 
 
@@ -46,9 +46,8 @@ def run(mesh_name: str, steps: int = 3) -> dict:
   losses = []
   with sharding.activate(mesh):
     state, shardings = create_sharded_state(config, model, optimizer, mesh)
-    step_fn = jax.jit(make_train_step(model, optimizer, schedule, config.optim.grad_accum),
-                      in_shardings=(shardings, sharding.batch_sharding(mesh)),
-                      out_shardings=(shardings, None), donate_argnums=(0,))
+    step_fn = jit_train_step(model, optimizer, schedule, config.optim.grad_accum, mesh,
+                             shardings)
     for i in range(steps):
       batch = sharding.global_batch(
           random_family_batch(family, 16, config.data.seq_len, config.model.vocab_size,

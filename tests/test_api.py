@@ -52,7 +52,9 @@ def test_train_evaluate_and_generate_share_the_command_line_path(tmp_path):
   assert api.evaluate(workdir)["eval_loss"] == pytest.approx(last["eval_loss"], rel=1e-5)
   generator = api.load_generator(workdir)
   first, second = generator.generate(["import json", ""], max_new_tokens=5)
-  assert isinstance(first, str) and isinstance(second, str)
+  # Greedy: the same as decoding the prompt alone, and as the token ids decoded.
   assert generator.generate(["import json"], max_new_tokens=5) == [first]
+  ids = generator.generate_ids([generator.prompt_ids("")], max_new_tokens=5)[0]
+  assert second == generator.tokenizer.decode(ids) and 0 < len(ids) <= 5
   with pytest.raises(UserError, match="no checkpoints"):
     api.load_generator(str(tmp_path))

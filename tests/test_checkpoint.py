@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from bigmodel.errors import UserError
+from commands import start_train
 from model_fixtures import tiny_config
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -43,10 +44,7 @@ def fixture_corpus(tmp_path_factory):
 
 
 def start_run(workdir, corpus, *extra):
-  return subprocess.Popen(
-      [sys.executable, "-m", "bigmodel.train", f"--workdir={workdir}", *_RUN_ARGS,
-       f"--config.data.paths={corpus}", *extra],
-      cwd=_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  return start_train(f"--workdir={workdir}", *_RUN_ARGS, f"--config.data.paths={corpus}", *extra)
 
 
 def finish(process, timeout=300):
@@ -238,7 +236,7 @@ def test_export_params(tmp_path, corpus):
 
 def test_keeps_the_latest_and_the_best(tmp_path):
   from bigmodel import sharding  # pylint: disable=g-import-not-at-top
-  from bigmodel.checkpoint import Checkpointer  # pylint: disable=g-import-not-at-top
+  from bigmodel import run as run_lib  # pylint: disable=g-import-not-at-top
   from bigmodel.models import build_model  # pylint: disable=g-import-not-at-top
   from bigmodel.optim import make_optimizer  # pylint: disable=g-import-not-at-top
   from bigmodel.state import create_sharded_state  # pylint: disable=g-import-not-at-top
@@ -248,7 +246,7 @@ def test_keeps_the_latest_and_the_best(tmp_path):
   optimizer, _ = make_optimizer(config.optim, 10)
   with sharding.activate(mesh):
     state, _ = create_sharded_state(config, model, optimizer, mesh)
-  checkpointer = Checkpointer(str(tmp_path), keep=1, keep_best=True, async_save=False)
+  checkpointer = run_lib.checkpointer(str(tmp_path), keep=1, keep_best=True, async_save=False)
   for step, eval_loss in zip(range(1, 6), [3.0, 1.0, None, 2.0, 4.0]):
     checkpointer.save(step, state, {}, config,
                       metrics=None if eval_loss is None else {"eval_loss": eval_loss})

@@ -13,7 +13,7 @@ import pytest
 
 from bigmodel import cli
 from bigmodel.errors import UserError
-from test_train_cli import assert_user_error, run_train
+from commands import assert_user_error, run_train
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -206,11 +206,11 @@ def test_export_failing_midway_leaves_no_partial_out(gpt_workdir, tmp_path):
   # Runs the export command with the config write failing as a full disk would.
   script = ("import errno, sys\n"
             "from absl import app\n"
-            "from bigmodel import cli, export\n"
+            "from bigmodel import cli, export, run\n"
             "def full(config, path):\n"
             "  open(path, 'w').close()\n"
             "  raise OSError(errno.ENOSPC, 'No space left on device', path)\n"
-            "cli.write_config = full\n"
+            "run.write_config = full\n"
             "app.run(export.main, flags_parser=cli.parse_flags)\n")
   out = tmp_path / "export"
   result = subprocess.run([sys.executable, "-c", script, f"--workdir={gpt_workdir}",

@@ -17,8 +17,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
-from bigmodel import sharding
-from bigmodel.checkpoint import restore_params
+from bigmodel.run import load_run
 from bigmodel.errors import UserError
 from bigmodel.hf.interop import export_hf, import_hf
 from bigmodel.hf.tokenizer import HfTokenizer
@@ -35,10 +34,8 @@ def convert(*args):
 
 
 def load(workdir):
-  mesh = sharding.make_mesh(ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1)))
-  with sharding.activate(mesh):
-    params, config, _ = restore_params(workdir, mesh)
-  return jax.device_get(params), config
+  run = load_run(workdir)
+  return jax.device_get(run.params), run.config.to_dict()
 
 
 def logits(workdir, reference):

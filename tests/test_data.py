@@ -11,9 +11,12 @@ import pytest
 import tensorflow_datasets as tfds
 
 from bigmodel.config import base_config, validate
-from bigmodel.data import build_datasets
+from bigmodel.data import build_datasets, train_batch_spec
+from bigmodel.data import validate_data_config
 from bigmodel.data import corpus as corpus_lib
-from bigmodel.data import pipeline
+from bigmodel.data import loader
+from bigmodel.data import registry
+from bigmodel.data import sources
 from bigmodel.data import tokenizer as tokenizer_lib
 from bigmodel.errors import UserError
 
@@ -112,6 +115,14 @@ def _documents_in_stream(batches) -> list[tuple[int, ...]]:
   return documents
 
 
+def _lm_stages(datasets, corpus) -> loader.Stages:
+  """The lm task's stages, as the registry makes them for the loader."""
+  config = _config("unused", **{"data.paths": "unused"})
+  context = registry.Context(config, datasets.tokenizer, datasets.special_ids,
+                             corpus)
+  return registry.TASKS["lm"].plan(context).train
+
+
 def _encoded(corpus, tokenizer, records) -> list[tuple[int, ...]]:
   return [tuple(tokenizer.encode(corpus.text(r))) for r in records]
 
@@ -175,9 +186,9 @@ def test_packed_batch_invariants(datasets):
 
 def test_eval_pass_loses_and_duplicates_no_token(corpus, datasets):
   tokenizer = datasets.tokenizer
-  batches = list(pipeline.make_eval_iter(
-      corpus.train, tokenizer, text_key="text", seq_len=SEQ_LEN,
-      batch_size=3, num_batches=200))
+  batches = list(loader.make_eval_iter(
+      corpus.train, _lm_stages(datasets, corpus), batch_size=3,
+      num_batches=200))
   assert len(batches) == 200
   assert batches[-1]["loss_mask"].sum() == 0  # The split ran out: padding.
   for batch in batches:  # No loss on padding, nor on predicting padding.
@@ -189,9 +200,8 @@ def test_eval_pass_loses_and_duplicates_no_token(corpus, datasets):
 
 def test_train_epochs_cover_documents_and_reshuffle(corpus, datasets):
   tokenizer = datasets.tokenizer
-  iterator = pipeline.make_train_iter(
-      corpus.train, tokenizer, text_key="text", seq_len=SEQ_LEN,
-      batch_size=4, seed=0)
+  iterator = loader.make_train_iter(
+      corpus.train, _lm_stages(datasets, corpus), batch_size=4, seed=0)
   documents = _documents_in_stream(next(iterator) for _ in range(150))
   expected = _encoded(corpus, tokenizer, corpus.train)
   count = len(expected)
@@ -207,9 +217,9 @@ def test_hosts_read_disjoint_shards_that_cover_the_split(corpus, datasets):
   tokenizer = datasets.tokenizer
   seen = []
   for process_index in range(2):
-    iterator = pipeline.make_train_iter(
-        corpus.train, tokenizer, text_key="text", seq_len=SEQ_LEN,
-        batch_size=2, seed=0, process_index=process_index, process_count=2)
+    iterator = loader.make_train_iter(
+        corpus.train, _lm_stages(datasets, corpus), batch_size=2, seed=0,
+        process_index=process_index, process_count=2)
     shard_size = len(range(process_index, len(corpus.train), 2))
     documents = _documents_in_stream(next(iterator) for _ in range(150))
     seen.append(documents[:shard_size])
@@ -222,9 +232,9 @@ def test_hosts_read_disjoint_shards_that_cover_the_split(corpus, datasets):
 @pytest.mark.parametrize("num_workers", [0, 1])
 def test_train_iterator_resumes_exactly(corpus, datasets, num_workers):
   def make():
-    return pipeline.make_train_iter(
-        corpus.train, datasets.tokenizer, text_key="text", seq_len=SEQ_LEN,
-        batch_size=2, seed=3, num_workers=num_workers)
+    return loader.make_train_iter(
+        corpus.train, _lm_stages(datasets, corpus), batch_size=2, seed=3,
+        num_workers=num_workers)
   iterator = make()
   states, batches = [], []
   for _ in range(12):
@@ -271,6 +281,8 @@ def test_synthetic_batches(tmp_path):
                               process_count=2)
   assert next(other_host.train_iter)["inputs"].shape == (2, SEQ_LEN)
   batch = batches[0]
+  assert first.train_spec.mismatches(batch, 4) == []
+  assert train_batch_spec(config) == first.train_spec
   assert batch["inputs"].min() >= 3 and batch["inputs"].max() < 50
   np.testing.assert_array_equal(batch["targets"][:, :-1],
                                 batch["inputs"][:, 1:])
@@ -286,12 +298,12 @@ def test_prepared_corpus_and_tokenizer_are_reused(corpus_dir, tmp_path,
     (corpus_copy / os.path.basename(path)).write_bytes(
         epath.Path(path).read_bytes())
   generated = []
-  original = corpus_lib.BigmodelTextFiles._generate_examples
+  original = sources.PreparedRecords._generate_examples
 
   def counting(self, files):
     generated.append(len(files))
     return original(self, files)
-  monkeypatch.setattr(corpus_lib.BigmodelTextFiles, "_generate_examples",
+  monkeypatch.setattr(sources.BigmodelTextFiles, "_generate_examples",
                       counting)
   config = _config(tmp_path, **{"data.paths": str(corpus_copy)})
   workdir = str(tmp_path / "work")
@@ -385,8 +397,48 @@ def tokenizer_file(tmp_path_factory, datasets) -> str:
   return str(path)
 
 
+def _overridden(tmp_path, corpus_dir, tokenizer_file, overrides):
+  """_config with "{empty}", "{corpus}", "{tokenizer}" replaced."""
+  empty = tmp_path / "empty"
+  empty.mkdir()
+  (empty / "a.py").write_bytes(b"")
+  replacements = {"{empty}": str(empty), "{corpus}": corpus_dir,
+                  "{tokenizer}": tokenizer_file}
+  return _config(tmp_path, **{
+      k: replacements.get(v, v) if isinstance(v, str) else v
+      for k, v in overrides.items()})
+
+
 @pytest.mark.parametrize("overrides, message", [
     ({"data.source": "hdf5"}, "data.source"),
+    ({"data.seq_len": 300}, "max_len"),
+])
+def test_config_errors(overrides, message, tmp_path):
+  """Settings that bigmodel.config.validate refuses (the trainer's first
+  check), before the data layer is reached."""
+  with pytest.raises(UserError, match=message):
+    validate(_config(tmp_path, **overrides))
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"data.vocab_size": 600}, "model.vocab_size"),
+    ({"train.batch_size": 3}, "multiple"),
+    ({"data.task": "bert"}, "data.task"),
+    ({"data.source": "tfds", "data.tfds_name": "huggingface:imdb"},
+     "community dataset"),
+])
+def test_data_config_errors(overrides, message, tmp_path):
+  """Settings the data layer refuses before touching any data (a valid
+  config otherwise); build_datasets refuses them the same way."""
+  config = _config(tmp_path, **overrides)
+  validate(config)
+  with pytest.raises(UserError, match=message):
+    validate_data_config(config, process_count=2)
+  with pytest.raises(UserError, match=message):
+    build_datasets(config, str(tmp_path), process_count=2)
+
+
+@pytest.mark.parametrize("overrides, message", [
     ({"data.paths": "/no/such/dir"}, "data.paths"),
     ({"data.paths": "{empty}"}, "empty"),
     ({"data.paths": "{corpus}", "data.file_pattern": "*.rs"}, "file_pattern"),
@@ -398,21 +450,15 @@ def tokenizer_file(tmp_path_factory, datasets) -> str:
      "does not exist"),
     ({"data.paths": "{corpus}", "data.tokenizer": "{tokenizer}",
       "model.vocab_size": 399}, "model.vocab_size"),
-    ({"data.vocab_size": 600}, "model.vocab_size"),
-    ({"data.seq_len": 300}, "max_len"),
-    ({"train.batch_size": 3}, "multiple"),
 ])
-def test_user_errors(overrides, message, tmp_path, corpus_dir, tokenizer_file):
-  empty = tmp_path / "empty"
-  empty.mkdir()
-  (empty / "a.py").write_bytes(b"")
-  replacements = {"{empty}": str(empty), "{corpus}": corpus_dir,
-                  "{tokenizer}": tokenizer_file}
-  overrides = {k: replacements.get(v, v) if isinstance(v, str) else v
-               for k, v in overrides.items()}
-  config = _config(tmp_path, **overrides)
+def test_data_errors(overrides, message, tmp_path, corpus_dir,
+                     tokenizer_file):
+  """Data that cannot work, found by build_datasets: the config itself
+  passes both validations."""
+  config = _overridden(tmp_path, corpus_dir, tokenizer_file, overrides)
+  validate(config)
+  validate_data_config(config, process_count=2)
   with pytest.raises(UserError, match=message):
-    validate(config)  # What the trainer checks first; then the data layer.
     build_datasets(config, str(tmp_path), process_count=2)
 
 

@@ -45,7 +45,15 @@ def test_bert_is_bidirectional_and_padding_is_invisible(norm_position):
 def test_bert_classification_head():
   bert = _bert(num_classes=3)
   tokens = jax.random.randint(jax.random.key(1), (4, 20), 4, 128)
-  assert bert(tokens).shape == (4, 3)
+  logits = bert(tokens)
+  assert logits.shape == (4, 3) and logits.dtype == jnp.float32
+  # Padding (segment 0) appended is invisible to the pooled first token.
+  padded = jnp.concatenate([tokens, jnp.full((4, 9), 7, jnp.int32)], axis=1)
+  segments = jnp.concatenate([jnp.ones((4, 20), jnp.int32), jnp.zeros((4, 9), jnp.int32)], 1)
+  np.testing.assert_allclose(bert(padded, segment_ids_BxL=segments), logits, atol=1e-5)
+  # The head pools the first token: changing it changes every row's logits.
+  first_changed = bert(tokens.at[:, 0].set((tokens[:, 0] + 1) % 128))
+  assert np.abs(np.asarray(first_changed - logits)).max(axis=-1).min() > 1e-4
 
 
 def test_t5_decoder_causal_encoder_bidirectional_and_padding_invisible():
@@ -62,7 +70,7 @@ def test_t5_decoder_causal_encoder_bidirectional_and_padding_invisible():
   assert np.abs(np.asarray(enc_changed[:, 0] - logits[:, 0])).min() > 0
   padded_enc = jnp.concatenate([enc, jnp.full((2, 6), 9, jnp.int32)], axis=1)
   enc_segments = jnp.concatenate([jnp.ones((2, 16), jnp.int32), jnp.zeros((2, 6), jnp.int32)], 1)
-  np.testing.assert_allclose(t5(padded_enc, dec, encoder_segment_ids_BxS=enc_segments), logits,
+  np.testing.assert_allclose(t5(padded_enc, dec, encoder_segment_ids_BxE=enc_segments), logits,
                              atol=1e-5)
 
 
@@ -72,13 +80,13 @@ def test_t5_packed_examples_do_not_see_each_other():
   dec = jax.random.randint(jax.random.key(4), (1, 8), 4, 128)
   enc_seg = jnp.array([[1] * 10 + [2] * 6])
   dec_seg = jnp.array([[1] * 5 + [2] * 3])
-  packed = t5(enc, dec, encoder_segment_ids_BxS=enc_seg, decoder_segment_ids_BxT=dec_seg)
+  packed = t5(enc, dec, encoder_segment_ids_BxE=enc_seg, decoder_segment_ids_BxT=dec_seg)
   # Example 2 alone gives the same logits as inside the pack (relative
   # positions do not depend on where an example starts).
   alone = t5(enc[:, 10:], dec[:, 5:])
   np.testing.assert_allclose(packed[:, 5:], alone, atol=1e-5)
   # Changing example 1's encoder tokens leaves example 2's logits alone.
-  other = t5(enc.at[:, :10].set(5), dec, encoder_segment_ids_BxS=enc_seg,
+  other = t5(enc.at[:, :10].set(5), dec, encoder_segment_ids_BxE=enc_seg,
              decoder_segment_ids_BxT=dec_seg)
   np.testing.assert_allclose(other[:, 5:], packed[:, 5:], atol=1e-5)
 

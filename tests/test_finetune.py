@@ -1,13 +1,12 @@
 """BERT and T5 end to end: pretrain, fine-tune from the checkpoint, and bad input."""
 import json
 import os
-import subprocess
-import sys
 import sysconfig
 
 import pytest
 
-_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from commands import run_train
+
 _CORPUS = os.path.join(sysconfig.get_paths()["stdlib"], "email")
 
 # Small shapes shared by pretraining and fine-tuning so parameters carry over.
@@ -18,10 +17,7 @@ _SHAPE = ["--config.model.num_layers=2", "--config.model.num_decoder_layers=2",
           "--config.train.progress=False", "--config.train.sample_tokens=0"]
 
 
-def train(*args, timeout=600):
-  result = subprocess.run([sys.executable, "-m", "bigmodel.train", *args], cwd=_ROOT,
-                          capture_output=True, text=True, timeout=timeout)
-  return result
+train = run_train
 
 
 def last_eval(workdir):
@@ -38,7 +34,9 @@ def fixture_bert_pretrained(tmp_path_factory):
                  "--config.train.batch_size=8", "--config.train.eval_steps=1")
   assert result.returncode == 0, result.stderr[-3000:]
   record = last_eval(workdir)
-  assert 0 <= record["eval_accuracy"] <= 1  # MLM accuracy on the chosen tokens.
+  # MLM accuracy on the masked tokens: after 4 steps on real code, frequent
+  # pieces (spaces, newlines) are already guessed far above chance.
+  assert 0.01 < record["eval_accuracy"] <= 1, record  # Chance: 1 / 1000 pieces.
   return workdir
 
 

@@ -64,11 +64,24 @@ def test_param_count_of_variants():
   assert flops.param_count(ModelConfig.from_config(config.model)) == _eval_shape_count(config)
 
 
-def test_known_peaks():
-  assert flops.datasheet_peak_tflops("TPU v5p") == 459.0
-  assert flops.datasheet_peak_tflops("NVIDIA H100 80GB HBM3") == 989.0
+def test_known_peaks(monkeypatch):
+  # Lookup is by substring in table order: a name that contains an earlier
+  # one (e.g. "tpu v5 lite" contains "tpu v5") would get the wrong peak, so
+  # every entry must be found as itself inside a device kind string.
+  for name, tflops in flops.KNOWN_PEAK_TFLOPS.items():
+    assert flops.datasheet_peak_tflops(f"Vendor {name.upper()} 80GB") == tflops, name
+  # Device kinds as JAX reports them; v5e is "TPU v5 lite", not v5p's 459.
+  assert flops.datasheet_peak_tflops("TPU v5 lite") == 197.0
+  assert flops.datasheet_peak_tflops("TPU v6 lite") == 918.0
   assert flops.datasheet_peak_tflops("cpu") is None
+  # Precedence: configured, then the datasheet, then a measurement.
+  monkeypatch.setattr(flops, "measured_matmul_tflops", lambda dtype: 7.5)
   assert flops.peak_tflops_per_device(123.0, "float32") == (123.0, "configured")
+  peak, source = flops.peak_tflops_per_device(0.0, "float32")
+  kind = jax.devices()[0].device_kind.lower()
+  want = flops.datasheet_peak_tflops(kind)
+  assert peak == (7.5 if want is None else want)
+  assert source.startswith("measured float32" if want is None else "datasheet")
 
 
 def _small(family, **kwargs) -> ModelConfig:

@@ -84,7 +84,16 @@ def test_first_slurm_host(nodelist, first):
 
 
 def test_tpu_plan_from_gke_variables():
-  assert distributed.resolve(None, None, None, {"TPU_WORKER_ID": "2"}).source == "tpu"
+  environ = {"TPU_WORKER_HOSTNAMES": "w-0.svc,w-1.svc,w-2.svc,w-3.svc", "TPU_WORKER_ID": "2"}
+  plan = distributed.resolve(None, None, None, environ)
+  assert (plan.source, plan.coordinator_address, plan.num_processes, plan.process_id) == (
+      "tpu", "w-0.svc:8476", 4, 2)
+  assert "process 2 of 4, coordinator w-0.svc:8476" in plan.describe()
+  one_host = distributed.resolve(None, None, None, {"TPU_WORKER_HOSTNAMES": "w-0",
+                                                    "TPU_WORKER_ID": "0"})
+  assert (one_host.source, one_host.coordinator_address) == ("tpu", None)  # jax's own.
+  with pytest.raises(UserError, match="TPU_WORKER_ID=4 is not in"):
+    distributed.resolve(None, None, None, dict(environ, TPU_WORKER_ID="4"))
 
 
 def test_train_rejects_bad_distributed_flags(tmp_path):

@@ -1,4 +1,7 @@
-"""GPT model: shapes, causality, packing isolation, and learning."""
+"""GPT model: shapes, causality, packing isolation, and learning; the family registry."""
+import os
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -103,3 +106,144 @@ def test_grad_accumulation_equals_full_batch():
   assert results[0][1] == pytest.approx(results[1][1], rel=1e-4)
   jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6),
                          results[0][2], results[1][2])
+
+
+# The family registry: every registered family goes through the same checks.
+from bigmodel import flops  # pylint: disable=g-import-not-at-top,wrong-import-position
+from bigmodel.config import validate  # pylint: disable=g-import-not-at-top,wrong-import-position
+from bigmodel.errors import UserError  # pylint: disable=g-import-not-at-top,wrong-import-position
+from bigmodel.models import ModelConfig, families  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+_VARIANTS = [(name, {}) for name in families.FAMILIES] + [("bert", dict(num_classes=3))]
+
+
+def _family_config(name, **overrides):
+  return tiny_config(name, **overrides) if name in ("gpt", "bert", "t5") else (
+      tiny_config("gpt", family=name, **overrides))
+
+
+def _batch_from_spec(spec, c, seed=0):
+  """Random values of ``spec``'s shapes that are a valid batch of the family."""
+  rng = np.random.default_rng(seed)
+  batch = {}
+  for key, s in spec.items():
+    if s.dtype == jnp.float32:
+      batch[key] = np.ones(s.shape, np.float32)
+    elif key.endswith("segment_ids"):
+      batch[key] = np.ones(s.shape, np.int32)
+    elif key.endswith("positions"):
+      batch[key] = np.broadcast_to(np.arange(s.shape[-1], dtype=np.int32), s.shape)
+    elif key == "type_ids":
+      batch[key] = np.zeros(s.shape, np.int32)
+    elif key == "label":
+      batch[key] = rng.integers(0, c.num_classes, s.shape).astype(np.int32)
+    else:
+      batch[key] = rng.integers(3, c.vocab_size, s.shape).astype(np.int32)
+  return batch
+
+
+@pytest.mark.parametrize("name,overrides", _VARIANTS)
+def test_every_family_builds_inits_and_maps_its_batch_to_logits(name, overrides):
+  config = _family_config(name, **overrides)
+  validate(config)
+  family = families.get(name)
+  c = ModelConfig.from_config(config.model)
+  model = build_model(config.model)
+  assert families.family_of(model) is family
+  params = model.init(jax.random.key(0), *family.example_inputs(c, 8))["params"]
+  spec = family.batch_spec(c, batch_size=2, seq_len=16, target_len=8)
+  batch = _batch_from_spec(spec, c)
+  logits = family.batch_logits(model, params, batch, rng=None)
+  targets, weights = family.targets_and_weights(c, batch)
+  assert logits.dtype == jnp.float32
+  assert logits.shape == targets.shape + (c.num_classes or c.vocab_size,)
+  assert weights.shape == targets.shape
+  assert set(family.token_keys) <= set(spec)
+  # Dropout on (an rng) runs too and keeps the shapes.
+  assert family.batch_logits(model, params, batch, rng=jax.random.key(1)).shape == logits.shape
+
+
+@pytest.mark.parametrize("name,overrides", _VARIANTS)
+def test_every_family_counts_positive_flops_that_scale(name, overrides):
+  family = families.get(name)
+  c = ModelConfig.from_config(_family_config(name, **overrides).model)
+  lengths = {k: 16 for k in family.token_keys}
+  base = family.forward_flops(c, lengths)
+  longer = family.forward_flops(c, {k: 32 for k in family.token_keys})
+  deeper = family.forward_flops(
+      ModelConfig.from_config(_family_config(name, num_layers=4, num_decoder_layers=4,
+                                             **overrides).model), lengths)
+  assert 0 < base < longer <= 4 * base  # Linear in the weights, quadratic in attention.
+  assert base < deeper < 2 * base + 1  # Layers double; embeddings and heads do not.
+  shapes = {k: (3, 16) for k in family.token_keys}
+  assert flops.train_flops_per_step(c, shapes) == 3 * 3 * base
+
+
+def _option_values():
+  # A non-default value for every family's own option.
+  return {"num_decoder_layers": 5, "relative_buckets": 16, "relative_max_distance": 64,
+          "norm_position": "pre", "type_vocab_size": 3, "num_classes": 4}
+
+
+@pytest.mark.parametrize("name", list(families.FAMILIES))
+def test_family_options_apply_only_to_their_family(name):
+  family = families.get(name)
+  values = _option_values()
+  for key in family.options:
+    config = _family_config(name, **{key: values[key]})
+    validate(config)  # Its own options are accepted.
+    assert family.options_of(config.model)[key] == values[key]
+  foreign = {k for f in families.FAMILIES.values() for k in f.options} - set(family.options)
+  for key in sorted(foreign):
+    config = _family_config(name, **{key: values[key]})
+    with pytest.raises(UserError, match=rf"model\.{key}=.* does not apply to a {name} model") as e:
+      validate(config)
+    assert "\n" not in str(e.value)
+  bad_position = _family_config(name, position_embedding="absolute-ish")
+  with pytest.raises(UserError):
+    validate(bad_position)
+
+
+def test_registry_names_match_the_hf_name_maps():
+  from bigmodel import hf  # pylint: disable=g-import-not-at-top
+  for name, family in families.FAMILIES.items():
+    if family.hf_name_map:
+      assert hf.FAMILIES[family.hf_name_map].FAMILY == name
+  with pytest.raises(UserError, match="model.family='nope' is not one of"):
+    families.get("nope")
+
+
+# Family dispatch outside the registry (isinstance on a family's module, or a
+# comparison of ``family`` with a literal name).
+_DISPATCH = re.compile(r"isinstance\([^)]*\b(Gpt|Bert|T5)\)|family\s*(==|!=)\s*[\"']"
+                       r"|family\s+(not\s+)?in\s*[\(\[{]\s*[\"']|[\"'](gpt|bert|t5)[\"']\s*(==|!=)")
+# This suite's files; the others' sites are listed by the report of the change
+# that introduced the registry until their owners switch them over.
+_OWNED = ["bigmodel/models", "bigmodel/state.py", "bigmodel/generation", "bigmodel/evaluation.py",
+          "bigmodel/flops.py", "bigmodel/plan.py", "bigmodel/memory.py", "bigmodel/pretrained.py",
+          "bigmodel/config.py", "bigmodel/sharding.py", "bigmodel/hf/bert.py",
+          "bigmodel/hf/gpt2.py", "bigmodel/hf/t5.py", "bigmodel/hf/mapping.py",
+          "bigmodel/hf/files.py", "bigmodel/hf/__init__.py", "configs"]
+
+
+def dispatch_sites(paths):
+  """``file:line: text`` of every family dispatch outside the registry module."""
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  files = []
+  for path in paths:
+    full = os.path.join(root, path)
+    files += ([os.path.join(d, f) for d, _, fs in os.walk(full) for f in fs if f.endswith(".py")]
+              if os.path.isdir(full) else [full])
+  sites = []
+  for full in sorted(files):
+    if full.endswith(os.path.join("models", "families.py")):
+      continue
+    with open(full) as f:
+      for number, line in enumerate(f, 1):
+        if _DISPATCH.search(line.split("#")[0]):
+          sites.append(f"{os.path.relpath(full, root)}:{number}: {line.strip()}")
+  return sites
+
+
+def test_no_family_dispatch_outside_the_registry():
+  assert dispatch_sites(_OWNED) == []

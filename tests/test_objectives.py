@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 from bigmodel.data import objectives
-from bigmodel.data import seq2seq_pipeline
+from bigmodel.data import segment_exact_match
 from bigmodel.data.special import decode, special_ids
 from bigmodel.errors import UserError
 
@@ -151,4 +151,4 @@ def test_segment_exact_match_counts_examples():
                                         [9, 9, 9, 0, 0]])}
   predictions = np.array([[5, 6, 7, 0, 3],   # Segment 2 wrong; padding free.
                           [9, 9, 9, 4, 4]])
-  assert seq2seq_pipeline.segment_exact_match(predictions, batch) == (2, 3)
+  assert segment_exact_match(predictions, batch) == (2, 3)

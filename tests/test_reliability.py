@@ -24,11 +24,11 @@ import numpy as np
 import pytest
 
 from bigmodel import checkpoint
-from bigmodel.checkpoint import Checkpointer
+from bigmodel import run as run_lib
 from bigmodel.errors import UserError
 from bigmodel.state import TrainState
 from model_fixtures import tiny_config
-from test_train_cli import assert_user_error
+from commands import assert_user_error, run_train, start_train
 
 # The workdir lock (bigmodel/run_lock.py), by name so that this file also runs,
 # and fails case by case, on code from before the lock existed.
@@ -45,16 +45,12 @@ _ARGS = [
 ]
 
 
-def train(workdir, *extra, wrapper=(), timeout=300):
-  return subprocess.run([*wrapper, sys.executable, "-m", "bigmodel.train", f"--workdir={workdir}",
-                         *_ARGS, *extra], cwd=_ROOT, capture_output=True, text=True,
-                        timeout=timeout)
+def train(workdir, *extra, wrapper=()):
+  return run_train(f"--workdir={workdir}", *_ARGS, *extra, wrapper=wrapper, timeout=300)
 
 
 def start(workdir, *extra):
-  return subprocess.Popen([sys.executable, "-m", "bigmodel.train", f"--workdir={workdir}",
-                           *_ARGS, *extra], cwd=_ROOT, stdout=subprocess.PIPE,
-                          stderr=subprocess.PIPE, text=True)
+  return start_train(f"--workdir={workdir}", *_ARGS, *extra)
 
 
 def losses(workdir) -> dict[int, float]:
@@ -104,7 +100,7 @@ def test_keep_below_one_is_refused(tmp_path):
   assert_user_error(train(tmp_path / "w", "--config.checkpoint.keep=0",
                           "--config.data.source=synthetic"), "checkpoint.keep must be positive")
   with pytest.raises(UserError, match="checkpoint.keep=0 must be >= 1"):
-    Checkpointer(str(tmp_path / "direct"), keep=0)
+    run_lib.checkpointer(str(tmp_path / "direct"), keep=0)
   assert not os.path.exists(tmp_path / "w")
 
 
@@ -239,7 +235,7 @@ def test_setting_the_same_step_aside_twice(tmp_path):
   state = TrainState(step=jnp.zeros((), jnp.int32), params={"w": jnp.arange(4.0)},
                      opt_state={}, rng=jax.random.key(0))
   for attempt in range(3):
-    checkpointer = Checkpointer(str(tmp_path), keep=3, async_save=False)
+    checkpointer = run_lib.checkpointer(str(tmp_path), keep=3, async_save=False)
     checkpointer.save(30, state, {}, config)
     checkpointer.wait()
     checkpointer._move_aside(30)  # pylint: disable=protected-access
@@ -340,7 +336,7 @@ def test_a_failed_checkpoint_write_is_one_error_line(run_copy, corpus):
 def test_too_little_free_space_is_refused_before_writing(tmp_path, monkeypatch):
   state = TrainState(step=jnp.zeros((), jnp.int32), params={"w": jnp.zeros(1000)},
                      opt_state={}, rng=jax.random.key(0))
-  checkpointer = Checkpointer(str(tmp_path), keep=2, async_save=False)
+  checkpointer = run_lib.checkpointer(str(tmp_path), keep=2, async_save=False)
   real = shutil.disk_usage
   monkeypatch.setattr(shutil, "disk_usage", lambda p: real(p)._replace(free=1 << 20))
   with pytest.raises(checkpoint.CheckpointWriteError, match="1.0 MiB free"):

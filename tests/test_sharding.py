@@ -88,3 +88,50 @@ def test_indivisible_dimensions_are_replicated():
   shardings = sharding.logical_to_shardings(boxed, mesh)
   assert shardings["w"].spec == P("fsdp", "tensor")
   assert shardings["factored"].spec == P()  # Names do not match the rank.
+
+
+def _param_specs(config, mesh):
+  from bigmodel.models import build_model  # pylint: disable=g-import-not-at-top
+  from bigmodel.optim import make_optimizer  # pylint: disable=g-import-not-at-top
+  from bigmodel.state import abstract_sharded_state  # pylint: disable=g-import-not-at-top
+  optimizer, _ = make_optimizer(config.optim, 10)
+  _, shardings = abstract_sharded_state(config, build_model(config.model), optimizer, mesh)
+  return shardings.params
+
+
+def test_mesh_rules_override_a_parameters_sharding():
+  from model_fixtures import tiny_config  # pylint: disable=g-import-not-at-top
+  config = tiny_config()
+  devices = jax.devices()[:1]
+  mesh = sharding.make_mesh(config.mesh, devices)
+  default = _param_specs(config, mesh)
+  assert default["token_embed"]["embedding"].spec == P("tensor", "fsdp")
+  config.mesh.rules = "embed=none, vocab=data+fsdp"
+  try:
+    ruled_mesh = sharding.make_mesh(config.mesh, devices)
+    ruled = _param_specs(config, ruled_mesh)
+    assert ruled["token_embed"]["embedding"].spec == P(("data", "fsdp"), None)
+    # Rules not overridden keep their defaults.
+    assert ruled["blocks"]["mlp"]["wi"]["kernel"].spec == P(None, None, "tensor")
+    # The mesh carries its config's rules to code that only has the mesh.
+    assert dict(sharding.rules_for(ruled_mesh))["embed"] is None
+  finally:
+    config.mesh.rules = ""
+    sharding.make_mesh(config.mesh, devices)  # Equal meshes share rules: restore the defaults.
+  assert dict(sharding.rules_for(mesh))["embed"] == "fsdp"
+
+
+@pytest.mark.parametrize("rules,message", [
+    ("embed=gpu", r"names gpu; mesh axes are data, fsdp, tensor"),
+    ("heads=tensor+tensor", "names an axis twice"),
+    ("bogus=data", r"unknown logical axis 'bogus'"),
+    ("embed", r"'embed' is not LOGICAL=AXES"),
+])
+def test_bad_mesh_rules_are_one_error_line(rules, message):
+  from bigmodel.config import validate  # pylint: disable=g-import-not-at-top
+  from model_fixtures import tiny_config  # pylint: disable=g-import-not-at-top
+  config = tiny_config()
+  config.mesh.rules = rules
+  with pytest.raises(UserError, match=message) as error:
+    validate(config)
+  assert "\n" not in str(error.value)

@@ -15,26 +15,17 @@ import tensorflow_datasets as tfds
 from bigmodel.config import base_config
 from bigmodel.data import build_datasets, decode
 from bigmodel.data import corpus as corpus_lib
+from bigmodel.data import loader
 from bigmodel.data import records as records_lib
-from bigmodel.data import seq2seq_pipeline
-from bigmodel.data import tokenizer as tokenizer_lib
+from bigmodel.data import registry
 from bigmodel.data.objectives import span_corruption_lengths
+from bigmodel.data.transforms import ENCODER_DECODER_KEYS
 from bigmodel.errors import UserError
 
 SEQ_LEN = 32
 BATCH = 4
 PAD, BOS, EOS = 0, 1, 2
 STDLIB = sysconfig.get_paths()["stdlib"]
-
-
-@pytest.fixture(scope="module")
-def tokenizer_file(tmp_path_factory) -> str:
-  """A 400-piece tokenizer trained once on the json package."""
-  texts = [epath.Path(p).read_text() for p in
-           sorted(glob.glob(os.path.join(STDLIB, "json", "*.py")))]
-  path = tmp_path_factory.mktemp("tok") / "tokenizer.model"
-  path.write_bytes(tokenizer_lib.train_tokenizer(texts, 400).model_proto)
-  return str(path)
 
 
 @pytest.fixture(scope="module")
@@ -168,7 +159,7 @@ def _uncorrupt(encoder, decoder, first_sentinel):
 
 
 def _assert_encoder_decoder_batch(batch, decoder_length):
-  for key in seq2seq_pipeline.ENCODER_DECODER_KEYS:
+  for key in ENCODER_DECODER_KEYS:
     length = SEQ_LEN if key.startswith("encoder") else decoder_length
     assert batch[key].shape == (BATCH, length) and batch[key].dtype == np.int32
   assert batch["loss_mask"].dtype == np.float32
@@ -205,11 +196,10 @@ def test_span_corruption_batches_reconstruct_the_documents(
                                       str(tmp_path / "data"))
   tokenizer, special = datasets.tokenizer, datasets.special_ids
   span_lengths = span_corruption_lengths(SEQ_LEN, 0, 0.15, 3.0)
-  corrupt = seq2seq_pipeline.SpanCorruptDocument(
-      tokenizer, "text", special, span_lengths, 0.15, 3.0, 0, 0)
-  batches = list(seq2seq_pipeline.make_span_corruption_eval_iter(
-      corpus.validation, corrupt, encoder_length=SEQ_LEN,
-      decoder_length=decoder_length, batch_size=BATCH, num_batches=400))
+  stages = registry.TASKS["span_corruption"].plan(registry.Context(
+      config, tokenizer, special, corpus)).eval
+  batches = list(loader.make_eval_iter(
+      corpus.validation, stages, batch_size=BATCH, num_batches=400))
   assert batches[-1]["loss_mask"].sum() == 0  # Ran out: padding.
   found, noise, total = [], 0, 0
   for batch in batches:
@@ -331,7 +321,7 @@ def test_seq2seq_packs_pairs(tmp_path, tokenizer_file):
   expected = {(s, t) for s, t in pairs}
   for _ in range(5):
     batch = next(datasets.train_iter)
-    assert sorted(batch) == sorted(seq2seq_pipeline.ENCODER_DECODER_KEYS
+    assert sorted(batch) == sorted(ENCODER_DECODER_KEYS
                                    + ("loss_mask",))
     _assert_encoder_decoder_batch(batch, 16)
     assert batch["encoder_segment_ids"].max() > 1  # Packed.

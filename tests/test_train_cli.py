@@ -1,26 +1,10 @@
 """The training command end to end, and its answers to bad input."""
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 
-_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def run_train(*args, devices: int = 1, timeout: int = 600) -> subprocess.CompletedProcess:
-  env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
-  return subprocess.run([sys.executable, "-m", "bigmodel.train", *args], cwd=_ROOT, env=env,
-                        capture_output=True, text=True, timeout=timeout)
-
-
-def assert_user_error(result: subprocess.CompletedProcess, fragment: str) -> None:
-  lines = result.stderr.strip().splitlines()
-  assert result.returncode == 2, result.stderr[-2000:]
-  assert lines and lines[-1].startswith("error: "), result.stderr[-2000:]
-  assert fragment in lines[-1], lines[-1]
-  assert "Traceback" not in result.stderr
+from commands import assert_user_error, run_train
 
 
 @pytest.fixture(name="small_corpus")

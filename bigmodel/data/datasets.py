@@ -1,22 +1,22 @@
 """``build_datasets``: the config's data -> tokenizer and batch iterators.
 
-``data.task`` picks the batch format (see the module docstring of the
-pipeline named for each):
+Stages: a source (:mod:`bigmodel.data.corpus` for text,
+:mod:`bigmodel.data.records` for labelled examples, or the default tasks of
+:mod:`bigmodel.data.stdlib_tasks` when ``data.paths`` is empty) -> the
+tokenizer (:mod:`bigmodel.data.tokenizer`) -> the task of ``data.task``
+(:mod:`bigmodel.data.registry`: transform, packing, BatchSpec) -> the one
+loader (:mod:`bigmodel.data.loader`).
 
-========================  ===================  ==================================
-task                      source               batches (pipeline module)
-========================  ===================  ==================================
-lm (default)              text corpus          packed causal LM (pipeline)
-mlm                       text corpus          packed, masked (encoder_pipeline)
-span_corruption           text corpus          packed enc-dec (seq2seq_pipeline)
-classify, encoder model   labelled examples    one per row + label (encoder_pipeline)
-classify, model.family t5 labelled examples    text-to-text enc-dec (seq2seq_pipeline)
-seq2seq                   (input, target)      packed enc-dec (seq2seq_pipeline)
-========================  ===================  ==================================
-
-Text corpora come from :mod:`bigmodel.data.corpus`, examples from
-:mod:`bigmodel.data.records` (or the default tasks of
-:mod:`bigmodel.data.tasks` when ``data.paths`` is empty).
+========================  ===================  ==========================
+task                      source               batches
+========================  ===================  ==========================
+lm (default)              text corpus          packed causal LM
+mlm                       text corpus          packed, masked
+span_corruption           text corpus          packed enc-dec
+classify, encoder model   labelled examples    one per row + label
+classify, model.family t5 labelled examples    text-to-text enc-dec
+seq2seq                   (input, target)      packed enc-dec
+========================  ===================  ==========================
 
 Evaluation: ``train.eval_steps`` batches; for classify and seq2seq
 ``train.eval_steps=0`` means the whole validation split, exactly once (the
@@ -34,26 +34,21 @@ import ml_collections
 import numpy as np
 
 from bigmodel.data import corpus as corpus_lib
-from bigmodel.data import encoder_pipeline
-from bigmodel.data import pipeline
+from bigmodel.data import loader
 from bigmodel.data import records as records_lib
-from bigmodel.data import seq2seq_pipeline
-from bigmodel.data import tasks as tasks_lib
-from bigmodel.data.objectives import SpanCorruptionLengths
-from bigmodel.data.objectives import span_corruption_lengths
-from bigmodel.data.special import SpecialIds, special_ids
+from bigmodel.data import registry
+from bigmodel.data import stdlib_tasks
+from bigmodel.data.batch_spec import Batch, BatchSpec, lm_spec
+from bigmodel.data.sources import Source, check_offline_tfds_name
+from bigmodel.data.special import SpecialIds, tokenizer_special_ids
 from bigmodel.data.synthetic import SyntheticIterator
 from bigmodel.data.tokenizer import Tokenizer, chars_per_token
 from bigmodel.data.tokenizer import load_or_train_tokenizer
-from bigmodel.data.corpus import check_offline_tfds_name
 from bigmodel.errors import UserError
 
-TASKS = ("lm", "mlm", "span_corruption", "classify", "seq2seq")
-_CORPUS_TASKS = ("lm", "mlm", "span_corruption")
+TASKS = tuple(registry.TASKS)
 # Characters of validation text used to report the tokenizer's compression.
 _COMPRESSION_SAMPLE_CHARS = 1_000_000
-
-Batch = pipeline.Batch
 
 
 @dataclasses.dataclass
@@ -75,9 +70,11 @@ class Datasets:
       frequent train class (classify), to compare a fine-tuned model with.
     eval_baselines: Metrics of a predictor that ignores the input, added to
       every evaluation to compare the model with (seq2seq:
-      ``eval_baseline_loss``, see ``seq2seq_pipeline.unigram_baseline_loss``).
+      ``eval_baseline_loss``, see ``metrics.unigram_baseline_loss``).
     encoder_length: Le of encoder-decoder batches (None otherwise).
     decoder_length: Ld of encoder-decoder batches (None otherwise).
+    train_spec: Keys, per-row shapes and dtypes of the train batches.
+    eval_spec: The same for the eval batches (None without evaluation).
   """
   tokenizer: Tokenizer | None
   train_iter: Iterator[Batch]
@@ -89,6 +86,8 @@ class Datasets:
   eval_baselines: dict[str, float] = dataclasses.field(default_factory=dict)
   encoder_length: int | None = None
   decoder_length: int | None = None
+  train_spec: BatchSpec | None = None
+  eval_spec: BatchSpec | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -101,24 +100,8 @@ class _Host:
 
 def is_encoder_decoder(config: ml_collections.ConfigDict) -> bool:
   """Whether the task's batches are encoder-decoder ones."""
-  task = config.data.task
-  return task in ("span_corruption", "seq2seq") or (
-      task == "classify" and config.model.family == "t5")
-
-
-def _span_lengths(config: ml_collections.ConfigDict) -> SpanCorruptionLengths:
-  data = config.data
-  return span_corruption_lengths(data.seq_len, data.target_len,
-                                 data.noise_density, data.mean_span_length)
-
-
-def _extra_ids_needed(config: ml_collections.ConfigDict) -> int:
-  """Ids the task needs above the tokenizer: the mask, then sentinels."""
-  if config.data.task == "mlm":
-    return 1
-  if config.data.task == "span_corruption":
-    return 1 + _span_lengths(config).max_spans
-  return 0
+  task = registry.TASKS.get(config.data.task)
+  return task is not None and task.encoder_decoder(config)
 
 
 def validate_data_config(config: ml_collections.ConfigDict, process_count: int) -> None:
@@ -148,7 +131,8 @@ def validate_data_config(config: ml_collections.ConfigDict, process_count: int) 
     raise UserError(f"data.source='synthetic' only makes data.task='lm'"
                     f" batches, not {data.task!r}; use a corpus (e.g. the"
                     " default data.source='files' with data.paths='')")
-  extra_ids = _extra_ids_needed(config)  # Also checks the span settings.
+  # Also checks the span settings.
+  extra_ids = registry.TASKS[data.task].extra_ids(config)
   if (data.source != "synthetic" and not data.tokenizer
       and data.vocab_size + extra_ids > model.vocab_size):
     needs = f" + {extra_ids} special ids" if extra_ids else ""
@@ -190,223 +174,110 @@ def build_datasets(config: ml_collections.ConfigDict, workdir: str,
             vocab_size=config.model.vocab_size, seq_len=data.seq_len,
             batch_size=host.batch_size, seed=train.seed,
             process_index=process_index),
-        make_eval_iter=None)
-  if data.task in _CORPUS_TASKS:
-    return _corpus_datasets(config, workdir, host)
-  return _task_datasets(config, workdir, host)
-
-
-def _tokenizer_and_ids(config: ml_collections.ConfigDict, workdir: str,
-                       training_texts) -> tuple[Tokenizer, SpecialIds]:
-  tokenizer = load_or_train_tokenizer(
-      config.data.tokenizer, workdir, config.data.vocab_size, training_texts,
-      seed=config.train.seed)
-  special = special_ids(tokenizer.vocab_size, config.model.vocab_size)
-  extra_ids = _extra_ids_needed(config)
-  if extra_ids:
-    special.require(extra_ids, f"data.task={config.data.task!r}")
-  return tokenizer, special
-
-
-def _corpus_datasets(config: ml_collections.ConfigDict, workdir: str,
-                     host: _Host) -> Datasets:
-  """lm, mlm and span_corruption: batches of a text corpus."""
-  data, train = config.data, config.train
-  corpus = corpus_lib.load_corpus(data, workdir)
-  if len(corpus.train) < host.count:
-    raise UserError(f"the corpus has {len(corpus.train)} train documents,"
+        make_eval_iter=None, train_spec=lm_spec(data.seq_len))
+  task = registry.TASKS[data.task]
+  source = (_load_corpus(config, workdir) if task.reads == "text"
+            else _load_records(config, workdir))
+  if len(source.train) < host.count:
+    raise UserError(f"{source.name} has {len(source.train)} train"
+                    f" {'documents' if task.reads == 'text' else 'examples'},"
                     f" fewer than the {host.count} processes reading it")
-  tokenizer, special = _tokenizer_and_ids(
-      config, workdir, lambda: corpus.shuffled_train_texts(train.seed))
-  _log_compression(tokenizer, corpus)
-  has_eval = corpus.validation is not None and train.eval_steps > 0
-  if not has_eval:
-    logging.warning("No evaluation: %s", "train.eval_steps is 0"
-                    if corpus.validation is not None
-                    else "the corpus has no validation split")
-  common = dict(process_count=host.count)
-  result = Datasets(tokenizer=tokenizer, train_iter=None,
-                    make_eval_iter=None, task=data.task,
-                    special_ids=special)
-
-  if data.task == "lm":
-    result.train_iter = pipeline.make_train_iter(
-        corpus.train, tokenizer, text_key=corpus.text_key,
-        seq_len=data.seq_len, batch_size=host.batch_size, seed=train.seed,
-        process_index=host.index, num_workers=data.num_workers, **common)
-    make_eval_iter = lambda: pipeline.make_eval_iter(  # noqa: E731
-        corpus.validation, tokenizer, text_key=corpus.text_key,
-        seq_len=data.seq_len, batch_size=host.batch_size,
-        num_batches=train.eval_steps, process_index=host.index, **common)
-  elif data.task == "mlm":
-    mlm = dict(text_key=corpus.text_key, seq_len=data.seq_len,
-               batch_size=host.batch_size,
-               probability=data.mlm_probability, process_index=host.index,
-               **common)
-    result.train_iter = encoder_pipeline.make_mlm_train_iter(
-        corpus.train, tokenizer, special, seed=train.seed,
-        num_workers=data.num_workers, **mlm)
-    make_eval_iter = lambda: encoder_pipeline.make_mlm_eval_iter(  # noqa: E731
-        corpus.validation, tokenizer, special,
-        num_batches=train.eval_steps, seed=train.seed, **mlm)
-  else:
-    lengths = _span_lengths(config)
-    decoder_length = data.target_len or lengths.targets_length
-    logging.info("Span corruption: chunks of %d tokens -> %d inputs and %d"
-                 " targets (rows of %d and %d), up to %d spans",
-                 lengths.raw_length, lengths.inputs_length,
-                 lengths.targets_length, data.seq_len, decoder_length,
-                 lengths.max_spans)
-
-    def corrupt(seed: int) -> seq2seq_pipeline.SpanCorruptDocument:
-      return seq2seq_pipeline.SpanCorruptDocument(
-          tokenizer, corpus.text_key, special, lengths, data.noise_density,
-          data.mean_span_length, seed, host.index)
-    shapes = dict(encoder_length=data.seq_len, decoder_length=decoder_length,
-                  batch_size=host.batch_size, **common)
-    result.train_iter = seq2seq_pipeline.make_span_corruption_train_iter(
-        corpus.train, corrupt(train.seed), num_workers=data.num_workers,
-        **shapes)
-    make_eval_iter = lambda: (  # noqa: E731
-        seq2seq_pipeline.make_span_corruption_eval_iter(
-            corpus.validation, corrupt(train.seed),
-            num_batches=train.eval_steps, **shapes))
-    result.encoder_length, result.decoder_length = (data.seq_len,
-                                                    decoder_length)
-  if has_eval:
-    result.make_eval_iter = make_eval_iter
+  tokenizer = load_or_train_tokenizer(
+      data.tokenizer, workdir, data.vocab_size,
+      lambda: _training_texts(source, task, train.seed), seed=train.seed)
+  special = tokenizer_special_ids(tokenizer, config.model.vocab_size)
+  extra_ids = task.extra_ids(config)
+  if extra_ids:
+    special.require(extra_ids, f"data.task={data.task!r}")
+  if task.reads == "text":
+    _log_compression(tokenizer, source)
+  plan = task.plan(registry.Context(config, tokenizer, special, source,
+                                    process_index=host.index))
+  result = Datasets(
+      tokenizer=tokenizer, task=data.task, special_ids=special,
+      train_iter=loader.make_train_iter(
+          source.train, plan.train, batch_size=host.batch_size,
+          seed=train.seed, process_index=host.index,
+          process_count=host.count, num_workers=data.num_workers),
+      make_eval_iter=None, label_names=plan.label_names,
+      baseline_accuracy=plan.baseline_accuracy,
+      eval_baselines=plan.eval_baselines, encoder_length=plan.encoder_length,
+      decoder_length=plan.decoder_length, train_spec=plan.train.spec)
+  num_batches = _num_eval_batches(config, source, plan, host)
+  if num_batches:
+    result.eval_spec = plan.eval.spec
+    result.make_eval_iter = lambda: loader.make_eval_iter(  # noqa: E731
+        source.validation, plan.eval, batch_size=host.batch_size,
+        num_batches=num_batches, seed=train.seed, process_index=host.index,
+        process_count=host.count)
   return result
 
 
-def _load_task(config: ml_collections.ConfigDict,
-               workdir: str) -> records_lib.TaskRecords:
-  """The examples of a classify / seq2seq task (default task when no paths)."""
+def _num_eval_batches(config: ml_collections.ConfigDict, source: Source,
+                      plan: registry.Plan, host: _Host) -> int:
+  """Eval batches per evaluation (0: no evaluation), logged."""
+  eval_steps = config.train.eval_steps
+  if source.validation is None:
+    logging.warning("No evaluation: %s has no validation split", source.name)
+    return 0
+  if plan.one_example_per_row_eval and not eval_steps:
+    eval_steps = loader.num_eval_batches(len(source.validation),
+                                         host.batch_size, host.count)
+  if not eval_steps:
+    logging.warning("No evaluation: train.eval_steps is 0")
+    return 0
+  logging.info("Evaluation: %d batches of %d validation records", eval_steps,
+               len(source.validation))
+  return eval_steps
+
+
+def _load_corpus(config: ml_collections.ConfigDict,
+                 workdir: str) -> Source:
+  return corpus_lib.load_corpus(config.data, workdir)
+
+
+def _load_records(config: ml_collections.ConfigDict,
+                  workdir: str) -> Source:
+  """The examples of a classify / seq2seq task (default task when no paths);
+  an empty validation split is None."""
   data = config.data
   kind = data.task
   answer_column = (data.label_column if kind == "classify"
                    else data.target_column)
   if data.source == "tfds":
-    return records_lib.load_tfds_task(data.tfds_name, kind, data.text_column,
+    task = records_lib.load_tfds_task(data.tfds_name, kind, data.text_column,
                                       answer_column, data.data_dir or None)
-  data_dir = data.data_dir or os.path.join(workdir, "data")
-  if not data.paths:
-    task_dir = tasks_lib.ensure_default_task(kind, data_dir)
-    return records_lib.load_task_files(task_dir, kind, "text",
-                                       records_lib.answer_feature(kind),
-                                       data_dir)
-  return records_lib.load_task_files(data.paths, kind, data.text_column,
-                                     answer_column, data_dir)
-
-
-def _task_datasets(config: ml_collections.ConfigDict, workdir: str,
-                   host: _Host) -> Datasets:
-  """classify and seq2seq: batches of (text, label) or (text, target)."""
-  data, train = config.data, config.train
-  task = _load_task(config, workdir)
-  if len(task.train) < host.count:
-    raise UserError(f"{task.name} has {len(task.train)} train examples,"
-                    f" fewer than the {host.count} processes reading it")
-  stats = None
-  if data.task == "classify":
-    stats = records_lib.label_stats(task, data.labels)
-    logging.info("Classes of %s (train / validation examples): %s", task.name,
-                 ", ".join(f"{name} {n_train}/{n_val}" for name, n_train, n_val
-                           in zip(stats.names, stats.train_counts,
-                                  stats.validation_counts)))
-    if stats.majority_baseline is not None:
-      logging.info("Majority-class baseline: %.4f validation accuracy",
-                   stats.majority_baseline)
-    num_classes = config.model.get("num_classes", 0)
-    if (num_classes and not is_encoder_decoder(config)
-        and num_classes != len(stats.names)):
-      raise UserError(
-          f"model.num_classes={num_classes} but {task.name} has"
-          f" {len(stats.names)} classes ({', '.join(stats.names)}); set"
-          f" model.num_classes={len(stats.names)}")
-
-  def training_texts():
-    order = np.random.default_rng(train.seed).permutation(len(task.train))
-    for index in order:
-      record = task.train[int(index)]
-      yield task.text(record)
-      if data.task == "seq2seq":
-        yield task.answer(record)
-  tokenizer, special = _tokenizer_and_ids(config, workdir, training_texts)
-
-  validation = task.validation
-  if validation is None or len(validation) == 0:
-    logging.warning("No evaluation: %s has no validation split", task.name)
-    validation = None
-  num_eval_batches = train.eval_steps or (
-      encoder_pipeline.num_eval_batches(len(validation), host.batch_size,
-                                        host.count) if validation else 0)
-  label_ids = ({name: i for i, name in enumerate(stats.names)}
-               if stats else None)
-  result = Datasets(
-      tokenizer=tokenizer, train_iter=None, make_eval_iter=None,
-      task=data.task, special_ids=special,
-      label_names=stats.names if stats else None,
-      baseline_accuracy=stats.majority_baseline if stats else None)
-  common = dict(batch_size=host.batch_size, process_index=host.index,
-                process_count=host.count)
-  if is_encoder_decoder(config):
-    decoder_length = data.target_len or data.seq_len
-    if stats:  # Text-to-text classification: the target is the label name.
-      decoder_length = _label_decoder_length(tokenizer, stats.names,
-                                             data.target_len)
-    encode = seq2seq_pipeline.EncodePair(
-        tokenizer, task.text_key, task.answer_key, task.class_names,
-        encoder_length=data.seq_len, decoder_length=decoder_length,
-        label_ids=label_ids)
-    make_train_iter = (seq2seq_pipeline.make_per_example_train_iter if stats
-                       else seq2seq_pipeline.make_seq2seq_train_iter)
-    result.train_iter = make_train_iter(
-        task.train, encode, seed=train.seed, num_workers=data.num_workers,
-        **common)
-    make_eval_iter = lambda: seq2seq_pipeline.make_seq2seq_eval_iter(  # noqa: E731
-        validation, encode, num_batches=num_eval_batches, **common)
-    if validation is not None and data.task == "seq2seq":
-      result.eval_baselines["eval_baseline_loss"] = (
-          seq2seq_pipeline.unigram_baseline_loss(encode, task.train, validation))
-      logging.info("Unigram (input-ignoring) baseline: %.4f validation loss",
-                   result.eval_baselines["eval_baseline_loss"])
-    result.encoder_length = encode.encoder_length
-    result.decoder_length = encode.decoder_length
   else:
-    encode = encoder_pipeline.EncodeForClassification(
-        tokenizer, task.text_key, task.answer_key, task.class_names,
-        label_ids, data.seq_len)
-    result.train_iter = encoder_pipeline.make_classify_train_iter(
-        task.train, encode, seed=train.seed, num_workers=data.num_workers,
-        **common)
-    make_eval_iter = lambda: encoder_pipeline.make_classify_eval_iter(  # noqa: E731
-        validation, encode, num_batches=num_eval_batches, **common)
-  if validation is not None and num_eval_batches:
-    logging.info("Evaluation: %d batches of %d validation examples",
-                 num_eval_batches, len(validation))
-    result.make_eval_iter = make_eval_iter
-  return result
+    data_dir = data.data_dir or os.path.join(workdir, "data")
+    if not data.paths:
+      task_dir = stdlib_tasks.ensure_default_task(kind, data_dir)
+      task = records_lib.load_task_files(task_dir, kind, "text",
+                                         records_lib.answer_feature(kind),
+                                         data_dir)
+    else:
+      task = records_lib.load_task_files(data.paths, kind, data.text_column,
+                                         answer_column, data_dir)
+  if task.validation is not None and len(task.validation) == 0:
+    task = dataclasses.replace(task, validation=None)
+  return task
 
 
-def _label_decoder_length(tokenizer: Tokenizer, label_names: tuple[str, ...],
-                          target_len: int) -> int:
-  """Decoder length of text-to-text classification: ``target_len``, or with
-  0 the longest label's tokens + EOS rounded up to a multiple of 8.
-
-  Raises:
-    UserError: if ``target_len`` is too short for a label.
-  """
-  lengths = {name: len(tokenizer.encode(name)) + 1 for name in label_names}
-  longest = max(lengths, key=lengths.__getitem__)
-  if target_len and target_len < lengths[longest]:
-    raise UserError(f"data.target_len={target_len} cannot hold label"
-                    f" {longest!r} ({lengths[longest]} tokens with EOS); raise"
-                    " it or set 0 to fit the longest label")
-  return target_len or -(-lengths[longest] // 8) * 8
+def _training_texts(source: Source, task: registry.Task, seed: int) -> Iterator[str]:
+  """Texts to train a tokenizer on, in a seeded random order (records: the
+  input, then for seq2seq the target)."""
+  if task.reads == "text":
+    yield from source.shuffled_train_texts(seed)
+    return
+  order = np.random.default_rng(seed).permutation(len(source.train))
+  for index in order:
+    record = source.train[int(index)]
+    yield source.text(record)
+    if task.name == "seq2seq":
+      yield source.answer(record)
 
 
 def _log_compression(tokenizer: Tokenizer,
-                     corpus: corpus_lib.TextCorpus) -> None:
+                     corpus: Source) -> None:
   """Logs characters per token on (up to 1M characters of) held-out text."""
   records = corpus.validation if corpus.validation else corpus.train
   texts, num_chars = [], 0

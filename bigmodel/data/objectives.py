@@ -31,11 +31,11 @@ def mlm_mask(tokens: np.ndarray, rng: np.random.Generator, *,
              ) -> tuple[np.ndarray, np.ndarray]:
   """BERT masking of one token sequence.
 
-  ``probability`` of the real tokens (not pad/bos/eos) are chosen, the count
-  stochastically rounded so that its expectation is exact even for short
-  documents; of those 80% become ``special.mask_id``, 10% a uniform random
-  ordinary id in ``[special.first_ordinary_id, tokenizer_vocab_size)`` and
-  10% stay.
+  ``probability`` of the real tokens (not ``special.no_text_ids``: the
+  tokenizer's pad, bos, eos) are chosen, the count stochastically rounded so
+  that its expectation is exact even for short documents; of those 80%
+  become ``special.mask_id``, 10% a uniform random ordinary id in
+  ``[special.first_ordinary_id, tokenizer_vocab_size)`` and 10% stay.
 
   Args:
     tokens: int [n] token ids.
@@ -48,7 +48,7 @@ def mlm_mask(tokens: np.ndarray, rng: np.random.Generator, *,
     positions to predict.
   """
   tokens = np.asarray(tokens, np.int32)
-  eligible = np.flatnonzero(tokens > special.eos_id)  # Not pad, bos or eos.
+  eligible = np.flatnonzero(~np.isin(tokens, special.no_text_ids))
   num_chosen = int(np.floor(len(eligible) * probability + rng.random()))
   chosen_positions = rng.choice(eligible, num_chosen, replace=False)
   chosen = np.zeros(len(tokens), bool)

@@ -5,8 +5,8 @@ Two kinds of task read here, each example a text and an answer:
 * ``classify``: (text, label name);
 * ``seq2seq``: (input text, target text).
 
-Sources, read through ``builder.as_data_source()`` (ArrayRecord, random
-access, no TensorFlow) like :mod:`bigmodel.data.corpus`:
+Sources, read as a :class:`bigmodel.data.sources.Source` like
+:mod:`bigmodel.data.corpus`:
 
 * local files (``data.source="files"``): ``data.paths`` is a ``.csv`` or
   ``.jsonl`` file, or a directory holding ``train.{jsonl,csv}`` and
@@ -28,23 +28,20 @@ is the index in that list.
 from __future__ import annotations
 
 import collections
-import contextlib
 import csv
 import dataclasses
 import hashlib
-import io
 import json
 import os
 import sys
-import time
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from absl import logging
-from etils import epath
 import tensorflow_datasets as tfds
 
-from bigmodel.data.corpus import open_prepared_tfds, record_text
+from bigmodel.data import sources
+from bigmodel.data.sources import Source
 from bigmodel.errors import UserError
 
 TASK_KINDS = ("classify", "seq2seq")
@@ -59,47 +56,6 @@ csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
 def answer_feature(kind: str) -> str:
   """Name of the stored answer feature: ``label`` or ``target``."""
   return "label" if kind == "classify" else "target"
-
-
-@dataclasses.dataclass(frozen=True)
-class TaskRecords:
-  """Random-access train/validation examples of a task.
-
-  Attributes:
-    name: Human-readable name for logs.
-    kind: ``classify`` or ``seq2seq``.
-    train: Records of the train split.
-    validation: Records of the validation split; None when there is none.
-    text_key: Feature holding the (input) text.
-    answer_key: Feature holding the label or the target text.
-    class_names: Names of a tfds ``ClassLabel`` answer (its values are
-      ints); None for text answers.
-  """
-  name: str
-  kind: str
-  train: Sequence[Mapping[str, Any]]
-  validation: Sequence[Mapping[str, Any]] | None
-  text_key: str
-  answer_key: str
-  class_names: tuple[str, ...] | None = None
-
-  def text(self, record: Mapping[str, Any]) -> str:
-    return record_text(record, self.text_key)
-
-  def answer(self, record: Mapping[str, Any]) -> str:
-    """The label name or target text of a record."""
-    return answer_text(record, self.answer_key, self.class_names)
-
-
-def answer_text(record: Mapping[str, Any], answer_key: str,
-                class_names: Sequence[str] | None) -> str:
-  """A record's answer as text; a ClassLabel int becomes its name."""
-  value = record[answer_key]
-  if isinstance(value, bytes):
-    return value.decode("utf-8", errors="replace")
-  if class_names is not None and 0 <= int(value) < len(class_names):
-    return class_names[int(value)]
-  return str(value)
 
 
 # --------------------------------------------------------------------------
@@ -225,76 +181,29 @@ def hold_out(rows: Sequence[tuple[str, str]]
 
 def _fingerprint(files: TaskFiles, kind: str, columns: Sequence[str]) -> str:
   """Names the prepared dataset: files (path, size, mtime) and columns."""
-  digest = hashlib.sha256(f"{kind}\0{chr(0).join(columns)}\n".encode())
-  for path in (files.train, files.validation):
-    if path:
-      stat = os.stat(path)
-      digest.update(f"{path}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
-  return digest.hexdigest()[:16]
+  stats = [(path, os.stat(path).st_size, os.stat(path).st_mtime_ns)
+           for path in (files.train, files.validation) if path]
+  return sources.fingerprint(stats, f"{kind}\0{chr(0).join(columns)}\n")
 
 
-class BigmodelTaskRecords(tfds.core.GeneratorBasedBuilder):
-  """(text, label) or (text, target) rows; registered as
-  ``bigmodel_task_records``, one config per distinct (files, columns).
-
-  The rows are parsed and checked before preparing and passed to the
-  constructor, so that a bad file fails with a UserError before tfds starts
-  writing.
-  """
-
-  VERSION = tfds.core.Version("1.0.0")
-
-  @tfds.core.utils.classproperty
-  @classmethod
-  def code_path(cls) -> epath.Path:
-    # See corpus.BigmodelTextFiles.code_path.
-    return epath.Path(__file__)
-
-  def __init__(self, *, kind: str,
-               rows_by_split: Mapping[str, Sequence[tuple[str, str]]],
-               **kwargs):
-    self._kind = kind
-    self._rows_by_split = rows_by_split
-    super().__init__(**kwargs)
-
-  def _info(self) -> tfds.core.DatasetInfo:
-    return tfds.core.DatasetInfo(
-        builder=self,
-        description="Text classification or text-to-text examples.",
-        # Keep the files' order (tfds shuffles by key hash by default), so
-        # that evaluation runs over the validation file in order.
-        disable_shuffling=True,
-        features=tfds.features.FeaturesDict({
-            "text": tfds.features.Text(),
-            answer_feature(self._kind): tfds.features.Text(),
-        }),
-    )
-
-  def _split_generators(self, dl_manager):
-    del dl_manager  # Nothing is downloaded.
-    return {split: self._generate_examples(rows)
-            for split, rows in self._rows_by_split.items() if rows}
-
-  def _generate_examples(self, rows: Sequence[tuple[str, str]]):
-    answer_key = answer_feature(self._kind)
-    for index, (text, answer) in enumerate(rows):
-      yield index, {"text": text, answer_key: answer}
+def _indexed(rows: Sequence[tuple[str, str]], answer_key: str
+             ) -> list[tuple[int, dict[str, str]]]:
+  """(key, example) of each row, keyed by its index: the order is kept."""
+  return [(index, {"text": text, answer_key: answer})
+          for index, (text, answer) in enumerate(rows)]
 
 
 def load_task_files(paths: str, kind: str, text_column: str,
-                    answer_column: str, data_dir: str) -> TaskRecords:
-  """Prepares (once per distinct files and columns) and opens a local task."""
+                    answer_column: str, data_dir: str) -> Source:
+  """Prepares (once per distinct files and columns) and opens a local task.
+
+  The files are parsed and checked before preparing, so that a bad file
+  fails with a UserError before tfds starts writing.
+  """
   files = resolve_task_files(paths)
-  config = tfds.core.BuilderConfig(
-      name=f"{kind}_{_fingerprint(files, kind, (text_column, answer_column))}",
-      description=f"{kind} rows of {files.train}")
-  builder = BigmodelTaskRecords(kind=kind, rows_by_split={},
-                                data_dir=data_dir, config=config,
-                                file_format="array_record")
-  if builder.is_prepared():
-    logging.info("Reusing prepared task %s", builder.data_path)
-  else:
-    start = time.perf_counter()
+  answer_key = answer_feature(kind)
+
+  def read_items():
     train = read_task_file(files.train, text_column, answer_column, kind)
     if files.validation:
       validation = read_task_file(files.validation, text_column,
@@ -303,24 +212,19 @@ def load_task_files(paths: str, kind: str, text_column: str,
       train, validation = hold_out(train)
       logging.info("No validation file: held out %d of %d rows of %s",
                    len(validation), len(train) + len(validation), files.train)
-    builder = BigmodelTaskRecords(
-        kind=kind, rows_by_split={"train": train, "validation": validation},
-        data_dir=data_dir, config=config, file_format="array_record")
-    tfds.disable_progress_bar()
-    try:
-      with contextlib.redirect_stdout(io.StringIO()):  # tfds prints "Downloading ...".
-        builder.download_and_prepare()
-    except Exception:  # pylint: disable=broad-except
-      if not builder.is_prepared():  # See corpus.load_text_files.
-        raise
-    logging.info("Prepared %d train and %d validation rows of %s into %s in"
-                 " %.1f s", len(train), len(validation), paths,
-                 builder.data_path, time.perf_counter() - start)
-  sources = tfds.builder_from_directory(builder.data_path).as_data_source()
-  return TaskRecords(name=f"{builder.name}/{config.name}", kind=kind,
-                     train=sources["train"],
-                     validation=sources.get("validation"),
-                     text_key="text", answer_key=answer_feature(kind))
+    return {"train": _indexed(train, answer_key),
+            "validation": _indexed(validation, answer_key)}
+  name, splits = sources.prepare_once(
+      sources.BigmodelTaskRecords,
+      config_name=f"{kind}_{_fingerprint(files, kind, (text_column, answer_column))}",
+      description=f"{kind} rows of {files.train}", data_dir=data_dir,
+      features=("text", answer_key), read_items=read_items,
+      # Keep the files' order, so that evaluation runs over the validation
+      # file in order.
+      to_example=lambda item: item, disable_shuffling=True)
+  return Source(name=name, kind=kind, train=splits["train"],
+                validation=splits.get("validation"), text_key="text",
+                answer_key=answer_key)
 
 
 # --------------------------------------------------------------------------
@@ -328,34 +232,19 @@ def load_task_files(paths: str, kind: str, text_column: str,
 
 
 def load_tfds_task(name: str, kind: str, text_column: str,
-                   answer_column: str, data_dir: str | None) -> TaskRecords:
+                   answer_column: str, data_dir: str | None) -> Source:
   """Opens an already prepared tfds dataset as a task; never downloads."""
-  builder, splits = open_prepared_tfds(name, data_dir, example="glue/sst2")
-  features = builder.info.features
   answer_option = ("data.label_column" if kind == "classify"
                    else "data.target_column")
-  for option, column in (("data.text_column", text_column),
-                         (answer_option, answer_column)):
-    if column not in features:
-      raise UserError(f"{option}={column!r} is not a feature of tfds dataset"
-                      f" {name!r} (features: {', '.join(sorted(features))})")
+  features, train, validation = sources.open_tfds(
+      name, data_dir, example="glue/sst2",
+      columns={"data.text_column": text_column, answer_option: answer_column})
   answer = features[answer_column]
   class_names = (tuple(answer.names)
                  if isinstance(answer, tfds.features.ClassLabel) else None)
-  eval_split = next((s for s in ("validation", "test") if s in splits), None)
-  try:
-    train = builder.as_data_source(split="train")
-    validation = (builder.as_data_source(split=eval_split)
-                  if eval_split else None)
-  except (NotImplementedError, ValueError) as e:
-    raise UserError(f"tfds dataset {name!r} in {builder.data_dir} has no"
-                    " random-access files; prepare it with"
-                    " --file_format=array_record") from e
-  logging.info("tfds task %s: %d train and %d %s records", name, len(train),
-               len(validation) if validation else 0, eval_split)
-  return TaskRecords(name=name, kind=kind, train=train, validation=validation,
-                     text_key=text_column, answer_key=answer_column,
-                     class_names=class_names)
+  return Source(name=name, kind=kind, train=train, validation=validation,
+                text_key=text_column, answer_key=answer_column,
+                class_names=class_names)
 
 
 # --------------------------------------------------------------------------
@@ -387,7 +276,7 @@ class LabelStats:
     return self.validation_counts[majority] / total
 
 
-def _count_answers(task: TaskRecords,
+def _count_answers(task: Source,
                    records: Sequence[Mapping[str, Any]] | None
                    ) -> collections.Counter:
   counts = collections.Counter()
@@ -396,7 +285,7 @@ def _count_answers(task: TaskRecords,
   return counts
 
 
-def label_stats(task: TaskRecords, declared: str) -> LabelStats:
+def label_stats(task: Source, declared: str) -> LabelStats:
   """Counts the labels of both splits and fixes the class ids.
 
   Args:

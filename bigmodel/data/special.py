@@ -1,9 +1,11 @@
 """Special token ids beyond the tokenizer's: the MLM mask and T5 sentinels.
 
-The tokenizer owns ids ``[0, tokenizer_vocab_size)`` (pad 0, bos 1, eos 2,
-unk 3, then ordinary pieces). The model's embedding table usually has more
-rows (``model.vocab_size``, rounded up for sharding); the extra rows hold ids
-no text ever encodes to:
+The tokenizer owns ids ``[0, tokenizer_vocab_size)``, its special ids among
+them (``Tokenizer.special_tokens``: pad 0, bos 1, eos 2, unk 3 for a
+tokenizer trained here; an imported one keeps its own, and
+:class:`SpecialIds` carries them to the pipelines). The model's embedding
+table usually has more rows (``model.vocab_size``, rounded up for sharding);
+the extra rows hold ids no text ever encodes to:
 
 * ``mask_id = tokenizer_vocab_size``: BERT's ``[MASK]``;
 * sentinel ``i`` = ``tokenizer_vocab_size + 1 + i``, for i = 0, 1, ... up to
@@ -23,11 +25,12 @@ from collections.abc import Sequence
 import numpy as np
 
 from bigmodel.data.tokenizer import BOS_ID, EOS_ID, PAD_ID, UNK_ID
-from bigmodel.data.tokenizer import Tokenizer
+from bigmodel.data.tokenizer import SpecialTokens, Tokenizer
 from bigmodel.errors import UserError
 
-# Ids below this are pad/bos/eos/unk; random replacement tokens start here.
-FIRST_ORDINARY_ID = 4
+# The ids of a tokenizer trained here (and the default of special_ids).
+_TRAINED_TOKENS = SpecialTokens(pad=PAD_ID, bos=BOS_ID, eos=EOS_ID, unk=UNK_ID,
+                                decoder_start=BOS_ID)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,14 +40,26 @@ class SpecialIds:
   Attributes:
     tokenizer_vocab_size: Ids the tokenizer produces: [0, this).
     model_vocab_size: Rows of the model's embedding: [0, this).
+    pad_id, bos_id, eos_id, unk_id, decoder_start_id: The tokenizer's
+      (``Tokenizer.special_tokens``).
+    first_ordinary_id: The smallest id that is no special one: MLM's random
+      replacement tokens are drawn from [this, tokenizer_vocab_size).
   """
   tokenizer_vocab_size: int
   model_vocab_size: int
   pad_id: int = PAD_ID
   bos_id: int = BOS_ID
   eos_id: int = EOS_ID
-  unk_id: int = UNK_ID
-  first_ordinary_id: int = FIRST_ORDINARY_ID
+  unk_id: int | None = UNK_ID
+  decoder_start_id: int = BOS_ID
+  first_ordinary_id: int = 4
+
+  @property
+  def no_text_ids(self) -> tuple[int, ...]:
+    """Ids that never stand for text (pad, bos, eos, decoder start): never
+    masked nor predicted by MLM."""
+    return tuple(sorted({self.pad_id, self.bos_id, self.eos_id,
+                         self.decoder_start_id}))
 
   @property
   def mask_id(self) -> int:
@@ -89,16 +104,37 @@ class SpecialIds:
           " tokenizer (data.vocab_size)")
 
 
-def special_ids(tokenizer_vocab_size: int,
-                model_vocab_size: int) -> SpecialIds:
-  """The special-id layout; UserError if the tokenizer exceeds the model."""
+def special_ids(tokenizer_vocab_size: int, model_vocab_size: int,
+                tokens: SpecialTokens = _TRAINED_TOKENS) -> SpecialIds:
+  """The special-id layout; UserError if the tokenizer exceeds the model.
+
+  Args:
+    tokenizer_vocab_size: Ids the tokenizer produces.
+    model_vocab_size: Rows of the model's embedding.
+    tokens: The tokenizer's special ids (default: a tokenizer trained here).
+  """
   if tokenizer_vocab_size > model_vocab_size:
     raise UserError(
         f"the tokenizer has {tokenizer_vocab_size} pieces, more than"
         f" model.vocab_size={model_vocab_size}; raise model.vocab_size"
         " or use a smaller tokenizer")
+  taken = {tokens.pad, tokens.bos, tokens.eos, tokens.unk,
+           tokens.decoder_start}
+  first_ordinary_id = 0
+  while first_ordinary_id in taken:
+    first_ordinary_id += 1
   return SpecialIds(tokenizer_vocab_size=tokenizer_vocab_size,
-                    model_vocab_size=model_vocab_size)
+                    model_vocab_size=model_vocab_size, pad_id=tokens.pad,
+                    bos_id=tokens.bos, eos_id=tokens.eos, unk_id=tokens.unk,
+                    decoder_start_id=tokens.decoder_start,
+                    first_ordinary_id=first_ordinary_id)
+
+
+def tokenizer_special_ids(tokenizer: Tokenizer,
+                          model_vocab_size: int) -> SpecialIds:
+  """:func:`special_ids` of ``tokenizer`` with its own special ids."""
+  return special_ids(tokenizer.vocab_size, model_vocab_size,
+                     tokenizer.special_tokens)
 
 
 def decode(tokenizer: Tokenizer, ids: Sequence[int] | np.ndarray,

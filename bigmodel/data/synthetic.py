@@ -13,7 +13,7 @@ from collections.abc import Iterator, Mapping
 
 import numpy as np
 
-from bigmodel.data.pipeline import Batch
+from bigmodel.data.batch_spec import Batch
 
 # Ids below this are pad/bos/eos/unk; random tokens never use them.
 FIRST_TOKEN_ID = 3

@@ -11,7 +11,17 @@ Trained here (BPE) with settings for code rather than prose:
 * byte fallback: any character outside the vocabulary becomes UTF-8 bytes
   instead of ``<unk>``.
 
-Special ids are fixed: pad=0, bos=1, eos=2, unk=3.
+Special ids of a tokenizer trained here: pad=0, bos=1, eos=2, unk=3, and
+the decoder of an encoder-decoder model starts from bos (1).
+
+Every tokenizer implements :class:`Tokenizer`: encode, decode, vocab_size and
+its special ids as data (:class:`SpecialTokens`: pad, bos, eos, unk,
+decoder_start). The data layer and generation read the ids from there, never
+from constants, so an imported model keeps its own (T5: pad 0, eos 1, unk 2,
+decoder start = pad). Two implementations: :class:`SentencePieceTokenizer`
+(this module) and ``bigmodel.hf.tokenizer.HfTokenizer`` (a Hugging Face
+tokenizer directory), which :meth:`Tokenizer.load` imports only when given a
+directory.
 
 Training is deterministic: the same corpus and seed give the same pieces and
 scores, across processes and for any thread count (the model bytes differ
@@ -23,6 +33,8 @@ sampling is random per run even after ``set_random_generator_seed``.
 """
 from __future__ import annotations
 
+import abc
+import dataclasses
 import io
 import os
 import re
@@ -35,6 +47,7 @@ import sentencepiece as spm
 
 from bigmodel.errors import UserError
 
+# The ids of tokenizers trained here (train_tokenizer).
 PAD_ID, BOS_ID, EOS_ID, UNK_ID = 0, 1, 2, 3
 
 # Caps on what the trainer reads: the default stdlib corpus (~730k non-blank
@@ -46,30 +59,74 @@ MAX_TRAINING_SENTENCES = 1_000_000
 _MAX_SENTENCE_BYTES = 8192
 
 
-class Tokenizer:
-  """Text <-> token ids with a sentencepiece model.
-
-  Picklable (grain worker processes get a copy): it pickles the serialized
-  model, not the C++ processor.
+@dataclasses.dataclass(frozen=True)
+class SpecialTokens:
+  """The special ids of a tokenizer: data, so that nothing assumes 0/1/2/3.
 
   Attributes:
-    model_proto: The serialized sentencepiece model.
+    pad: Padding (and what padding rows hold).
+    bos: Put before a text (GPT, BERT's [CLS]); pad when the tokenizer has
+      none (T5).
+    eos: Put after a text (BERT's [SEP], T5's </s>).
+    unk: Unknown piece; None when the tokenizer has none (byte-level BPE).
+    decoder_start: First input of an encoder-decoder decoder (T5: pad).
+  """
+  pad: int
+  bos: int
+  eos: int
+  unk: int | None
+  decoder_start: int
+
+
+class Tokenizer(abc.ABC):
+  """Text <-> token ids, with the special ids as data (``special_tokens``).
+
+  Implementations must be picklable (grain worker processes get a copy).
   """
 
-  def __init__(self, model_proto: bytes):
-    self.model_proto = model_proto
-    self._processor = spm.SentencePieceProcessor(model_proto=model_proto)
-    special = (self._processor.pad_id(), self._processor.bos_id(),
-               self._processor.eos_id(), self._processor.unk_id())
-    if special != (PAD_ID, BOS_ID, EOS_ID, UNK_ID):
-      raise UserError(
-          "the sentencepiece model has special ids pad/bos/eos/unk ="
-          f" {special}; this stack needs {(PAD_ID, BOS_ID, EOS_ID, UNK_ID)}"
-          " (train with pad_id=0 bos_id=1 eos_id=2 unk_id=3)")
+  @property
+  @abc.abstractmethod
+  def special_tokens(self) -> SpecialTokens:
+    """The special ids."""
 
-  @classmethod
-  def load(cls, path: str) -> Tokenizer:
-    """Loads a ``.model`` file; UserError if missing or not a model.
+  @property
+  @abc.abstractmethod
+  def vocab_size(self) -> int:
+    """Ids the tokenizer produces: [0, vocab_size)."""
+
+  @abc.abstractmethod
+  def encode(self, text: str) -> list[int]:
+    """Token ids of ``text``, without special tokens."""
+
+  @abc.abstractmethod
+  def decode(self, ids: Sequence[int] | np.ndarray) -> str:
+    """Text of ``ids``; special tokens decode to nothing."""
+
+  @property
+  def pad_id(self) -> int:
+    return self.special_tokens.pad
+
+  @property
+  def bos_id(self) -> int:
+    return self.special_tokens.bos
+
+  @property
+  def eos_id(self) -> int:
+    return self.special_tokens.eos
+
+  @property
+  def unk_id(self) -> int | None:
+    return self.special_tokens.unk
+
+  @property
+  def decoder_start_id(self) -> int:
+    """The first decoder input of an encoder-decoder model."""
+    return self.special_tokens.decoder_start
+
+  @staticmethod
+  def load(path: str) -> Tokenizer:
+    """Loads a sentencepiece ``.model`` file; UserError if missing or not a
+    model.
 
     A directory is a Hugging Face tokenizer kept by ``bigmodel.convert``
     (``bigmodel.hf.tokenizer``): it keeps that tokenizer's own special ids.
@@ -78,6 +135,44 @@ class Tokenizer:
       # Imported here: only converted models need it.
       from bigmodel.hf.tokenizer import HfTokenizer  # pylint: disable=g-import-not-at-top
       return HfTokenizer.load(path)
+    return SentencePieceTokenizer.load(path)
+
+
+def sentencepiece_special_tokens(processor: spm.SentencePieceProcessor,
+                                 where: str) -> SpecialTokens:
+  """The special ids a sentencepiece model declares.
+
+  A model without bos (T5's) puts nothing before texts and starts the decoder
+  from pad, as T5 does; otherwise the decoder starts from bos (models
+  trained here: 1, as always).
+  """
+  pad, bos, eos, unk = (processor.pad_id(), processor.bos_id(),
+                        processor.eos_id(), processor.unk_id())
+  if pad < 0 or eos < 0:
+    raise UserError(f"the sentencepiece model {where} has no pad or eos piece"
+                    f" (pad_id={pad}, eos_id={eos}); bigmodel needs both")
+  start = bos if bos >= 0 else pad
+  return SpecialTokens(pad=pad, bos=start, eos=eos,
+                       unk=unk if unk >= 0 else None, decoder_start=start)
+
+
+class SentencePieceTokenizer(Tokenizer):
+  """Text <-> token ids with a sentencepiece model.
+
+  Picklable: it pickles the serialized model, not the C++ processor.
+
+  Attributes:
+    model_proto: The serialized sentencepiece model.
+  """
+
+  def __init__(self, model_proto: bytes, where: str = "in memory"):
+    self.model_proto = model_proto
+    self._processor = spm.SentencePieceProcessor(model_proto=model_proto)
+    self._special = sentencepiece_special_tokens(self._processor, where)
+
+  @classmethod
+  def load(cls, path: str) -> SentencePieceTokenizer:
+    """Loads a ``.model`` file; UserError if missing or not a model."""
     if not os.path.isfile(path):
       raise UserError(f"tokenizer file {path!r} does not exist; set"
                       " data.tokenizer to a sentencepiece .model file or ''"
@@ -85,7 +180,7 @@ class Tokenizer:
     with open(path, "rb") as f:
       model_proto = f.read()
     try:
-      return cls(model_proto)
+      return cls(model_proto, where=path)
     except RuntimeError as e:  # sentencepiece's "failed to parse" error.
       raise UserError(f"tokenizer file {path!r} is not a sentencepiece"
                       f" model: {e}") from e
@@ -97,20 +192,12 @@ class Tokenizer:
     self.__init__(state["model_proto"])
 
   @property
+  def special_tokens(self) -> SpecialTokens:
+    return self._special
+
+  @property
   def vocab_size(self) -> int:
     return self._processor.get_piece_size()
-
-  @property
-  def pad_id(self) -> int:
-    return PAD_ID
-
-  @property
-  def bos_id(self) -> int:
-    return BOS_ID
-
-  @property
-  def eos_id(self) -> int:
-    return EOS_ID
 
   def encode(self, text: str) -> list[int]:
     """Token ids of ``text``, without BOS/EOS."""
@@ -155,7 +242,7 @@ def training_sentences(texts: Iterable[str], seed: int,
 
 
 def train_tokenizer(texts: Iterable[str], vocab_size: int, seed: int = 0,
-                    num_threads: int | None = None) -> Tokenizer:
+                    num_threads: int | None = None) -> SentencePieceTokenizer:
   """Trains a BPE sentencepiece model for code on ``texts``.
 
   Args:
@@ -203,7 +290,7 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, seed: int = 0,
                 "data.vocab_size or remove files that are not text of one language")
     raise UserError(f"cannot train a tokenizer with data.vocab_size={vocab_size} on this "
                     f"corpus: {reason}") from e
-  tokenizer = Tokenizer(model.getvalue())
+  tokenizer = SentencePieceTokenizer(model.getvalue())
   logging.info("Trained a %d-piece tokenizer on %d lines (%d characters read)"
                " in %.1f s", tokenizer.vocab_size, len(sentences), num_chars,
                time.perf_counter() - start)

@@ -9,12 +9,12 @@ Prompts: GPT prompts start with BOS (an empty prompt is BOS alone); a prompt
 that leaves fewer than ``max_new_tokens`` slots of the model's context
 (``model.max_len``) is truncated from the left, and one line on stderr says
 so. T5 prompts are the encoder input (+ EOS), truncated from the left to the
-trained encoder length (``data.seq_len``); decoding starts from BOS.
+trained encoder length (``data.seq_len``); decoding starts from the
+tokenizer's ``decoder_start_id`` (BOS for sentencepiece, pad for HF T5).
 """
 import dataclasses
 import functools
 import math
-import os
 import sys
 from typing import Any, Optional, Sequence
 
@@ -26,13 +26,13 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from bigmodel import sharding
-from bigmodel.checkpoint import restore_params
+from bigmodel import run as run_lib
 from bigmodel.data.tokenizer import Tokenizer
 from bigmodel.errors import UserError
 from bigmodel.generation.models import CachedDecoder
 from bigmodel.generation.sampling import Sampling
 from bigmodel.generation.search import beam_loop, sample_loop
-from bigmodel.models import build_model
+from bigmodel.models import families
 
 MIN_BUCKET = 16
 
@@ -64,9 +64,10 @@ class Generator:
   step: Optional[int] = None  # The checkpoint's step, when loaded from one.
 
   def __post_init__(self):
-    if self.config.model.family not in ("gpt", "t5"):
-      raise UserError(f"a {self.config.model.family} model does not generate text; "
-                      "use a gpt or t5 run")
+    family = families.get(self.config.model.family)
+    if not family.generates:
+      able = " or ".join(f.name for f in families.FAMILIES.values() if f.generates)
+      raise UserError(f"a {family.name} model does not generate text; use a {able} run")
     self.decoder = CachedDecoder(self.model)
     self.is_encoder_decoder = self.decoder.is_encoder_decoder
     self._compiled: dict[tuple, Any] = {}
@@ -79,6 +80,14 @@ class Generator:
   @property
   def eos_id(self) -> int:
     return self.tokenizer.eos_id if self.tokenizer else 2
+
+  @property
+  def decoder_start_id(self) -> int:
+    """The first decoder input of an encoder-decoder (what its training fed)."""
+    if not self.tokenizer:
+      return 1
+    # Tokenizers without the property (older ones) start from BOS.
+    return getattr(self.tokenizer, "decoder_start_id", self.tokenizer.bos_id)
 
   @property
   def pad_id(self) -> int:
@@ -117,7 +126,7 @@ class Generator:
     if key not in self._compiled:
       fn = sample_loop if kind == "sample" else beam_loop
       self._compiled[key] = jax.jit(functools.partial(
-          fn, self.decoder, num_new=num_new, pad_id=self.pad_id, start_id=self.bos_id,
+          fn, self.decoder, num_new=num_new, pad_id=self.pad_id, start_id=self.decoder_start_id,
           num_valid_ids=self.num_valid_ids, **static))
     return self._compiled[key]
 
@@ -168,17 +177,17 @@ class Generator:
       if num_beams > 1:
         loop = self._loop("beam", num_new, num_beams=num_beams, alpha=float(length_penalty),
                           eos_id=eos)
-        out_BxN = loop(self.params, tokens_BxP, lengths_B, jnp.int32(max_new))
+        out_BxM = loop(self.params, tokens_BxP, lengths_B, jnp.int32(max_new))
       else:
         loop = self._loop("sample", num_new, static_key=sampling.static_key(), eos_id=eos)
-        out_BxN = loop(self.params, tokens_BxP, lengths_B, jnp.int32(max_new),
+        out_BxM = loop(self.params, tokens_BxP, lengths_B, jnp.int32(max_new),
                        jax.random.key(seed), sampling.values())
-    if not out_BxN.is_fully_addressable:  # Several processes: every one gets all rows.
-      out_BxN = multihost_utils.process_allgather(out_BxN, tiled=True)
-    out_BxN = np.asarray(jax.device_get(out_BxN))
+    if not out_BxM.is_fully_addressable:  # Several processes: every one gets all rows.
+      out_BxM = multihost_utils.process_allgather(out_BxM, tiled=True)
+    out_BxM = np.asarray(jax.device_get(out_BxM))
     results = []
     for row, (_, allowed) in enumerate(fitted):
-      ids = out_BxN[row, :allowed].tolist()
+      ids = out_BxM[row, :allowed].tolist()
       if stop_at_eos and self.eos_id in ids:
         ids = ids[:ids.index(self.eos_id)]
       results.append(ids)
@@ -211,30 +220,14 @@ def _cut_at_stop(text: str, stop: Sequence[str]) -> str:
   return text[:min(cuts)] if cuts else text
 
 
-def find_tokenizer(config: ml_collections.ConfigDict, workdir: str) -> Optional[Tokenizer]:
-  """``data.tokenizer``, else the one training saved in the workdir; None if neither."""
-  if config.data.get("source") == "synthetic":
-    return None
-  if config.data.get("tokenizer"):
-    return Tokenizer.load(config.data.tokenizer)
-  path = os.path.join(workdir, "tokenizer.model")
-  return Tokenizer.load(path) if os.path.isfile(path) else None
-
-
 def load(workdir: str, step: Optional[int] = None,
          mesh_config: Optional[dict] = None) -> Generator:
   """A ``Generator`` for a run's checkpoint (default: the latest).
 
   ``mesh_config`` ({"data", "fsdp", "tensor"} sizes, one may be -1; default:
-  every device data-parallel) places the parameters and the cache.
-  Raises UserError for a missing workdir or checkpoint.
+  the run's own mesh, see ``bigmodel.run.load_run``) places the parameters and
+  the cache. Raises UserError for a missing workdir or checkpoint.
   """
-  if not os.path.isdir(workdir):
-    raise UserError(f"workdir {workdir} does not exist")
-  mesh = sharding.make_mesh(ml_collections.ConfigDict(
-      mesh_config or dict(data=-1, fsdp=1, tensor=1)))
-  with sharding.activate(mesh):
-    params, config_dict, step = restore_params(workdir, mesh, step)
-  config = ml_collections.ConfigDict(config_dict)
-  return Generator(build_model(config.model), params, config, find_tokenizer(config, workdir),
-                   mesh, step=step)
+  mesh = sharding.make_mesh(ml_collections.ConfigDict(mesh_config)) if mesh_config else None
+  run = run_lib.load_run(workdir, step, mesh)
+  return Generator(run.model, run.params, run.config, run.tokenizer, run.mesh, step=run.step)

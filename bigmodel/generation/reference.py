@@ -6,7 +6,8 @@ token for token (tests/test_generate.py) and the baseline of
 benchmarks/generate.py. Rows are unpadded: every prompt of a call has the
 same length.
 
-Shapes: B rows, P prompt tokens, N new tokens, V vocabulary.
+Shape letters as in ``bigmodel.models``: B rows, P prompt tokens, M new
+tokens, V vocabulary.
 """
 from typing import Any
 
@@ -15,20 +16,20 @@ import jax
 import jax.numpy as jnp
 
 from bigmodel.generation import sampling
-from bigmodel.models import T5
+from bigmodel.models.families import family_of
 
 
 def full_forward_greedy(model: nn.Module, params: Any, prompt_BxP: jax.Array, num_new: int, *,
                         start_id: int = 1, num_valid_ids: int | None = None) -> jax.Array:
-  """``num_new`` greedy tokens [B, N] after each prompt (no EOS stop).
+  """``num_new`` greedy tokens [B, M] after each prompt (no EOS stop).
 
-  GPT: ``prompt_BxP`` are the first tokens. T5: the encoder input; the
-  decoder starts from ``start_id``.
+  Decoder-only: ``prompt_BxP`` are the first tokens. Encoder-decoder: the
+  encoder input; the decoder starts from ``start_id``.
   """
   batch, prompt_len = prompt_BxP.shape
   vocab_limit = num_valid_ids or 1 << 30
   variables = {"params": params}
-  if isinstance(model, T5):
+  if family_of(model).encoder_decoder:
     buffer_BxL = jnp.zeros((batch, 1 + num_new), jnp.int32).at[:, 0].set(start_id)
     first = 1
     logits_fn = lambda tokens_BxL: model.apply(variables, prompt_BxP, tokens_BxL)  # pylint: disable=g-long-lambda

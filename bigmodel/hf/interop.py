@@ -18,16 +18,15 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from bigmodel import cli
 from bigmodel import sharding
-from bigmodel.checkpoint import CHECKPOINT_DIR, Checkpointer, restore_params
+from bigmodel import run as run_lib
 from bigmodel.config import base_config, validate
 from bigmodel.errors import UserError
 from bigmodel.hf import FAMILIES
 from bigmodel.hf.files import TensorReader, read_config, write_model
 from bigmodel.hf.mapping import Rule, export_tensors, import_params
 from bigmodel.hf.tokenizer import HfTokenizer, copy_tokenizer_files, has_tokenizer, tokenizer_files
-from bigmodel.models import T5, ModelConfig, build_model
+from bigmodel.models import ModelConfig, build_model, families
 from bigmodel.optim import make_optimizer
 from bigmodel.state import TrainState
 
@@ -51,8 +50,7 @@ def _unflatten(flat: dict[str, Any]) -> dict[str, Any]:
 
 def param_shapes(model, seq_len: int) -> dict[str, tuple[int, ...]]:
   """The model's parameter shapes by path, without allocating them."""
-  tokens = jnp.zeros((1, seq_len), jnp.int32)
-  inputs = (tokens, tokens) if isinstance(model, T5) else (tokens,)
+  inputs = families.family_of(model).example_inputs(model.config, seq_len)
   boxed = jax.eval_shape(lambda: model.init(jax.random.key(0), *inputs)["params"])
   return {k: tuple(v.shape) for k, v in _flatten(sharding.strip_boxes(boxed)).items()}
 
@@ -88,8 +86,8 @@ def _check_tied(reader: TensorReader, tied: tuple[tuple[str, str], ...],
         raise UserError(f"tensor {copy} differs from {original}, but this architecture ties them")
 
 
-# What an import writes into its workdir (cli.write_config goes through config.json.tmp).
-_WRITTEN = ("config.json", "config.json.tmp", CHECKPOINT_DIR, TOKENIZER_DIR)
+# What an import writes into its workdir (run.write_config goes through config.json.tmp).
+_WRITTEN = ("config.json", "config.json.tmp", "checkpoints", TOKENIZER_DIR)
 
 
 def _check_workdir(workdir: str) -> None:
@@ -175,7 +173,7 @@ def import_hf(hf_dir: str, family: Optional[str], workdir: str) -> dict[str, Any
     os.makedirs(workdir, exist_ok=True)
     copy_tokenizer_files(hf_dir, os.path.join(workdir, TOKENIZER_DIR))
     _save_checkpoint(workdir, config, _unflatten(flat))
-    cli.write_config(config, os.path.join(workdir, "config.json"))
+    run_lib.write_config(config, run_lib.RunDir(workdir).config)
   return {"family": family, "num_params": sum(x.size for x in flat.values()),
           "tokenizer": tokenizer_names or None, "unused": unused}
 
@@ -186,7 +184,7 @@ def _save_checkpoint(workdir: str, config: ml_collections.ConfigDict, params: An
   optimizer, _ = make_optimizer(config.optim, config.train.steps)
   state = TrainState(step=jnp.zeros((), jnp.int32), params=params,
                      opt_state=optimizer.init(params), rng=jax.random.key(config.train.seed))
-  checkpointer = Checkpointer(workdir, keep=1, async_save=False)
+  checkpointer = run_lib.checkpointer(workdir, keep=1, async_save=False)
   try:
     checkpointer.save(0, state, {}, config)
     checkpointer.wait()
@@ -198,10 +196,9 @@ def export_hf(workdir: str, out: str, step: Optional[int] = None) -> dict[str, A
   """Writes checkpoint ``step`` (default: the latest) of ``workdir`` as a HF directory."""
   if os.path.exists(out) and os.listdir(out):
     raise UserError(f"--to_hf={out} already exists and is not empty; choose a new directory")
-  mesh = sharding.make_mesh(ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1)))
-  with sharding.activate(mesh):
-    params, config, step = restore_params(workdir, mesh, step)
-  model_config = ModelConfig.from_config(ml_collections.ConfigDict(config["model"]))
+  run = run_lib.load_run(workdir, step)
+  params, config, step = run.params, run.config.to_dict(), run.step
+  model_config = ModelConfig.from_config(run.config.model)
   family = next((f for f, m in FAMILIES.items() if m.FAMILY == model_config.family), None)
   if family is None:
     raise UserError(f"a {model_config.family} model has no Hugging Face export")
@@ -209,15 +206,16 @@ def export_hf(workdir: str, out: str, step: Optional[int] = None) -> dict[str, A
   hf = name_map.hf_config(model_config)
   flat = {k: np.asarray(jax.device_get(v), np.float32) for k, v in _flatten(params).items()}
   tensors = export_tensors(name_map.rules(model_config), flat, scan=model_config.scan)
+  tokenizer = run.tokenizer  # Loaded by load_run: read before anything is written.
+  if tokenizer is not None:  # The ids training used, whatever the tokenizer's kind.
+    hf.update(bos_token_id=tokenizer.bos_id, eos_token_id=tokenizer.eos_id,
+              pad_token_id=tokenizer.pad_id)
+    if families.get(model_config.family).encoder_decoder:
+      hf["decoder_start_token_id"] = tokenizer.decoder_start_id
   tokenizer_dir = config["data"].get("tokenizer", "")
   tokenizer_names = []
   if tokenizer_dir and os.path.isdir(tokenizer_dir):
-    tokenizer = HfTokenizer(tokenizer_dir)  # Read before anything is written.
     tokenizer_names = copy_tokenizer_files(tokenizer_dir, out)
-    hf.update(bos_token_id=tokenizer.bos_id, eos_token_id=tokenizer.eos_id,
-              pad_token_id=tokenizer.pad_id)
-    if family == "t5":
-      hf["decoder_start_token_id"] = tokenizer.pad_id  # T5 starts decoding from pad.
   hf["torch_dtype"] = "float32"
   write_model(out, hf, tensors)
   return {"family": family, "step": step, "num_tensors": len(tensors),

@@ -10,9 +10,12 @@ evaluation tokenize exactly as the original model did:
 * otherwise ``tokenizer.json`` (GPT-2's byte-level BPE, BERT's WordPiece, any
   "fast" tokenizer) is read with the ``tokenizers`` library.
 
-``bos_id`` / ``eos_id`` are what bigmodel puts around a text: GPT-2's
-``<|endoftext|>`` (both), BERT's ``[CLS]`` / ``[SEP]``, T5's pad (its decoder
-start) / ``</s>``.
+It implements ``bigmodel.data.tokenizer.Tokenizer``: the special ids are data
+read from the files (``special_tokens``). ``bos_id`` / ``eos_id`` are what
+bigmodel puts around a text: GPT-2's ``<|endoftext|>`` (both), BERT's
+``[CLS]`` / ``[SEP]``, T5's pad / ``</s>``. ``decoder_start_id`` is T5's pad
+(transformers' ``decoder_start_token_id`` for T5) for a sentencepiece model
+without bos, else bos.
 """
 from __future__ import annotations
 
@@ -24,6 +27,7 @@ from typing import Any, Optional
 import numpy as np
 import sentencepiece as spm
 
+from bigmodel.data.tokenizer import SpecialTokens, Tokenizer, sentencepiece_special_tokens
 from bigmodel.errors import UserError
 from bigmodel.hf.files import load_json, model_file
 
@@ -35,6 +39,7 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 _BOS = ("cls_token", "bos_token", "[CLS]", "<|endoftext|>", "<s>", "<pad>")
 _EOS = ("sep_token", "eos_token", "[SEP]", "<|endoftext|>", "</s>")
 _PAD = ("pad_token", "[PAD]", "<pad>", "<|endoftext|>")
+_UNK = ("unk_token", "[UNK]", "<unk>")
 
 
 def tokenizer_files(source: str) -> list[str]:
@@ -64,7 +69,7 @@ def _load(path: str, load: Any) -> Any:
     raise UserError(f"{path} is not a readable tokenizer file: {e}") from e
 
 
-class HfTokenizer:
+class HfTokenizer(Tokenizer):
   """Text <-> ids with a Hugging Face tokenizer directory (see the module doc)."""
 
   def __init__(self, directory: str):
@@ -74,13 +79,13 @@ class HfTokenizer:
     self._fast: Any = None
     if os.path.isfile(spiece):
       self._sp = _load(spiece, lambda: spm.SentencePieceProcessor(model_file=spiece))
-      self._special = {"pad": self._sp.pad_id(), "eos": self._sp.eos_id()}
-      self._special["bos"] = self._sp.bos_id() if self._sp.bos_id() >= 0 else self._special["pad"]
+      self._special = sentencepiece_special_tokens(self._sp, spiece)
     elif os.path.isfile(fast):
       import tokenizers  # pylint: disable=g-import-not-at-top  (only for tokenizer.json)
       self._fast = _load(fast, lambda: tokenizers.Tokenizer.from_file(fast))
-      self._special = {role: self._find(candidates)
-                       for role, candidates in (("bos", _BOS), ("eos", _EOS), ("pad", _PAD))}
+      bos = self._find(_BOS)
+      self._special = SpecialTokens(pad=self._find(_PAD), bos=bos, eos=self._find(_EOS),
+                                    unk=self._find(_UNK, required=False), decoder_start=bos)
     else:
       raise UserError(f"{directory} has neither spiece.model nor tokenizer.json")
 
@@ -88,8 +93,9 @@ class HfTokenizer:
   def load(cls, directory: str) -> HfTokenizer:
     return cls(directory)
 
-  def _find(self, candidates: Sequence[str]) -> int:
-    """The id of the first candidate: a tokenizer_config.json role or a token."""
+  def _find(self, candidates: Sequence[str], required: bool = True) -> Optional[int]:
+    """The id of the first candidate: a tokenizer_config.json role or a token;
+    None if there is none and not ``required``."""
     config_path = os.path.join(self.directory, "tokenizer_config.json")
     config = load_json(config_path) if os.path.isfile(config_path) else {}
     for candidate in candidates:
@@ -98,6 +104,8 @@ class HfTokenizer:
       token_id = self._fast.token_to_id(token) if isinstance(token, str) else None
       if token_id is not None:
         return token_id
+    if not required:
+      return None
     raise UserError(f"the tokenizer in {self.directory} has none of the special tokens "
                     f"{', '.join(c for c in candidates if not c.endswith('_token'))}")
 
@@ -114,16 +122,8 @@ class HfTokenizer:
     return self._fast.get_vocab_size(with_added_tokens=True)
 
   @property
-  def pad_id(self) -> int:
-    return self._special["pad"]
-
-  @property
-  def bos_id(self) -> int:
-    return self._special["bos"]
-
-  @property
-  def eos_id(self) -> int:
-    return self._special["eos"]
+  def special_tokens(self) -> SpecialTokens:
+    return self._special
 
   def encode(self, text: str) -> list[int]:
     """Token ids of ``text``, without special tokens."""

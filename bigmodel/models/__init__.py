@@ -1,26 +1,53 @@
-"""Model families. ``build_model(config.model)`` returns a Flax module."""
+"""Model families. ``build_model(config.model)`` returns a Flax module.
+
+What differs between families outside their modules lives in the registry,
+``bigmodel.models.families``. Every model mode (``layers.TRAIN``,
+``PREFILL``, ``DECODE``) goes through the same blocks.
+
+Shape letters (the one glossary of the package; a tensor's name ends in its
+shape, e.g. ``q_BxTxNxH``):
+
+====  ==========================================================
+B     batch (rows)
+L     token length (a sequence both sides of attention read)
+T     query length; the decoder length of an encoder-decoder
+S     key/value length; cache slots when decoding
+E     encoder length
+D     model width (``embed_dim``)
+F     MLP width (``mlp_dim``)
+N     query heads
+K     key/value heads
+G     query heads per key/value head (N / K)
+H     head dim
+V     vocabulary
+C     classes
+P     prompt length
+W     beams per prompt
+M     new tokens (generated)
+R     relative-position buckets
+====  ==========================================================
+"""
 from typing import Any, Optional
 
 import flax.linen as nn
 import jax
 
+from bigmodel.models import families
 from bigmodel.models.bert import Bert
 from bigmodel.models.config import ModelConfig
+from bigmodel.models.families import FAMILIES, Family, family_of
 from bigmodel.models.gpt import Gpt
 from bigmodel.models.t5 import T5
 
-MODEL_FAMILIES = {"gpt": Gpt, "bert": Bert, "t5": T5}
+# model.family -> Flax module class (kept for callers of the old name).
+MODEL_FAMILIES = {name: f.module for name, f in FAMILIES.items()}
 
 
 def targets_and_weights(model: nn.Module, batch: dict[str, jax.Array]) -> tuple[jax.Array,
                                                                                  jax.Array]:
   """Integer targets and loss weights of a batch: per token ([B, L]) for language
   modelling, MLM and seq2seq; per example ([B]) for classification."""
-  if isinstance(model, T5):
-    return batch["decoder_targets"], batch["loss_mask"]
-  if isinstance(model, Bert) and model.config.num_classes:
-    return batch["label"], batch["example_mask"]
-  return batch["targets"], batch["loss_mask"]
+  return family_of(model).targets_and_weights(model.config, batch)
 
 
 def batch_logits(model: nn.Module, params: Any, batch: dict[str, jax.Array], *,
@@ -30,25 +57,14 @@ def batch_logits(model: nn.Module, params: Any, batch: dict[str, jax.Array], *,
   Returns float32 logits [..., V or C] matching ``targets_and_weights``.
   Dropout is on when ``rng`` is given.
   """
-  kwargs = dict(deterministic=rng is None, rngs={"dropout": rng} if rng is not None else None)
-  variables = {"params": params}
-  if isinstance(model, T5):
-    return model.apply(variables, batch["encoder_inputs"], batch["decoder_inputs"],
-                       encoder_segment_ids_BxS=batch["encoder_segment_ids"],
-                       decoder_segment_ids_BxT=batch["decoder_segment_ids"], **kwargs)
-  if isinstance(model, Bert):
-    return model.apply(variables, batch["inputs"], segment_ids_BxL=batch["segment_ids"],
-                       positions_BxL=batch["positions"], type_ids_BxL=batch["type_ids"],
-                       **kwargs)
-  return model.apply(variables, batch["inputs"], segment_ids_BxL=batch["segment_ids"],
-                     positions_BxL=batch["positions"], **kwargs)
+  return family_of(model).batch_logits(model, params, batch, rng=rng)
 
 
 def build_model(model_cfg) -> nn.Module:
   """Returns the Flax module for ``model_cfg.family``."""
   model_config = ModelConfig.from_config(model_cfg)
-  return MODEL_FAMILIES[model_config.family](model_config)
+  return families.get(model_config.family).build(model_config)
 
 
-__all__ = ["MODEL_FAMILIES", "Bert", "Gpt", "ModelConfig", "T5", "batch_logits", "build_model",
-           "targets_and_weights"]
+__all__ = ["FAMILIES", "MODEL_FAMILIES", "Bert", "Family", "Gpt", "ModelConfig", "T5",
+           "batch_logits", "build_model", "family_of", "families", "targets_and_weights"]

@@ -30,7 +30,7 @@ class BertBlock(nn.Module):
     mlp = Mlp(c.mlp_dim, activation=c.mlp_activation, dropout_rate=c.dropout_rate,
               dtype=c.dtype, param_dtype=c.param_dtype, name="mlp")
     attend = lambda h: attention(h, q_segment_ids_BxT=segment_ids_BxL,  # pylint: disable=g-long-lambda
-                                 kv_segment_ids_BxS=segment_ids_BxL)
+                                 kv_segment_ids_BxS=segment_ids_BxL)[0]
     if c.norm_position == "pre":
       x_BxLxD = x_BxLxD + drop(attend(_norm(c, "ln_attn")(x_BxLxD)))
       x_BxLxD = x_BxLxD + drop(mlp(_norm(c, "ln_mlp")(x_BxLxD), deterministic))
@@ -74,7 +74,7 @@ class Bert(nn.Module):
       x_BxLxD = _norm(c, "ln_embed")(x_BxLxD)
     x_BxLxD = nn.Dropout(c.dropout_rate)(x_BxLxD, deterministic=deterministic)
     x_BxLxD = constrain(x_BxLxD.astype(c.dtype), ("batch", "length", "act_embed"))
-    x_BxLxD = apply_layer_stack(BertBlock, x_BxLxD, segment_ids_BxL, deterministic,
+    x_BxLxD, _ = apply_layer_stack(BertBlock, x_BxLxD, segment_ids_BxL, deterministic,
                                 num_layers=c.num_layers, scan=c.scan, remat=c.remat,
                                 name="blocks", config=c)
     if c.norm_position == "pre":

@@ -7,21 +7,21 @@ import jax
 import jax.numpy as jnp
 
 from bigmodel.models.config import ModelConfig
-from bigmodel.models.layers import (DenseGeneral, KVCache, MultiHeadAttention, Mlp, constrain,
-                                    make_embed, make_norm)
+from bigmodel.models.layers import (DECODE, TRAIN, DenseGeneral, KVCache, MultiHeadAttention, Mlp,
+                                    check_mode, constrain, make_embed, make_norm)
 from bigmodel.models.stack import apply_layer_stack
 
 
 class GptBlock(nn.Module):
   """x + attn(ln(x)), then x + mlp(ln(x)); causal within packed segments.
 
-  ``decode`` (generation): without ``cache`` (prefill) the block also returns
-  its attention's ``KVCache``; with ``cache`` (one step, L = 1) it attends to
-  the cache and returns the updated one, and ``segment_ids_BxL`` are then
-  the cache's [B, S] slot segment ids (0 = empty or padding).
+  Returns (x, cache) in every ``mode``: cache None in training, the
+  attention's ``KVCache`` at prefill, the updated one when decoding (one
+  step, L = 1, against ``cache``; ``segment_ids_BxL`` are then the cache's
+  [B, S] slot segment ids, 0 = empty or padding).
   """
   config: ModelConfig
-  decode: bool = False
+  mode: str = TRAIN
 
   @nn.compact
   def __call__(self, x_BxLxD, segment_ids_BxL, positions_BxL, deterministic: bool,
@@ -35,17 +35,14 @@ class GptBlock(nn.Module):
     attention = MultiHeadAttention(
         num_heads=c.num_heads, head_dim=c.head_dim, num_kv_heads=c.num_kv_heads,
         rope_theta=c.rope_theta if c.position_embedding == "rope" else None,
-        attention_impl=c.attention_impl, out_init_stddev=out_stddev, dtype=c.dtype,
-        param_dtype=c.param_dtype, name="attn")
-    if cache is not None:
-      h_BxLxD, kv = attention(norm("ln_attn")(x_BxLxD), kv_segment_ids_BxS=segment_ids_BxL,
-                              q_positions_BxT=positions_BxL, cache=cache)
-    else:
-      h_BxLxD = attention(
-          norm("ln_attn")(x_BxLxD), causal=True, q_segment_ids_BxT=segment_ids_BxL,
-          kv_segment_ids_BxS=segment_ids_BxL, q_positions_BxT=positions_BxL,
-          return_kv=self.decode)
-      h_BxLxD, kv = h_BxLxD if self.decode else (h_BxLxD, None)
+        attention_impl=c.attention_impl, out_init_stddev=out_stddev, mode=self.mode,
+        dtype=c.dtype, param_dtype=c.param_dtype, name="attn")
+    # Decoding needs no causal or query mask: the cache's later slots are empty.
+    decoding = self.mode == DECODE
+    h_BxLxD, kv = attention(
+        norm("ln_attn")(x_BxLxD), causal=not decoding,
+        q_segment_ids_BxT=None if decoding else segment_ids_BxL,
+        kv_segment_ids_BxS=segment_ids_BxL, q_positions_BxT=positions_BxL, cache=cache)
     x_BxLxD = x_BxLxD + nn.Dropout(c.dropout_rate)(h_BxLxD, deterministic=deterministic)
     h_BxLxD = Mlp(c.mlp_dim, activation=c.mlp_activation, dropout_rate=c.dropout_rate,
                   out_init_stddev=out_stddev, dtype=c.dtype, param_dtype=c.param_dtype,
@@ -57,11 +54,11 @@ class GptBlock(nn.Module):
 class Gpt(nn.Module):
   """Token ids [B, L] -> next-token logits [B, L, V] (float32).
 
-  Decoding (``bigmodel.generation.models``): ``return_cache`` also returns
-  the stacked per-layer ``KVCache`` of the tokens ([layers, B, L, K, H]);
-  ``cache`` runs one step (L = 1) against it, with ``kv_segment_ids_BxS``
-  marking its filled slots (this step's included), and returns
-  (logits, updated cache).
+  Decoding (``bigmodel.models.decoding``): ``mode=PREFILL`` returns (logits,
+  the stacked per-layer ``KVCache`` of the tokens, leaves [layers, B, L, K,
+  H]); ``mode=DECODE`` runs one step (L = 1) against ``cache``, with
+  ``kv_segment_ids_BxS`` marking its filled slots (this step's included),
+  and returns (logits, updated cache).
   """
   config: ModelConfig
 
@@ -70,10 +67,11 @@ class Gpt(nn.Module):
                segment_ids_BxL: Optional[jax.Array] = None,
                positions_BxL: Optional[jax.Array] = None,
                deterministic: bool = True,
-               return_cache: bool = False,
+               mode: str = TRAIN,
                cache: Optional[KVCache] = None,
                kv_segment_ids_BxS: Optional[jax.Array] = None):
     c = self.config
+    check_mode(mode)
     if positions_BxL is None:
       positions_BxL = jnp.broadcast_to(jnp.arange(tokens_BxL.shape[1]), tokens_BxL.shape)
     embed = make_embed(c.vocab_size, c.embed_dim, axes=("vocab", "embed"), dtype=c.dtype,
@@ -85,18 +83,12 @@ class Gpt(nn.Module):
                             name="position_embed")(positions_BxL)
     x_BxLxD = nn.Dropout(c.dropout_rate)(x_BxLxD, deterministic=deterministic)
     x_BxLxD = constrain(x_BxLxD.astype(c.dtype), ("batch", "length", "act_embed"))
-    new_cache = None
-    if cache is not None or return_cache:
-      # Decoding computes no gradients: remat would only cost compile time.
-      x_BxLxD, new_cache = apply_layer_stack(
-          GptBlock, x_BxLxD, segment_ids_BxL if cache is None else kv_segment_ids_BxS,
-          positions_BxL, deterministic, layer_inputs=cache, return_outputs=True,
-          num_layers=c.num_layers, scan=c.scan, remat="none", name="blocks", config=c,
-          decode=True)
-    else:
-      x_BxLxD = apply_layer_stack(
-          GptBlock, x_BxLxD, segment_ids_BxL, positions_BxL, deterministic,
-          num_layers=c.num_layers, scan=c.scan, remat=c.remat, name="blocks", config=c)
+    # Decoding computes no gradients: remat would only cost compile time.
+    x_BxLxD, new_cache = apply_layer_stack(
+        GptBlock, x_BxLxD, kv_segment_ids_BxS if mode == DECODE else segment_ids_BxL,
+        positions_BxL, deterministic, layer_inputs=cache,
+        num_layers=c.num_layers, scan=c.scan, remat=c.remat if mode == TRAIN else "none",
+        name="blocks", config=c, mode=mode)
     x_BxLxD = make_norm("layernorm", epsilon=c.layer_norm_epsilon, dtype=c.dtype,
                         param_dtype=c.param_dtype, name="ln_final")(x_BxLxD)
     if c.tie_embeddings:
@@ -106,4 +98,4 @@ class Gpt(nn.Module):
                                   dtype=c.dtype, param_dtype=c.param_dtype,
                                   name="lm_head")(x_BxLxD)
     logits_BxLxV = constrain(logits_BxLxV.astype(jnp.float32), ("batch", "length", "act_vocab"))
-    return logits_BxLxV if new_cache is None else (logits_BxLxV, new_cache)
+    return logits_BxLxV if mode == TRAIN else (logits_BxLxV, new_cache)

@@ -3,8 +3,9 @@
 Every parameter carries logical axis names (``vocab``, ``embed``, ``mlp``,
 ``heads``, ``kv``, ``layers``) and the main activations are constrained with
 ``batch``, ``length`` and ``act_*`` names; ``bigmodel.sharding`` maps both onto
-mesh axes. Shapes in names: B batch, T query length, S key length, D model
-width, F mlp width, N heads, K kv heads, H head dim, V vocabulary.
+mesh axes. Shape letters in names: see ``bigmodel.models`` (B batch, T query
+length, S key length, D model width, F mlp width, N query heads, K kv heads,
+H head dim, V vocabulary, R relative-position buckets).
 """
 from typing import Any, Callable, Optional
 
@@ -150,24 +151,40 @@ class KVCache:
     return KVCache(jnp.pad(self.k_BxSxKxH, pad), jnp.pad(self.v_BxSxKxH, pad), self.index)
 
 
+# Model modes (MaxText's "model modes"): what a forward pass is for. Every
+# block and attention layer takes one, and returns (output, cache) in all of
+# them, the cache being None in training.
+TRAIN = "train"      # The whole sequence; no cache.
+PREFILL = "prefill"  # The whole prompt; also return its keys/values as a cache.
+DECODE = "decode"    # A few new tokens against a cache; return the updated cache.
+MODES = (TRAIN, PREFILL, DECODE)
+
+
+def check_mode(mode: str) -> str:
+  if mode not in MODES:
+    raise ValueError(f"unknown model mode {mode!r}; choose from {MODES}")
+  return mode
+
+
 class MultiHeadAttention(nn.Module):
   """Self- or cross-attention with optional rotary positions and bias.
 
   Dropout applies to the output, not the attention probabilities, so fused
   kernels (which never materialise the probabilities) stay exact.
 
-  Decoding (see ``bigmodel.generation``) adds three ways to call it; the
-  training call is untouched by them:
+  ``mode`` (``TRAIN``, ``PREFILL``, ``DECODE``) says what the call is for;
+  every call returns ``(out_BxTxD, cache)``:
 
-  - ``return_kv``: as usual, and also return this call's keys/values as a
-    ``KVCache`` (prefill: the prompt's cache, self- or cross-attention).
-  - ``cache`` (self-attention, one step): write this call's keys/values into
-    ``cache`` at ``cache.index`` and attend to every slot, masked by
+  - ``TRAIN``: cache None.
+  - ``PREFILL``: this call's keys/values as a ``KVCache`` (the prompt's
+    cache, self- or cross-attention).
+  - ``DECODE``, self-attention: write this call's keys/values into ``cache``
+    at ``cache.index`` and attend to every slot, masked by
     ``kv_segment_ids_BxS`` (the caller marks filled slots, the new ones
-    included); returns the updated cache too. No causal mask is needed: the
+    included); returns the updated cache. No causal mask is needed: the
     slots after the new keys are empty, hence masked.
-  - ``fixed_kv`` (cross-attention, one step): attend to these precomputed
-    keys/values; ``kv_BxSxD`` is not used. Returns the output only.
+  - ``DECODE``, ``cross``: attend to ``cache``'s precomputed keys/values
+    (``kv_BxSxD`` is not used) and return it unchanged.
   """
   num_heads: int
   head_dim: int
@@ -180,6 +197,8 @@ class MultiHeadAttention(nn.Module):
   query_init_stddev: float = 0.02
   attention_impl: str = "auto"
   out_init_stddev: float = 0.02
+  cross: bool = False  # Keys/values come from another sequence (kv_BxSxD).
+  mode: str = TRAIN
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -195,14 +214,12 @@ class MultiHeadAttention(nn.Module):
       q_positions_BxT: Optional[jax.Array] = None,
       kv_positions_BxS: Optional[jax.Array] = None,
       bias_BxNxTxS: Optional[jax.Array] = None,
-      return_kv: bool = False,
       cache: Optional[KVCache] = None,
-      fixed_kv: Optional[KVCache] = None,
-  ):
-    """Returns [B, T, D]; ``kv_BxSxD`` None means self-attention.
-
-    With ``return_kv`` or ``cache``: ([B, T, D], KVCache).
-    """
+  ) -> tuple[jax.Array, Optional[KVCache]]:
+    """Returns ([B, T, D], cache); ``kv_BxSxD`` None means self-attention."""
+    decoding = check_mode(self.mode) == DECODE
+    if decoding and cache is None:
+      raise ValueError("mode='decode' needs a cache")
     if kv_BxSxD is None:
       kv_BxSxD, kv_positions_BxS = x_BxTxD, q_positions_BxT
     kv_heads = self.num_kv_heads or self.num_heads
@@ -218,32 +235,35 @@ class MultiHeadAttention(nn.Module):
       q_BxTxNxH = q_BxTxNxH * jnp.asarray(self.score_scale * self.head_dim ** 0.5,
                                           q_BxTxNxH.dtype)
     head_axes = ("batch", "length", "act_heads", "act_kv")
-    if fixed_kv is not None:
-      k_BxSxKxH, v_BxSxKxH = fixed_kv.k_BxSxKxH, fixed_kv.v_BxSxKxH
+    fixed_kv = decoding and self.cross  # The encoder's keys, cached at prefill.
+    if fixed_kv:
+      k_BxSxKxH, v_BxSxKxH = cache.k_BxSxKxH, cache.v_BxSxKxH
     else:
       k_BxSxKxH = project(kv_BxSxD, kv_heads, "key")
       v_BxSxKxH = project(kv_BxSxD, kv_heads, "value")
     if self.rope_theta is not None:
       q_BxTxNxH = apply_rope(q_BxTxNxH, q_positions_BxT, self.rope_theta)
-      if fixed_kv is None:
+      if not fixed_kv:
         k_BxSxKxH = apply_rope(k_BxSxKxH, kv_positions_BxS, self.rope_theta)
     q_BxTxNxH = constrain(q_BxTxNxH, head_axes)
     k_BxSxKxH = constrain(k_BxSxKxH, head_axes)
     v_BxSxKxH = constrain(v_BxSxKxH, head_axes)
-    new_kv = KVCache(k_BxSxKxH, v_BxSxKxH, jnp.asarray(k_BxSxKxH.shape[1], jnp.int32))
-    impl = self.attention_impl
-    if cache is not None:
+    new_cache = None
+    if self.mode == PREFILL:
+      new_cache = KVCache(k_BxSxKxH, v_BxSxKxH, jnp.asarray(k_BxSxKxH.shape[1], jnp.int32))
+    elif fixed_kv:
+      new_cache = cache
+    elif decoding:
       # Write the new keys at the cache's index; the cache keeps the
       # activations' sharding (batch over data x fsdp, heads over tensor).
       write = lambda buf, new: constrain(jax.lax.dynamic_update_slice_in_dim(  # pylint: disable=g-long-lambda
           buf, new.astype(buf.dtype), cache.index, axis=1), head_axes)
-      new_kv = KVCache(write(cache.k_BxSxKxH, k_BxSxKxH), write(cache.v_BxSxKxH, v_BxSxKxH),
-                       cache.index + k_BxSxKxH.shape[1])
-      k_BxSxKxH, v_BxSxKxH = new_kv.k_BxSxKxH, new_kv.v_BxSxKxH
-    if cache is not None or fixed_kv is not None:
-      # A few query rows against the cache: fused kernels gain nothing (and
-      # want block-sized lengths), the plain einsum is the fast path.
-      impl = "xla"
+      new_cache = KVCache(write(cache.k_BxSxKxH, k_BxSxKxH), write(cache.v_BxSxKxH, v_BxSxKxH),
+                          cache.index + k_BxSxKxH.shape[1])
+      k_BxSxKxH, v_BxSxKxH = new_cache.k_BxSxKxH, new_cache.v_BxSxKxH
+    # A few query rows against the cache: fused kernels gain nothing (and
+    # want block-sized lengths), the plain einsum is the fast path.
+    impl = "xla" if decoding else self.attention_impl
     out_BxTxNxH = dot_product_attention(
         q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, impl=impl, causal=causal,
         q_segment_ids_BxT=q_segment_ids_BxT, kv_segment_ids_BxS=kv_segment_ids_BxS,
@@ -253,9 +273,7 @@ class MultiHeadAttention(nn.Module):
                              use_bias=self.use_bias, stddev=self.out_init_stddev,
                              dtype=self.dtype, param_dtype=self.param_dtype,
                              name="out")(out_BxTxNxH)
-    if return_kv or cache is not None:
-      return out_BxTxD, new_kv
-    return out_BxTxD
+    return out_BxTxD, new_cache
 
 
 class RelativePositionBias(nn.Module):
@@ -293,8 +311,8 @@ class RelativePositionBias(nn.Module):
     """Bias [1, N, T, S]; ``q_offset`` places the queries later (decoding)."""
     relative_TxS = (jnp.arange(kv_len)[None, :]
                     - (jnp.arange(q_len)[:, None] + q_offset))
-    table_ExN = self.param(
+    table_RxN = self.param(
         "rel_embedding", logical_init(nn.initializers.normal(1.0), (None, "heads")),
         (self.num_buckets, self.num_heads), self.param_dtype)
-    bias_TxSxN = jnp.take(table_ExN, self.bucket(relative_TxS), axis=0)
+    bias_TxSxN = jnp.take(table_RxN, self.bucket(relative_TxS), axis=0)
     return jnp.transpose(bias_TxSxN, (2, 0, 1))[None].astype(self.dtype)

@@ -1,10 +1,10 @@
 """A stack of identical layers, scanned or unrolled, with a named remat policy.
 
-Shared by every family. A block follows the scan carry convention:
-``block(x, *args) -> (x, y)`` where ``args`` are broadcast to every layer and
-the last one is the static ``deterministic`` flag; ``y`` is None in training.
-Decoding adds one per-layer input after the broadcast ones (each layer's
-key/value cache) and collects the per-layer outputs ``y`` (updated caches).
+Shared by every family. A block follows the scan carry convention in every
+model mode: ``block(x, *args) -> (x, cache)`` where ``args`` are broadcast to
+every layer and the last one is the static ``deterministic`` flag; the cache
+is None in training. Decoding adds one per-layer input after the broadcast
+ones (each layer's key/value cache); the per-layer caches come back stacked.
 """
 from typing import Any, Callable
 
@@ -31,16 +31,15 @@ def apply_layer_stack(
     remat: str,
     name: str,
     layer_inputs: Any = None,
-    return_outputs: bool = False,
     **block_kwargs: Any,
-) -> Any:
+) -> tuple[jax.Array, Any]:
   """Applies ``num_layers`` blocks to ``x``; must be called inside ``nn.compact``.
 
   With ``scan`` the parameters get a leading ``layers`` axis and the layer is
   compiled once, so compile time stays flat in depth. ``layer_inputs`` (a
   pytree with a leading [layers] axis, e.g. stacked ``KVCache``s) is passed
-  to layer i as its slice i, after ``args``. With ``return_outputs`` this
-  returns ``(x, ys)``: the blocks' second outputs stacked over layers.
+  to layer i as its slice i, after ``args``. Returns ``(x, caches)``: the
+  blocks' second outputs stacked over layers (None in training).
   """
   if remat not in REMAT_POLICIES:
     raise ValueError(f"unknown remat policy {remat!r}; choose from {tuple(REMAT_POLICIES)}")
@@ -58,13 +57,10 @@ def apply_layer_stack(
         length=num_layers,
         metadata_params={nn.PARTITION_NAME: "layers"},
     )(name=name, **block_kwargs)
-    x, ys = stack(x, *args, *extra)
-    return (x, ys) if return_outputs else x
+    return stack(x, *args, *extra)
   outputs = []
   for i in range(num_layers):
     layer_extra = tuple(jax.tree_util.tree_map(lambda a, i=i: a[i], e) for e in extra)
     x, y = block_cls(name=f"{name}_{i}", **block_kwargs)(x, *args, *layer_extra)
     outputs.append(y)
-  if not return_outputs:
-    return x
   return x, jax.tree_util.tree_map(lambda *ys: jax.numpy.stack(ys), *outputs)

@@ -11,8 +11,9 @@ import jax
 import jax.numpy as jnp
 
 from bigmodel.models.config import ModelConfig
-from bigmodel.models.layers import (DenseGeneral, KVCache, MultiHeadAttention, Mlp,
-                                    RelativePositionBias, constrain, make_embed, make_norm)
+from bigmodel.models.layers import (DECODE, TRAIN, DenseGeneral, KVCache, MultiHeadAttention, Mlp,
+                                    RelativePositionBias, check_mode, constrain, make_embed,
+                                    make_norm)
 from bigmodel.models.stack import apply_layer_stack
 
 
@@ -21,11 +22,13 @@ def _norm(c: ModelConfig, name: str) -> nn.Module:
                    param_dtype=c.param_dtype, name=name)
 
 
-def _attention(c: ModelConfig, name: str) -> MultiHeadAttention:
+def _attention(c: ModelConfig, name: str, mode: str = TRAIN,
+               cross: bool = False) -> MultiHeadAttention:
   return MultiHeadAttention(
       num_heads=c.num_heads, head_dim=c.head_dim, num_kv_heads=c.num_kv_heads, use_bias=False,
       score_scale=1.0, query_init_stddev=(c.embed_dim * c.head_dim) ** -0.5,
-      attention_impl=c.attention_impl, dtype=c.dtype, param_dtype=c.param_dtype, name=name)
+      attention_impl=c.attention_impl, cross=cross, mode=mode, dtype=c.dtype,
+      param_dtype=c.param_dtype, name=name)
 
 
 def _mlp(c: ModelConfig) -> Mlp:
@@ -44,14 +47,15 @@ class T5EncoderBlock(nn.Module):
   config: ModelConfig
 
   @nn.compact
-  def __call__(self, x_BxSxD, bias_1xNxSxS, segment_ids_BxS, deterministic: bool):
+  def __call__(self, x_BxExD, bias_1xNxExE, segment_ids_BxE, deterministic: bool):
     c = self.config
     drop = lambda h: nn.Dropout(c.dropout_rate)(h, deterministic=deterministic)  # pylint: disable=g-long-lambda
-    x_BxSxD = x_BxSxD + drop(_attention(c, "attn")(
-        _norm(c, "ln_attn")(x_BxSxD), q_segment_ids_BxT=segment_ids_BxS,
-        kv_segment_ids_BxS=segment_ids_BxS, bias_BxNxTxS=bias_1xNxSxS))
-    x_BxSxD = x_BxSxD + drop(_mlp(c)(_norm(c, "ln_mlp")(x_BxSxD), deterministic))
-    return constrain(x_BxSxD, ("batch", "length", "act_embed")), None
+    h_BxExD, _ = _attention(c, "attn")(
+        _norm(c, "ln_attn")(x_BxExD), q_segment_ids_BxT=segment_ids_BxE,
+        kv_segment_ids_BxS=segment_ids_BxE, bias_BxNxTxS=bias_1xNxExE)
+    x_BxExD = x_BxExD + drop(h_BxExD)
+    x_BxExD = x_BxExD + drop(_mlp(c)(_norm(c, "ln_mlp")(x_BxExD), deterministic))
+    return constrain(x_BxExD, ("batch", "length", "act_embed")), None
 
 
 class T5DecoderBlock(nn.Module):
@@ -59,113 +63,97 @@ class T5DecoderBlock(nn.Module):
 
   Decoder segment i attends only to encoder segment i (packed examples).
 
-  ``decode`` (generation): without ``cache`` (prefill) the block also returns
-  its (self, cross) ``KVCache`` pair; with ``cache`` = that pair (one step,
-  T = 1) it appends to the self-attention cache, attends to the cached
-  encoder keys/values (``encoded_BxSxD`` is unused) and returns the updated
-  self-attention cache. ``segment_ids_BxT`` are then the self-attention
-  cache's [B, S] slot segment ids.
+  Returns (y, cache) in every ``mode``: cache None in training; at prefill
+  the block's (self, cross) ``KVCache`` pair; decoding (one step, T = 1,
+  ``cache`` = that pair) appends to the self-attention cache, attends to the
+  cached encoder keys/values (``encoded_BxExD`` is unused) and returns
+  (updated self-attention cache, None): the cross-attention cache never
+  changes, so it is not copied through the layer scan. ``segment_ids_BxT``
+  are then the self-attention cache's [B, S] slot segment ids.
   """
   config: ModelConfig
-  decode: bool = False
+  mode: str = TRAIN
 
   @nn.compact
-  def __call__(self, y_BxTxD, encoded_BxSxD, bias_1xNxTxT, segment_ids_BxT,
-               encoder_segment_ids_BxS, deterministic: bool,
+  def __call__(self, y_BxTxD, encoded_BxExD, bias_1xNxTxS, segment_ids_BxT,
+               encoder_segment_ids_BxE, deterministic: bool,
                cache: Optional[tuple[KVCache, KVCache]] = None):
     c = self.config
     drop = lambda h: nn.Dropout(c.dropout_rate)(h, deterministic=deterministic)  # pylint: disable=g-long-lambda
-    self_attn, cross_attn = _attention(c, "self_attn"), _attention(c, "cross_attn")
-    h_BxTxD = _norm(c, "ln_self_attn")(y_BxTxD)
-    if cache is not None:
-      h_BxTxD, self_kv = self_attn(h_BxTxD, kv_segment_ids_BxS=segment_ids_BxT,
-                                   bias_BxNxTxS=bias_1xNxTxT, cache=cache[0])
-    else:
-      h_BxTxD = self_attn(h_BxTxD, causal=True, q_segment_ids_BxT=segment_ids_BxT,
-                          kv_segment_ids_BxS=segment_ids_BxT, bias_BxNxTxS=bias_1xNxTxT,
-                          return_kv=self.decode)
-      h_BxTxD, self_kv = h_BxTxD if self.decode else (h_BxTxD, None)
+    decoding = self.mode == DECODE
+    self_cache, cross_cache = cache if decoding else (None, None)
+    # Decoding needs no causal or query mask: the cache's later slots are empty.
+    q_segment_ids_BxT = None if decoding else segment_ids_BxT
+    h_BxTxD, self_kv = _attention(c, "self_attn", self.mode)(
+        _norm(c, "ln_self_attn")(y_BxTxD), causal=not decoding,
+        q_segment_ids_BxT=q_segment_ids_BxT, kv_segment_ids_BxS=segment_ids_BxT,
+        bias_BxNxTxS=bias_1xNxTxS, cache=self_cache)
     y_BxTxD = y_BxTxD + drop(h_BxTxD)
-    h_BxTxD = _norm(c, "ln_cross_attn")(y_BxTxD)
-    if cache is not None:
-      h_BxTxD = cross_attn(h_BxTxD, kv_segment_ids_BxS=encoder_segment_ids_BxS,
-                           fixed_kv=cache[1])
-      new_cache = self_kv
-    else:
-      h_BxTxD = cross_attn(h_BxTxD, encoded_BxSxD, q_segment_ids_BxT=segment_ids_BxT,
-                           kv_segment_ids_BxS=encoder_segment_ids_BxS, return_kv=self.decode)
-      h_BxTxD, cross_kv = h_BxTxD if self.decode else (h_BxTxD, None)
-      new_cache = (self_kv, cross_kv) if self.decode else None
+    h_BxTxD, cross_kv = _attention(c, "cross_attn", self.mode, cross=True)(
+        _norm(c, "ln_cross_attn")(y_BxTxD), encoded_BxExD, q_segment_ids_BxT=q_segment_ids_BxT,
+        kv_segment_ids_BxS=encoder_segment_ids_BxE, cache=cross_cache)
     y_BxTxD = y_BxTxD + drop(h_BxTxD)
     y_BxTxD = y_BxTxD + drop(_mlp(c)(_norm(c, "ln_mlp")(y_BxTxD), deterministic))
+    new_cache = None if self.mode == TRAIN else (self_kv, None if decoding else cross_kv)
     return constrain(y_BxTxD, ("batch", "length", "act_embed")), new_cache
 
 
 class T5Encoder(nn.Module):
-  """Embedded encoder tokens [B, S, D] -> encoder states [B, S, D]."""
+  """Embedded encoder tokens [B, E, D] -> encoder states [B, E, D]."""
   config: ModelConfig
 
   @nn.compact
-  def __call__(self, x_BxSxD, segment_ids_BxS, deterministic: bool):
+  def __call__(self, x_BxExD, segment_ids_BxE, deterministic: bool):
     c = self.config
-    seq_len = x_BxSxD.shape[1]
-    bias_1xNxSxS = _relative_bias(c, bidirectional=True, name="relative_bias")(seq_len, seq_len)
-    x_BxSxD = apply_layer_stack(T5EncoderBlock, x_BxSxD, bias_1xNxSxS, segment_ids_BxS,
-                                deterministic, num_layers=c.num_layers, scan=c.scan,
-                                remat=c.remat, name="blocks", config=c)
-    return nn.Dropout(c.dropout_rate)(_norm(c, "ln_final")(x_BxSxD),
+    seq_len = x_BxExD.shape[1]
+    bias_1xNxExE = _relative_bias(c, bidirectional=True, name="relative_bias")(seq_len, seq_len)
+    x_BxExD, _ = apply_layer_stack(T5EncoderBlock, x_BxExD, bias_1xNxExE, segment_ids_BxE,
+                                   deterministic, num_layers=c.num_layers, scan=c.scan,
+                                   remat=c.remat, name="blocks", config=c)
+    return nn.Dropout(c.dropout_rate)(_norm(c, "ln_final")(x_BxExD),
                                       deterministic=deterministic)
 
 
 class T5Decoder(nn.Module):
-  """Embedded decoder inputs [B, T, D] and encoder states -> hidden states [B, T, D].
+  """Embedded decoder inputs [B, T, D] and encoder states -> (hidden states [B, T, D], cache).
 
-  Decoding: ``return_cache`` also returns the stacked (self, cross)
-  ``KVCache`` pair of every layer; ``cache`` runs one step (T = 1) at slot
-  ``cache[0].index`` and returns (states, the pair with the self-attention
-  cache updated). ``segment_ids_BxT`` are then the cache's [B, S] slot ids.
+  ``mode``: training returns cache None; prefill the stacked (self, cross)
+  ``KVCache`` pair of every layer; decoding runs one step (T = 1) at slot
+  ``cache[0].index`` and returns the pair with the self-attention cache
+  updated. ``segment_ids_BxT`` are then the cache's [B, S] slot ids.
   """
   config: ModelConfig
 
   @nn.compact
-  def __call__(self, y_BxTxD, encoded_BxSxD, encoder_segment_ids_BxS, segment_ids_BxT,
-               deterministic: bool, return_cache: bool = False,
+  def __call__(self, y_BxTxD, encoded_BxExD, encoder_segment_ids_BxE, segment_ids_BxT,
+               deterministic: bool, mode: str = TRAIN,
                cache: Optional[tuple[KVCache, KVCache]] = None):
     c = self.config
-    num_layers = c.num_decoder_layers or c.num_layers
     relative_bias = _relative_bias(c, bidirectional=False, name="relative_bias")
-    if cache is None and not return_cache:
-      seq_len = y_BxTxD.shape[1]
-      bias_1xNxTxT = relative_bias(seq_len, seq_len)
-      y_BxTxD = apply_layer_stack(
-          T5DecoderBlock, y_BxTxD, encoded_BxSxD, bias_1xNxTxT, segment_ids_BxT,
-          encoder_segment_ids_BxS, deterministic, num_layers=num_layers,
-          scan=c.scan, remat=c.remat, name="blocks", config=c)
-      new_cache = None
+    if check_mode(mode) == DECODE:
+      # The query sits at the cache's write slot (the same in every layer).
+      q_len, kv_len = y_BxTxD.shape[1], cache[0].k_BxSxKxH.shape[-3]
+      bias_1xNxTxS = relative_bias(q_len, kv_len, cache[0].index[0])
     else:
-      if cache is None:  # Prefill.
-        q_len = kv_len = y_BxTxD.shape[1]
-        q_offset = 0
-      else:  # One step: the query sits at the cache's write slot (the same in every layer).
-        q_len, kv_len = y_BxTxD.shape[1], cache[0].k_BxSxKxH.shape[-3]
-        q_offset = cache[0].index[0]
-      bias_1xNxTxS = relative_bias(q_len, kv_len, q_offset)
-      y_BxTxD, layer_out = apply_layer_stack(
-          T5DecoderBlock, y_BxTxD, encoded_BxSxD, bias_1xNxTxS, segment_ids_BxT,
-          encoder_segment_ids_BxS, deterministic, layer_inputs=cache, return_outputs=True,
-          num_layers=num_layers, scan=c.scan, remat="none", name="blocks", config=c,
-          decode=True)
-      new_cache = layer_out if cache is None else (layer_out, cache[1])
+      bias_1xNxTxS = relative_bias(y_BxTxD.shape[1], y_BxTxD.shape[1])
+    # Decoding computes no gradients: remat would only cost compile time.
+    y_BxTxD, layer_caches = apply_layer_stack(
+        T5DecoderBlock, y_BxTxD, encoded_BxExD, bias_1xNxTxS, segment_ids_BxT,
+        encoder_segment_ids_BxE, deterministic, layer_inputs=cache,
+        num_layers=c.num_decoder_layers or c.num_layers, scan=c.scan,
+        remat=c.remat if mode == TRAIN else "none", name="blocks", config=c, mode=mode)
+    if mode == DECODE:
+      layer_caches = (layer_caches[0], cache[1])
     y_BxTxD = nn.Dropout(c.dropout_rate)(_norm(c, "ln_final")(y_BxTxD),
                                          deterministic=deterministic)
-    return y_BxTxD if new_cache is None else (y_BxTxD, new_cache)
+    return y_BxTxD, layer_caches
 
 
 class T5(nn.Module):
-  """(encoder tokens [B, S], decoder input tokens [B, T]) -> logits [B, T, V].
+  """(encoder tokens [B, E], decoder input tokens [B, T]) -> logits [B, T, V].
 
   Segment id 0 marks padding. Decoder inputs are the targets shifted right
-  (BOS first), as the data pipeline produces them.
+  (the decoder start token first), as the data pipeline produces them.
   """
   config: ModelConfig
 
@@ -184,36 +172,35 @@ class T5(nn.Module):
     x_BxLxD = self.dropout(self.token_embed(tokens_BxL), deterministic=deterministic)
     return constrain(x_BxLxD.astype(self.config.dtype), ("batch", "length", "act_embed"))
 
-  def encode(self, tokens_BxS: jax.Array, segment_ids_BxS: jax.Array,
+  def encode(self, tokens_BxE: jax.Array, segment_ids_BxE: jax.Array,
              deterministic: bool = True) -> jax.Array:
-    """Encoder states [B, S, D]."""
-    return self.encoder(self._embed(tokens_BxS, deterministic), segment_ids_BxS, deterministic)
+    """Encoder states [B, E, D]."""
+    return self.encoder(self._embed(tokens_BxE, deterministic), segment_ids_BxE, deterministic)
 
-  def decode(self, encoded_BxSxD: Optional[jax.Array], tokens_BxT: jax.Array,
-             encoder_segment_ids_BxS: jax.Array, segment_ids_BxT: jax.Array,
-             deterministic: bool = True, return_cache: bool = False,
+  def decode(self, encoded_BxExD: Optional[jax.Array], tokens_BxT: jax.Array,
+             encoder_segment_ids_BxE: jax.Array, segment_ids_BxT: jax.Array,
+             deterministic: bool = True, mode: str = TRAIN,
              cache: Optional[tuple[KVCache, KVCache]] = None):
     """Next-token logits [B, T, V] (float32) given the encoder states.
 
-    Decoding: see ``T5Decoder`` for ``return_cache`` and ``cache`` (with a
-    cache, ``encoded_BxSxD`` may be None); both return (logits, cache).
+    ``mode``: see ``T5Decoder``; prefill and decode return (logits, cache),
+    and decode needs no ``encoded_BxExD`` (None: the cache holds its keys).
     """
-    y_BxTxD = self.decoder(self._embed(tokens_BxT, deterministic), encoded_BxSxD,
-                           encoder_segment_ids_BxS, segment_ids_BxT, deterministic,
-                           return_cache=return_cache, cache=cache)
-    y_BxTxD, new_cache = y_BxTxD if isinstance(y_BxTxD, tuple) else (y_BxTxD, None)
+    y_BxTxD, new_cache = self.decoder(self._embed(tokens_BxT, deterministic), encoded_BxExD,
+                                      encoder_segment_ids_BxE, segment_ids_BxT, deterministic,
+                                      mode=mode, cache=cache)
     logits_BxTxV = self.lm_head(y_BxTxD)
     logits_BxTxV = constrain(logits_BxTxV.astype(jnp.float32), ("batch", "length", "act_vocab"))
-    return logits_BxTxV if new_cache is None else (logits_BxTxV, new_cache)
+    return logits_BxTxV if mode == TRAIN else (logits_BxTxV, new_cache)
 
-  def __call__(self, encoder_tokens_BxS: jax.Array, decoder_tokens_BxT: jax.Array, *,
-               encoder_segment_ids_BxS: Optional[jax.Array] = None,
+  def __call__(self, encoder_tokens_BxE: jax.Array, decoder_tokens_BxT: jax.Array, *,
+               encoder_segment_ids_BxE: Optional[jax.Array] = None,
                decoder_segment_ids_BxT: Optional[jax.Array] = None,
                deterministic: bool = True) -> jax.Array:
-    if encoder_segment_ids_BxS is None:
-      encoder_segment_ids_BxS = jnp.ones_like(encoder_tokens_BxS)
+    if encoder_segment_ids_BxE is None:
+      encoder_segment_ids_BxE = jnp.ones_like(encoder_tokens_BxE)
     if decoder_segment_ids_BxT is None:
       decoder_segment_ids_BxT = jnp.ones_like(decoder_tokens_BxT)
-    encoded_BxSxD = self.encode(encoder_tokens_BxS, encoder_segment_ids_BxS, deterministic)
-    return self.decode(encoded_BxSxD, decoder_tokens_BxT, encoder_segment_ids_BxS,
+    encoded_BxExD = self.encode(encoder_tokens_BxE, encoder_segment_ids_BxE, deterministic)
+    return self.decode(encoded_BxExD, decoder_tokens_BxT, encoder_segment_ids_BxE,
                        decoder_segment_ids_BxT, deterministic)

@@ -1,0 +1,217 @@
+"""The family registry: everything that differs between GPT, BERT and T5, in one place.
+
+A ``Family`` owns what is family-specific outside its Flax module: building
+the module, example inputs for ``init``, its batch format (``batch_spec``,
+``batch_logits``, ``targets_and_weights``), the cached decoder that
+generation runs (``prefill`` / ``step``), its FLOP count, its Hugging Face
+name map and the ``model.*`` options that apply to it. Code elsewhere asks
+``get(config.model.family)`` or ``family_of(model)`` instead of testing
+which family it has.
+
+Adding a decoder variant: its module (``bigmodel/models/NAME.py``, with a
+``Family`` subclass of ``bigmodel.models.family``), one line in ``FAMILIES``
+below, and tests
+(``tests/test_models.py`` runs every registered family through the registry
+tests). Shape letters as in ``bigmodel.models``.
+"""
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from bigmodel.errors import UserError
+from bigmodel.models.bert import Bert
+from bigmodel.models.decoding import DecodeState, fill_slot
+from bigmodel.models.family import (Family, apply_kwargs, projection_weights, token_spec,
+                                    weights_spec, score_flops)
+from bigmodel.models.gpt import Gpt
+from bigmodel.models.layers import DECODE, PREFILL
+from bigmodel.models.t5 import T5
+
+
+class GptFamily(Family):
+  """Decoder-only causal LM; prompts left-padded (every row writes the same cache slot)."""
+  name, module, positions, hf_name_map = "gpt", Gpt, ("learned", "rope"), "gpt2"
+  generates = analytic_memory = True
+
+  def batch_spec(self, c, batch_size, seq_len, target_len=0):
+    spec = token_spec(batch_size, seq_len, "inputs", "targets", "segment_ids", "positions")
+    return {**spec, "loss_mask": weights_spec(batch_size, seq_len)}
+
+  def batch_logits(self, model, params, batch, *, rng):
+    return model.apply({"params": params}, batch["inputs"], segment_ids_BxL=batch["segment_ids"],
+                       positions_BxL=batch["positions"], **apply_kwargs(rng))
+
+  def forward_flops(self, c, lengths):
+    length, (qo_weights, kv_weights) = lengths["inputs"], projection_weights(c)
+    layers = c.num_layers * (length * 2 * (qo_weights + kv_weights + 2 * c.embed_dim * c.mlp_dim)
+                             + score_flops(c, length, length, causal=True))
+    return float(layers + length * 2 * c.embed_dim * c.vocab_size)
+
+  def prefill(self, model, params, tokens_BxP, lengths_B, num_new, start_id):
+    # Left padding: positions count from each row's first real token and
+    # padding slots have segment id 0 (never attended), so a row computes
+    # what it would alone.
+    del start_id
+    batch, prompt_len = tokens_BxP.shape
+    first_real_B = prompt_len - lengths_B
+    slots_BxP = jnp.broadcast_to(jnp.arange(prompt_len), (batch, prompt_len))
+    segment_ids_BxP = (slots_BxP >= first_real_B[:, None]).astype(jnp.int32)
+    positions_BxP = jnp.maximum(slots_BxP - first_real_B[:, None], 0)
+    logits_BxPxV, cache = model.apply(
+        {"params": params}, tokens_BxP, segment_ids_BxL=segment_ids_BxP,
+        positions_BxL=positions_BxP, mode=PREFILL)
+    state = DecodeState(
+        cache=cache.padded(prompt_len + num_new),
+        kv_segment_ids_BxS=jnp.pad(segment_ids_BxP, ((0, 0), (0, num_new))),
+        positions_B=lengths_B.astype(jnp.int32))
+    return logits_BxPxV[:, -1], state
+
+  def step(self, model, params, tokens_B, state):
+    kv_segment_ids_BxS = fill_slot(state.kv_segment_ids_BxS, state.self_cache.index[0])
+    logits_Bx1xV, cache = model.apply(
+        {"params": params}, tokens_B[:, None], positions_BxL=state.positions_B[:, None],
+        mode=DECODE, cache=state.cache, kv_segment_ids_BxS=kv_segment_ids_BxS)
+    return logits_Bx1xV[:, 0], state.replace(cache=cache, kv_segment_ids_BxS=kv_segment_ids_BxS,
+                                             positions_B=state.positions_B + 1)
+
+
+class BertFamily(Family):
+  """Bidirectional encoder: MLM logits [B, L, V], or class logits [B, C] (``num_classes``)."""
+  name, module, hf_name_map = "bert", Bert, "bert"
+  options = {"norm_position": "post", "type_vocab_size": 2, "num_classes": 0}
+
+  def validate(self, model_cfg):
+    super().validate(model_cfg)
+    if model_cfg.get("num_classes", 0) < 0:
+      raise UserError(f"model.num_classes must be >= 0, got {model_cfg.num_classes}")
+    if model_cfg.get("type_vocab_size", 2) <= 0:
+      raise UserError(f"model.type_vocab_size must be positive, got {model_cfg.type_vocab_size}")
+
+  def batch_spec(self, c, batch_size, seq_len, target_len=0):
+    spec = token_spec(batch_size, seq_len, "inputs", "segment_ids", "positions", "type_ids")
+    if c.num_classes:
+      return {**spec, "label": jax.ShapeDtypeStruct((batch_size,), jnp.int32),
+              "example_mask": weights_spec(batch_size)}
+    return {**spec, **token_spec(batch_size, seq_len, "targets"),
+            "loss_mask": weights_spec(batch_size, seq_len)}
+
+  def batch_logits(self, model, params, batch, *, rng):
+    return model.apply({"params": params}, batch["inputs"], segment_ids_BxL=batch["segment_ids"],
+                       positions_BxL=batch["positions"], type_ids_BxL=batch["type_ids"],
+                       **apply_kwargs(rng))
+
+  def targets_and_weights(self, c, batch):
+    if c.num_classes:
+      return batch["label"], batch["example_mask"]
+    return batch["targets"], batch["loss_mask"]
+
+  def forward_flops(self, c, lengths):
+    # Bidirectional attention; then the MLM transform and logits at every
+    # position, or the pooler and classifier on the first token.
+    length, (qo_weights, kv_weights) = lengths["inputs"], projection_weights(c)
+    d = c.embed_dim
+    layers = c.num_layers * (length * 2 * (qo_weights + kv_weights + 2 * d * c.mlp_dim)
+                             + score_flops(c, length, length, causal=False))
+    if c.num_classes:
+      return float(layers + 2 * (d * d + d * c.num_classes))
+    return float(layers + length * 2 * (d * d + d * c.vocab_size))
+
+
+class T5Family(Family):
+  """Encoder-decoder: encoder input right-padded, decoding from a start token."""
+  name, module, positions, hf_name_map = "t5", T5, ("relative",), "t5"
+  options = {"num_decoder_layers": 0, "relative_buckets": 32, "relative_max_distance": 128}
+  token_keys = ("encoder_inputs", "decoder_inputs")
+  encoder_decoder = generates = True
+
+  def validate(self, model_cfg):
+    super().validate(model_cfg)
+    for key in ("relative_buckets", "relative_max_distance"):
+      if model_cfg.get(key, self.options[key]) <= 0:
+        raise UserError(f"model.{key} must be positive, got {model_cfg[key]}")
+
+  def example_inputs(self, c, seq_len):
+    tokens = jnp.zeros((1, seq_len), jnp.int32)
+    return tokens, tokens
+
+  def batch_spec(self, c, batch_size, seq_len, target_len=0):
+    return {**token_spec(batch_size, seq_len, "encoder_inputs", "encoder_segment_ids",
+                          "encoder_positions"),
+            **token_spec(batch_size, target_len or seq_len, "decoder_inputs", "decoder_targets",
+                          "decoder_segment_ids", "decoder_positions"),
+            "loss_mask": weights_spec(batch_size, target_len or seq_len)}
+
+  def batch_logits(self, model, params, batch, *, rng):
+    return model.apply({"params": params}, batch["encoder_inputs"], batch["decoder_inputs"],
+                       encoder_segment_ids_BxE=batch["encoder_segment_ids"],
+                       decoder_segment_ids_BxT=batch["decoder_segment_ids"], **apply_kwargs(rng))
+
+  def targets_and_weights(self, c, batch):
+    return batch["decoder_targets"], batch["loss_mask"]
+
+  def forward_flops(self, c, lengths):
+    # Gated MLPs; the decoder adds cross-attention (k and v projected from
+    # the E encoder positions) and the logits.
+    e, t = lengths["encoder_inputs"], lengths["decoder_inputs"]
+    qo_weights, kv_weights = projection_weights(c)
+    mlp_weights = 3 * c.embed_dim * c.mlp_dim  # Gated: wi, wi_linear, wo.
+    encoder = c.num_layers * (e * 2 * (qo_weights + kv_weights + mlp_weights)
+                              + score_flops(c, e, e, causal=False))
+    decoder = (c.num_decoder_layers or c.num_layers) * (
+        t * 2 * (2 * qo_weights + kv_weights + mlp_weights)  # self q,k,v,o; cross q,o; MLP
+        + e * 2 * kv_weights                                   # cross k, v
+        + score_flops(c, t, t, causal=True) + score_flops(c, t, e, causal=False))
+    return float(encoder + decoder + t * 2 * c.embed_dim * c.vocab_size)
+
+  def prefill(self, model, params, tokens_BxP, lengths_B, num_new, start_id):
+    # Encode once (right padding, segment id 0 on padding), cache every
+    # decoder layer's cross-attention keys/values, decode from ``start_id``.
+    encoder_BxE = tokens_BxP
+    batch, encoder_len = encoder_BxE.shape
+    encoder_segment_ids_BxE = (jnp.arange(encoder_len)[None, :] < lengths_B[:, None]).astype(
+        jnp.int32)
+    encoded_BxExD = model.apply({"params": params}, encoder_BxE, encoder_segment_ids_BxE,
+                                method=T5.encode)
+    start_Bx1 = jnp.full((batch, 1), start_id, jnp.int32)
+    ones_Bx1 = jnp.ones((batch, 1), jnp.int32)
+    logits_Bx1xV, (self_cache, cross_cache) = model.apply(
+        {"params": params}, encoded_BxExD, start_Bx1, encoder_segment_ids_BxE, ones_Bx1,
+        mode=PREFILL, method=T5.decode)
+    state = DecodeState(
+        cache=(self_cache.padded(1 + num_new), cross_cache),
+        kv_segment_ids_BxS=jnp.pad(ones_Bx1, ((0, 0), (0, num_new))),
+        positions_B=jnp.ones((batch,), jnp.int32),
+        encoder_segment_ids_BxE=encoder_segment_ids_BxE)
+    return logits_Bx1xV[:, -1], state
+
+  def step(self, model, params, tokens_B, state):
+    kv_segment_ids_BxS = fill_slot(state.kv_segment_ids_BxS, state.self_cache.index[0])
+    logits_Bx1xV, cache = model.apply(
+        {"params": params}, None, tokens_B[:, None], state.encoder_segment_ids_BxE,
+        kv_segment_ids_BxS, mode=DECODE, cache=state.cache, method=T5.decode)
+    return logits_Bx1xV[:, 0], state.replace(cache=cache, kv_segment_ids_BxS=kv_segment_ids_BxS,
+                                             positions_B=state.positions_B + 1)
+
+
+# The registry: one line per family.
+FAMILIES: dict[str, Family] = {f.name: f for f in (GptFamily(), BertFamily(), T5Family())}
+
+
+def foreign_options(family: Family) -> dict[str, tuple[str, Any]]:
+  """{key: (owning family, default)} for the other families' options."""
+  return {k: (f.name, default) for f in FAMILIES.values() if f is not family
+          for k, default in f.options.items() if k not in family.options}
+
+
+def get(name: str) -> Family:
+  """The family called ``name`` (``model.family``); UserError if none is."""
+  if name not in FAMILIES:
+    raise UserError(f"model.family={name!r} is not one of: {', '.join(FAMILIES)}")
+  return FAMILIES[name]
+
+
+def family_of(model: nn.Module) -> Family:
+  """The family of a module built by ``build_model`` (every one holds its ``ModelConfig``)."""
+  return get(model.config.family)

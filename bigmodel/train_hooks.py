@@ -1,0 +1,139 @@
+"""What the trainer does between steps, as small hooks (in the manner of
+``clu.periodic_actions`` and Levanter's trainer hooks).
+
+The loop is "next batch -> step -> hooks": after every step each hook looks
+at a :class:`StepOutcome` and may add to its ``record`` (what gets logged) or
+act (evaluate, save). The trainer runs them in order: metrics (which also
+applies the non-finite policy), evaluation, logging, checkpointing.
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Any, Callable
+
+from absl import logging
+import jax
+
+from bigmodel.errors import UserError
+
+
+@dataclasses.dataclass
+class StepOutcome:
+  """One finished step, as the hooks see it.
+
+  Attributes:
+    step: The step just taken (1-based).
+    state: The train state after it.
+    metrics: The step's metrics, still on the devices.
+    is_last: Whether it is the run's last step.
+    save: Whether the state is checkpointed after this step.
+    record: What to log for this step; hooks add to it.
+  """
+  step: int
+  state: Any
+  metrics: dict[str, jax.Array]
+  is_last: bool
+  save: bool
+  record: dict[str, float] = dataclasses.field(default_factory=dict)
+
+
+class MetricsHook:
+  """Fetches the metrics at logging and saving steps; adds throughput and MFU.
+
+  Also applies ``train.nonfinite`` / ``train.max_nonfinite`` to the updates
+  skipped since the previous fetch: fetching is a device sync, so it happens
+  only at those steps.
+  """
+
+  def __init__(self, train_config, tokens_per_step: int, flops_per_step: float,
+               peak_tflops: float, nonfinite_at_start: int):
+    """``nonfinite_at_start``: updates skipped before this run started (resumed)."""
+    self.train_config = train_config
+    self.tokens_per_step, self.flops_per_step = tokens_per_step, flops_per_step
+    self.peak_tflops = peak_tflops
+    self._nonfinite_seen = nonfinite_at_start
+    self._interval_start = None  # Seconds (perf_counter) when the interval began.
+    self._interval_steps = 0
+
+  def restart_interval(self) -> None:
+    """Time from now on (e.g. after an evaluation, which is not step time)."""
+    self._interval_start, self._interval_steps = time.perf_counter(), 0
+
+  def __call__(self, outcome: StepOutcome) -> None:
+    self._interval_steps += 1
+    if self._interval_start is None:
+      # The first step includes compilation: time from its end instead.
+      jax.block_until_ready(outcome.metrics)
+      self.restart_interval()
+    log_now = outcome.step % self.train_config.log_every == 0 or outcome.is_last
+    if not (log_now or outcome.save):
+      return
+    fetched = {k: float(v) for k, v in jax.device_get(outcome.metrics).items()}
+    self._check_nonfinite(fetched, outcome.step)
+    if not log_now:
+      return
+    outcome.record.update(fetched)
+    if self._interval_steps:
+      elapsed = time.perf_counter() - self._interval_start
+      tflops = (self._interval_steps * self.flops_per_step / elapsed / jax.device_count()
+                / 1e12)
+      outcome.record.update(
+          tokens_per_sec=self._interval_steps * self.tokens_per_step / elapsed,
+          tflops_per_device=tflops, mfu=tflops / self.peak_tflops)
+    self.restart_interval()
+
+  def _check_nonfinite(self, metrics: dict[str, float], step: int) -> None:
+    """Applies ``train.nonfinite`` to the updates skipped since the last check."""
+    count, in_a_row = int(metrics["nonfinite_steps"]), int(metrics["nonfinite_in_a_row"])
+    seen, self._nonfinite_seen = self._nonfinite_seen, count
+    if count <= seen:
+      return
+    message = (f"{count - seen} update(s) with a non-finite loss, gradient or update up to "
+               f"step {step} (loss {metrics['loss']})")
+    limit = self.train_config.max_nonfinite
+    if self.train_config.nonfinite == "halt":
+      raise UserError(message + "; halting (train.nonfinite=halt)")
+    if in_a_row >= limit or count - seen >= limit:
+      raise UserError(f"{message}, {in_a_row} in a row; halting: the run diverged "
+                      f"(train.max_nonfinite={limit})")
+    logging.warning("%s; skipped them (train.nonfinite=skip)", message)
+
+
+class EvalHook:
+  """Evaluates every ``train.eval_every`` steps and at the last one."""
+
+  def __init__(self, eval_every: int, run_eval: Callable[[Any], dict[str, float]],
+               after: Callable[[], None]):
+    self.eval_every, self.run_eval, self.after = eval_every, run_eval, after
+
+  def __call__(self, outcome: StepOutcome) -> None:
+    if outcome.is_last or (self.eval_every and outcome.step % self.eval_every == 0):
+      outcome.record.update(self.run_eval(outcome.state.params))
+      self.after()
+
+
+class LogHook:
+  """Hands a non-empty record to the sinks (metrics.jsonl, TensorBoard, a callback)."""
+
+  def __init__(self, sinks: list[Callable[[int, dict], None]]):
+    self.sinks = sinks
+    self.last_metrics: dict[str, float] = {}
+
+  def __call__(self, outcome: StepOutcome) -> None:
+    if outcome.record:
+      self.last_metrics.update(outcome.record)
+      for sink in self.sinks:
+        sink(outcome.step, dict(outcome.record))
+
+
+class CheckpointHook:
+  """Saves where ``outcome.save`` says (every ``checkpoint.save_every`` steps,
+  the last step, and on a stop request)."""
+
+  def __init__(self, save: Callable[[Any, int, dict], None]):
+    self.save = save
+
+  def __call__(self, outcome: StepOutcome) -> None:
+    if outcome.save:
+      self.save(outcome.state, outcome.step, outcome.record)
