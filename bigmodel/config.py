@@ -128,6 +128,27 @@ def base_config() -> ml_collections.ConfigDict:
   return c
 
 
+def config_from_dict(values: dict) -> ml_collections.ConfigDict:
+  """``base_config()`` updated with the keys of ``values`` it knows.
+
+  For configs saved by any version (``config.json``, a checkpoint's config):
+  keys added since take their defaults, keys since removed are ignored.
+  """
+  config = base_config()
+
+  def update(target: ml_collections.ConfigDict, source: dict) -> None:
+    for key, value in source.items():
+      if key not in target:
+        continue  # A key of another version of the schema.
+      if isinstance(target[key], ml_collections.ConfigDict):
+        update(target[key], value)
+      else:
+        target[key] = value
+
+  update(config, values)
+  return config
+
+
 _CHOICES = {
     "model.family": tuple(families.FAMILIES),
     "model.position_embedding": ("learned", "rope", "relative"),

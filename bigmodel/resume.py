@@ -19,7 +19,7 @@ from typing import Any
 import jax
 import ml_collections
 
-from bigmodel.config import base_config
+from bigmodel.config import config_from_dict
 from bigmodel.errors import UserError
 
 # Settings that change the batches a resumed run sees.
@@ -39,23 +39,9 @@ def _flat(config: dict, prefix: str = "") -> dict[str, Any]:
   return out
 
 
-def saved_as_config(saved: dict) -> ml_collections.ConfigDict:
-  """A saved config dict on today's schema (keys added since take their defaults)."""
-  config = base_config()
-  flat_saved = _flat(saved)
-  for key in _flat(config.to_dict()):
-    if key in flat_saved:
-      node = config
-      *parents, leaf = key.split(".")
-      for part in parents:
-        node = node[part]
-      node[leaf] = flat_saved[key]
-  return config
-
-
 def changed_keys(saved: dict, new: ml_collections.ConfigDict) -> dict[str, tuple[Any, Any]]:
   """``{key: (saved value, new value)}`` for every setting that differs."""
-  before = _flat(saved_as_config(saved).to_dict())
+  before = _flat(config_from_dict(saved).to_dict())
   after = _flat(new.to_dict())
   return {k: (before.get(k), after[k]) for k in after if before.get(k) != after[k]}
 
@@ -89,7 +75,7 @@ def check_saved_config(saved: dict, config: ml_collections.ConfigDict, step: int
   from bigmodel.state import abstract_sharded_state  # pylint: disable=g-import-not-at-top
   changes = changed_keys(saved, config)
   relevant = {k: v for k, v in changes.items() if not k.startswith(_IGNORED_PREFIXES)}
-  saved_config = saved_as_config(saved)
+  saved_config = config_from_dict(saved)
   try:
     optimizer, _ = make_optimizer(saved_config.optim, saved_config.train.steps)
     saved_state, _ = abstract_sharded_state(saved_config, build_model(saved_config.model),
