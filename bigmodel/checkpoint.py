@@ -110,6 +110,7 @@ class Checkpointer:
       raise UserError(f"checkpoint.keep={keep} must be >= 1")
     self.directory = os.path.abspath(directory)
     self.unusable_directory = unusable_directory
+    self._pending_step = -1  # The step of the save in flight, for its error message.
     policies = [checkpoint_managers.LatestN(n=keep)]
     if keep_best:
       policies.append(checkpoint_managers.BestN(
@@ -139,8 +140,8 @@ class Checkpointer:
       CheckpointWriteError: too little free space, or the write failed (the
         partial temporary folder is removed; earlier checkpoints are intact).
     """
+    self.wait()  # An earlier async save's failure surfaces here, naming its own step.
     self._pending_step = step
-    self.wait()  # An earlier async save's failure surfaces here, not later.
     saveable = _to_saveable(state)
     needed = _state_nbytes(saveable) + _SPACE_MARGIN_BYTES
     free = shutil.disk_usage(self.directory).free
@@ -189,7 +190,7 @@ class Checkpointer:
     try:
       self._manager.wait_until_finished()
     except Exception as e:  # pylint: disable=broad-except
-      self._write_failed(getattr(self, "_pending_step", -1), e)
+      self._write_failed(self._pending_step, e)
 
   def close(self) -> None:
     self._manager.close()

@@ -185,6 +185,9 @@ class Trainer:
                                                async_save=config.checkpoint.async_save)
       self.model = build_model(config.model)
       self.optimizer, self.schedule = make_optimizer(config.optim, config.train.steps)
+      with sharding.activate(self.mesh):  # Shapes only: the resume check and restore share it.
+        self._abstract_state, self._state_shardings = abstract_sharded_state(
+            config, self.model, self.optimizer, self.mesh)
       self.data_changes = self._check_saved_config()
       self.datasets = build_datasets(config, workdir, jax.process_index(), jax.process_count())
     except BaseException:
@@ -212,15 +215,13 @@ class Trainer:
       except Exception:  # pylint: disable=broad-except
         continue  # A corrupt checkpoint: restoring reports it and uses an older one.
       with sharding.activate(self.mesh):
-        abstract_state, _ = abstract_sharded_state(self.config, self.model, self.optimizer,
-                                                   self.mesh)
-        return resume.check_saved_config(saved, self.config, step, abstract_state, self.mesh)
+        return resume.check_saved_config(saved, self.config, step, self._abstract_state,
+                                         self.mesh)
     return []
 
   def _initial_state(self):
     """The latest usable checkpoint (resharded onto this mesh), or a fresh state."""
-    abstract_state, state_shardings = abstract_sharded_state(
-        self.config, self.model, self.optimizer, self.mesh)
+    abstract_state, state_shardings = self._abstract_state, self._state_shardings
     train_iter = self.datasets.train_iter
 
     def accept_data_state(data_state):
