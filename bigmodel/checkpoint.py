@@ -2,7 +2,10 @@
 
 A checkpoint holds everything needed to continue exactly: the train state
 (parameters, optimizer state, step, dropout key), the data iterator's position
-and the resolved config. Saves are asynchronous and atomic (orbax writes to a
+and the resolved config. A *parameters-only* checkpoint (``save_params``: what
+``bigmodel.convert --from_hf`` writes) holds the parameters and the config: it
+is read by ``restore_params`` (generation, evaluation, export, ``init_from``),
+and training refuses to resume from it. Saves are asynchronous and atomic (orbax writes to a
 temporary directory and renames it when complete, so a half-written checkpoint
 is never picked up). Restoring reshards onto whatever mesh the restoring run
 uses.
@@ -23,6 +26,8 @@ from orbax.checkpoint import checkpoint_managers
 
 from bigmodel.errors import UserError
 
+# The JSON items of a checkpoint, next to its arrays ("state").
+_JSON_ITEMS = ("data", "config", "digests", "params_only")
 # A save needs the state's size free on disk, plus this margin (metadata, JSON).
 _SPACE_MARGIN_BYTES = 16 << 20
 
@@ -60,17 +65,29 @@ def _leaf_digest(x: jax.Array) -> jax.Array:
     stride = int(np.prod(bits.shape[axis + 1:], dtype=np.int64)) % (1 << 32)
     index = index + jax.lax.broadcasted_iota(jnp.uint32, bits.shape, axis) * jnp.uint32(stride)
   weights = index * jnp.uint32(2) + jnp.uint32(1)
-  return jnp.stack([bits.sum(dtype=jnp.uint32), (bits * weights).sum(dtype=jnp.uint32)])
+  # One variadic reduction: XLA computes the bits, weights and both sums in
+  # one loop. Two separate sums made XLA:CPU materialise array-sized
+  # temporaries (2 GB for a 1 GB leaf, kept by the allocator afterwards).
+  zero = jnp.uint32(0)
+  plain, weighted = jax.lax.reduce(
+      (bits, bits * weights), (zero, zero),
+      lambda a, b: (a[0] + b[0], a[1] + b[1]), tuple(range(bits.ndim)))
+  return jnp.stack([plain, weighted])
 
 
-_tree_digests = jax.jit(lambda tree: jax.tree_util.tree_map(_leaf_digest, tree))
+_jit_leaf_digest = jax.jit(_leaf_digest)
 
 
 def state_digests(saveable_state: Any) -> dict[str, list[int]]:
-  """``{leaf path: [sum, weighted sum]}`` of every array of a saveable state."""
-  digests = _tree_digests(saveable_state)
-  flat = jax.tree_util.tree_flatten_with_path(digests)[0]
-  return {jax.tree_util.keystr(path): [int(v) for v in np.asarray(x.addressable_data(0))]
+  """``{leaf path: [sum, weighted sum]}`` of every array of a saveable state.
+
+  One leaf at a time: a digest's temporaries (the bits and their weights) are
+  the size of its array, so digesting the whole tree in one computation would
+  hold two more copies of the state at once.
+  """
+  flat = jax.tree_util.tree_flatten_with_path(saveable_state)[0]
+  return {jax.tree_util.keystr(path):
+          [int(v) for v in np.asarray(_jit_leaf_digest(x).addressable_data(0))]
           for path, x in flat}
 
 
@@ -92,6 +109,22 @@ def _from_saveable(state: Any) -> Any:
   return state.replace(rng=jax.random.wrap_key_data(state.rng))
 
 
+def check_resumable(directory: str, step: Optional[int] = None) -> None:
+  """UserError if checkpoint ``step`` (default: the newest) in ``directory`` is
+  parameters-only: training cannot resume from it. Reads no array."""
+  if step is None:
+    steps = [int(n) for n in os.listdir(directory) if n.isdigit()] if os.path.isdir(
+        directory) else []
+    if not steps:
+      return
+    step = max(steps)
+  if os.path.isdir(os.path.join(directory, str(step), "params_only")):
+    raise UserError(
+        f"the checkpoint at step {step} in {directory} holds parameters only (a converted "
+        "model: no optimizer state or data position to resume); train from it in a new "
+        "workdir with --config.init_from=WORKDIR")
+
+
 class Checkpointer:
   """Saves and restores a run's checkpoints.
 
@@ -102,10 +135,13 @@ class Checkpointer:
     keep: How many of the latest checkpoints to keep.
     keep_best: Also keep the checkpoint with the lowest ``eval_loss``.
     async_save: Write in a background thread while training continues.
+    save_concurrent_gb: At most this many GB of arrays copied to the host at
+      once while saving (default: orbax's).
   """
 
   def __init__(self, directory: str, unusable_directory: str, *, keep: int,
-               keep_best: bool = False, async_save: bool = True, read_only: bool = False):
+               keep_best: bool = False, async_save: bool = True, read_only: bool = False,
+               save_concurrent_gb: Optional[int] = None):
     if keep < 1:  # LatestN(0) would delete every checkpoint, the newest included.
       raise UserError(f"checkpoint.keep={keep} must be >= 1")
     self.directory = os.path.abspath(directory)
@@ -122,7 +158,14 @@ class Checkpointer:
         preservation_policy=checkpoint_managers.AnyPreservationPolicy(policies),
         enable_async_checkpointing=async_save, create=not read_only, read_only=read_only,
         cleanup_tmp_directories=not read_only)
-    self._manager = ocp.CheckpointManager(self.directory, options=options)
+    # save_concurrent_gb bounds the host copies a save holds at once (a writer
+    # that never restores; the default handler allows 96 GB).
+    handlers = None
+    if save_concurrent_gb is not None:
+      handlers = {name: ocp.JsonCheckpointHandler() for name in _JSON_ITEMS}
+      handlers["state"] = ocp.StandardCheckpointHandler(save_concurrent_gb=save_concurrent_gb)
+    self._manager = ocp.CheckpointManager(self.directory, options=options,
+                                          item_handlers=handlers)
 
   def latest_step(self) -> Optional[int]:
     return self._manager.latest_step()
@@ -215,6 +258,57 @@ class Checkpointer:
                          "digests saved with them: the checkpoint is corrupt")
     return _from_saveable(restored["state"]), restored["data"]
 
+  def save_params(self, step: int, params: Any, config: ml_collections.ConfigDict) -> None:
+    """Saves a parameters-only checkpoint (no optimizer state, no data position).
+
+    Arrays are written from where they live (sharded, on device): nothing is
+    gathered or copied on the host first.
+    """
+    self.wait()
+    self._pending_step = step
+    saveable = {"params": params}
+    try:
+      self._manager.save(
+          step, args=ocp.args.Composite(
+              state=ocp.args.StandardSave(saveable), config=ocp.args.JsonSave(config.to_dict()),
+              digests=ocp.args.JsonSave(state_digests(saveable)),
+              params_only=ocp.args.JsonSave({"params_only": True})), force=True)
+    except Exception as e:  # pylint: disable=broad-except
+      self._write_failed(step, e)
+
+  def is_params_only(self, step: int) -> bool:
+    return os.path.isdir(os.path.join(self.directory, str(step), "params_only"))
+
+  def restore_params(self, step: int, abstract_params: Any) -> Any:
+    """The parameters of checkpoint ``step`` (full or parameters-only), onto
+    ``abstract_params``' shardings; the optimizer state is never read.
+
+    Raises:
+      ValueError: an array does not match the digest saved with it.
+    """
+    target = {"params": abstract_params}
+    shardings = jax.tree_util.tree_map(lambda x: x.sharding, target)
+    items = dict(state=ocp.args.PyTreeRestore(
+        item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target, shardings),
+        partial_restore=True))
+    has_digests = os.path.isdir(os.path.join(self.directory, str(step), "digests"))
+    if has_digests:
+      items["digests"] = ocp.args.JsonRestore()
+    restored = self._manager.restore(step, args=ocp.args.Composite(**items))
+    params = restored["state"]["params"]
+    if has_digests:
+      # A full checkpoint names its leaves .params[...] (a TrainState), a
+      # parameters-only one ['params'][...] (a dict).
+      prefix = "['params']" if self.is_params_only(step) else ".params"
+      actual = {prefix + k[len("['params']"):]: v
+                for k, v in state_digests({"params": params}).items()}
+      saved = restored["digests"]
+      changed = sorted(k for k in actual if saved.get(k) != actual[k])
+      if changed:
+        raise ValueError(f"the arrays {', '.join(changed)} do not match the digests saved "
+                         "with them: the checkpoint is corrupt")
+    return params
+
   def restore_config(self, step: int) -> dict[str, Any]:
     return self._manager.restore(
         step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
@@ -232,6 +326,7 @@ class Checkpointer:
     """
     failures = []
     for step in reversed(self.all_steps()):
+      check_resumable(self.directory, step)
       try:
         state, data_state = self.restore(step, abstract_state)
         accept_data_state(data_state)

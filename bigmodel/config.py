@@ -11,6 +11,7 @@ from bigmodel import sharding
 from bigmodel.models import families
 from bigmodel.models.attention import ATTENTION_IMPLS
 from bigmodel.models.layers import ACTIVATIONS
+from bigmodel.models.rope import ROPE_SCALINGS
 from bigmodel.models.stack import REMAT_POLICIES
 from bigmodel.optim import OPTIMIZERS, SCHEDULES
 
@@ -50,6 +51,32 @@ def base_config() -> ml_collections.ConfigDict:
       num_classes=0,          # BERT: > 0 = classification head instead of MLM.
       relative_buckets=32,    # T5 relative position bias buckets ...
       relative_max_distance=128,  # ... logarithmic up to this distance.
+      t5_mlp_gated=True,      # T5 MLP: act(x wi) * (x wi_linear) (v1.1); False: act(x wi) (T5).
+      # Decoder (gpt family) options. The defaults are GPT-2; configs/llama.py,
+      # qwen.py, mistral.py and gemma.py set them for those architectures.
+      norm="layernorm",       # layernorm | rmsnorm
+      norm_scale_offset=0.0,  # rmsnorm scale = offset + weight (Gemma: 1, weights from 0).
+      mlp_gated=False,        # act(x W_gate) * (x W_up): SwiGLU (silu), GeGLU (gelu_tanh).
+      attention_qkv_bias=True,   # Biases on q, k, v (GPT-2, Qwen2) ...
+      attention_out_bias=True,   # ... on the attention output (GPT-2) ...
+      mlp_bias=True,             # ... and on the MLP (GPT-2).
+      embed_scale=False,      # Embeddings times sqrt(embed_dim) (Gemma).
+      qk_norm=False,          # Norm q and k per head before rotary (Qwen3, Gemma 3).
+      post_norms=False,       # Norm each sublayer's output too (Gemma 2/3).
+      query_pre_attn_scalar=0.0,  # Scores scaled by this^-0.5 (0 = head_dim; Gemma).
+      sliding_window=0,       # Local layers attend to this many latest positions (0 = off).
+      sliding_window_pattern=0,   # 0: every layer local; p: every p-th layer global.
+      attn_softcap=0.0,       # Attention logits -> cap * tanh(logits / cap) (0 = off).
+      final_softcap=0.0,      # The same on the output logits (Gemma 2).
+      rope_scaling="none",    # none | linear | llama3 | yarn (bigmodel/models/rope.py)
+      rope_scaling_factor=1.0,
+      rope_original_max_len=0,    # llama3/yarn: pretraining context (0 = max_len).
+      rope_low_freq_factor=1.0,   # llama3.
+      rope_high_freq_factor=4.0,  # llama3.
+      rope_yarn_beta_fast=32.0,   # yarn.
+      rope_yarn_beta_slow=1.0,    # yarn.
+      rope_attention_factor=0.0,  # yarn: cos/sin factor (0 = 0.1 ln(factor) + 1).
+      rope_local_theta=0.0,   # Local layers' rotary base (0 = rope_theta; Gemma 3).
   ))
 
   c.data = ml_collections.ConfigDict(dict(
@@ -154,6 +181,8 @@ _CHOICES = {
     "model.position_embedding": ("learned", "rope", "relative"),
     "model.norm_position": ("post", "pre"),
     "model.mlp_activation": tuple(ACTIVATIONS),
+    "model.norm": ("layernorm", "rmsnorm"),
+    "model.rope_scaling": ROPE_SCALINGS,
     "model.remat": tuple(REMAT_POLICIES),
     "model.attention_impl": ATTENTION_IMPLS,
     "model.dtype": ("float32", "bfloat16", "float16"),
@@ -168,6 +197,10 @@ _POSITIVE = ("model.vocab_size", "model.num_layers", "model.num_heads", "model.e
              "train.batch_size", "train.log_every", "optim.grad_accum", "checkpoint.keep",
              "train.max_nonfinite")
 _NON_NEGATIVE = ("model.num_kv_heads", "model.head_dim", "model.num_decoder_layers",
+                 "model.sliding_window", "model.sliding_window_pattern", "model.attn_softcap",
+                 "model.final_softcap", "model.query_pre_attn_scalar",
+                 "model.rope_original_max_len", "model.rope_attention_factor",
+                 "model.rope_local_theta",
                  "optim.warmup_steps", "optim.decay_steps", "optim.eps", "optim.clip",
                  "optim.weight_decay", "optim.end_lr_fraction", "train.eval_every",
                  "train.eval_steps", "train.sample_tokens", "train.sample_temperature",

@@ -49,14 +49,20 @@ def matmul_params_per_layer(c: ModelConfig) -> int:
   """Weights touched by matmuls in one transformer layer (self-attention + MLP)."""
   kv_heads = c.num_kv_heads or c.num_heads
   attn = c.embed_dim * c.head_dim * (2 * c.num_heads + 2 * kv_heads)  # q, out, k, v
-  return attn + 2 * c.embed_dim * c.mlp_dim
+  return attn + mlp_matrices(c) * c.embed_dim * c.mlp_dim
+
+
+def mlp_matrices(c: ModelConfig) -> int:
+  """D x F matrices of one MLP: wi and wo, plus wi_linear when gated."""
+  return 3 if c.mlp_gated else 2
 
 
 def forward_flops_per_token(c: ModelConfig, seq_len: int,
                             causal: bool = True) -> tuple[float, float]:
   """(weight matmul FLOPs, attention FLOPs) of one token's forward pass in a GPT."""
   weight_flops = 2 * (c.num_layers * matmul_params_per_layer(c) + c.embed_dim * c.vocab_size)
-  attention_flops = c.num_layers * _score_flops(c, 1, seq_len, causal)
+  attention_flops = sum(_score_flops(c, seq_len, seq_len, causal, window=c.sliding_window * local)
+                        for local in c.local_layers()) / seq_len
   return float(weight_flops), float(attention_flops)
 
 
@@ -107,17 +113,26 @@ def recompute_flops_per_token(c: ModelConfig, seq_len: int, causal: bool = True)
 
 
 def param_count(c: ModelConfig, max_len: int | None = None) -> int:
-  """Parameters of a GPT decoder by hand (``Gpt`` in ``models/gpt.py``).
+  """Parameters of a decoder by hand (``Gpt`` in ``models/gpt.py``).
 
-  Layers: q, k, v and out kernels with biases, LayerNorm scale and bias
-  before attention and MLP, the MLP's kernels and biases; then the token
-  table, learned positions (``max_len`` rows), the final LayerNorm and an
-  untied output head. Tests check it against ``jax.eval_shape`` of the model.
+  Layers: q, k, v and out kernels with their biases, the norms (scale and
+  bias for LayerNorm, scale for RMSNorm: two, four with post-norms; q/k
+  norms), the MLP's kernels and biases; then the token table, learned
+  positions (``max_len`` rows), the final norm and an untied output head.
+  Tests check it against ``jax.eval_shape`` of the model.
   """
   d, kv_heads = c.embed_dim, c.num_kv_heads or c.num_heads
-  biases = c.head_dim * (c.num_heads + 2 * kv_heads) + d + c.mlp_dim + d
-  per_layer = matmul_params_per_layer(c) + biases + 2 * 2 * d
-  total = c.num_layers * per_layer + c.vocab_size * d + 2 * d
+  biases = 0
+  if c.attention_qkv_bias:
+    biases += c.head_dim * (c.num_heads + 2 * kv_heads)
+  if c.attention_out_bias:
+    biases += d
+  if c.mlp_bias:
+    biases += (mlp_matrices(c) - 1) * c.mlp_dim + d
+  norm = d * (2 if c.norm == "layernorm" else 1)
+  per_layer = (matmul_params_per_layer(c) + biases + norm * (4 if c.post_norms else 2)
+               + (2 * c.head_dim if c.qk_norm else 0))
+  total = c.num_layers * per_layer + c.vocab_size * d + norm
   if c.position_embedding == "learned":
     total += (max_len or c.max_len) * d
   if not c.tie_embeddings:

@@ -3,7 +3,9 @@ r"""Generates text from a trained run: ``python -m bigmodel.generate --workdir=D
 Other flags: ``--prompts_file`` (one prompt per line), ``--max_new_tokens``,
 ``--temperature`` (0 = greedy, the default), ``--top_k``, ``--top_p``,
 ``--num_beams`` (> 1 = beam search, with ``--length_penalty``), ``--stop``
-(repeatable), ``--seed``, ``--step`` (default: the latest checkpoint).
+(repeatable), ``--seed``, ``--step`` (default: the latest checkpoint),
+``--chat`` (each prompt is a user message in the model's chat template, with
+``--system`` before it; the reply ends at the end-of-turn token).
 Prints each completion (the new text only; with several prompts each after a
 ``----- i -----`` line). See docs/generation.md.
 
@@ -42,6 +44,9 @@ def define_flags() -> None:
   flags.DEFINE_float("length_penalty", 1.0, "Beam score = log p / length ** this.")
   flags.DEFINE_multi_string("stop", [], "Cut a completion at this string (repeatable).")
   flags.DEFINE_integer("seed", 0, "Random seed of sampling.")
+  flags.DEFINE_bool("chat", False, "Each prompt is a user message, rendered by the model's "
+                    "chat template; prints the assistant's reply.")
+  flags.DEFINE_string("system", None, "With --chat: a system message before each prompt.")
 
 
 def _read_prompts() -> list[str]:
@@ -76,11 +81,16 @@ def main(argv):
   cli.require_flags("workdir")
   with user_errors_exit():
     prompts = _read_prompts()
+    if FLAGS.system is not None and not FLAGS.chat:
+      raise UserError("--system needs --chat")
     generator = load(FLAGS.workdir, FLAGS.step)
+    if FLAGS.chat:
+      prompts = [generator.chat_prompt(p, FLAGS.system) for p in prompts]
     completions = generator.generate(
         prompts, max_new_tokens=FLAGS.max_new_tokens, temperature=FLAGS.temperature,
         top_k=FLAGS.top_k, top_p=FLAGS.top_p, num_beams=FLAGS.num_beams,
-        length_penalty=FLAGS.length_penalty, stop=FLAGS.stop, seed=FLAGS.seed)
+        length_penalty=FLAGS.length_penalty, stop=FLAGS.stop, seed=FLAGS.seed,
+        templated=FLAGS.chat)
   for i, completion in enumerate(completions):
     if len(completions) > 1:
       print(f"----- {i} -----")

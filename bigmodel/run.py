@@ -152,8 +152,7 @@ def _restore(ckpt: Checkpointer, config: ml_collections.ConfigDict, step: int, m
   optimizer, _ = make_optimizer(config.optim, config.train.steps)
   with sharding.activate(mesh):
     abstract_state, _ = abstract_sharded_state(config, build_model(config.model), optimizer, mesh)
-    state, _ = ckpt.restore(step, abstract_state)
-  return state.params
+    return ckpt.restore_params(step, abstract_state.params)
 
 
 def restore_params(workdir: str, mesh, step: Optional[int] = None) -> tuple[Any, dict, int]:

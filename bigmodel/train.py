@@ -44,7 +44,7 @@ from bigmodel import flops
 from bigmodel import resume
 from bigmodel import sharding
 from bigmodel import run as run_lib
-from bigmodel.checkpoint import CheckpointWriteError
+from bigmodel.checkpoint import CheckpointWriteError, check_resumable
 from bigmodel.config import validate
 from bigmodel.data import build_datasets, validate_data_config
 from bigmodel.errors import UserError, fail, user_errors_exit
@@ -162,6 +162,7 @@ class Trainer:
     ``devices`` (default: all) are the ones ``config.mesh`` spans."""
     validate(config)
     validate_data_config(config, jax.process_count())
+    check_resumable(run_lib.RunDir(workdir).checkpoints)  # Before the lock or a log is written.
     self.config, self.workdir, self.on_metrics = config, workdir, on_metrics
     self.mesh = sharding.make_mesh(config.mesh, devices)
     check_batch_layout(config, self.mesh)

@@ -5,6 +5,10 @@ The forward pass walks over key/value tiles with an online softmax, so the
 [T, S] score matrix never exists in memory; it saves only the output and the
 per-row log-sum-exp for the backward kernels (``flash_backward`` for Triton,
 ``tpu`` for Mosaic). On CPU the same kernels run with ``interpret=True``.
+Causal masks and sliding windows are exploited, not just applied: every
+kernel skips the tiles they hide entirely (``kv_block_range`` and
+``q_block_range`` in ``flash_common``), so windowed attention costs
+O(T * window), not O(T * S).
 
 Shapes in names: B batch, T query length, S key/value length, N query heads,
 K key/value heads (N % K == 0, grouped-query attention), H head dim; ``Tp``
@@ -20,10 +24,11 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels import flash_backward, tpu
-from pallas_kernels.flash_common import (BACKENDS, MASK_VALUE, NN_DIMS, NT_DIMS, BlockSizes,
-                                         Config, bias_index_map, dot, dot_precision, fit_block,
-                                         kv_blocks_visible, next_power_of_2, positions,
-                                         round_up, visible_mask)
+from pallas_kernels.flash_common import (BACKENDS, NN_DIMS, NT_DIMS, BlockSizes, Config,
+                                         bias_index_map, dot, dot_precision, fit_block,
+                                         kv_block_range, next_power_of_2, positions, round_up,
+                                         scores_tile, visible_mask)
+from pallas_kernels.reference import check_window_and_softcap
 
 
 def flash_attention(
@@ -33,6 +38,8 @@ def flash_attention(
     *,
     bias_BxNxTxS: Optional[jax.Array] = None,
     causal: bool = False,
+    window: int = 0,
+    softcap: float = 0.0,
     q_segment_ids_BxT: Optional[jax.Array] = None,
     kv_segment_ids_BxS: Optional[jax.Array] = None,
     sm_scale: Optional[float] = None,
@@ -45,9 +52,15 @@ def flash_attention(
   Args:
     q_BxTxNxH, k_BxSxKxH, v_BxSxKxH: queries, keys, values; K divides N.
     bias_BxNxTxS: optional additive bias (T5's relative positions) of shape
-      [B or 1, N or 1, T, S], added to the scaled scores; differentiable.
+      [B or 1, N or 1, T, S], added to the scaled (and capped) scores;
+      differentiable.
     causal: query i sees key j iff i + (S - T) >= j (diagonal aligned at the
       end, so a shorter query block sees the whole prefix).
+    window: sliding window (Mistral, Gemma's local layers), needs ``causal``:
+      query i also needs i + (S - T) - j < window; 0 = none. Tiles entirely
+      outside the window are skipped, forward and backward.
+    softcap: Gemma 2's logit soft-capping, scores -> softcap * tanh(scores /
+      softcap) before the bias; 0 = off.
     q_segment_ids_BxT, kv_segment_ids_BxS: packed sequences; a query sees
       only keys of its own segment and segment 0 (padding) is never attended.
       Without query ids, kv ids only mask padding keys (id 0); query ids
@@ -81,6 +94,7 @@ def flash_attention(
     raise ValueError(f"unknown backend {backend!r}; choose from {BACKENDS}")
   if interpret is None:
     interpret = platform != {"triton": "gpu", "mosaic": "tpu"}[backend]
+  check_window_and_softcap(causal, window, softcap)
   if sm_scale is None:
     sm_scale = h ** -0.5
 
@@ -95,7 +109,10 @@ def flash_attention(
   # the full head dim as one block, whatever it is.
   hp = max(16, next_power_of_2(h)) if backend == "triton" else h
   cfg = Config(
-      backend=backend, causal=causal, sm_scale=float(sm_scale), q_len=t, kv_len=s,
+      backend=backend, causal=causal,
+      # No query is S or more positions past a key: such a window hides nothing.
+      window=int(window) if window < s else 0, softcap=float(softcap),
+      sm_scale=float(sm_scale), q_len=t, kv_len=s,
       q_len_padded=tp, kv_len_padded=sp, num_kv_groups=n // kv_heads, blocks=blocks,
       # Padded keys need a mask unless segment id 0 masks them already, or the
       # causal diagonal hides them from every real query (padded query rows
@@ -192,14 +209,12 @@ def _triton_fwd_kernel(q_ref, k_ref, v_ref, q_seg_ref, kv_seg_ref, bias_ref,  # 
     acc_BqxH, m_Bq, l_Bq = carry
     kv_start = j * block_kv
     kv_slice = pl.ds(kv_start, block_kv)
-    s_BqxBk = dot(q_BqxH, k_ref[kv_slice, :], NT_DIMS, precision) * cfg.sm_scale
-    if bias_ref is not None:
-      s_BqxBk = s_BqxBk + bias_ref[:, kv_slice].astype(jnp.float32)
+    qk_BqxBk = dot(q_BqxH, k_ref[kv_slice, :], NT_DIMS, precision)
     kv_seg_1xBk = None if kv_seg_ref is None else kv_seg_ref[kv_slice][None, :]
-    mask = visible_mask(positions(q_start, s_BqxBk.shape, 0),
-                        positions(kv_start, s_BqxBk.shape, 1), cfg, q_seg_Bqx1, kv_seg_1xBk)
-    if mask is not None:
-      s_BqxBk = jnp.where(mask, s_BqxBk, MASK_VALUE)
+    mask = visible_mask(positions(q_start, qk_BqxBk.shape, 0),
+                        positions(kv_start, qk_BqxBk.shape, 1), cfg, q_seg_Bqx1, kv_seg_1xBk)
+    s_BqxBk, _ = scores_tile(qk_BqxBk, None if bias_ref is None else bias_ref[:, kv_slice],
+                             mask, cfg)
     m_next = jnp.maximum(m_Bq, s_BqxBk.max(axis=1))
     p_BqxBk = jnp.exp(s_BqxBk - m_next[:, None])
     if mask is not None:
@@ -216,8 +231,8 @@ def _triton_fwd_kernel(q_ref, k_ref, v_ref, q_seg_ref, kv_seg_ref, bias_ref,  # 
   init = (jnp.zeros((block_q, head_dim), jnp.float32),
           jnp.full((block_q,), -jnp.inf, jnp.float32),
           jnp.zeros((block_q,), jnp.float32))
-  num_kv = kv_blocks_visible(q_start + block_q, cfg, block_kv)
-  acc_BqxH, m_Bq, l_Bq = lax.fori_loop(0, num_kv, body, init)
+  first_kv, end_kv = kv_block_range(q_start, q_start + block_q, cfg, block_kv)
+  acc_BqxH, m_Bq, l_Bq = lax.fori_loop(first_kv, end_kv, body, init)
   empty = l_Bq == 0.0  # No visible key: output 0, and lse = inf makes p = 0.
   l_safe = jnp.where(empty, 1.0, l_Bq)
   o_ref[...] = (acc_BqxH / l_safe[:, None]).astype(o_ref.dtype)

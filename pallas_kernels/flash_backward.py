@@ -3,10 +3,13 @@
 Both recompute the probabilities of a tile from the saved log-sum-exp,
 ``p = exp(s - lse)``, and use ``delta = rowsum(out * d_out)`` so that
 ``ds = p * (dp - delta)`` with ``dp = d_out @ v.T`` is the gradient of the
-(scaled, biased) scores. Two kernels, not one fused one, so that neither
+(scaled, capped, biased) scores; with a soft cap, ``uncap_grad`` chains it
+through the tanh before it reaches q and k (the bias gradient is ``ds``
+itself). Two kernels, not one fused one, so that neither
 needs atomic adds: the dK/dV kernel owns a kv tile and loops over query
 tiles; the dQ kernel owns a query tile and loops over kv tiles (and writes
-``ds`` itself as the bias gradient).
+``ds`` itself as the bias gradient). Both loop only over the tiles that the
+causal mask and the sliding window leave visible.
 
 Shapes in names as in ``flash_attention``: B, Tp, Sp, N, K, H; G = N // K.
 """
@@ -18,23 +21,20 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from pallas_kernels.flash_common import (MASK_VALUE, NN_DIMS, NT_DIMS, TN_DIMS, Config,
-                                         bias_index_map, dot, dot_precision,
-                                         first_q_block_visible, kv_blocks_visible, positions,
-                                         visible_mask)
+from pallas_kernels.flash_common import (NN_DIMS, NT_DIMS, TN_DIMS, Config, bias_index_map,
+                                         dot, dot_precision, kv_block_range, positions,
+                                         q_block_range, scores_tile, uncap_grad, visible_mask)
 
 
 def _scores(q_BqxH, k_BkxH, bias_ref, bias_index, q_start, kv_start, cfg, q_seg, kv_seg,
             precision):
-  """Masked, scaled, biased scores of one [bq, bk] tile (float32)."""
-  s_BqxBk = dot(q_BqxH, k_BkxH, NT_DIMS, precision) * cfg.sm_scale
-  if bias_ref is not None:
-    s_BqxBk = s_BqxBk + bias_ref[bias_index].astype(jnp.float32)
-  mask = visible_mask(positions(q_start, s_BqxBk.shape, 0),
-                      positions(kv_start, s_BqxBk.shape, 1), cfg, q_seg, kv_seg)
-  if mask is not None:
-    s_BqxBk = jnp.where(mask, s_BqxBk, MASK_VALUE)
-  return s_BqxBk
+  """Scores of one [bq, bk] tile as the forward saw them, and the soft cap's
+  tanh (see ``scores_tile``)."""
+  qk_BqxBk = dot(q_BqxH, k_BkxH, NT_DIMS, precision)
+  mask = visible_mask(positions(q_start, qk_BqxBk.shape, 0),
+                      positions(kv_start, qk_BqxBk.shape, 1), cfg, q_seg, kv_seg)
+  bias = None if bias_ref is None else bias_ref[bias_index]
+  return scores_tile(qk_BqxBk, bias, mask, cfg)
 
 
 def _dkv_kernel(q_ref, k_ref, v_ref, q_seg_ref, kv_seg_ref, bias_ref, do_ref, lse_ref,
@@ -56,22 +56,23 @@ def _dkv_kernel(q_ref, k_ref, v_ref, q_seg_ref, kv_seg_ref, bias_ref, do_ref, ls
     q_slice = pl.ds(q_start, block_q)
     q_BqxH = q_ref[q_slice, :]
     q_seg_Bqx1 = None if q_seg_ref is None else q_seg_ref[q_slice][:, None]
-    s_BqxBk = _scores(q_BqxH, k_BkxH, bias_ref, (q_slice, slice(None)), q_start, kv_start,
-                      cfg, q_seg_Bqx1, kv_seg_1xBk, precision)
+    s_BqxBk, tanh_BqxBk = _scores(q_BqxH, k_BkxH, bias_ref, (q_slice, slice(None)), q_start,
+                                  kv_start, cfg, q_seg_Bqx1, kv_seg_1xBk, precision)
     # Masked scores sit at MASK_VALUE, so exp underflows to exactly 0; rows
     # with no visible key have lse = inf and give 0 too.
     p_BqxBk = jnp.exp(s_BqxBk - lse_ref[q_slice][:, None])
     do_BqxH = do_ref[q_slice, :]
     dv_BkxH = dv_BkxH + dot(p_BqxBk.astype(do_BqxH.dtype), do_BqxH, TN_DIMS, precision)
     dp_BqxBk = dot(do_BqxH, v_BkxH, NT_DIMS, precision)
-    ds_BqxBk = p_BqxBk * (dp_BqxBk - delta_ref[q_slice][:, None])
+    ds_BqxBk = uncap_grad(p_BqxBk * (dp_BqxBk - delta_ref[q_slice][:, None]), tanh_BqxBk)
     dk_BkxH = dk_BkxH + dot(ds_BqxBk.astype(q_BqxH.dtype), q_BqxH, TN_DIMS, precision)
     return dk_BkxH, dv_BkxH
 
   zeros = jnp.zeros((block_kv, head_dim), jnp.float32)
-  # Causal: query tiles above the diagonal cannot see this kv tile.
-  first = first_q_block_visible(kv_start, cfg, block_q)
-  dk_BkxH, dv_BkxH = lax.fori_loop(first, cfg.q_len_padded // block_q, body, (zeros, zeros))
+  # Causal: query tiles above the diagonal cannot see this kv tile; with a
+  # sliding window, neither can those that have moved past it.
+  first_q, end_q = q_block_range(kv_start, kv_start + block_kv, cfg, block_q)
+  dk_BkxH, dv_BkxH = lax.fori_loop(first_q, end_q, body, (zeros, zeros))
   dk_ref[...] = (dk_BkxH * cfg.sm_scale).astype(dk_ref.dtype)
   dv_ref[...] = dv_BkxH.astype(dv_ref.dtype)
 
@@ -95,24 +96,28 @@ def _dq_kernel(q_ref, k_ref, v_ref, q_seg_ref, kv_seg_ref, bias_ref, do_ref, lse
     kv_slice = pl.ds(kv_start, block_kv)
     k_BkxH = k_ref[kv_slice, :]
     kv_seg_1xBk = None if kv_seg_ref is None else kv_seg_ref[kv_slice][None, :]
-    s_BqxBk = _scores(q_BqxH, k_BkxH, bias_ref, (slice(None), kv_slice), q_start, kv_start,
-                      cfg, q_seg_Bqx1, kv_seg_1xBk, precision)
+    s_BqxBk, tanh_BqxBk = _scores(q_BqxH, k_BkxH, bias_ref, (slice(None), kv_slice), q_start,
+                                  kv_start, cfg, q_seg_Bqx1, kv_seg_1xBk, precision)
     p_BqxBk = jnp.exp(s_BqxBk - lse_Bqx1)
     dp_BqxBk = dot(do_BqxH, v_ref[kv_slice, :], NT_DIMS, precision)
     ds_BqxBk = p_BqxBk * (dp_BqxBk - delta_Bqx1)
     if dbias_ref is not None:
       dbias_ref[:, kv_slice] = ds_BqxBk.astype(dbias_ref.dtype)
+    ds_BqxBk = uncap_grad(ds_BqxBk, tanh_BqxBk)
     return dq_BqxH + dot(ds_BqxBk.astype(k_BkxH.dtype), k_BkxH, NN_DIMS, precision)
 
-  num_kv = kv_blocks_visible(q_start + block_q, cfg, block_kv)
-  dq_BqxH = lax.fori_loop(0, num_kv, body, jnp.zeros((block_q, head_dim), jnp.float32))
+  first_kv, end_kv = kv_block_range(q_start, q_start + block_q, cfg, block_kv)
+  dq_BqxH = lax.fori_loop(first_kv, end_kv, body, jnp.zeros((block_q, head_dim), jnp.float32))
   if dbias_ref is not None and cfg.causal:
-    # Tiles the causal loop skipped still need their (zero) bias gradient.
+    # Tiles the loop skipped (before the window, after the diagonal) still
+    # need their (zero) bias gradient.
     def zero_tile(j, carry):
       dbias_ref[:, pl.ds(j * block_kv, block_kv)] = jnp.zeros(
           (block_q, block_kv), dbias_ref.dtype)
       return carry
-    lax.fori_loop(num_kv, cfg.kv_len_padded // block_kv, zero_tile, 0)
+    if cfg.window:
+      lax.fori_loop(0, jnp.minimum(first_kv, end_kv), zero_tile, 0)
+    lax.fori_loop(end_kv, cfg.kv_len_padded // block_kv, zero_tile, 0)
   dq_ref[...] = (dq_BqxH * cfg.sm_scale).astype(dq_ref.dtype)
 
 

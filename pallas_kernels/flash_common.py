@@ -78,11 +78,15 @@ class Config:
   ``q_len``/``kv_len`` are the true lengths; the arrays the kernels see are
   padded to ``q_len_padded``/``kv_len_padded``. ``causal_offset`` aligns the
   causal diagonal at the end (query i sees key j iff i + offset >= j), as in
-  ``attention_reference``. ``mask_kv_tail`` is set when padded keys exist and
-  no segment ids mask them already.
+  ``attention_reference``; ``window`` > 0 also requires i + offset - j <
+  window (0: no window). ``softcap`` > 0 caps scores to
+  softcap * tanh(s / softcap). ``mask_kv_tail`` is set when padded keys exist
+  and no segment ids mask them already.
   """
   backend: str
   causal: bool
+  window: int
+  softcap: float
   sm_scale: float
   q_len: int
   kv_len: int
@@ -113,11 +117,40 @@ def visible_mask(q_pos: jax.Array, kv_pos: jax.Array, cfg: Config,
 
   if cfg.causal:
     mask = conj(mask, q_pos + cfg.causal_offset >= kv_pos)
+  if cfg.window:
+    mask = conj(mask, q_pos + cfg.causal_offset - kv_pos < cfg.window)
   if cfg.mask_kv_tail:
     mask = conj(mask, kv_pos < cfg.kv_len)
   if q_seg is not None:
     mask = conj(mask, jnp.logical_and(q_seg == kv_seg, kv_seg != 0))
   return mask
+
+
+def scores_tile(qk, bias, mask, cfg: Config):
+  """Attention scores of one tile from its raw ``q . k`` products (float32).
+
+  In the reference's order: scale, soft-cap, add ``bias`` (a tile or None),
+  then set masked entries to MASK_VALUE. Returns ``(scores, tanh)``, where
+  ``tanh`` = tanh(scaled / softcap) is what the backward needs for the cap's
+  derivative (None without a cap). Shared by every kernel: the backward's
+  ``p = exp(s - lse)`` is only right if it recomputes the forward's scores.
+  """
+  s = qk * cfg.sm_scale
+  tanh = None
+  if cfg.softcap:
+    tanh = jnp.tanh(s / cfg.softcap)
+    s = cfg.softcap * tanh
+  if bias is not None:
+    s = s + bias.astype(jnp.float32)
+  if mask is not None:
+    s = jnp.where(mask, s, MASK_VALUE)
+  return s, tanh
+
+
+def uncap_grad(ds, tanh):
+  """Chains a score gradient back through the soft cap: the gradient w.r.t.
+  the scaled, uncapped scores (d/dx c * tanh(x / c) = 1 - tanh^2)."""
+  return ds if tanh is None else ds * (1.0 - tanh * tanh)
 
 
 def positions(start, shape, dim):
@@ -135,25 +168,58 @@ def dot_precision(dtype) -> Optional[lax.Precision]:
   return lax.Precision.HIGHEST if jnp.dtype(dtype) == jnp.float32 else None
 
 
-def kv_blocks_visible(q_block_end, cfg: Config, block_kv: int):
-  """Number of kv tiles a query tile ending (exclusively) at ``q_block_end``
-  can see under the causal mask: the loop bound that skips the upper triangle.
+def kv_block_range(q_block_start, q_block_end, cfg: Config, block_kv: int):
+  """``(first, end)``: the kv tiles a query tile [q_block_start, q_block_end)
+  can see, the loop bounds that skip fully masked tiles.
+
+  Causal: tiles after the one holding the last row's diagonal are hidden.
+  Sliding window: so are tiles before the one holding the first row's oldest
+  visible key. Works on Python ints and traced values (program ids) alike.
   """
   num_kv_blocks = cfg.kv_len_padded // block_kv
   if not cfg.causal:
-    return num_kv_blocks
+    return 0, num_kv_blocks
   last_key = q_block_end - 1 + cfg.causal_offset  # Last key its last row sees.
-  visible = lax.div(jnp.maximum(last_key + 1, 0) + block_kv - 1, block_kv)
-  return jnp.minimum(visible, num_kv_blocks)
+  end = jnp.minimum(lax.div(jnp.maximum(last_key + 1, 0) + block_kv - 1, block_kv),
+                    num_kv_blocks)
+  first = 0
+  if cfg.window:
+    first_key = q_block_start + cfg.causal_offset - cfg.window + 1  # Oldest for its first row.
+    first = lax.div(jnp.maximum(first_key, 0), block_kv)
+  return first, end
 
 
-def first_q_block_visible(kv_block_start, cfg: Config, block_q: int):
-  """First query tile that sees any key of a kv tile starting at
-  ``kv_block_start`` (0 without a causal mask)."""
+def q_block_range(kv_block_start, kv_block_end, cfg: Config, block_q: int):
+  """``(first, end)``: the query tiles that see any key of the kv tile
+  [kv_block_start, kv_block_end); the dK/dV loop bounds (``kv_block_range``
+  seen from the other side)."""
+  num_q_blocks = cfg.q_len_padded // block_q
   if not cfg.causal:
-    return 0
+    return 0, num_q_blocks
   first_query = jnp.maximum(kv_block_start - cfg.causal_offset, 0)
-  return lax.div(first_query, block_q)
+  first = lax.div(first_query, block_q)
+  end = num_q_blocks
+  if cfg.window:
+    last_query = kv_block_end - 1 - cfg.causal_offset + cfg.window - 1  # Last that sees it.
+    end = jnp.minimum(lax.div(jnp.maximum(last_query + 1, 0) + block_q - 1, block_q),
+                      num_q_blocks)
+  return first, end
+
+
+def in_range(index, bounds):
+  """``first <= index < end`` for ``bounds`` from ``kv_block_range`` /
+  ``q_block_range`` (a traced bool)."""
+  first, end = bounds
+  return jnp.logical_and(index >= first, index < end)
+
+
+def clamp_to_range(index, bounds):
+  """``index`` clamped into [first, end - 1], so a skipped grid step re-reads
+  a tile already in VMEM and Pallas TPU elides its copy. An empty range
+  (a tile nothing sees) still yields a valid index, never ``end`` or beyond.
+  """
+  first, end = bounds
+  return jnp.minimum(jnp.maximum(index, first), jnp.maximum(end - 1, 0))
 
 
 def bias_index_map(bias_shape, index_map):

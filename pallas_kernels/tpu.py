@@ -13,6 +13,10 @@ are rows, as in ``jax.experimental.pallas.ops.tpu.splash_attention``.
 Grouped-query attention is native: the dK/dV grid walks (group member, query
 tile) pairs on its ``arbitrary`` axis, accumulating one kv head's gradient.
 
+Tiles hidden by the causal mask or the sliding window are still grid steps,
+but they compute nothing (``pl.when``), and their index maps re-point to a
+visible tile so no new block is copied in (``clamp_to_range``).
+
 Shapes in names: B, N, K, Tp, Sp, H as in ``flash_attention``; G = N // K.
 """
 import functools
@@ -23,9 +27,10 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from pallas_kernels.flash_common import (MASK_VALUE, NN_DIMS, NT_DIMS, Config, bias_index_map,
-                                         dot, dot_precision, first_q_block_visible,
-                                         kv_blocks_visible, positions, visible_mask)
+from pallas_kernels.flash_common import (NN_DIMS, NT_DIMS, Config, bias_index_map,
+                                         clamp_to_range, dot, dot_precision, in_range,
+                                         kv_block_range, positions, q_block_range, scores_tile,
+                                         uncap_grad, visible_mask)
 
 LANES, SUBLANES = 128, 8
 
@@ -37,22 +42,23 @@ def _lanes(x_Rx128, width):
 
 def _masked_scores(q_BqxH, k_BkxH, bias_ref, q_start, kv_start, cfg, q_seg_ref, kv_seg_ref,
                    precision):
-  """Scores of a [bq, bk] tile, scaled, biased and masked (float32)."""
-  s_BqxBk = dot(q_BqxH, k_BkxH, NT_DIMS, precision) * cfg.sm_scale
-  if bias_ref is not None:
-    s_BqxBk = s_BqxBk + bias_ref[...].astype(jnp.float32)
-  block_q, block_kv = s_BqxBk.shape
+  """Scores of a [bq, bk] tile, scaled, capped, biased and masked (float32);
+  returns ``(scores, mask, tanh)`` (see ``scores_tile``)."""
+  qk_BqxBk = dot(q_BqxH, k_BkxH, NT_DIMS, precision)
+  block_kv = qk_BqxBk.shape[1]
   q_seg = kv_seg = None
   if q_seg_ref is not None:
     q_seg = jnp.tile(q_seg_ref[...], (1, block_kv // LANES))  # [bq, bk]
     kv_seg = kv_seg_ref[:1, :]  # [1, bk]
-  mask = visible_mask(positions(q_start, s_BqxBk.shape, 0), positions(kv_start, s_BqxBk.shape, 1),
-                      cfg, q_seg, kv_seg)
-  return s_BqxBk, mask
+  mask = visible_mask(positions(q_start, qk_BqxBk.shape, 0),
+                      positions(kv_start, qk_BqxBk.shape, 1), cfg, q_seg, kv_seg)
+  s_BqxBk, tanh_BqxBk = scores_tile(qk_BqxBk, None if bias_ref is None else bias_ref[...],
+                                    mask, cfg)
+  return s_BqxBk, mask, tanh_BqxBk
 
 
 def _when_visible(visible, fn):
-  """Runs ``fn`` only on tiles the causal mask does not hide entirely."""
+  """Runs ``fn`` only on tiles the causal mask and window do not hide entirely."""
   if visible is True:
     fn()
   else:
@@ -79,10 +85,8 @@ def _fwd_kernel(q_ref, k_ref, v_ref, q_seg_ref, kv_seg_ref, bias_ref,  # Inputs.
 
   def _step():
     precision = dot_precision(q_ref.dtype)
-    s_BqxBk, mask = _masked_scores(q_ref[...], k_ref[...], bias_ref, q_start, kv_start, cfg,
-                                   q_seg_ref, kv_seg_ref, precision)
-    if mask is not None:
-      s_BqxBk = jnp.where(mask, s_BqxBk, MASK_VALUE)
+    s_BqxBk, mask, _ = _masked_scores(q_ref[...], k_ref[...], bias_ref, q_start, kv_start, cfg,
+                                      q_seg_ref, kv_seg_ref, precision)
     m_prev, l_prev = m_scr[...], l_scr[...]
     m_next = jnp.maximum(m_prev, s_BqxBk.max(axis=1)[:, None])
     p_BqxBk = jnp.exp(s_BqxBk - _lanes(m_next, block_kv))
@@ -96,7 +100,7 @@ def _fwd_kernel(q_ref, k_ref, v_ref, q_seg_ref, kv_seg_ref, bias_ref,  # Inputs.
         p_BqxBk.astype(v_BkxH.dtype), v_BkxH, NN_DIMS, precision)
 
   _when_visible(True if not cfg.causal else
-                j < kv_blocks_visible(q_start + block_q, cfg, block_kv), _step)
+                in_range(j, kv_block_range(q_start, q_start + block_q, cfg, block_kv)), _step)
 
   @pl.when(j == pl.num_programs(3) - 1)
   def _finish():
@@ -120,15 +124,13 @@ def _segment_layouts(q_seg_BxTp, kv_seg_BxSp):
 
 
 def _kv_tile_clamp(cfg, block_q, block_kv):
-  """kv tile index for grid step (i, j): tiles past the causal diagonal map to
-  the last visible one, so Pallas skips their (unused) copy into VMEM."""
+  """kv tile index for grid step (i, j): tiles past the causal diagonal (or
+  before the window) map to the nearest visible one, so Pallas skips their
+  (unused) copy into VMEM."""
   if not cfg.causal:
     return lambda i, j: j
-
-  def clamp(i, j):
-    last = kv_blocks_visible((i + 1) * block_q, cfg, block_kv) - 1
-    return jnp.minimum(j, jnp.maximum(last, 0))
-  return clamp
+  return lambda i, j: clamp_to_range(
+      j, kv_block_range(i * block_q, (i + 1) * block_q, cfg, block_kv))
 
 
 def mosaic_forward(q_BxNxTpxH, k_BxKxSpxH, v_BxKxSpxH, q_seg_BxTp, kv_seg_BxSp,
@@ -191,25 +193,23 @@ def _dkv_kernel(q_ref, k_ref, v_ref, q_seg_ref, kv_seg_ref, bias_ref, do_ref, ls
   def _step():
     precision = dot_precision(q_ref.dtype)
     q_BqxH, k_BkxH, v_BkxH, do_BqxH = q_ref[...], k_ref[...], v_ref[...], do_ref[...]
-    s_BkxBq = dot(k_BkxH, q_BqxH, NT_DIMS, precision) * cfg.sm_scale
-    if bias_ref is not None:
-      s_BkxBq = s_BkxBq + bias_ref[...].astype(jnp.float32).T
+    qk_BkxBq = dot(k_BkxH, q_BqxH, NT_DIMS, precision)
     q_seg = kv_seg = None
     if q_seg_ref is not None:
       q_seg = q_seg_ref[:1, :]  # [1, bq]
       kv_seg = jnp.tile(kv_seg_ref[...], (1, block_q // LANES))  # [bk, bq]
-    mask = visible_mask(positions(q_start, s_BkxBq.shape, 1), positions(kv_start, s_BkxBq.shape, 0),
-                        cfg, q_seg, kv_seg)
-    if mask is not None:
-      s_BkxBq = jnp.where(mask, s_BkxBq, MASK_VALUE)
+    mask = visible_mask(positions(q_start, qk_BkxBq.shape, 1),
+                        positions(kv_start, qk_BkxBq.shape, 0), cfg, q_seg, kv_seg)
+    s_BkxBq, tanh_BkxBq = scores_tile(
+        qk_BkxBq, None if bias_ref is None else bias_ref[...].T, mask, cfg)
     p_BkxBq = jnp.exp(s_BkxBq - lse_ref[:1, :])  # Masked: exactly 0.
     dv_scr[...] += dot(p_BkxBq.astype(do_BqxH.dtype), do_BqxH, NN_DIMS, precision)
     dp_BkxBq = dot(v_BkxH, do_BqxH, NT_DIMS, precision)
-    ds_BkxBq = p_BkxBq * (dp_BkxBq - delta_ref[:1, :])
+    ds_BkxBq = uncap_grad(p_BkxBq * (dp_BkxBq - delta_ref[:1, :]), tanh_BkxBq)
     dk_scr[...] += dot(ds_BkxBq.astype(q_BqxH.dtype), q_BqxH, NN_DIMS, precision)
 
   _when_visible(True if not cfg.causal else
-                i >= first_q_block_visible(kv_start, cfg, block_q), _step)
+                in_range(i, q_block_range(kv_start, kv_start + block_kv, cfg, block_q)), _step)
 
   @pl.when(t == pl.num_programs(3) - 1)
   def _finish():
@@ -237,21 +237,20 @@ def _dq_kernel(q_ref, k_ref, v_ref, q_seg_ref, kv_seg_ref, bias_ref, do_ref, lse
   def _step():
     precision = dot_precision(q_ref.dtype)
     k_BkxH = k_ref[...]
-    s_BqxBk, mask = _masked_scores(q_ref[...], k_BkxH, bias_ref, q_start, kv_start, cfg,
-                                   q_seg_ref, kv_seg_ref, precision)
-    if mask is not None:
-      s_BqxBk = jnp.where(mask, s_BqxBk, MASK_VALUE)
+    s_BqxBk, _, tanh_BqxBk = _masked_scores(q_ref[...], k_BkxH, bias_ref, q_start, kv_start,
+                                            cfg, q_seg_ref, kv_seg_ref, precision)
     lse_Bqx1 = jnp.expand_dims(lse_ref[0], -1)
     delta_Bqx1 = jnp.expand_dims(delta_ref[0], -1)
     p_BqxBk = jnp.exp(s_BqxBk - lse_Bqx1)
     dp_BqxBk = dot(do_ref[...], v_ref[...], NT_DIMS, precision)
     ds_BqxBk = p_BqxBk * (dp_BqxBk - delta_Bqx1)
-    dq_scr[...] += dot(ds_BqxBk.astype(k_BkxH.dtype), k_BkxH, NN_DIMS, precision)
     if dbias_ref is not None:
-      dbias_ref[...] = ds_BqxBk.astype(dbias_ref.dtype)
+      dbias_ref[...] = ds_BqxBk.astype(dbias_ref.dtype)  # The bias is added after the cap.
+    ds_BqxBk = uncap_grad(ds_BqxBk, tanh_BqxBk)
+    dq_scr[...] += dot(ds_BqxBk.astype(k_BkxH.dtype), k_BkxH, NN_DIMS, precision)
 
   if cfg.causal:
-    visible = j < kv_blocks_visible(q_start + block_q, cfg, block_kv)
+    visible = in_range(j, kv_block_range(q_start, q_start + block_q, cfg, block_kv))
     pl.when(visible)(_step)
     if dbias_ref is not None:
       @pl.when(jnp.logical_not(visible))
@@ -279,12 +278,12 @@ def mosaic_backward(q_BxNxTpxH, k_BxKxSpxH, v_BxKxSpxH, q_seg_BxTp, kv_seg_BxSp,
   as_cols = lambda x: jnp.broadcast_to(x[:, :, None, :], (b, n, SUBLANES, tp))
 
   # dK/dV: grid (B, K, kv tiles, G * q tiles); step t reads query head
-  # kh * G + t // nq, query tile t % nq (clamped past the causal diagonal).
+  # kh * G + t // nq, query tile t % nq (clamped to the tiles that see kv tile j).
   def q_tile_of(j, t):
     i = lax.rem(t, nq)
     if not cfg.causal:
       return i
-    return jnp.maximum(i, first_q_block_visible(j * bk, cfg, bq))
+    return clamp_to_range(i, q_block_range(j * bk, (j + 1) * bk, cfg, bq))
   q_head = lambda ki, t: ki * g + lax.div(t, nq)
   q_spec = pl.BlockSpec((None, None, bq, h),
                         lambda bi, ki, j, t: (bi, q_head(ki, t), q_tile_of(j, t), 0))

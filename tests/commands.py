@@ -2,7 +2,8 @@
 
 ``run_train`` runs ``python -m bigmodel.train`` to the end, ``start_train``
 starts it in the background; ``assert_user_error`` checks the promised answer
-to bad input (exit 2, one ``error:`` line last, no traceback).
+to bad input (exit 2, one ``error:`` line last, no traceback); ``flip_a_stored_bit``
+damages a checkpoint as a failing disk would.
 """
 import os
 import subprocess
@@ -40,3 +41,16 @@ def assert_user_error(result: subprocess.CompletedProcess, fragment: str) -> Non
   assert lines and lines[-1].startswith("error: "), result.stderr[-2000:]
   assert fragment in lines[-1], lines[-1]
   assert "Traceback" not in result.stderr
+
+
+def flip_a_stored_bit(state_dir) -> None:
+  """Flips one bit in the middle of the largest array file of a checkpoint's
+  ``state`` item (orbax's ``d/`` chunk files), as a failing disk would."""
+  files = [os.path.join(root, name) for root, _, names in os.walk(state_dir)
+           for name in names if "/d/" in os.path.join(root, name)]
+  largest = max(files, key=os.path.getsize)
+  with open(largest, "r+b") as f:
+    f.seek(os.path.getsize(largest) // 2)
+    byte = f.read(1)
+    f.seek(-1, os.SEEK_CUR)
+    f.write(bytes([byte[0] ^ 0x10]))

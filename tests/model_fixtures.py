@@ -1,20 +1,51 @@
 """Small configs and batches shared by the tests."""
+import jax
 import numpy as np
 
 import configs.bert as bert
+import configs.gemma as gemma
 import configs.gpt as gpt
+import configs.llama as llama
+import configs.mistral as mistral
+import configs.qwen as qwen
 import configs.t5 as t5
+
+# Families, and open-weight architectures (the gpt family with a preset
+# file's options), by the name tests pass as ``family``.
+CONFIG_FILES = {"gpt": gpt, "bert": bert, "t5": t5, "llama": llama, "qwen": qwen,
+                "mistral": mistral, "gemma": gemma}
+
+
+def family_name(name: str) -> str:
+  """The model family of a ``CONFIG_FILES`` name (an architecture is a gpt)."""
+  return CONFIG_FILES[name].get_config("tiny").model.family
 
 
 def tiny_config(family: str = "gpt", **model_overrides):
-  """A model of ``family`` small enough to compile and step in well under a second."""
-  config = {"gpt": gpt.get_config, "bert": bert.get_config, "t5": t5.get_config}[family]("tiny")
+  """A model of ``family`` (or an architecture of ``CONFIG_FILES``) small enough
+  to compile and step in well under a second. Windows and rotary scaling are
+  shrunk to act within its 32 positions; gemma's 2 layers are one local, one
+  global."""
+  config = CONFIG_FILES[family].get_config("tiny")
+  m = config.model
+  m.update(sliding_window=8 if m.sliding_window else 0,
+           query_pre_attn_scalar=16.0 if m.query_pre_attn_scalar else 0.0,
+           rope_original_max_len=16 if m.rope_original_max_len else 0)
   config.model.update(num_layers=2, num_decoder_layers=2, embed_dim=64, num_heads=4,
                       head_dim=0, mlp_dim=128, vocab_size=128, max_len=32, dropout_rate=0.0)
   config.model.update(**model_overrides)
   config.data.seq_len = 32
   config.optim.update(warmup_steps=5, learning_rate=3e-3)
   return config
+
+
+def unstack_layers(params: dict, num_layers: int) -> dict:
+  """A scanned model's parameters ([layers, ...] under ``blocks``) for the
+  unrolled stack (``blocks_0``, ``blocks_1``, ...)."""
+  unstacked = {k: v for k, v in params.items() if k != "blocks"}
+  for i in range(num_layers):
+    unstacked[f"blocks_{i}"] = jax.tree_util.tree_map(lambda x, i=i: x[i], params["blocks"])
+  return unstacked
 
 
 def random_batch(batch_size: int, seq_len: int, vocab_size: int, seed: int = 0,
@@ -39,6 +70,7 @@ def random_family_batch(family: str, batch_size: int, seq_len: int, vocab_size: 
                         seed: int = 0, num_segments: int = 1) -> dict[str, np.ndarray]:
   """A packed batch in the format ``family``'s pretraining task feeds the model."""
   batch = random_batch(batch_size, seq_len, vocab_size, seed, num_segments)
+  family = family_name(family)
   if family == "gpt":
     return batch
   if family == "bert":

@@ -3,10 +3,12 @@
 Run as a script in a subprocess so XLA_FLAGS can ask for 8 CPU devices
 before JAX starts: ``python tests/plan_vs_compiled.py VARIANT [VARIANT ...]``
 where VARIANT is a JSON object of ``{"mesh": [data, fsdp, tensor], "remat":
-..., "grad_accum": ..., "batch_size": ...}`` applied to the ``tiny`` preset.
+..., "grad_accum": ..., "batch_size": ..., "seq_len": ..., "dtype": ...}`` applied to the
+GPT ``tiny`` preset, or to ``"config": "FILE:PRESET"`` (e.g. ``llama:llama3_8b``).
 The step is compiled exactly as the trainer builds it
 (``benchmarks.train_step.compile_step``); nothing runs.
 """
+import importlib
 import json
 import os
 import sys
@@ -19,14 +21,16 @@ import jax  # pylint: disable=wrong-import-position
 
 from benchmarks.train_step import compile_step, compiled_memory  # pylint: disable=wrong-import-position
 from bigmodel import memory, sharding  # pylint: disable=wrong-import-position
-from configs.gpt import get_config  # pylint: disable=wrong-import-position
 
 
 def compare(variant: dict) -> dict:
-  config = get_config("tiny")
+  config_file, _, preset = variant.get("config", "gpt:tiny").partition(":")
+  config = importlib.import_module(f"configs.{config_file}").get_config(preset)
   data, fsdp, tensor = variant.get("mesh", (1, 1, 1))
   config.mesh.update(data=data, fsdp=fsdp, tensor=tensor)
-  config.model.remat = variant.get("remat", "none")
+  config.model.remat = variant.get("remat", config.model.remat)
+  config.data.seq_len = variant.get("seq_len", config.data.seq_len)
+  config.model.dtype = variant.get("dtype", config.model.dtype)
   config.optim.grad_accum = variant.get("grad_accum", 1)
   config.train.batch_size = variant.get("batch_size", config.train.batch_size)
   mesh = sharding.make_mesh(config.mesh, jax.devices()[:data * fsdp * tensor])

@@ -14,11 +14,12 @@ def test_get_config_applies_overrides_like_the_flags():
   config = api.get_config("gpt:small", {"train.steps": 7, "model.remat": "full"})
   assert config.preset == "small" and config.train.steps == 7 and config.model.remat == "full"
   assert api.get_config("t5_finetune:tiny").data.task == "seq2seq"
+  assert api.get_config("llama:llama3_8b").model.mlp_gated  # Every file in configs/.
 
 
 @pytest.mark.parametrize("name,overrides,message", [
     ("gpt:huge", None, "unknown GPT preset"),
-    ("llama:tiny", None, "unknown config 'llama'"),
+    ("falcon:tiny", None, "unknown config 'falcon'"),
     ("gpt:tiny", {"train.stepz": 3}, "unknown config key 'train.stepz'"),
     ("gpt:tiny", {"nothing.steps": 3}, "unknown config key 'nothing.steps'"),
     ("gpt:tiny", {"train.steps": "many"}, "config key 'train.steps'"),

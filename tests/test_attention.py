@@ -179,13 +179,16 @@ def test_invalid_arguments_raise():
     flash_attention(q, q, q, backend="cuda")
 
 
+@pytest.mark.parametrize("options", [{}, dict(window=100, softcap=30.0)],
+                         ids=["plain", "window_softcap"])
 @pytest.mark.parametrize("backend,platform", [("triton", "cuda"), ("mosaic", "tpu")])
-def test_kernels_lower_for_accelerators(backend, platform):
+def test_kernels_lower_for_accelerators(backend, platform, options):
   """Without the hardware, at least lower forward + backward (all masks, GQA,
-  bf16) to the real Triton / Mosaic kernels: this catches ops or block
-  shapes the compiler front ends reject, which interpret mode does not.
-  (The kernels' index maps use ``lax.div``: ``//`` lowers through a Mosaic
-  rule that asks for the TPU generation, which a CPU host cannot answer.)"""
+  bf16; with and without a sliding window and soft-capping) to the real
+  Triton / Mosaic kernels: this catches ops or block shapes the compiler
+  front ends reject, which interpret mode does not. (The kernels' index maps
+  use ``lax.div``: ``//`` lowers through a Mosaic rule that asks for the TPU
+  generation, which a CPU host cannot answer.)"""
   b, t, n, kv_heads, h = 2, 300, 4, 2, 128
   q = jax.ShapeDtypeStruct((b, t, n, h), jnp.bfloat16)
   kv = jax.ShapeDtypeStruct((b, t, kv_heads, h), jnp.bfloat16)
@@ -195,7 +198,8 @@ def test_kernels_lower_for_accelerators(backend, platform):
   def grads(q, k, v, seg, bias):
     def loss(q, k, v, bias):
       out = flash_attention(q, k, v, bias_BxNxTxS=bias, causal=True, q_segment_ids_BxT=seg,
-                            kv_segment_ids_BxS=seg, backend=backend, interpret=False)
+                            kv_segment_ids_BxS=seg, backend=backend, interpret=False,
+                            **options)
       return out.astype(jnp.float32).sum()
     return jax.grad(loss, argnums=(0, 1, 2, 3))(q, k, v, bias)
 

@@ -18,6 +18,7 @@ import pytest
 from safetensors.numpy import load_file, save_file
 
 from bigmodel.run import load_run
+from commands import assert_user_error, flip_a_stored_bit, run_train
 from bigmodel.errors import UserError
 from bigmodel.hf.interop import export_hf, import_hf
 from bigmodel.hf.tokenizer import HfTokenizer
@@ -142,14 +143,14 @@ def test_bad_input_is_one_error_line_and_status_2(tmp_path, drop, config_update,
 def test_other_architectures_and_options_are_refused(tmp_path):
   with pytest.raises(UserError, match=r"describes a 'gpt2' model .* not bert"):
     import_hf(f"{_FIXTURES}/gpt2", "bert", str(tmp_path / "a"))
-  with pytest.raises(UserError, match="'llama' model; supported: gpt2, bert, t5"):
-    import_hf(_broken_copy(tmp_path, config_update={"model_type": "llama"}), None,
+  with pytest.raises(UserError, match="'falcon' model; supported: gpt2, bert, t5, llama"):
+    import_hf(_broken_copy(tmp_path, config_update={"model_type": "falcon"}), None,
               str(tmp_path / "b"))
   t5 = str(tmp_path / "t5")
   shutil.copytree(f"{_FIXTURES}/t5", t5)
   config = json.load(open(f"{t5}/config.json"))
-  json.dump(dict(config, feed_forward_proj="relu"), open(f"{t5}/config.json", "w"))
-  with pytest.raises(UserError, match="feed_forward_proj='relu' is not supported"):
+  json.dump(dict(config, feed_forward_proj="gelu"), open(f"{t5}/config.json", "w"))
+  with pytest.raises(UserError, match="feed_forward_proj='gelu' is not supported"):
     import_hf(t5, "t5", str(tmp_path / "c"))
 
 
@@ -197,3 +198,26 @@ def test_transformers_loads_the_export(imported, tmp_path):
     with torch.no_grad():
       got = model(**inputs).logits.numpy()
     np.testing.assert_allclose(got, reference["logits"], atol=1e-4, err_msg=name)
+
+
+def test_an_imported_workdir_holds_parameters_only_and_refuses_to_resume(tmp_path):
+  """Import writes no optimizer state (the host never holds one); training in
+  the imported workdir says to use init_from, and touches nothing."""
+  workdir = tmp_path / "gpt2"
+  import_hf(os.path.join(_FIXTURES, "gpt2"), "gpt2", str(workdir))
+  step_dir = workdir / "checkpoints" / "0"
+  assert (step_dir / "params_only").is_dir()
+  assert not (step_dir / "data").exists()
+  before = sorted(os.listdir(workdir)), sorted(os.listdir(workdir / "checkpoints"))
+  result = run_train("--config=configs/from_workdir.py:" + str(workdir),
+                     f"--workdir={workdir}", "--config.train.steps=2")
+  assert_user_error(result, "holds parameters only")
+  assert (sorted(os.listdir(workdir)), sorted(os.listdir(workdir / "checkpoints"))) == before
+
+
+def test_a_flipped_bit_in_imported_parameters_is_detected(tmp_path):
+  workdir = tmp_path / "gpt2"
+  import_hf(os.path.join(_FIXTURES, "gpt2"), "gpt2", str(workdir))
+  flip_a_stored_bit(workdir / "checkpoints" / "0" / "state")
+  with pytest.raises(ValueError, match="do not match the digests"):
+    load_run(str(workdir))

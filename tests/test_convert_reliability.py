@@ -218,7 +218,7 @@ def test_the_command_line_says_one_error_line(make, message, tmp_path):
 def test_a_failed_import_removes_only_what_it_wrote(tmp_path, monkeypatch):
   def disk_full(*args):
     raise OSError("No space left on device")
-  monkeypatch.setattr(interop, "_save_checkpoint", disk_full)
+  monkeypatch.setattr(interop, "_save_params", disk_full)
   fresh = tmp_path / "fresh"
   with pytest.raises(OSError, match="No space"):
     import_hf(f"{_FIXTURES}/gpt2", "gpt2", str(fresh))
@@ -272,4 +272,5 @@ def test_an_untied_gpt2_head_imports_and_round_trips(tmp_path):
 def test_t5_feed_forward_proj_names_the_supported_ones(proj, tmp_path):
   model = _config("t5", feed_forward_proj=proj)(tmp_path)
   _refused(model, rf"^config\.json feed_forward_proj={proj!r} is not supported; supported: "
-           r"gated-gelu, gated-gelu_new, gated-gelu_pytorch_tanh, gated-relu$", tmp_path, "t5")
+           r"gated-gelu, gated-gelu_new, gated-gelu_pytorch_tanh, gated-relu, relu$", tmp_path,
+           "t5")

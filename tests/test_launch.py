@@ -173,8 +173,10 @@ def test_tpu_pod_dry_run():
 def test_slurm_dry_run(tmp_path, with_scontrol):
   bin_dir = tmp_path / "bin"
   bin_dir.mkdir()
-  if with_scontrol:  # A stand-in: the real one expands the list the same way.
-    (bin_dir / "scontrol").write_text("#!/bin/sh\necho gpu017\necho gpu018\n")
+  if with_scontrol:  # A stand-in: the real one expands the list the same way. A long
+    # list (more than a pipe holds) must not fail the script (SIGPIPE under pipefail).
+    (bin_dir / "scontrol").write_text("#!/bin/sh\necho gpu017\necho gpu018\n"
+                                      "seq 100000 | sed 's/^/node/'\n")
     (bin_dir / "scontrol").chmod(0o755)
   env = {"PATH": f"{bin_dir}:/usr/bin:/bin" if with_scontrol else str(bin_dir),
          "SLURM_JOB_ID": "4242", "SLURM_JOB_NODELIST": "gpu[017-018]", "SLURM_NTASKS": "16",

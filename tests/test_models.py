@@ -12,7 +12,7 @@ from bigmodel.models import build_model
 from bigmodel.optim import make_optimizer
 from bigmodel.state import create_sharded_state
 from bigmodel.train_step import make_train_step
-from model_fixtures import random_batch, tiny_config
+from model_fixtures import random_batch, tiny_config, unstack_layers
 
 
 def _init(config, seq_len=32):
@@ -43,10 +43,7 @@ def test_scan_and_unrolled_stacks_compute_the_same_function():
   config = tiny_config()
   model_scan, params = _init(config)
   model_loop = build_model(tiny_config(scan=False).model)
-  # Unstack the scanned [layers, ...] parameters into blocks_0, blocks_1.
-  loop_params = {k: v for k, v in params.items() if k != "blocks"}
-  for i in range(config.model.num_layers):
-    loop_params[f"blocks_{i}"] = jax.tree_util.tree_map(lambda x, i=i: x[i], params["blocks"])
+  loop_params = unstack_layers(params, config.model.num_layers)
   tokens = jax.random.randint(jax.random.key(2), (2, 32), 3, 128)
   np.testing.assert_allclose(model_scan.apply({"params": params}, tokens),
                              model_loop.apply({"params": loop_params}, tokens), atol=2e-5)
@@ -114,7 +111,8 @@ from bigmodel.config import validate  # pylint: disable=g-import-not-at-top,wron
 from bigmodel.errors import UserError  # pylint: disable=g-import-not-at-top,wrong-import-position
 from bigmodel.models import ModelConfig, families  # pylint: disable=g-import-not-at-top,wrong-import-position
 
-_VARIANTS = [(name, {}) for name in families.FAMILIES] + [("bert", dict(num_classes=3))]
+_VARIANTS = [(name, {}) for name in families.FAMILIES] + [("bert", dict(num_classes=3)),
+                                                            ("t5", dict(t5_mlp_gated=False))]
 
 
 def _family_config(name, **overrides):
@@ -182,7 +180,24 @@ def test_every_family_counts_positive_flops_that_scale(name, overrides):
 def _option_values():
   # A non-default value for every family's own option.
   return {"num_decoder_layers": 5, "relative_buckets": 16, "relative_max_distance": 64,
-          "norm_position": "pre", "type_vocab_size": 3, "num_classes": 4}
+          "t5_mlp_gated": False,
+          "norm_position": "pre", "type_vocab_size": 3, "num_classes": 4,
+          "norm": "rmsnorm", "norm_scale_offset": 1.0, "mlp_gated": True,
+          "attention_qkv_bias": False, "attention_out_bias": False, "mlp_bias": False,
+          "embed_scale": True, "qk_norm": True, "post_norms": True,
+          "query_pre_attn_scalar": 32.0, "sliding_window": 4, "sliding_window_pattern": 2,
+          "attn_softcap": 50.0, "final_softcap": 30.0, "rope_scaling": "linear",
+          "rope_scaling_factor": 2.0, "rope_original_max_len": 16, "rope_low_freq_factor": 2.0,
+          "rope_high_freq_factor": 8.0, "rope_yarn_beta_fast": 16.0, "rope_yarn_beta_slow": 2.0,
+          "rope_attention_factor": 1.5, "rope_local_theta": 1000.0}
+
+
+def _option_needs(key):
+  """The other settings an option is only valid with (validated together)."""
+  needs = {"norm_scale_offset": {"norm": "rmsnorm"},
+           "sliding_window_pattern": {"sliding_window": 4},
+           "rope_local_theta": {"sliding_window": 4, "position_embedding": "rope"}}.get(key, {})
+  return {**needs, "position_embedding": "rope"} if key.startswith("rope_") else needs
 
 
 @pytest.mark.parametrize("name", list(families.FAMILIES))
@@ -190,7 +205,7 @@ def test_family_options_apply_only_to_their_family(name):
   family = families.get(name)
   values = _option_values()
   for key in family.options:
-    config = _family_config(name, **{key: values[key]})
+    config = _family_config(name, **{key: values[key], **_option_needs(key)})
     validate(config)  # Its own options are accepted.
     assert family.options_of(config.model)[key] == values[key]
   foreign = {k for f in families.FAMILIES.values() for k in f.options} - set(family.options)

@@ -60,14 +60,19 @@ def test_state_is_sharded_by_the_trainers_rules():
 
 
 @pytest.mark.parametrize("attention_impl", ["xla", "pallas"])
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("arch,dtype", [("gpt", "float32"), ("gpt", "bfloat16"),
+                                        ("llama", "bfloat16"), ("qwen", "float32"),
+                                        ("gemma", "float32")])
 @pytest.mark.parametrize("remat", sorted(memory.LAYER_RESIDUALS))
-def test_layer_residuals_are_what_jax_saves(remat, dtype, attention_impl):
-  """The residual tables against what JAX saves for the real model's backward pass."""
+def test_layer_residuals_are_what_jax_saves(remat, arch, dtype, attention_impl):
+  """The residual tables against what JAX saves for the real model's backward pass:
+  exact for GPT-2's block and Llama's (RMSNorm, SwiGLU, rotary, grouped-query),
+  within 2% with q/k norms, post-norms, soft-caps and local/global layers."""
   ad_checkpoint = pytest.importorskip("jax._src.ad_checkpoint")
   layers, b, seq_len = 4, 3, 32  # Distinct, to tell stacked per-layer residuals apart.
-  config = tiny_config(remat=remat, dtype=dtype, num_layers=layers, embed_dim=80, num_heads=5,
-                       mlp_dim=56, vocab_size=97, max_len=seq_len, attention_impl=attention_impl)
+  config = tiny_config(arch, remat=remat, dtype=dtype, num_layers=layers, embed_dim=80,
+                       num_heads=5, num_kv_heads=0, mlp_dim=56, vocab_size=97, max_len=seq_len,
+                       attention_impl=attention_impl)
   model = build_model(config.model)
   tokens = jnp.zeros((b, seq_len), jnp.int32)
   params = nn.unbox(jax.eval_shape(lambda: model.init(jax.random.key(0), tokens)["params"]))
@@ -78,8 +83,9 @@ def test_layer_residuals_are_what_jax_saves(remat, dtype, attention_impl):
   saved = sum(aval.size * aval.dtype.itemsize for aval, source in residuals
               if "argument" not in source and aval.shape[:1] == (layers,))
   c = ModelConfig.from_config(config.model)
-  assert saved == layers * memory.layer_residual_bytes(c, remat, b, seq_len, _SINGLE,
-                                                       flash=attention_impl == "pallas")
+  planned = layers * memory.layer_residual_bytes(c, remat, b, seq_len, _SINGLE,
+                                                 flash=attention_impl == "pallas")
+  assert planned == pytest.approx(saved, rel=0 if arch in ("gpt", "llama") else 0.02)
 
 
 def test_activations_scale_with_the_micro_batch_and_remat():
@@ -142,7 +148,12 @@ def test_plan_vs_compiled_memory():
   # docs/performance.md lists more (every policy, mesh and grad_accum); these
   # three cover tensor + fsdp + data sharding, remat and accumulation.
   variants = [{"mesh": [2, 2, 2]}, {"mesh": [1, 8, 1], "remat": "full"},
-              {"mesh": [8, 1, 1], "remat": "dots_saveable", "grad_accum": 2}]
+              {"mesh": [8, 1, 1], "remat": "dots_saveable", "grad_accum": 2},
+              # The llama3_8b preset at 8k tokens, fsdp=8 (compiled, never run). In
+              # float32: XLA:CPU keeps bfloat16 matmul outputs in float32, which no
+              # accelerator does (bfloat16 gives -30% here, -8% in float32 at 4k).
+              {"config": "llama:llama3_8b", "mesh": [1, 8, 1], "batch_size": 8,
+               "seq_len": 8192, "dtype": "float32"}]
   out = subprocess.run([sys.executable, os.path.join(_ROOT, "tests", "plan_vs_compiled.py"),
                         *map(json.dumps, variants)],
                        capture_output=True, text=True, timeout=600, check=True)

@@ -28,7 +28,7 @@ from bigmodel import run as run_lib
 from bigmodel.errors import UserError
 from bigmodel.state import TrainState
 from model_fixtures import tiny_config
-from commands import assert_user_error, run_train, start_train
+from commands import assert_user_error, flip_a_stored_bit, run_train, start_train
 
 # The workdir lock (bigmodel/run_lock.py), by name so that this file also runs,
 # and fails case by case, on code from before the lock existed.
@@ -195,15 +195,7 @@ def test_network_backed_tfds_names_are_refused_offline(tmp_path, monkeypatch):
 # 7. A flipped bit in an array is detected; the previous checkpoint is used.
 def test_a_flipped_bit_is_detected_and_the_previous_checkpoint_used(run_copy, corpus):
   want = losses(run_copy)
-  files = [os.path.join(root, name)
-           for root, _, names in os.walk(run_copy / "checkpoints" / "4" / "state")
-           for name in names if "/d/" in os.path.join(root, name)]
-  largest = max(files, key=os.path.getsize)
-  with open(largest, "r+b") as f:
-    f.seek(os.path.getsize(largest) // 2)
-    byte = f.read(1)
-    f.seek(-1, os.SEEK_CUR)
-    f.write(bytes([byte[0] ^ 0x10]))
+  flip_a_stored_bit(run_copy / "checkpoints" / "4" / "state")
   result = train(run_copy, "--config.train.steps=4", f"--config.data.paths={corpus}")
   assert result.returncode == 0, result.stderr[-3000:]
   assert "checkpoint at step 4 is unusable" in result.stdout

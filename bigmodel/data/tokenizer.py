@@ -16,7 +16,9 @@ the decoder of an encoder-decoder model starts from bos (1).
 
 Every tokenizer implements :class:`Tokenizer`: encode, decode, vocab_size and
 its special ids as data (:class:`SpecialTokens`: pad, bos, eos, unk,
-decoder_start). The data layer and generation read the ids from there, never
+decoder_start, and the extra ids that end generation, ``stop_ids``), plus an
+optional chat template (``chat_template`` / ``apply_chat_template``; only
+Hugging Face tokenizers have one). The data layer and generation read the ids from there, never
 from constants, so an imported model keeps its own (T5: pad 0, eos 1, unk 2,
 decoder start = pad). Two implementations: :class:`SentencePieceTokenizer`
 (this module) and ``bigmodel.hf.tokenizer.HfTokenizer`` (a Hugging Face
@@ -70,12 +72,22 @@ class SpecialTokens:
     eos: Put after a text (BERT's [SEP], T5's </s>).
     unk: Unknown piece; None when the tokenizer has none (byte-level BPE).
     decoder_start: First input of an encoder-decoder decoder (T5: pad).
+    extra_stops: Ids besides eos that end generation: more end-of-text ids a
+      model lists (Llama 3's ``eos_token_id: [128001, 128008, 128009]``) and
+      its chat template's end-of-turn token (``<|eot_id|>``,
+      ``<end_of_turn>``, ``<|im_end|>``).
   """
   pad: int
   bos: int
   eos: int
   unk: int | None
   decoder_start: int
+  extra_stops: tuple[int, ...] = ()
+
+  @property
+  def stop_ids(self) -> tuple[int, ...]:
+    """Every id that ends generation: eos first, then ``extra_stops``, no repeats."""
+    return tuple(dict.fromkeys((self.eos, *self.extra_stops)))
 
 
 class Tokenizer(abc.ABC):
@@ -122,6 +134,33 @@ class Tokenizer(abc.ABC):
   def decoder_start_id(self) -> int:
     """The first decoder input of an encoder-decoder model."""
     return self.special_tokens.decoder_start
+
+  @property
+  def stop_ids(self) -> tuple[int, ...]:
+    """The ids that end generation (``SpecialTokens.stop_ids``)."""
+    return self.special_tokens.stop_ids
+
+  @property
+  def chat_template(self) -> str | None:
+    """The Jinja chat template (Hugging Face's format); None without one."""
+    return None
+
+  def apply_chat_template(self, messages: Sequence[dict[str, str]],
+                          add_generation_prompt: bool = True) -> str:
+    """The text of a conversation in the model's chat format.
+
+    Args:
+      messages: ``{"role": "system" | "user" | "assistant", "content": text}``.
+      add_generation_prompt: End with the start of an assistant turn, so that
+        generation continues as the assistant.
+
+    Raises:
+      UserError: The tokenizer has no chat template (this default), or the
+        template rejects the conversation.
+    """
+    del messages, add_generation_prompt  # Unused: there is no template.
+    raise UserError("this tokenizer has no chat template; chat needs a model imported with"
+                    " one (chat_template in tokenizer_config.json or chat_template.jinja)")
 
   @staticmethod
   def load(path: str) -> Tokenizer:

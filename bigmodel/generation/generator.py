@@ -11,6 +11,10 @@ that leaves fewer than ``max_new_tokens`` slots of the model's context
 so. T5 prompts are the encoder input (+ EOS), truncated from the left to the
 trained encoder length (``data.seq_len``); decoding starts from the
 tokenizer's ``decoder_start_id`` (BOS for sentencepiece, pad for HF T5).
+
+A row ends at any of the tokenizer's ``stop_ids`` (EOS, plus a chat model's
+other end-of-text and end-of-turn ids), removed from the result with what
+follows. ``chat`` wraps a message in the tokenizer's chat template first.
 """
 import dataclasses
 import functools
@@ -82,6 +86,11 @@ class Generator:
     return self.tokenizer.eos_id if self.tokenizer else 2
 
   @property
+  def stop_ids(self) -> tuple[int, ...]:
+    """The ids that end a row: the tokenizer's (EOS first), or EOS alone."""
+    return getattr(self.tokenizer, "stop_ids", None) or (self.eos_id,)
+
+  @property
   def decoder_start_id(self) -> int:
     """The first decoder input of an encoder-decoder (what its training fed)."""
     if not self.tokenizer:
@@ -98,12 +107,18 @@ class Generator:
     vocab = self.config.model.vocab_size
     return min(self.tokenizer.vocab_size, vocab) if self.tokenizer else vocab
 
-  def prompt_ids(self, text: str) -> list[int]:
-    """A prompt's token ids: BOS + text (GPT) or text + EOS (T5 encoder)."""
+  def prompt_ids(self, text: str, templated: bool = False) -> list[int]:
+    """A prompt's token ids: BOS + text (GPT) or text + EOS (T5 encoder).
+
+    ``templated``: ``text`` is a rendered chat template, which puts BOS
+    where the model wants it (as transformers, a GPT prompt is its tokens as is).
+    """
     if self.tokenizer is None:
       raise UserError("this run has no tokenizer (synthetic data); it can only generate ids")
     ids = self.tokenizer.encode(text)
-    return ids + [self.eos_id] if self.is_encoder_decoder else [self.bos_id] + ids
+    if self.is_encoder_decoder:
+      return ids + [self.eos_id]
+    return ids if templated else [self.bos_id] + ids
 
   def _fit(self, ids: Sequence[int], max_new_tokens: int, index: int) -> tuple[list[int], int]:
     """(prompt ids kept, new tokens allowed) within the model's context."""
@@ -139,7 +154,10 @@ class Generator:
                    sampling: Sampling = Sampling(), num_beams: int = 1,
                    length_penalty: float = 1.0, seed: int = 0,
                    stop_at_eos: bool = True) -> list[list[int]]:
-    """New token ids per prompt (EOS and what follows removed).
+    """New token ids per prompt (the first stop id and what follows removed).
+
+    ``stop_at_eos``: end rows at ``stop_ids``; False runs every row to
+    ``max_new_tokens``.
 
     A prompt's result does not depend on the others in its batch (greedy
     and beam search; sampled rows share one random stream per batch).
@@ -171,15 +189,16 @@ class Generator:
         tokens_BxP[row] = self.pad_id
         tokens_BxP[row, prompt_len - len(ids):] = ids
       lengths_B[row] = len(ids)
-    eos = self.eos_id if stop_at_eos else -1
+    stop_ids = self.stop_ids if stop_at_eos else ()
     with sharding.activate(self.mesh):
       tokens_BxP, lengths_B = self._place(tokens_BxP), self._place(lengths_B)
       if num_beams > 1:
         loop = self._loop("beam", num_new, num_beams=num_beams, alpha=float(length_penalty),
-                          eos_id=eos)
+                          stop_ids=stop_ids)
         out_BxM = loop(self.params, tokens_BxP, lengths_B, jnp.int32(max_new))
       else:
-        loop = self._loop("sample", num_new, static_key=sampling.static_key(), eos_id=eos)
+        loop = self._loop("sample", num_new, static_key=sampling.static_key(),
+                          stop_ids=stop_ids)
         out_BxM = loop(self.params, tokens_BxP, lengths_B, jnp.int32(max_new),
                        jax.random.key(seed), sampling.values())
     if not out_BxM.is_fully_addressable:  # Several processes: every one gets all rows.
@@ -188,19 +207,19 @@ class Generator:
     results = []
     for row, (_, allowed) in enumerate(fitted):
       ids = out_BxM[row, :allowed].tolist()
-      if stop_at_eos and self.eos_id in ids:
-        ids = ids[:ids.index(self.eos_id)]
-      results.append(ids)
+      ends = [i for i, token in enumerate(ids) if token in stop_ids]
+      results.append(ids[:ends[0]] if ends else ids)
     return results
 
   def generate(self, prompts: str | Sequence[str], *, max_new_tokens: int = 64,
                temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
                num_beams: int = 1, length_penalty: float = 1.0,
-               stop: Sequence[str] = (), seed: int = 0) -> list[str]:
-    """Completions of ``prompts`` (the new text only), cut at EOS or a stop string.
+               stop: Sequence[str] = (), seed: int = 0, templated: bool = False) -> list[str]:
+    """Completions of ``prompts`` (the new text only), cut at a stop id or string.
 
-    Stop strings cut the text; decoding itself runs to EOS or
-    ``max_new_tokens``.
+    Stop strings cut the text; decoding itself runs to a stop id or
+    ``max_new_tokens``. ``templated``: the prompts are rendered chat
+    templates (``chat_prompt``), tokenized as they are.
     """
     if isinstance(prompts, str):
       prompts = [prompts]
@@ -208,11 +227,28 @@ class Generator:
       sampling = Sampling(temperature, top_k, top_p)
     except ValueError as e:
       raise UserError(str(e)) from e
-    ids = self.generate_ids([self.prompt_ids(p) for p in prompts],
+    ids = self.generate_ids([self.prompt_ids(p, templated) for p in prompts],
                             max_new_tokens=max_new_tokens, sampling=sampling,
                             num_beams=num_beams, length_penalty=length_penalty, seed=seed)
     texts = [self.tokenizer.decode(row) for row in ids]
     return [_cut_at_stop(text, stop) for text in texts]
+
+  def chat_prompt(self, message: str, system: Optional[str] = None) -> str:
+    """One user ``message`` (after an optional ``system`` one) rendered by the
+    tokenizer's chat template, ending with the start of the assistant's turn.
+
+    UserError if the tokenizer has no chat template.
+    """
+    if self.tokenizer is None:
+      raise UserError("this run has no tokenizer (synthetic data); it cannot chat")
+    messages = [{"role": "system", "content": system}] if system is not None else []
+    messages.append({"role": "user", "content": message})
+    return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+
+  def chat(self, message: str, system: Optional[str] = None, **kwargs) -> str:
+    """The assistant's reply to ``message`` (``chat_prompt``), stopping at the
+    end-of-turn token; ``kwargs``: ``generate``'s settings."""
+    return self.generate(self.chat_prompt(message, system), templated=True, **kwargs)[0]
 
 
 def _cut_at_stop(text: str, stop: Sequence[str]) -> str:

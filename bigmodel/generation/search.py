@@ -6,6 +6,9 @@ done. They are traced once per shape bucket: B rows, P prompt slots and
 M new-token slots are static, while the number of new tokens actually
 wanted, the sampling values and the random key are traced arguments.
 
+A row ends at any of its ``stop_ids`` (static: eos and, for chat models,
+the other end-of-text / end-of-turn ids); every row stops on its own.
+
 Shape letters as in ``bigmodel.models``: B rows, W beams, M new-token slots,
 V vocabulary.
 """
@@ -20,14 +23,21 @@ from bigmodel.generation.models import CachedDecoder
 NEG_INF = -jnp.inf
 
 
+def is_stop(token_X: jax.Array, stop_ids: tuple[int, ...]) -> jax.Array:
+  """Whether each token is one of ``stop_ids`` (bool, same shape); none is for ()."""
+  if not stop_ids:
+    return jnp.zeros(token_X.shape, bool)
+  return jnp.isin(token_X, jnp.asarray(stop_ids, token_X.dtype))
+
+
 def sample_loop(decoder: CachedDecoder, params: Any, tokens_BxP: jax.Array, lengths_B: jax.Array,
                 max_new_tokens: jax.Array, rng: jax.Array, values: dict[str, jax.Array], *,
-                num_new: int, static_key: tuple[bool, bool, bool], eos_id: int, pad_id: int,
-                start_id: int, num_valid_ids: int) -> jax.Array:
+                num_new: int, static_key: tuple[bool, bool, bool], stop_ids: tuple[int, ...],
+                pad_id: int, start_id: int, num_valid_ids: int) -> jax.Array:
   """New tokens [B, M]: up to ``max_new_tokens`` (<= M) per row, then ``pad_id``.
 
-  A row stops after its ``eos_id`` (kept in the output); ``eos_id`` < 0
-  never stops.
+  A row stops after the first of its tokens in ``stop_ids`` (kept in the
+  output); with no ``stop_ids`` rows never stop early.
   """
   batch = tokens_BxP.shape[0]
   logits_BxV, state = decoder.prefill(params, tokens_BxP, lengths_B, num_new, start_id)
@@ -45,7 +55,7 @@ def sample_loop(decoder: CachedDecoder, params: Any, tokens_BxP: jax.Array, leng
     token_B = sampling.next_token(logits_BxV, step_rng, values, static_key=static_key)
     token_B = jnp.where(done_B, pad_id, token_B)
     out_BxM = jax.lax.dynamic_update_slice_in_dim(out_BxM, token_B[:, None], t, axis=1)
-    done_B = done_B | (token_B == eos_id)
+    done_B = done_B | is_stop(token_B, stop_ids)
     logits_BxV, state = decoder.step(params, token_B, state)
     return t + 1, logits_BxV, state, out_BxM, done_B, rng
 
@@ -60,12 +70,13 @@ def length_penalty(length: jax.Array, alpha: float) -> jax.Array:
 
 def beam_loop(decoder: CachedDecoder, params: Any, tokens_BxP: jax.Array, lengths_B: jax.Array,
               max_new_tokens: jax.Array, *, num_new: int, num_beams: int, alpha: float,
-              eos_id: int, pad_id: int, start_id: int, num_valid_ids: int) -> jax.Array:
+              stop_ids: tuple[int, ...], pad_id: int, start_id: int,
+              num_valid_ids: int) -> jax.Array:
   """The best hypothesis per row [B, M] by beam search with a length penalty.
 
-  Keeps ``num_beams`` unfinished hypotheses per row; one that emits
-  ``eos_id`` (kept) joins the row's finished ones, scored log p / length **
-  ``alpha`` (length counts the new tokens, EOS included). Stops at
+  Keeps ``num_beams`` unfinished hypotheses per row; one that emits any of
+  ``stop_ids`` (kept) joins the row's finished ones, scored log p / length **
+  ``alpha`` (length counts the new tokens, the stop token included). Stops at
   ``max_new_tokens`` (the unfinished then compete too, scored the same way)
   or as soon as no unfinished hypothesis can beat a row's worst finished one.
   """
@@ -97,15 +108,15 @@ def beam_loop(decoder: CachedDecoder, params: Any, tokens_BxP: jax.Array, length
     logp_BWxV = jax.nn.log_softmax(sampling.mask_invalid(logits_BWxV, num_valid_ids), axis=-1)
     scores_BxWV = (alive_logp_BxW[:, :, None] + logp_BWxV.reshape(batch, beams, vocab)).reshape(
         batch, beams * vocab)
-    # 2W candidates: even if W of them end in EOS, W can stay alive.
+    # 2W candidates: even if W of them end (a stop id), W can stay alive.
     cand_logp_Bx2W, cand_flat_Bx2W = jax.lax.top_k(scores_BxWV, 2 * beams)
     cand_beam_Bx2W, cand_token_Bx2W = cand_flat_Bx2W // vocab, cand_flat_Bx2W % vocab
     cand_seq_Bx2WxM = jnp.take_along_axis(alive_BxWxM, cand_beam_Bx2W[:, :, None], axis=1)
     cand_seq_Bx2WxM = jax.lax.dynamic_update_slice_in_dim(
         cand_seq_Bx2WxM, cand_token_Bx2W[:, :, None], t, axis=2)
-    is_eos_Bx2W = cand_token_Bx2W == eos_id
+    is_eos_Bx2W = is_stop(cand_token_Bx2W, stop_ids)
 
-    # Finished: the row's best W among the old ones and the new EOS endings.
+    # Finished: the row's best W among the old ones and the new endings.
     new_score_Bx2W = jnp.where(is_eos_Bx2W, cand_logp_Bx2W / length_penalty(t + 1, alpha),
                                NEG_INF)
     pool_score_Bx3W = jnp.concatenate([finished_score_BxW, new_score_Bx2W], axis=1)

@@ -8,7 +8,7 @@ API, so neither ``torch`` nor ``transformers`` is needed. A model may be one
 import contextlib
 import json
 import os
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterable, Iterator, Optional
 
 import numpy as np
 import safetensors
@@ -17,6 +17,7 @@ from safetensors.numpy import save_file
 from bigmodel.errors import UserError
 
 CONFIG = "config.json"
+GENERATION_CONFIG = "generation_config.json"
 WEIGHTS = "model.safetensors"
 INDEX = "model.safetensors.index.json"
 
@@ -139,7 +140,7 @@ class TensorReader:
       raise UserError(f"tensor {name} has shape {tuple(array.shape)} but config.json implies "
                       f"{tuple(shape)}")
     self._used.add(name)
-    return array.astype(np.float32)
+    return array.astype(np.float32, copy=False)
 
   def mark_used(self, names: Iterable[str]) -> None:
     self._used.update(names)
@@ -154,8 +155,19 @@ def _umask() -> int:
   return mask
 
 
-def write_model(directory: str, config: dict[str, Any], tensors: dict[str, np.ndarray]) -> None:
-  """Writes ``config.json`` and one ``model.safetensors`` (what ``from_pretrained`` reads)."""
+def _write_json(path: str, value: dict[str, Any]) -> None:
+  with open(path, "w") as f:
+    json.dump(value, f, indent=2, sort_keys=True)
+    f.write("\n")
+
+
+def write_model(directory: str, config: dict[str, Any], tensors: dict[str, np.ndarray],
+                generation: Optional[dict[str, Any]] = None) -> None:
+  """Writes ``config.json`` and one ``model.safetensors`` (what ``from_pretrained`` reads).
+
+  ``generation`` (special token ids) becomes ``generation_config.json``, where
+  ``generate`` looks for them.
+  """
   os.makedirs(directory, exist_ok=True)
   weights = os.path.join(directory, WEIGHTS)
   # transformers refuses safetensors files without a "format" entry.
@@ -163,6 +175,6 @@ def write_model(directory: str, config: dict[str, Any], tensors: dict[str, np.nd
             metadata={"format": "pt"})
   # safetensors creates its file mode 0600; give it the mode of every other output.
   os.chmod(weights, 0o666 & ~_umask())
-  with open(os.path.join(directory, CONFIG), "w") as f:
-    json.dump(config, f, indent=2, sort_keys=True)
-    f.write("\n")
+  _write_json(os.path.join(directory, CONFIG), config)
+  if generation is not None:
+    _write_json(os.path.join(directory, GENERATION_CONFIG), generation)

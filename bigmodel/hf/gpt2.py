@@ -8,10 +8,12 @@ weights are stored ``[in, out]`` (the transpose of ``nn.Linear``), and
 from typing import Any
 
 from bigmodel.errors import UserError
-from bigmodel.hf.mapping import Rule, TO_HF_ACTIVATION, hf_heads_and_width, hf_size, mlp_activation
+from bigmodel.hf.mapping import (Rule, TO_HF_ACTIVATION, hf_bool, hf_heads_and_width, hf_size,
+                                 mlp_activation)
 from bigmodel.models.config import ModelConfig
 
 MODEL_TYPE = "gpt2"
+ARCHITECTURE = "GPT2LMHeadModel"
 FAMILY = "gpt"
 # Tensors read by no rule that are not weights: causal-mask buffers of old checkpoints.
 IGNORED = (r"(transformer\.)?h\.\d+\.attn\.(masked_)?bias",)
@@ -27,9 +29,7 @@ def model_config(hf: dict[str, Any]) -> dict[str, Any]:
   if not hf.get("scale_attn_weights", True):
     raise UserError("config.json scale_attn_weights=false is not supported")
   num_heads, embed_dim = hf_heads_and_width(hf, "n_head", "n_embd")
-  tied = hf.get("tie_word_embeddings", True)  # A string "false" must not tie silently.
-  if not isinstance(tied, bool):
-    raise UserError(f"config.json tie_word_embeddings={tied!r} is not true or false")
+  tied = hf_bool(hf, "tie_word_embeddings", True)
   return dict(
       family=FAMILY, vocab_size=hf_size(hf, "vocab_size"), num_layers=hf_size(hf, "n_layer"),
       num_heads=num_heads, num_kv_heads=0, head_dim=0, embed_dim=embed_dim,
@@ -48,7 +48,7 @@ def hf_config(m: ModelConfig) -> dict[str, Any]:
   if m.num_kv_heads not in (0, m.num_heads) or m.head_dim * m.num_heads != m.embed_dim:
     raise UserError("GPT-2 needs num_kv_heads = num_heads and head_dim = embed_dim / num_heads")
   return {
-      "architectures": ["GPT2LMHeadModel"], "model_type": MODEL_TYPE,
+      "architectures": [ARCHITECTURE], "model_type": MODEL_TYPE,
       "vocab_size": m.vocab_size, "n_positions": m.max_len, "n_embd": m.embed_dim,
       "n_layer": m.num_layers, "n_head": m.num_heads, "n_inner": m.mlp_dim,
       "activation_function": TO_HF_ACTIVATION[m.mlp_activation],

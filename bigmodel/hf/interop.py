@@ -1,13 +1,18 @@
 """Hugging Face model directory <-> bigmodel workdir (checkpoint + config.json).
 
-``import_hf`` writes what a training run would: ``WORKDIR/config.json`` and a
-checkpoint at step 0 in ``WORKDIR/checkpoints`` (parameters, a fresh
-optimizer state, the config), plus the HF tokenizer in ``WORKDIR/tokenizer``
-(``data.tokenizer`` points there). So ``--config.init_from=WORKDIR``
-fine-tunes from it, and tools that load a workdir's latest checkpoint work on
-it. ``export_hf`` reads any run's checkpoint back into a HF directory.
+``import_hf`` writes ``WORKDIR/config.json`` and a parameters-only checkpoint
+at step 0 in ``WORKDIR/checkpoints`` (``Checkpointer.save_params``: a Hugging
+Face model has no optimizer state to resume), plus the HF tokenizer in
+``WORKDIR/tokenizer`` (``data.tokenizer`` points there). So
+``--config.init_from=WORKDIR`` fine-tunes from it, and tools that load a
+workdir's parameters (generate, evaluate, export) work on it. Import streams:
+each parameter is read, converted to ``model.param_dtype`` and moved to its
+devices (sharded over every local device, fsdp) before the next is read, and
+orbax writes from the devices, so the host never holds a second copy of the
+model. ``export_hf`` reads any run's checkpoint back into a HF directory.
 """
 import contextlib
+import functools
 import os
 import re
 import shutil
@@ -22,13 +27,13 @@ from bigmodel import sharding
 from bigmodel import run as run_lib
 from bigmodel.config import base_config, validate
 from bigmodel.errors import UserError
-from bigmodel.hf import FAMILIES
-from bigmodel.hf.files import TensorReader, read_config, write_model
-from bigmodel.hf.mapping import Rule, export_tensors, import_params
+from bigmodel.hf import FAMILIES, describes, exporter, family_of_config
+from bigmodel.hf.files import GENERATION_CONFIG, TensorReader, read_config, write_model
+from bigmodel.hf.mapping import Rule, export_tensors, iter_params
 from bigmodel.hf.tokenizer import HfTokenizer, copy_tokenizer_files, has_tokenizer, tokenizer_files
 from bigmodel.models import ModelConfig, build_model, families
 from bigmodel.optim import make_optimizer
-from bigmodel.state import TrainState
+from bigmodel.state import abstract_sharded_state
 
 TOKENIZER_DIR = "tokenizer"
 
@@ -48,25 +53,17 @@ def _unflatten(flat: dict[str, Any]) -> dict[str, Any]:
   return tree
 
 
-def param_shapes(model, seq_len: int) -> dict[str, tuple[int, ...]]:
-  """The model's parameter shapes by path, without allocating them."""
-  inputs = families.family_of(model).example_inputs(model.config, seq_len)
-  boxed = jax.eval_shape(lambda: model.init(jax.random.key(0), *inputs)["params"])
-  return {k: tuple(v.shape) for k, v in _flatten(sharding.strip_boxes(boxed)).items()}
-
-
 def hf_config_to_config(hf: dict[str, Any], family: str) -> ml_collections.ConfigDict:
   """The bigmodel config of a HF ``config.json`` (UserError if not this family)."""
   if family not in FAMILIES:
     raise UserError(f"--family={family!r} is not one of: {', '.join(FAMILIES)}")
   name_map = FAMILIES[family]
-  model_type = hf.get("model_type")
-  if model_type != name_map.MODEL_TYPE:
-    raise UserError(f"config.json describes a {model_type!r} model (architectures "
+  if not describes(name_map, hf):
+    raise UserError(f"config.json describes a {hf.get('model_type')!r} model (architectures "
                     f"{hf.get('architectures')}), not {family}")
   config = base_config()
   config.model.update(name_map.model_config(hf))
-  if config.model.position_embedding == "learned":
+  if config.model.position_embedding != "relative":  # Training sequences fit the context.
     config.data.seq_len = min(config.data.seq_len, config.model.max_len)
   return config
 
@@ -140,23 +137,22 @@ def import_hf(hf_dir: str, family: Optional[str], workdir: str) -> dict[str, Any
 
   Everything is read and checked before the first write, and a failure while
   writing removes what was written. Returns a summary: family, parameter
-  count, the tokenizer kept (or None) and the HF tensors no parameter came from.
+  count, the tokenizer kept (or None), the HF tensors no parameter came from
+  and the parameters no tensor came from (``Rule.fresh``: initialised afresh).
   """
   hf = read_config(hf_dir)
-  family = family or next((f for f, m in FAMILIES.items() if m.MODEL_TYPE == hf.get("model_type")),
-                          None)
+  family = family or family_of_config(hf)
   if family is None:
+    # model_type names, which differ from --family names where HF's do (gemma3_text).
     raise UserError(f"config.json describes a {hf.get('model_type')!r} model; supported: "
-                    f"{', '.join(FAMILIES)}")
+                    f"{', '.join(m.MODEL_TYPE for m in FAMILIES.values())}")
   config = hf_config_to_config(hf, family)
   _check_workdir(workdir)
   name_map = FAMILIES[family]
   reader = TensorReader(hf_dir)
-  model = build_model(config.model)
   model_config = ModelConfig.from_config(config.model)
   rules = name_map.rules(model_config, hf)
-  flat = import_params(rules, reader, param_shapes(model, config.data.seq_len),
-                       scan=config.model.scan)
+  flat, fresh = _read_params(config, rules, reader)
   _check_tied(reader, name_map.TIED, rules)
   reader.mark_used(n for pair in name_map.TIED for n in pair if reader.has(n))
   unused = [n for n in reader.unused()
@@ -172,21 +168,71 @@ def import_hf(hf_dir: str, family: Optional[str], workdir: str) -> dict[str, Any
   with _undone_on_failure(workdir):
     os.makedirs(workdir, exist_ok=True)
     copy_tokenizer_files(hf_dir, os.path.join(workdir, TOKENIZER_DIR))
-    _save_checkpoint(workdir, config, _unflatten(flat))
+    _save_params(workdir, config, _unflatten(flat))
     run_lib.write_config(config, run_lib.RunDir(workdir).config)
   return {"family": family, "num_params": sum(x.size for x in flat.values()),
-          "tokenizer": tokenizer_names or None, "unused": unused}
+          "tokenizer": tokenizer_names or None, "unused": unused, "fresh": fresh}
 
 
-def _save_checkpoint(workdir: str, config: ml_collections.ConfigDict, params: Any) -> None:
-  """A step-0 checkpoint in the trainer's layout (fresh optimizer state)."""
-  params = jax.tree_util.tree_map(jnp.asarray, params)
+def _read_params(config: ml_collections.ConfigDict, rules: list[Rule],
+                 reader: TensorReader) -> tuple[dict[str, jax.Array], list[str]]:
+  """(flat parameters read through ``rules``, each moved to its devices as it is
+  read; the paths of those the checkpoint lacks, initialised afresh).
+
+  The mesh is fsdp over every local device (``data`` would replicate the
+  model on each). A layer stack is filled on the devices one layer at a time
+  (a donated in-place update), so the host holds one layer's tensor at a time.
+  """
+  mesh = sharding.make_mesh(ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1)))
   optimizer, _ = make_optimizer(config.optim, config.train.steps)
-  state = TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                     opt_state=optimizer.init(params), rng=jax.random.key(config.train.seed))
-  checkpointer = run_lib.checkpointer(workdir, keep=1, async_save=False)
+  model = build_model(config.model)
+  with sharding.activate(mesh):
+    abstract = _flatten(abstract_sharded_state(config, model, optimizer, mesh)[0].params)
+  dtype = jnp.dtype(config.model.param_dtype)
+  flat = {}
+  for path, layer, array in iter_params(rules, reader,
+                                        {k: v.shape for k, v in abstract.items()},
+                                        scan=config.model.scan, dtype=dtype):
+    target = abstract[path]
+    if layer is None:
+      flat[path] = jax.device_put(array, target.sharding)
+      continue
+    if path not in flat:
+      flat[path] = jax.jit(functools.partial(jnp.zeros, target.shape, dtype),
+                           out_shardings=target.sharding)()
+    flat[path] = _set_layer(flat[path], array, layer)
+  fresh = sorted(set(abstract) - set(flat))
+  for path, array in _initial_params(model, config, fresh).items():
+    flat[path] = jax.device_put(array.astype(dtype), abstract[path].sharding)
+  return flat, fresh
+
+
+@functools.partial(jax.jit, donate_argnums=0)
+def _set_layer(stack_LxN: jax.Array, layer_N: jax.Array, index: int) -> jax.Array:
+  """``stack`` with row ``index`` replaced, in place (the stack is donated)."""
+  return jax.lax.dynamic_update_index_in_dim(stack_LxN, layer_N.astype(stack_LxN.dtype),
+                                             index, axis=0)
+
+
+def _initial_params(model, config: ml_collections.ConfigDict,
+                    paths: list[str]) -> dict[str, jax.Array]:
+  """The model's initial values (seed ``train.seed``) of the parameters at
+  ``paths``; jit computes only those."""
+  inputs = families.family_of(model).example_inputs(model.config, config.data.seq_len)
+  init = lambda: {k: v for k, v in _flatten(sharding.strip_boxes(  # pylint: disable=g-long-lambda
+      model.init(jax.random.key(config.train.seed), *inputs)["params"])).items() if k in paths}
+  return jax.jit(init)() if paths else {}
+
+
+def _save_params(workdir: str, config: ml_collections.ConfigDict, params: Any) -> None:
+  """A parameters-only checkpoint at step 0 (``Checkpointer.save_params``)."""
+  # Orbax copies arrays to the host to write them: the largest one at a time
+  # (its budget must fit it), not all.
+  largest = max(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(params))
+  checkpointer = run_lib.checkpointer(workdir, keep=1, async_save=False,
+                                      save_concurrent_gb=largest / 1e9 * 1.01)
   try:
-    checkpointer.save(0, state, {}, config)
+    checkpointer.save_params(0, params, config)
     checkpointer.wait()
   finally:
     checkpointer.close()
@@ -199,24 +245,26 @@ def export_hf(workdir: str, out: str, step: Optional[int] = None) -> dict[str, A
   run = run_lib.load_run(workdir, step)
   params, config, step = run.params, run.config.to_dict(), run.step
   model_config = ModelConfig.from_config(run.config.model)
-  family = next((f for f, m in FAMILIES.items() if m.FAMILY == model_config.family), None)
-  if family is None:
-    raise UserError(f"a {model_config.family} model has no Hugging Face export")
-  name_map = FAMILIES[family]
+  family, name_map = exporter(model_config)
   hf = name_map.hf_config(model_config)
   flat = {k: np.asarray(jax.device_get(v), np.float32) for k, v in _flatten(params).items()}
   tensors = export_tensors(name_map.rules(model_config), flat, scan=model_config.scan)
   tokenizer = run.tokenizer  # Loaded by load_run: read before anything is written.
+  family_info, generation = families.get(model_config.family), None
   if tokenizer is not None:  # The ids training used, whatever the tokenizer's kind.
-    hf.update(bos_token_id=tokenizer.bos_id, eos_token_id=tokenizer.eos_id,
-              pad_token_id=tokenizer.pad_id)
-    if families.get(model_config.family).encoder_decoder:
-      hf["decoder_start_token_id"] = tokenizer.decoder_start_id
+    ids = dict(bos_token_id=tokenizer.bos_id, eos_token_id=tokenizer.eos_id,
+               pad_token_id=tokenizer.pad_id)
+    if family_info.encoder_decoder:
+      ids["decoder_start_token_id"] = tokenizer.decoder_start_id
+    hf.update(ids)
+    generation = ids if family_info.generates else None  # generate() reads them there.
   tokenizer_dir = config["data"].get("tokenizer", "")
   tokenizer_names = []
   if tokenizer_dir and os.path.isdir(tokenizer_dir):
     tokenizer_names = copy_tokenizer_files(tokenizer_dir, out)
+  if GENERATION_CONFIG in tokenizer_names:  # The original model's (its eos ids) stays.
+    generation = None
   hf["torch_dtype"] = "float32"
-  write_model(out, hf, tensors)
+  write_model(out, hf, tensors, generation)
   return {"family": family, "step": step, "num_tensors": len(tensors),
           "tokenizer": tokenizer_names or None}

@@ -1,6 +1,6 @@
 """Name maps between Hugging Face tensors and bigmodel parameters, both ways.
 
-A family (``bigmodel/hf/{gpt2,bert,t5}.py``) lists :class:`Rule`s, one per
+A family (``bigmodel/hf/{gpt2,bert,t5,llama}.py``) lists :class:`Rule`s, one per
 bigmodel parameter: which HF tensor holds it, its HF shape and layout. The
 same rules import (HF -> bigmodel) and export (bigmodel -> HF), so a
 round trip is the identity by construction.
@@ -16,7 +16,7 @@ so after the transpose only a reshape remains. ``part`` picks one of several
 projections fused along the output axis (GPT-2's ``c_attn`` holds q, k, v).
 """
 import dataclasses
-from typing import Any
+from typing import Any, Iterator, Optional
 
 import numpy as np
 
@@ -38,6 +38,9 @@ class Rule:
       slices of the HF tensor's output axis.
     layers: > 0: a per-layer tensor of a stack this deep (``blocks`` in ``param``).
     scale: bigmodel value = ``scale`` x HF value (folds a constant into a weight).
+    fresh: The checkpoint may lack the tensor (a head its class has not, e.g. a
+      ``BertModel``'s MLM head); then import reads nothing and the parameter
+      starts from the model's initialisation.
   """
   param: str
   hf: tuple[str, ...]
@@ -46,6 +49,7 @@ class Rule:
   part: tuple[int, int] = (0, 1)
   layers: int = 0
   scale: float = 1.0
+  fresh: bool = False
 
   def hf_names(self, layer: int) -> list[str]:
     return [name.format(i=layer) for name in self.hf]
@@ -70,7 +74,9 @@ def to_param(rule: Rule, hf_array: np.ndarray, shape: tuple[int, ...]) -> np.nda
   x = np.split(hf_array, count, axis=_out_axis(rule.layout))[index]
   if rule.layout == "linear":
     x = x.T  # [out, in] -> [in, out].
-  return (x * np.float32(rule.scale)).reshape(shape)
+  if rule.scale != 1.0:  # Else no copy: import holds one parameter at a time.
+    x = x * np.float32(rule.scale)
+  return x.reshape(shape)
 
 
 def to_hf_part(rule: Rule, param: np.ndarray) -> np.ndarray:
@@ -91,31 +97,33 @@ def _check_coverage(rules: list[Rule], shapes: dict[str, tuple[int, ...]], scan:
                        f"parameters without a rule: {sorted(set(shapes) - covered)}")
 
 
-def import_params(rules: list[Rule], reader: TensorReader,
-                  shapes: dict[str, tuple[int, ...]], scan: bool) -> dict[str, np.ndarray]:
-  """Flat bigmodel parameters (path -> float32 array) read through ``rules``.
+def iter_params(rules: list[Rule], reader: TensorReader, shapes: dict[str, tuple[int, ...]],
+                scan: bool, dtype: Any = np.float32
+                ) -> Iterator[tuple[str, Optional[int], np.ndarray]]:
+  """Bigmodel parameters read through ``rules``, one tensor at a time.
 
-  ``shapes`` are the model's parameter shapes by path (scanned stacks carry a
-  leading layer axis).
+  Yields ``(path, layer, array of dtype)``: ``layer`` None for a whole
+  parameter, else the index of ``array`` in the stacked parameter ``path``
+  (a scanned model's, leading layer axis; ``shapes`` has the whole stack). A
+  caller that moves each array to its devices before taking the next holds
+  one layer's tensor on the host at a time, not the model. A ``fresh`` rule
+  whose tensor is absent yields nothing.
   """
   _check_coverage(rules, shapes, scan)
-  params: dict[str, Any] = {}
   for rule in rules:
-    per_layer = []
+    if rule.fresh and not any(reader.has(n) for n in rule.hf_names(0)):
+      continue
+    stacked = rule.layers and scan
     for layer in range(max(rule.layers, 1)):
       names = rule.hf_names(layer)
       name = next((n for n in names if reader.has(n)), None)
       if name is None:
         raise UserError(f"tensor {names[0]} is missing from {reader.directory}")
       path = rule.param_path(layer, scan)
-      shape = shapes[path][1:] if rule.layers and scan else shapes[path]
-      per_layer.append((path, to_param(rule, reader.get(name, rule.hf_shape), shape)))
+      shape = shapes[path][1:] if stacked else shapes[path]
+      array = to_param(rule, reader.get(name, rule.hf_shape), shape).astype(dtype, copy=False)
       reader.mark_used(names)  # Aliases of a tied tensor are accounted for too.
-    if rule.layers and scan:
-      params[rule.param] = np.stack([array for _, array in per_layer])
-    else:
-      params.update(per_layer)
-  return params
+      yield path, layer if stacked else None, array
 
 
 def export_tensors(rules: list[Rule], params: dict[str, np.ndarray],
@@ -138,26 +146,52 @@ def export_tensors(rules: list[Rule], params: dict[str, np.ndarray],
 
 # HF activation names (``activation_function``, ``hidden_act``, T5's
 # ``feed_forward_proj`` suffix) <-> ``model.mlp_activation``. HF's "gelu" is
-# the exact erf form; "gelu_new" and "gelu_pytorch_tanh" the tanh approximation.
+# the exact erf form; "gelu_new" and "gelu_pytorch_tanh" the tanh approximation;
+# "swish" another name of "silu" (Llama's, Qwen's and Mistral's SwiGLU).
 FROM_HF_ACTIVATION = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh",
-                      "gelu": "gelu_exact", "relu": "relu"}
-TO_HF_ACTIVATION = {"gelu_tanh": "gelu_new", "gelu_exact": "gelu", "relu": "relu"}
+                      "gelu": "gelu_exact", "relu": "relu", "silu": "silu", "swish": "silu"}
+TO_HF_ACTIVATION = {"gelu_tanh": "gelu_new", "gelu_exact": "gelu", "relu": "relu", "silu": "silu"}
 
 
-def hf_value(hf_config: dict[str, Any], key: str, default: Any = None) -> Any:
-  """``hf_config[key]`` (``default`` if missing or null); UserError if both are missing."""
+def hf_value(hf_config: dict[str, Any], key: str, default: Any = None,
+             where: str = "config.json") -> Any:
+  """``hf_config[key]`` (``default`` if missing or null); UserError if both are missing.
+
+  ``where`` names ``hf_config`` in messages (a nested dict: ``config.json rope_parameters``).
+  """
   value = hf_config.get(key)
   value = default if value is None else value
   if value is None:
-    raise UserError(f"config.json has no {key!r}")
+    raise UserError(f"{where} has no {key!r}")
   return value
 
 
-def hf_size(hf_config: dict[str, Any], key: str, default: Any = None) -> int:
+def hf_size(hf_config: dict[str, Any], key: str, default: Any = None,
+            where: str = "config.json") -> int:
   """``hf_value``, which must be a positive integer (a width, a count of layers)."""
-  value = hf_value(hf_config, key, default)
+  value = hf_value(hf_config, key, default, where)
   if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-    raise UserError(f"config.json {key}={value!r} is not a positive integer")
+    raise UserError(f"{where} {key}={value!r} is not a positive integer")
+  return value
+
+
+def hf_number(hf_config: dict[str, Any], key: str, default: Any = None,
+              where: str = "config.json") -> float:
+  """``hf_value``, which must be a positive number (an epsilon, a rotary base, a factor)."""
+  value = hf_value(hf_config, key, default, where)
+  if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+    raise UserError(f"{where} {key}={value!r} is not a positive number")
+  return float(value)
+
+
+def hf_bool(hf_config: dict[str, Any], key: str, default: bool) -> bool:
+  """``hf_config[key]`` (``default`` if missing), which must be true or false.
+
+  A string "false" must not turn an option on silently.
+  """
+  value = hf_config.get(key, default)
+  if not isinstance(value, bool):
+    raise UserError(f"config.json {key}={value!r} is not true or false")
   return value
 
 

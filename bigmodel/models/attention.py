@@ -8,8 +8,12 @@ so that faster kernels plug in here without touching GPT, BERT or T5:
 - ``pallas``: ``pallas_kernels.flash_attention``, the fused kernel: Triton on
   GPU, Mosaic on TPU, Pallas' interpreter on CPU (slow; a correctness check).
 - ``cudnn``: ``jax.nn.dot_product_attention(implementation="cudnn")``, NVIDIA
-  GPUs only, float16/bfloat16 only.
+  GPUs only, float16/bfloat16 only, no logit soft-capping.
 - ``auto``: ``pallas`` on GPU and TPU, ``xla`` on CPU.
+
+Every implementation takes the same masks: causal, segment ids (packing and
+padding), an additive bias, and a causal sliding ``window`` (Mistral, Gemma's
+local layers); all but ``cudnn`` also take Gemma 2's ``softcap``.
 """
 import functools
 import math
@@ -20,7 +24,8 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
-from pallas_kernels import attention_mask, attention_reference, flash_attention
+from pallas_kernels import (attention_mask, attention_reference, check_window_and_softcap,
+                            flash_attention)
 
 ATTENTION_IMPLS = ("auto", "xla", "pallas", "cudnn")
 
@@ -46,20 +51,27 @@ def dot_product_attention(
     *,
     impl: str = "auto",
     causal: bool = False,
+    window: int = 0,
+    softcap: float = 0.0,
     q_segment_ids_BxT: Optional[jax.Array] = None,
     kv_segment_ids_BxS: Optional[jax.Array] = None,
     bias_BxNxTxS: Optional[jax.Array] = None,
 ) -> jax.Array:
-  """Scaled dot-product attention; returns [B, T, N, H].
+  """Scaled dot-product attention of q [B, T, N, H] over k, v [B, S, K, H]
+  (K divides N); returns [B, T, N, H].
 
   Segment id 0 marks padding; queries attend only to keys of their segment.
   ``causal`` aligns the diagonal at the end (query i sees key j iff
-  i + S - T >= j). ``bias_BxNxTxS`` ([B or 1, N, T, S]) is added to the scaled
-  scores. Rows that see no key return zeros.
+  i + S - T >= j). ``window`` > 0 (needs ``causal``) also hides keys
+  ``window`` or more positions back: i + S - T - j < window (0 = none).
+  ``softcap`` > 0 caps the scaled scores to softcap * tanh(scores / softcap)
+  (Gemma 2; not with ``cudnn``). ``bias_BxNxTxS`` ([B or 1, N, T, S]) is then
+  added. Rows that see no key return zeros.
   """
   impl = resolve_impl(impl)
-  kwargs = dict(causal=causal, q_segment_ids_BxT=q_segment_ids_BxT,
-                kv_segment_ids_BxS=kv_segment_ids_BxS, bias_BxNxTxS=bias_BxNxTxS)
+  kwargs = dict(causal=causal, window=window, softcap=softcap,
+                q_segment_ids_BxT=q_segment_ids_BxT, kv_segment_ids_BxS=kv_segment_ids_BxS,
+                bias_BxNxTxS=bias_BxNxTxS)
   if impl == "pallas":
     return _per_device(flash_attention, q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, **kwargs)
   if impl == "cudnn":
@@ -67,23 +79,32 @@ def dot_product_attention(
   return attention_reference(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, **kwargs)
 
 
-def _cudnn_attention(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, *, causal, q_segment_ids_BxT,
-                     kv_segment_ids_BxS, bias_BxNxTxS):
+def _cudnn_attention(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, *, causal, window, softcap,
+                     q_segment_ids_BxT, kv_segment_ids_BxS, bias_BxNxTxS):
   """cuDNN flash attention with this module's mask semantics."""
+  check_window_and_softcap(causal, window, softcap)
+  if softcap:
+    raise ValueError(f"attention_impl='cudnn' does not support logit soft-capping "
+                     f"(softcap={softcap}); use 'pallas' or 'xla'")
   if q_BxTxNxH.dtype not in (jnp.bfloat16, jnp.float16):
     raise ValueError(f"attention_impl='cudnn' supports float16/bfloat16, not "
                      f"{q_BxTxNxH.dtype}; set model.dtype or use 'pallas'")
   t, s = q_BxTxNxH.shape[1], k_BxSxKxH.shape[1]
   # cuDNN's own causal mask is used only for square attention: its diagonal
   # may not be end-aligned for T != S, so that case goes into the explicit mask.
+  # So does the window: jax's local_window_size=(window - 1, 0) is
+  # (q - k <= window - 1, k <= q), i.e. this module's window, only when the
+  # positions are aligned (T == S); cuDNN then runs it as its sliding window.
   native_causal = causal and t == s
   mask_Bx1xTxS = attention_mask(t, s, causal=causal and not native_causal,
+                                window=0 if native_causal else window,
                                 q_segment_ids_BxT=q_segment_ids_BxT,
                                 kv_segment_ids_BxS=kv_segment_ids_BxS)
   bias = None if bias_BxNxTxS is None else bias_BxNxTxS.astype(q_BxTxNxH.dtype)
   out_BxTxNxH = jax.nn.dot_product_attention(
       q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, bias=bias, mask=mask_Bx1xTxS,
-      is_causal=native_causal, implementation="cudnn")
+      is_causal=native_causal, implementation="cudnn",
+      local_window_size=(window - 1, 0) if native_causal and window else None)
   if mask_Bx1xTxS is not None:
     # Rows with no visible key: zeros, as every other implementation returns.
     any_visible_Bx1xT = mask_Bx1xTxS.any(axis=-1)
@@ -91,8 +112,8 @@ def _cudnn_attention(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, *, causal, q_segment_ids_B
   return out_BxTxNxH.astype(q_BxTxNxH.dtype)
 
 
-def _per_device(kernel, q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, *, causal, q_segment_ids_BxT,
-                kv_segment_ids_BxS, bias_BxNxTxS):
+def _per_device(kernel, q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, *, causal, window, softcap,
+                q_segment_ids_BxT, kv_segment_ids_BxS, bias_BxNxTxS):
   """Runs ``kernel`` on each device's shard of batch and heads (``shard_map``).
 
   A compiled Pallas kernel is opaque to XLA's sharding propagation, which would
@@ -102,7 +123,8 @@ def _per_device(kernel, q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, *, causal, q_segment_id
   dimension they do not divide stays whole.
   """
   mesh = jax.sharding.get_abstract_mesh()
-  call = functools.partial(kernel, causal=causal)
+  # Window and cap act along the lengths, which stay whole on every device.
+  call = functools.partial(kernel, causal=causal, window=window, softcap=softcap)
   if mesh.empty or math.prod(mesh.shape.values()) == 1:
     return call(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, q_segment_ids_BxT=q_segment_ids_BxT,
                 kv_segment_ids_BxS=kv_segment_ids_BxS, bias_BxNxTxS=bias_BxNxTxS)

@@ -56,7 +56,9 @@ class DecodeState:
                        repeat(self.encoder_segment_ids_BxE, 0))
 
 
-def fill_slot(kv_segment_ids_BxS: jax.Array, slot: jax.Array) -> jax.Array:
-  """Marks cache slot ``slot`` filled in every row."""
+def fill_slot(kv_segment_ids_BxS: jax.Array, index: jax.Array) -> jax.Array:
+  """Marks the slot of key ``index`` filled in every row (``index % S``: a ring
+  cache reuses slots, ``KVCache.ring``)."""
   ones_Bx1 = jnp.ones((kv_segment_ids_BxS.shape[0], 1), kv_segment_ids_BxS.dtype)
+  slot = index % kv_segment_ids_BxS.shape[1]
   return jax.lax.dynamic_update_slice_in_dim(kv_segment_ids_BxS, ones_Bx1, slot, axis=1)

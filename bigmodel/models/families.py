@@ -26,14 +26,44 @@ from bigmodel.models.decoding import DecodeState, fill_slot
 from bigmodel.models.family import (Family, apply_kwargs, projection_weights, token_spec,
                                     weights_spec, score_flops)
 from bigmodel.models.gpt import Gpt
-from bigmodel.models.layers import DECODE, PREFILL
+from bigmodel.models.layers import DECODE, PREFILL, pad_slots, ring_slots
 from bigmodel.models.t5 import T5
 
 
 class GptFamily(Family):
-  """Decoder-only causal LM; prompts left-padded (every row writes the same cache slot)."""
+  """Decoder-only causal LM (GPT-2, Llama, Qwen, Mistral, Gemma); prompts
+  left-padded (every row writes the same cache slot)."""
   name, module, positions, hf_name_map = "gpt", Gpt, ("learned", "rope"), "gpt2"
   generates = analytic_memory = True
+  options = {
+      "norm": "layernorm", "norm_scale_offset": 0.0, "mlp_gated": False,
+      "attention_qkv_bias": True, "attention_out_bias": True, "mlp_bias": True,
+      "embed_scale": False, "qk_norm": False, "post_norms": False,
+      "query_pre_attn_scalar": 0.0, "sliding_window": 0, "sliding_window_pattern": 0,
+      "attn_softcap": 0.0, "final_softcap": 0.0, "rope_scaling": "none",
+      "rope_scaling_factor": 1.0, "rope_original_max_len": 0, "rope_low_freq_factor": 1.0,
+      "rope_high_freq_factor": 4.0, "rope_yarn_beta_fast": 32.0, "rope_yarn_beta_slow": 1.0,
+      "rope_attention_factor": 0.0, "rope_local_theta": 0.0,
+  }
+
+  def validate(self, model_cfg):
+    super().validate(model_cfg)
+    m = {**self.options, **self.options_of(model_cfg)}
+    if m["norm_scale_offset"] and m["norm"] != "rmsnorm":
+      raise UserError("model.norm_scale_offset applies to model.norm=rmsnorm only")
+    rope_keys = [k for k in self.options if k.startswith("rope_") and m[k] != self.options[k]]
+    if rope_keys and model_cfg.get("position_embedding") != "rope":
+      raise UserError(f"model.{rope_keys[0]} needs model.position_embedding=rope")
+    if m["rope_scaling"] != "none" and m["rope_scaling_factor"] <= 0:
+      raise UserError(f"model.rope_scaling_factor must be positive, got "
+                      f"{m['rope_scaling_factor']}")
+    if m["rope_scaling"] == "llama3" and m["rope_high_freq_factor"] <= m["rope_low_freq_factor"]:
+      raise UserError("model.rope_high_freq_factor must exceed model.rope_low_freq_factor")
+    if m["sliding_window_pattern"] and not m["sliding_window"]:
+      raise UserError("model.sliding_window_pattern needs model.sliding_window > 0")
+    if m["rope_local_theta"] and not m["sliding_window"]:
+      raise UserError("model.rope_local_theta (local layers' rotary base) needs "
+                      "model.sliding_window > 0")
 
   def batch_spec(self, c, batch_size, seq_len, target_len=0):
     spec = token_spec(batch_size, seq_len, "inputs", "targets", "segment_ids", "positions")
@@ -44,9 +74,12 @@ class GptFamily(Family):
                        positions_BxL=batch["positions"], **apply_kwargs(rng))
 
   def forward_flops(self, c, lengths):
+    # Gated MLPs have three D x F matrices; local layers count their window.
     length, (qo_weights, kv_weights) = lengths["inputs"], projection_weights(c)
-    layers = c.num_layers * (length * 2 * (qo_weights + kv_weights + 2 * c.embed_dim * c.mlp_dim)
-                             + score_flops(c, length, length, causal=True))
+    mlp_weights = (3 if c.mlp_gated else 2) * c.embed_dim * c.mlp_dim
+    layers = sum(length * 2 * (qo_weights + kv_weights + mlp_weights)
+                 + score_flops(c, length, length, causal=True, window=c.sliding_window * local)
+                 for local in c.local_layers())
     return float(layers + length * 2 * c.embed_dim * c.vocab_size)
 
   def prefill(self, model, params, tokens_BxP, lengths_B, num_new, start_id):
@@ -62,10 +95,16 @@ class GptFamily(Family):
     logits_BxPxV, cache = model.apply(
         {"params": params}, tokens_BxP, segment_ids_BxL=segment_ids_BxP,
         positions_BxL=positions_BxP, mode=PREFILL)
-    state = DecodeState(
-        cache=cache.padded(prompt_len + num_new),
-        kv_segment_ids_BxS=jnp.pad(segment_ids_BxP, ((0, 0), (0, num_new))),
-        positions_B=lengths_B.astype(jnp.int32))
+    slots = prompt_len + num_new
+    c = model.config
+    if c.local_layers().all() and c.sliding_window < slots:
+      # Every layer sees the last `window` keys only (Mistral): keep just those.
+      cache, segment_ids_BxS = cache.ring(c.sliding_window), ring_slots(
+          segment_ids_BxP, c.sliding_window)
+    else:
+      cache, segment_ids_BxS = cache.padded(slots), pad_slots(segment_ids_BxP, slots)
+    state = DecodeState(cache=cache, kv_segment_ids_BxS=segment_ids_BxS,
+                        positions_B=lengths_B.astype(jnp.int32))
     return logits_BxPxV[:, -1], state
 
   def step(self, model, params, tokens_B, state):
@@ -122,7 +161,8 @@ class BertFamily(Family):
 class T5Family(Family):
   """Encoder-decoder: encoder input right-padded, decoding from a start token."""
   name, module, positions, hf_name_map = "t5", T5, ("relative",), "t5"
-  options = {"num_decoder_layers": 0, "relative_buckets": 32, "relative_max_distance": 128}
+  options = {"num_decoder_layers": 0, "relative_buckets": 32, "relative_max_distance": 128,
+             "t5_mlp_gated": True}
   token_keys = ("encoder_inputs", "decoder_inputs")
   encoder_decoder = generates = True
 
@@ -152,11 +192,11 @@ class T5Family(Family):
     return batch["decoder_targets"], batch["loss_mask"]
 
   def forward_flops(self, c, lengths):
-    # Gated MLPs; the decoder adds cross-attention (k and v projected from
-    # the E encoder positions) and the logits.
+    # The decoder adds cross-attention (k and v projected from the E encoder
+    # positions) and the logits.
     e, t = lengths["encoder_inputs"], lengths["decoder_inputs"]
     qo_weights, kv_weights = projection_weights(c)
-    mlp_weights = 3 * c.embed_dim * c.mlp_dim  # Gated: wi, wi_linear, wo.
+    mlp_weights = (3 if c.t5_mlp_gated else 2) * c.embed_dim * c.mlp_dim  # wi(, wi_linear), wo
     encoder = c.num_layers * (e * 2 * (qo_weights + kv_weights + mlp_weights)
                               + score_flops(c, e, e, causal=False))
     decoder = (c.num_decoder_layers or c.num_layers) * (

@@ -16,10 +16,17 @@ from bigmodel.models.decoding import DecodeState
 Batch = Mapping[str, jax.Array]
 
 
-def score_flops(c: ModelConfig, q_len: int, kv_len: int, causal: bool) -> float:
-  """Scores and weighted sum of one attention layer: 2 matmuls of T x S x N x H."""
-  flops = 2 * 2 * q_len * kv_len * c.num_heads * c.head_dim
-  return flops / 2 if causal else flops
+def score_flops(c: ModelConfig, q_len: int, kv_len: int, causal: bool, window: int = 0) -> float:
+  """Scores and weighted sum of one attention layer: 2 matmuls of T x S x N x H.
+
+  Causal attention counts half the pairs (the convention of PaLM and
+  MaxText); a sliding window of W positions counts the W x S band instead
+  (what a kernel that skips masked blocks does) once it is narrower.
+  """
+  pairs = q_len * kv_len / 2 if causal else q_len * kv_len
+  if window and window < kv_len:
+    pairs = min(pairs, q_len * window - window * (window - 1) / 2)
+  return 2 * 2 * pairs * c.num_heads * c.head_dim
 
 
 def projection_weights(c: ModelConfig) -> tuple[int, int]:

@@ -1,6 +1,14 @@
-"""GPT: a decoder-only transformer with pre-LayerNorm blocks."""
+"""The decoder-only transformer: GPT-2, Llama, Qwen, Mistral and Gemma from one block.
+
+GPT-2 is the default (LayerNorm, GELU MLP with biases, learned positions, tied
+head). ``ModelConfig``'s decoder options turn the same block into the others:
+RMSNorm (Gemma's ``1 + w`` scale), gated MLPs, per-projection biases, rotary
+positions with scaling, q/k norms, sliding windows on some or all layers
+(with their own rotary base), soft-capped attention and output logits, norms
+after each sublayer (Gemma 2/3) and an embedding scaled by sqrt(D) (Gemma).
+"""
 import math
-from typing import Optional
+from typing import Any, Optional
 
 import flax.linen as nn
 import jax
@@ -8,12 +16,27 @@ import jax.numpy as jnp
 
 from bigmodel.models.config import ModelConfig
 from bigmodel.models.layers import (DECODE, TRAIN, DenseGeneral, KVCache, MultiHeadAttention, Mlp,
-                                    check_mode, constrain, make_embed, make_norm)
+                                    NormSpec, check_mode, constrain, make_embed)
 from bigmodel.models.stack import apply_layer_stack
 
 
+def norm_spec(c: ModelConfig) -> NormSpec:
+  return NormSpec(c.norm, c.layer_norm_epsilon, c.norm_scale_offset)
+
+
+def softcap(x: jax.Array, cap: float) -> jax.Array:
+  """cap * tanh(x / cap): bounds logits smoothly to (-cap, cap); 0 = off."""
+  return cap * jnp.tanh(x / cap) if cap else x
+
+
 class GptBlock(nn.Module):
-  """x + attn(ln(x)), then x + mlp(ln(x)); causal within packed segments.
+  """x + attn(norm(x)), then x + mlp(norm(x)); causal within packed segments.
+
+  With ``post_norms`` each sublayer's output is normed again before the
+  residual add (Gemma 2/3). ``layer_input`` is what differs per layer:
+  ``(local, cache)``, ``local`` a bool scalar (this layer attends within
+  the sliding window) or None (every layer alike), ``cache`` the layer's
+  ``KVCache`` when decoding.
 
   Returns (x, cache) in every ``mode``: cache None in training, the
   attention's ``KVCache`` at prefill, the updated one when decoding (one
@@ -25,16 +48,24 @@ class GptBlock(nn.Module):
 
   @nn.compact
   def __call__(self, x_BxLxD, segment_ids_BxL, positions_BxL, deterministic: bool,
-               cache: Optional[KVCache] = None):
+               layer_input: Optional[tuple[Any, Optional[KVCache]]] = None):
     c = self.config
+    local, cache = layer_input if layer_input is not None else (None, None)
+    if local is None:  # Every layer alike: windowed iff there is a window.
+      local = bool(c.sliding_window)
     # GPT-2: residual projections scaled by 1/sqrt(2 * layers) at init so the
     # residual stream's variance does not grow with depth.
     out_stddev = 0.02 / math.sqrt(2 * c.num_layers)
-    norm = lambda name: make_norm("layernorm", epsilon=c.layer_norm_epsilon,  # pylint: disable=g-long-lambda
-                                  dtype=c.dtype, param_dtype=c.param_dtype, name=name)
+    norm = lambda name: norm_spec(c).make(name, c.dtype, c.param_dtype)  # pylint: disable=g-long-lambda
+    rope = c.position_embedding == "rope"
     attention = MultiHeadAttention(
         num_heads=c.num_heads, head_dim=c.head_dim, num_kv_heads=c.num_kv_heads,
-        rope_theta=c.rope_theta if c.position_embedding == "rope" else None,
+        use_bias=c.attention_qkv_bias, out_bias=c.attention_out_bias,
+        rope=c.rope() if rope else None,
+        local_rope=c.rope(local=True) if rope and c.rope_local_theta else None,
+        window=c.sliding_window, softcap=c.attn_softcap,
+        qk_norm=norm_spec(c) if c.qk_norm else None,
+        score_scale=c.query_pre_attn_scalar ** -0.5 if c.query_pre_attn_scalar else None,
         attention_impl=c.attention_impl, out_init_stddev=out_stddev, mode=self.mode,
         dtype=c.dtype, param_dtype=c.param_dtype, name="attn")
     # Decoding needs no causal or query mask: the cache's later slots are empty.
@@ -42,11 +73,16 @@ class GptBlock(nn.Module):
     h_BxLxD, kv = attention(
         norm("ln_attn")(x_BxLxD), causal=not decoding,
         q_segment_ids_BxT=None if decoding else segment_ids_BxL,
-        kv_segment_ids_BxS=segment_ids_BxL, q_positions_BxT=positions_BxL, cache=cache)
+        kv_segment_ids_BxS=segment_ids_BxL, q_positions_BxT=positions_BxL, cache=cache,
+        local=local)
+    if c.post_norms:
+      h_BxLxD = norm("ln_attn_out")(h_BxLxD)
     x_BxLxD = x_BxLxD + nn.Dropout(c.dropout_rate)(h_BxLxD, deterministic=deterministic)
-    h_BxLxD = Mlp(c.mlp_dim, activation=c.mlp_activation, dropout_rate=c.dropout_rate,
-                  out_init_stddev=out_stddev, dtype=c.dtype, param_dtype=c.param_dtype,
-                  name="mlp")(norm("ln_mlp")(x_BxLxD), deterministic)
+    h_BxLxD = Mlp(c.mlp_dim, activation=c.mlp_activation, gated=c.mlp_gated, use_bias=c.mlp_bias,
+                  dropout_rate=c.dropout_rate, out_init_stddev=out_stddev, dtype=c.dtype,
+                  param_dtype=c.param_dtype, name="mlp")(norm("ln_mlp")(x_BxLxD), deterministic)
+    if c.post_norms:
+      h_BxLxD = norm("ln_mlp_out")(h_BxLxD)
     x_BxLxD = x_BxLxD + nn.Dropout(c.dropout_rate)(h_BxLxD, deterministic=deterministic)
     return constrain(x_BxLxD, ("batch", "length", "act_embed")), kv
 
@@ -77,25 +113,31 @@ class Gpt(nn.Module):
     embed = make_embed(c.vocab_size, c.embed_dim, axes=("vocab", "embed"), dtype=c.dtype,
                        param_dtype=c.param_dtype, name="token_embed")
     x_BxLxD = embed(tokens_BxL)
+    if c.embed_scale:  # Gemma; the factor rounded to the compute dtype, as Gemma does.
+      x_BxLxD = x_BxLxD * jnp.asarray(c.embed_dim ** 0.5, x_BxLxD.dtype)
     if c.position_embedding == "learned":
       x_BxLxD += make_embed(c.max_len, c.embed_dim, axes=(None, "embed"), dtype=c.dtype,
                             param_dtype=c.param_dtype, stddev=0.01,
                             name="position_embed")(positions_BxL)
     x_BxLxD = nn.Dropout(c.dropout_rate)(x_BxLxD, deterministic=deterministic)
     x_BxLxD = constrain(x_BxLxD.astype(c.dtype), ("batch", "length", "act_embed"))
+    local_layers = c.local_layers()
+    # Alternating local and global layers: each scanned layer gets its flag.
+    local_L = jnp.asarray(local_layers) if 0 < local_layers.sum() < c.num_layers else None
+    layer_inputs = None if local_L is None and cache is None else (local_L, cache)
     # Decoding computes no gradients: remat would only cost compile time.
     x_BxLxD, new_cache = apply_layer_stack(
         GptBlock, x_BxLxD, kv_segment_ids_BxS if mode == DECODE else segment_ids_BxL,
-        positions_BxL, deterministic, layer_inputs=cache,
+        positions_BxL, deterministic, layer_inputs=layer_inputs,
         num_layers=c.num_layers, scan=c.scan, remat=c.remat if mode == TRAIN else "none",
         name="blocks", config=c, mode=mode)
-    x_BxLxD = make_norm("layernorm", epsilon=c.layer_norm_epsilon, dtype=c.dtype,
-                        param_dtype=c.param_dtype, name="ln_final")(x_BxLxD)
+    x_BxLxD = norm_spec(c).make("ln_final", c.dtype, c.param_dtype)(x_BxLxD)
     if c.tie_embeddings:
       logits_BxLxV = embed.attend(x_BxLxD)
     else:
       logits_BxLxV = DenseGeneral((c.vocab_size,), ("embed", "vocab"), use_bias=False,
                                   dtype=c.dtype, param_dtype=c.param_dtype,
                                   name="lm_head")(x_BxLxD)
-    logits_BxLxV = constrain(logits_BxLxV.astype(jnp.float32), ("batch", "length", "act_vocab"))
+    logits_BxLxV = softcap(logits_BxLxV.astype(jnp.float32), c.final_softcap)
+    logits_BxLxV = constrain(logits_BxLxV, ("batch", "length", "act_vocab"))
     return logits_BxLxV if mode == TRAIN else (logits_BxLxV, new_cache)

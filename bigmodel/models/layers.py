@@ -1,4 +1,4 @@
-"""Building blocks shared by GPT, BERT and T5: norms, embeddings, MLP, attention.
+"""Building blocks shared by every family: norms, embeddings, MLP, attention.
 
 Every parameter carries logical axis names (``vocab``, ``embed``, ``mlp``,
 ``heads``, ``kv``, ``layers``) and the main activations are constrained with
@@ -7,6 +7,7 @@ mesh axes. Shape letters in names: see ``bigmodel.models`` (B batch, T query
 length, S key length, D model width, F mlp width, N query heads, K kv heads,
 H head dim, V vocabulary, R relative-position buckets).
 """
+import dataclasses
 from typing import Any, Callable, Optional
 
 import flax
@@ -15,6 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from bigmodel.models.attention import dot_product_attention
+from bigmodel.models.rope import RopeSpec, apply_rope
 
 Dtype = Any
 Initializer = Callable[..., jax.Array]
@@ -30,19 +32,58 @@ def constrain(x: jax.Array, axes: tuple) -> jax.Array:
   return nn.with_logical_constraint(x, axes)
 
 
+class RMSNorm(nn.Module):
+  """x / rms(x) * (scale_offset + scale), computed in float32.
+
+  ``scale_offset`` 1 is Gemma's convention (weights stored as ``scale - 1``,
+  initialised to 0); 0 is everyone else's (T5, Llama, Qwen, Mistral).
+  """
+  epsilon: float = 1e-6
+  scale_offset: float = 0.0
+  scale_axis: str = "embed"
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    init = nn.initializers.zeros if self.scale_offset else nn.initializers.ones
+    scale = self.param("scale", logical_init(init, (self.scale_axis,)), (x.shape[-1],),
+                       self.param_dtype)
+    x32 = x.astype(jnp.float32)
+    y = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.epsilon)
+    return (y * (self.scale_offset + scale.astype(jnp.float32))).astype(self.dtype)
+
+
 def make_norm(kind: str, *, epsilon: float, dtype: Dtype, param_dtype: Dtype,
+              scale_offset: float = 0.0, axis: str = "embed",
               name: Optional[str] = None) -> nn.Module:
-  """``layernorm`` (scale and bias, GPT/BERT) or ``rmsnorm`` (scale only, T5)."""
-  scale_init = logical_init(nn.initializers.ones, ("embed",))
+  """``layernorm`` (scale and bias: GPT-2, BERT) or ``rmsnorm`` (scale only: T5,
+  Llama and later; ``scale_offset`` 1 for Gemma) over the last axis, whose
+  logical name is ``axis``."""
+  scale_init = logical_init(nn.initializers.ones, (axis,))
   if kind == "layernorm":
+    if scale_offset:
+      raise ValueError("a scale offset applies to rmsnorm only")
     return nn.LayerNorm(epsilon=epsilon, dtype=dtype, param_dtype=param_dtype,
                         scale_init=scale_init,
-                        bias_init=logical_init(nn.initializers.zeros, ("embed",)),
+                        bias_init=logical_init(nn.initializers.zeros, (axis,)),
                         name=name)
   if kind == "rmsnorm":
-    return nn.RMSNorm(epsilon=epsilon, dtype=dtype, param_dtype=param_dtype,
-                      scale_init=scale_init, name=name)
+    return RMSNorm(epsilon=epsilon, scale_offset=scale_offset, scale_axis=axis, dtype=dtype,
+                   param_dtype=param_dtype, name=name)
   raise ValueError(f"unknown norm {kind!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class NormSpec:
+  """A norm kind with its settings, so modules can build several alike."""
+  kind: str = "layernorm"
+  epsilon: float = 1e-5
+  scale_offset: float = 0.0
+
+  def make(self, name: str, dtype: Dtype, param_dtype: Dtype, axis: str = "embed") -> nn.Module:
+    return make_norm(self.kind, epsilon=self.epsilon, scale_offset=self.scale_offset, axis=axis,
+                     dtype=dtype, param_dtype=param_dtype, name=name)
 
 
 def make_embed(num_embeddings: int, features: int, *, axes: tuple, dtype: Dtype,
@@ -85,30 +126,23 @@ class DenseGeneral(nn.Module):
     return y
 
 
-def apply_rope(x_BxLxNxH: jax.Array, positions_BxL: jax.Array,
-               theta: float) -> jax.Array:
-  """Rotary position embedding (rotate-half convention) in float32."""
-  half = x_BxLxNxH.shape[-1] // 2
-  inv_freq_H2 = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)
-  angle_BxLx1xH2 = (positions_BxL[..., None].astype(jnp.float32) * inv_freq_H2)[:, :, None, :]
-  sin, cos = jnp.sin(angle_BxLx1xH2), jnp.cos(angle_BxLx1xH2)
-  x1, x2 = jnp.split(x_BxLxNxH.astype(jnp.float32), 2, axis=-1)
-  rotated = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
-  return rotated.astype(x_BxLxNxH.dtype)
-
-
 # MLP activations by config name (``model.mlp_activation``). Both GELUs exist
-# because published weights were trained with one or the other: GPT-2 and T5
-# v1.1 use the tanh approximation, BERT the exact (erf) form.
+# because published weights were trained with one or the other: GPT-2, T5
+# v1.1 and Gemma use the tanh approximation, BERT the exact (erf) form. SiLU
+# (swish) gates Llama's, Qwen's and Mistral's SwiGLU.
 ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
     "gelu_tanh": lambda x: jax.nn.gelu(x, approximate=True),
     "gelu_exact": lambda x: jax.nn.gelu(x, approximate=False),
     "relu": jax.nn.relu,
+    "silu": jax.nn.silu,
 }
 
 
 class Mlp(nn.Module):
-  """Position-wise MLP: D -> F -> D, optionally gated (T5 v1.1's gated-GELU)."""
+  """Position-wise MLP: D -> F -> D, optionally gated: act(x wi) * (x wi_linear).
+
+  Gated is T5 v1.1's gated-GELU, Llama's SwiGLU (``silu``), Gemma's GeGLU.
+  """
   hidden_dim: int
   activation: str = "gelu_tanh"  # A name in ACTIVATIONS.
   gated: bool = False
@@ -146,9 +180,33 @@ class KVCache:
 
   def padded(self, num_slots: int) -> "KVCache":
     """The same cache with room for ``num_slots`` keys (zeros after ``index``)."""
-    pad = [(0, 0)] * self.k_BxSxKxH.ndim
-    pad[-3] = (0, num_slots - self.k_BxSxKxH.shape[-3])
-    return KVCache(jnp.pad(self.k_BxSxKxH, pad), jnp.pad(self.v_BxSxKxH, pad), self.index)
+    return KVCache(pad_slots(self.k_BxSxKxH, num_slots), pad_slots(self.v_BxSxKxH, num_slots),
+                   self.index)
+
+  def ring(self, num_slots: int) -> "KVCache":
+    """A ring of ``num_slots`` holding the latest keys: slot ``a % num_slots``
+    holds key ``a`` (``index`` keys so far). A sliding-window model decodes
+    with a ring as long as its window; decoding writes at ``index % slots``."""
+    return KVCache(ring_slots(self.k_BxSxKxH, num_slots), ring_slots(self.v_BxSxKxH, num_slots),
+                   self.index)
+
+
+def pad_slots(x: jax.Array, num_slots: int) -> jax.Array:
+  """Zeros appended along the slot axis (-3 of keys, -1 of slot ids) up to ``num_slots``."""
+  axis = -3 if x.ndim >= 4 else -1
+  pad = [(0, 0)] * x.ndim
+  pad[axis] = (0, num_slots - x.shape[axis])
+  return jnp.pad(x, pad)
+
+
+def ring_slots(x: jax.Array, num_slots: int) -> jax.Array:
+  """The last ``num_slots`` of ``x``'s slots, as a ring: slot ``a`` at ``a % num_slots``."""
+  axis = -3 if x.ndim >= 4 else -1
+  filled = x.shape[axis]
+  if filled <= num_slots:
+    return pad_slots(x, num_slots)
+  latest = jax.lax.slice_in_dim(x, filled - num_slots, filled, axis=axis % x.ndim)
+  return jnp.roll(latest, (filled - num_slots) % num_slots, axis=axis)
 
 
 # Model modes (MaxText's "model modes"): what a forward pass is for. Every
@@ -167,7 +225,7 @@ def check_mode(mode: str) -> str:
 
 
 class MultiHeadAttention(nn.Module):
-  """Self- or cross-attention with optional rotary positions and bias.
+  """Self- or cross-attention with optional rotary positions, bias, window, soft-cap.
 
   Dropout applies to the output, not the attention probabilities, so fused
   kernels (which never materialise the probabilities) stay exact.
@@ -185,14 +243,23 @@ class MultiHeadAttention(nn.Module):
     slots after the new keys are empty, hence masked.
   - ``DECODE``, ``cross``: attend to ``cache``'s precomputed keys/values
     (``kv_BxSxD`` is not used) and return it unchanged.
+
+  A layer is *local* (the ``local`` call argument: a Python bool, or a traced
+  bool scalar when scanned layers alternate, as Gemma's do) when it attends
+  within ``window`` only and rotates by ``local_rope``.
   """
   num_heads: int
   head_dim: int
   num_kv_heads: Optional[int] = None  # None = num_heads; fewer = grouped-query.
-  use_bias: bool = True
-  rope_theta: Optional[float] = None  # None = no rotary positions.
+  use_bias: bool = True               # On the q, k and v projections ...
+  out_bias: Optional[bool] = None     # ... and on the output (None = use_bias).
+  rope: Optional[RopeSpec] = None     # None = no rotary positions.
+  local_rope: Optional[RopeSpec] = None  # Local layers' rotary embedding (None = rope).
+  window: int = 0                     # Local layers' sliding window (0 = none).
+  softcap: float = 0.0                # Attention-logit soft-cap (0 = none; Gemma 2).
+  qk_norm: Optional[NormSpec] = None  # Per-head norm of q and k (Qwen3, Gemma 3).
   # None = the usual 1/sqrt(head_dim) score scale; T5 uses 1 (the scale is
-  # folded into its initialisation).
+  # folded into its initialisation), Gemma query_pre_attn_scalar^-0.5.
   score_scale: Optional[float] = None
   query_init_stddev: float = 0.02
   attention_impl: str = "auto"
@@ -215,6 +282,7 @@ class MultiHeadAttention(nn.Module):
       kv_positions_BxS: Optional[jax.Array] = None,
       bias_BxNxTxS: Optional[jax.Array] = None,
       cache: Optional[KVCache] = None,
+      local: Any = True,
   ) -> tuple[jax.Array, Optional[KVCache]]:
     """Returns ([B, T, D], cache); ``kv_BxSxD`` None means self-attention."""
     decoding = check_mode(self.mode) == DECODE
@@ -229,22 +297,29 @@ class MultiHeadAttention(nn.Module):
                           use_bias=self.use_bias, stddev=stddev, dtype=self.dtype,
                           param_dtype=self.param_dtype, name=name)(x)
 
-    q_BxTxNxH = project(x_BxTxD, self.num_heads, "query", self.query_init_stddev)
-    if self.score_scale is not None:
-      # The attention functions scale scores by 1/sqrt(H); undo that here.
-      q_BxTxNxH = q_BxTxNxH * jnp.asarray(self.score_scale * self.head_dim ** 0.5,
-                                          q_BxTxNxH.dtype)
+    def norm(x, name):
+      if self.qk_norm is None:
+        return x
+      return self.qk_norm.make(name, self.dtype, self.param_dtype, axis="kv")(x)
+
+    q_BxTxNxH = norm(project(x_BxTxD, self.num_heads, "query", self.query_init_stddev),
+                     "query_norm")
     head_axes = ("batch", "length", "act_heads", "act_kv")
     fixed_kv = decoding and self.cross  # The encoder's keys, cached at prefill.
     if fixed_kv:
       k_BxSxKxH, v_BxSxKxH = cache.k_BxSxKxH, cache.v_BxSxKxH
     else:
-      k_BxSxKxH = project(kv_BxSxD, kv_heads, "key")
+      k_BxSxKxH = norm(project(kv_BxSxD, kv_heads, "key"), "key_norm")
       v_BxSxKxH = project(kv_BxSxD, kv_heads, "value")
-    if self.rope_theta is not None:
-      q_BxTxNxH = apply_rope(q_BxTxNxH, q_positions_BxT, self.rope_theta)
+    if self.rope is not None:
+      inv_freq_H2, factor = self._rope_frequencies(local)
+      q_BxTxNxH = apply_rope(q_BxTxNxH, q_positions_BxT, inv_freq_H2, factor)
       if not fixed_kv:
-        k_BxSxKxH = apply_rope(k_BxSxKxH, kv_positions_BxS, self.rope_theta)
+        k_BxSxKxH = apply_rope(k_BxSxKxH, kv_positions_BxS, inv_freq_H2, factor)
+    if self.score_scale is not None:
+      # The attention functions scale scores by 1/sqrt(H); undo that here.
+      q_BxTxNxH = q_BxTxNxH * jnp.asarray(self.score_scale * self.head_dim ** 0.5,
+                                          q_BxTxNxH.dtype)
     q_BxTxNxH = constrain(q_BxTxNxH, head_axes)
     k_BxSxKxH = constrain(k_BxSxKxH, head_axes)
     v_BxSxKxH = constrain(v_BxSxKxH, head_axes)
@@ -256,24 +331,64 @@ class MultiHeadAttention(nn.Module):
     elif decoding:
       # Write the new keys at the cache's index; the cache keeps the
       # activations' sharding (batch over data x fsdp, heads over tensor).
+      # A cache shorter than the sequence is a ring (a windowed model's:
+      # ``KVCache.ring``): slot index % S, attention is order-free.
+      slot = cache.index % cache.k_BxSxKxH.shape[1]
       write = lambda buf, new: constrain(jax.lax.dynamic_update_slice_in_dim(  # pylint: disable=g-long-lambda
-          buf, new.astype(buf.dtype), cache.index, axis=1), head_axes)
+          buf, new.astype(buf.dtype), slot, axis=1), head_axes)
       new_cache = KVCache(write(cache.k_BxSxKxH, k_BxSxKxH), write(cache.v_BxSxKxH, v_BxSxKxH),
                           cache.index + k_BxSxKxH.shape[1])
       k_BxSxKxH, v_BxSxKxH = new_cache.k_BxSxKxH, new_cache.v_BxSxKxH
-    # A few query rows against the cache: fused kernels gain nothing (and
-    # want block-sized lengths), the plain einsum is the fast path.
-    impl = "xla" if decoding else self.attention_impl
-    out_BxTxNxH = dot_product_attention(
-        q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, impl=impl, causal=causal,
-        q_segment_ids_BxT=q_segment_ids_BxT, kv_segment_ids_BxS=kv_segment_ids_BxS,
-        bias_BxNxTxS=bias_BxNxTxS)
+      if self.window and k_BxSxKxH.shape[1] > self.window:  # A ring holds the window only.
+        kv_segment_ids_BxS = self._decode_window(kv_segment_ids_BxS, cache.index,
+                                                 x_BxTxD.shape[1], local)
+
+    def attend(window: int) -> jax.Array:
+      # A few query rows against the cache: fused kernels gain nothing (and
+      # want block-sized lengths), the plain einsum is the fast path.
+      return dot_product_attention(
+          q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, impl="xla" if decoding else self.attention_impl,
+          causal=causal, window=window, softcap=self.softcap,
+          q_segment_ids_BxT=q_segment_ids_BxT, kv_segment_ids_BxS=kv_segment_ids_BxS,
+          bias_BxNxTxS=bias_BxNxTxS)
+
+    if not self.window or decoding:  # Decoding masks the window in the slot ids.
+      out_BxTxNxH = attend(0)
+    elif isinstance(local, bool):
+      out_BxTxNxH = attend(self.window if local else 0)
+    else:  # Kernels take static windows: pick one of two at run time.
+      out_BxTxNxH = jax.lax.cond(local, lambda: attend(self.window), lambda: attend(0))
     out_BxTxNxH = constrain(out_BxTxNxH, head_axes)
+    out_bias = self.use_bias if self.out_bias is None else self.out_bias
     out_BxTxD = DenseGeneral((x_BxTxD.shape[-1],), ("heads", "kv", "embed"), axis=(-2, -1),
-                             use_bias=self.use_bias, stddev=self.out_init_stddev,
+                             use_bias=out_bias, stddev=self.out_init_stddev,
                              dtype=self.dtype, param_dtype=self.param_dtype,
                              name="out")(out_BxTxNxH)
     return out_BxTxD, new_cache
+
+  def _rope_frequencies(self, local: Any) -> tuple[Any, Any]:
+    """(inverse frequencies [H/2], cos/sin factor) of a global or local layer."""
+    global_freq = self.rope.frequencies(self.head_dim)
+    if self.local_rope is None:
+      return global_freq
+    local_freq = self.local_rope.frequencies(self.head_dim)
+    if isinstance(local, bool):
+      return local_freq if local else global_freq
+    return (jnp.where(local, local_freq[0], global_freq[0]),
+            jnp.where(local, local_freq[1], global_freq[1]))
+
+  def _decode_window(self, kv_segment_ids_BxS: jax.Array, first_new_slot: jax.Array,
+                     num_new: int, local: Any) -> jax.Array:
+    """Slot ids with keys outside a local layer's window marked empty (0).
+
+    Prompts are left-padded, so a row's tokens fill consecutive slots and
+    slot distance is position distance.
+    """
+    if num_new != 1:
+      raise ValueError("decoding a windowed layer takes one token per step")
+    slots_S = jnp.arange(kv_segment_ids_BxS.shape[1])
+    outside_S = (first_new_slot - slots_S >= self.window) & local
+    return jnp.where(outside_S[None, :], 0, kv_segment_ids_BxS)
 
 
 class RelativePositionBias(nn.Module):

@@ -1,8 +1,9 @@
 """T5 (v1.1 conventions): an encoder-decoder with relative position bias.
 
-RMSNorm without bias, pre-norm blocks, gated-GELU MLP, no biases in dense
-layers, unscaled attention scores (the scale is folded into the query
-initialisation), a shared input embedding and an untied output projection.
+RMSNorm without bias, pre-norm blocks, a gated-GELU MLP (``t5_mlp_gated=False``:
+original T5's ungated one), no biases in dense layers, unscaled attention
+scores (the scale is folded into the query initialisation), a shared input
+embedding and an untied output projection.
 """
 from typing import Optional
 
@@ -32,7 +33,7 @@ def _attention(c: ModelConfig, name: str, mode: str = TRAIN,
 
 
 def _mlp(c: ModelConfig) -> Mlp:
-  return Mlp(c.mlp_dim, activation=c.mlp_activation, gated=True, use_bias=False,
+  return Mlp(c.mlp_dim, activation=c.mlp_activation, gated=c.t5_mlp_gated, use_bias=False,
              dropout_rate=c.dropout_rate, dtype=c.dtype, param_dtype=c.param_dtype, name="mlp")
 
 
