@@ -28,7 +28,8 @@ import numpy as np
 
 from bigmodel.models import families
 from bigmodel.models.config import ModelConfig
-from bigmodel.models.families import score_flops as _score_flops
+from bigmodel.models.family import mlp_matrices
+from bigmodel.models.family import score_flops as _score_flops
 
 # Dense bf16 peak TFLOP/s per chip, from vendor datasheets.
 KNOWN_PEAK_TFLOPS = {
@@ -50,11 +51,6 @@ def matmul_params_per_layer(c: ModelConfig) -> int:
   kv_heads = c.num_kv_heads or c.num_heads
   attn = c.embed_dim * c.head_dim * (2 * c.num_heads + 2 * kv_heads)  # q, out, k, v
   return attn + mlp_matrices(c) * c.embed_dim * c.mlp_dim
-
-
-def mlp_matrices(c: ModelConfig) -> int:
-  """D x F matrices of one MLP: wi and wo, plus wi_linear when gated."""
-  return 3 if c.mlp_gated else 2
 
 
 def forward_flops_per_token(c: ModelConfig, seq_len: int,

@@ -23,8 +23,8 @@ import jax.numpy as jnp
 from bigmodel.errors import UserError
 from bigmodel.models.bert import Bert
 from bigmodel.models.decoding import DecodeState, fill_slot
-from bigmodel.models.family import (Family, apply_kwargs, projection_weights, token_spec,
-                                    weights_spec, score_flops)
+from bigmodel.models.family import (Family, apply_kwargs, mlp_matrices, projection_weights,
+                                    score_flops, token_spec, weights_spec)
 from bigmodel.models.gpt import Gpt
 from bigmodel.models.layers import DECODE, PREFILL, pad_slots, ring_slots
 from bigmodel.models.t5 import T5
@@ -76,7 +76,7 @@ class GptFamily(Family):
   def forward_flops(self, c, lengths):
     # Gated MLPs have three D x F matrices; local layers count their window.
     length, (qo_weights, kv_weights) = lengths["inputs"], projection_weights(c)
-    mlp_weights = (3 if c.mlp_gated else 2) * c.embed_dim * c.mlp_dim
+    mlp_weights = mlp_matrices(c) * c.embed_dim * c.mlp_dim
     layers = sum(length * 2 * (qo_weights + kv_weights + mlp_weights)
                  + score_flops(c, length, length, causal=True, window=c.sliding_window * local)
                  for local in c.local_layers())

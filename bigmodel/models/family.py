@@ -35,6 +35,11 @@ def projection_weights(c: ModelConfig) -> tuple[int, int]:
   return 2 * c.embed_dim * c.num_heads * c.head_dim, 2 * c.embed_dim * kv_heads * c.head_dim
 
 
+def mlp_matrices(c: ModelConfig) -> int:
+  """D x F matrices of one decoder MLP: wi and wo, plus wi_linear when gated."""
+  return 3 if c.mlp_gated else 2
+
+
 def apply_kwargs(rng: Optional[jax.Array]) -> dict[str, Any]:
   """Dropout is on when ``rng`` is given."""
   return dict(deterministic=rng is None, rngs={"dropout": rng} if rng is not None else None)
