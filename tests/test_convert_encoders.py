@@ -93,9 +93,21 @@ def test_a_headless_bert_matches_the_reference_hidden_states(imported):
 def test_a_classifying_bert_matches_the_reference_logits(imported):
   workdir, summary = imported["bert_classify"]
   assert summary["unused"] == [] and summary["fresh"] == []
-  assert load(workdir)[1]["model"]["num_classes"] == 3
+  config = load(workdir)[1]
+  assert config["model"]["num_classes"] == 3
+  # Fine-tuning or evaluating it reads labels by the indices the model learnt.
+  assert config["data"]["task"] == "classify"
+  assert config["data"]["labels"] == "negative,neutral,positive"
   assert_close(np.asarray(logits(workdir, reference("bert_classify"))),
                reference("bert_classify")["logits"], "bert_classify")
+
+
+def test_placeholder_label_names_leave_the_labels_to_the_data(tmp_path):
+  placeholders = {str(i): f"LABEL_{i}" for i in range(3)}
+  import_hf(_edited(tmp_path, "bert_classify", {"id2label": placeholders}), None,
+            str(tmp_path / "workdir"))
+  config = json.load(open(tmp_path / "workdir" / "config.json"))
+  assert (config["data"]["task"], config["data"]["labels"]) == ("classify", "")
 
 
 def test_a_prefixed_headless_bert_imports_the_same(imported, tmp_path):
@@ -193,6 +205,8 @@ def _edited(tmp_path, name, config_update=None, drop=None):
 @pytest.mark.parametrize("name,config_update,drop,message", [
     ("bert_classify", {"id2label": {"0": "no", "1": "yes"}, "label2id": {"no": 0, "yes": 1}},
      None, r"^tensor classifier\.weight has shape \(3, 32\) but config\.json implies \(2, 32\)$"),
+    ("bert_classify", {"id2label": {"0": "a", "1": "a", "2": "b"}}, None,
+     r"expected 3 distinct label names without commas"),
     ("bert_classify", {"problem_type": "multi_label_classification"}, None,
      r"problem_type='multi_label_classification' is not supported"),
     ("bert_classify", {"id2label": {"0": "score"}, "label2id": {"score": 0}}, None,
@@ -207,7 +221,7 @@ def _edited(tmp_path, name, config_update=None, drop=None):
     # A v1.1 (gated) checkpoint whose config says original T5's "relu".
     ("t5", {"feed_forward_proj": "relu"}, None,
      r"^tensor encoder\.block\.0\.layer\.1\.DenseReluDense\.wi\.weight is missing from "),
-], ids=["classifier_shape", "multi_label", "regression", "token_classification", "causal",
+], ids=["classifier_shape", "duplicate_label_names", "multi_label", "regression", "token_classification", "causal",
         "mlm_head_part_missing", "t5_gated_tensors_relu_config"])
 def test_bad_input_is_refused_by_name(name, config_update, drop, message, tmp_path):
   with pytest.raises(UserError, match=message):

@@ -65,7 +65,26 @@ def hf_config_to_config(hf: dict[str, Any], family: str) -> ml_collections.Confi
   config.model.update(name_map.model_config(hf))
   if config.model.position_embedding != "relative":  # Training sequences fit the context.
     config.data.seq_len = min(config.data.seq_len, config.model.max_len)
+  if config.model.get("num_classes"):  # A classifier: its task, and what its classes mean.
+    config.data.update(task="classify", labels=_label_names(hf, config.model.num_classes))
   return config
+
+
+def _label_names(hf: dict[str, Any], num_classes: int) -> str:
+  """``data.labels`` of a classifier: ``id2label``'s names in class order, so a
+  dataset's labels keep the indices the model learnt; "" (the labels found in
+  the data, sorted) for transformers' placeholder names ``LABEL_i``."""
+  id2label = hf.get("id2label") or {}
+  try:
+    names = [str(id2label[key]) for key in sorted(id2label, key=int)]
+  except (TypeError, ValueError) as e:
+    raise UserError(f"config.json id2label={id2label!r} is not keyed by class index") from e
+  if names == [f"LABEL_{i}" for i in range(num_classes)] or not names:
+    return ""
+  if len(names) != num_classes or any("," in n for n in names) or len(set(names)) < len(names):
+    raise UserError(f"config.json id2label={id2label!r}: expected {num_classes} distinct "
+                    "label names without commas")
+  return ",".join(names)
 
 
 def _check_tied(reader: TensorReader, tied: tuple[tuple[str, str], ...],
