@@ -86,9 +86,19 @@ def state_digests(saveable_state: Any) -> dict[str, list[int]]:
   hold two more copies of the state at once.
   """
   flat = jax.tree_util.tree_flatten_with_path(saveable_state)[0]
-  return {jax.tree_util.keystr(path):
-          [int(v) for v in np.asarray(_jit_leaf_digest(x).addressable_data(0))]
-          for path, x in flat}
+  digests = [(path, _jit_leaf_digest(x)) for path, x in flat]  # All dispatched, then read.
+  return {jax.tree_util.keystr(path): [int(v) for v in np.asarray(d.addressable_data(0))]
+          for path, d in digests}
+
+
+def _check_digests(saved: dict[str, list[int]], actual: dict[str, list[int]],
+                   whole_tree: bool) -> None:
+  """ValueError if an array's digest is not the saved one (``whole_tree``: and
+  the saved digests name exactly these arrays)."""
+  changed = sorted(k for k in actual if saved.get(k) != actual[k])
+  if changed or (whole_tree and set(saved) != set(actual)):
+    raise ValueError(f"the arrays {', '.join(changed) or '(tree)'} do not match the "
+                     "digests saved with them: the checkpoint is corrupt")
 
 
 def _state_nbytes(state: Any) -> int:
@@ -109,6 +119,11 @@ def _from_saveable(state: Any) -> Any:
   return state.replace(rng=jax.random.wrap_key_data(state.rng))
 
 
+def _params_only(directory: str, step: int) -> bool:
+  """Whether checkpoint ``step`` in ``directory`` is parameters-only (``save_params``)."""
+  return os.path.isdir(os.path.join(directory, str(step), "params_only"))
+
+
 def check_resumable(directory: str, step: Optional[int] = None) -> None:
   """UserError if checkpoint ``step`` (default: the newest) in ``directory`` is
   parameters-only: training cannot resume from it. Reads no array."""
@@ -118,7 +133,7 @@ def check_resumable(directory: str, step: Optional[int] = None) -> None:
     if not steps:
       return
     step = max(steps)
-  if os.path.isdir(os.path.join(directory, str(step), "params_only")):
+  if _params_only(directory, step):
     raise UserError(
         f"the checkpoint at step {step} in {directory} holds parameters only (a converted "
         "model: no optimizer state or data position to resume); train from it in a new "
@@ -141,7 +156,7 @@ class Checkpointer:
 
   def __init__(self, directory: str, unusable_directory: str, *, keep: int,
                keep_best: bool = False, async_save: bool = True, read_only: bool = False,
-               save_concurrent_gb: Optional[int] = None):
+               save_concurrent_gb: Optional[float] = None):
     if keep < 1:  # LatestN(0) would delete every checkpoint, the newest included.
       raise UserError(f"checkpoint.keep={keep} must be >= 1")
     self.directory = os.path.abspath(directory)
@@ -251,11 +266,7 @@ class Checkpointer:
       items["digests"] = ocp.args.JsonRestore()
     restored = self._manager.restore(step, args=ocp.args.Composite(**items))
     if has_digests:
-      saved, actual = restored["digests"], state_digests(restored["state"])
-      changed = sorted(k for k in actual if saved.get(k) != actual[k])
-      if changed or set(saved) != set(actual):
-        raise ValueError(f"the arrays {', '.join(changed) or '(tree)'} do not match the "
-                         "digests saved with them: the checkpoint is corrupt")
+      _check_digests(restored["digests"], state_digests(restored["state"]), whole_tree=True)
     return _from_saveable(restored["state"]), restored["data"]
 
   def save_params(self, step: int, params: Any, config: ml_collections.ConfigDict) -> None:
@@ -275,9 +286,6 @@ class Checkpointer:
               params_only=ocp.args.JsonSave({"params_only": True})), force=True)
     except Exception as e:  # pylint: disable=broad-except
       self._write_failed(step, e)
-
-  def is_params_only(self, step: int) -> bool:
-    return os.path.isdir(os.path.join(self.directory, str(step), "params_only"))
 
   def restore_params(self, step: int, abstract_params: Any) -> Any:
     """The parameters of checkpoint ``step`` (full or parameters-only), onto
@@ -299,14 +307,10 @@ class Checkpointer:
     if has_digests:
       # A full checkpoint names its leaves .params[...] (a TrainState), a
       # parameters-only one ['params'][...] (a dict).
-      prefix = "['params']" if self.is_params_only(step) else ".params"
+      prefix = "['params']" if _params_only(self.directory, step) else ".params"
       actual = {prefix + k[len("['params']"):]: v
                 for k, v in state_digests({"params": params}).items()}
-      saved = restored["digests"]
-      changed = sorted(k for k in actual if saved.get(k) != actual[k])
-      if changed:
-        raise ValueError(f"the arrays {', '.join(changed)} do not match the digests saved "
-                         "with them: the checkpoint is corrupt")
+      _check_digests(restored["digests"], actual, whole_tree=False)
     return params
 
   def restore_config(self, step: int) -> dict[str, Any]:

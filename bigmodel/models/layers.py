@@ -180,31 +180,30 @@ class KVCache:
 
   def padded(self, num_slots: int) -> "KVCache":
     """The same cache with room for ``num_slots`` keys (zeros after ``index``)."""
-    return KVCache(pad_slots(self.k_BxSxKxH, num_slots), pad_slots(self.v_BxSxKxH, num_slots),
-                   self.index)
+    return KVCache(pad_slots(self.k_BxSxKxH, num_slots, axis=-3),
+                   pad_slots(self.v_BxSxKxH, num_slots, axis=-3), self.index)
 
   def ring(self, num_slots: int) -> "KVCache":
     """A ring of ``num_slots`` holding the latest keys: slot ``a % num_slots``
     holds key ``a`` (``index`` keys so far). A sliding-window model decodes
     with a ring as long as its window; decoding writes at ``index % slots``."""
-    return KVCache(ring_slots(self.k_BxSxKxH, num_slots), ring_slots(self.v_BxSxKxH, num_slots),
-                   self.index)
+    return KVCache(ring_slots(self.k_BxSxKxH, num_slots, axis=-3),
+                   ring_slots(self.v_BxSxKxH, num_slots, axis=-3), self.index)
 
 
-def pad_slots(x: jax.Array, num_slots: int) -> jax.Array:
-  """Zeros appended along the slot axis (-3 of keys, -1 of slot ids) up to ``num_slots``."""
-  axis = -3 if x.ndim >= 4 else -1
+def pad_slots(x: jax.Array, num_slots: int, axis: int = -1) -> jax.Array:
+  """Zeros appended along the slot ``axis`` (-3 of keys, -1 of slot ids) up to ``num_slots``."""
   pad = [(0, 0)] * x.ndim
   pad[axis] = (0, num_slots - x.shape[axis])
   return jnp.pad(x, pad)
 
 
-def ring_slots(x: jax.Array, num_slots: int) -> jax.Array:
-  """The last ``num_slots`` of ``x``'s slots, as a ring: slot ``a`` at ``a % num_slots``."""
-  axis = -3 if x.ndim >= 4 else -1
+def ring_slots(x: jax.Array, num_slots: int, axis: int = -1) -> jax.Array:
+  """The last ``num_slots`` of ``x``'s slots along ``axis``, as a ring: slot
+  ``a`` at ``a % num_slots``."""
   filled = x.shape[axis]
   if filled <= num_slots:
-    return pad_slots(x, num_slots)
+    return pad_slots(x, num_slots, axis)
   latest = jax.lax.slice_in_dim(x, filled - num_slots, filled, axis=axis % x.ndim)
   return jnp.roll(latest, (filled - num_slots) % num_slots, axis=axis)
 
