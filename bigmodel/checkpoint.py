@@ -86,9 +86,11 @@ def state_digests(saveable_state: Any) -> dict[str, list[int]]:
   hold two more copies of the state at once.
   """
   flat = jax.tree_util.tree_flatten_with_path(saveable_state)[0]
-  digests = [(path, _jit_leaf_digest(x)) for path, x in flat]  # All dispatched, then read.
-  return {jax.tree_util.keystr(path): [int(v) for v in np.asarray(d.addressable_data(0))]
-          for path, d in digests}
+  # Each read before the next dispatch: several processes' digests are
+  # collectives, and dispatching them all first aborted a 2-process save (gloo).
+  return {jax.tree_util.keystr(path):
+          [int(v) for v in np.asarray(_jit_leaf_digest(x).addressable_data(0))]
+          for path, x in flat}
 
 
 def _check_digests(saved: dict[str, list[int]], actual: dict[str, list[int]],
