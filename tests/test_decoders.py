@@ -4,6 +4,8 @@ Hugging Face parity of whole models is in ``tests/test_convert_decoders.py``;
 here: rotary scaling against transformers' formulas, sliding windows, local
 and global layers scanned and unrolled, the presets' published sizes.
 """
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -177,30 +179,42 @@ def test_decoder_options_do_not_apply_to_other_families():
     validate(config)
 
 
-@pytest.mark.parametrize("arch,prompt_len", [("gemma", 6), ("mistral", 6), ("mistral", 13)])
-def test_cached_decoding_logits_equal_the_full_forward(arch, prompt_len):
+@pytest.mark.parametrize("arch,prompt_len,overrides", [
+    ("gemma", 6, {}), ("gemma", 13, dict(num_layers=5, sliding_window_pattern=2)),
+    ("gemma", 3, dict(num_layers=5, sliding_window_pattern=3, scan=False)),
+    ("mistral", 6, {}), ("mistral", 13, {})])
+def test_cached_decoding_logits_equal_the_full_forward(arch, prompt_len, overrides):
   """Prefill a prompt, then feed the rest one token at a time: each step's
   logits are the full forward pass's at that position, past the window.
-  Mistral (every layer local) keeps a ring of `window` slots, filled from a
-  prompt shorter or longer than the window; Gemma (local and global layers)
-  keeps every slot and masks local layers to the window."""
+  Local layers keep a ring of `window` slots, filled from a prompt shorter
+  or longer than the window: every layer of Mistral; Gemma's local layers
+  (scanned in groups of the pattern, then the leftover local layers; or
+  unrolled), while its global layers keep every slot."""
   from bigmodel.models import families  # pylint: disable=g-import-not-at-top
-  config = tiny_config(arch)
-  window = config.model.sliding_window
+  from bigmodel.models.decoding import LocalGlobalCache  # pylint: disable=g-import-not-at-top
+  config = tiny_config(arch, **overrides)
+  window, length = config.model.sliding_window, 24
   model, params = _init(config)
   family = families.family_of(model)
-  tokens = jax.random.randint(jax.random.key(5), (1, 24), 3, 128)
+  tokens = jax.random.randint(jax.random.key(5), (1, length), 3, 128)
   want = model.apply({"params": params}, tokens)
-  num_new = 24 - prompt_len
   logits, state = family.prefill(model, params, tokens[:, :prompt_len],
-                                 jnp.asarray([prompt_len]), num_new, 0)
-  slots = window if arch == "mistral" else 24
-  assert state.self_cache.k_BxSxKxH.shape[2] == slots == state.kv_segment_ids_BxS.shape[1]
-  got = [logits]
-  for i in range(prompt_len, 23):
-    logits, state = family.step(model, params, tokens[:, i], state)
+                                 jnp.asarray([prompt_len]), length - prompt_len, 0)
+  cache = state.self_cache
+  assert state.kv_segment_ids_BxS.shape[1] == length
+  if arch == "mistral":
+    assert cache.k_BxSxKxH.shape[:3] == (config.model.num_layers, 1, window)
+  else:
+    num_local = int(model.config.local_layers().sum())
+    assert isinstance(cache, LocalGlobalCache) and 0 < num_local < config.model.num_layers
+    assert cache.local.k_BxSxKxH.shape[:3] == (num_local, 1, window)
+    assert cache.full.k_BxSxKxH.shape[:3] == (config.model.num_layers - num_local, 1, length)
+  got, step = [logits], jax.jit(functools.partial(family.step, model))
+  for i in range(prompt_len, length - 1):
+    logits, state = step(params, tokens[:, i], state)
     got.append(logits)
-  np.testing.assert_allclose(np.stack(got, axis=1), want[:, prompt_len - 1:23], atol=1e-4)
+  np.testing.assert_allclose(np.stack(got, axis=1), want[:, prompt_len - 1:length - 1],
+                             atol=1e-4)
 
 
 def test_gemma_layers_on_the_pallas_kernel_equal_xla():

@@ -38,8 +38,8 @@ def oracle(family: str) -> list[list[int]]:
     ("gpt", {}),
     ("gpt", dict(position_embedding="rope", num_kv_heads=2, scan=False)),
     ("t5", {}),
-    # Windows narrower than prompt + new tokens: local layers' caches are
-    # masked to the window, global ones not; Gemma's alternate in one scan.
+    # Windows narrower than prompt + new tokens: local layers keep rings of
+    # the window's keys, Gemma's global layers every key.
     ("gemma", {}),
     ("mistral", dict(scan=False)),
     ("llama", {}),
@@ -59,7 +59,7 @@ def test_cached_greedy_equals_full_forward_and_batching_changes_nothing(family, 
   assert len({tuple(c) for c in cached}) == len(PROMPTS)
 
 
-@pytest.mark.parametrize("family", ["gpt", "t5"])
+@pytest.mark.parametrize("family", ["gpt", "t5", "gemma"])
 def test_beam_search_batched_equals_alone(family):
   generator = shared_generator(family)
   beam = dict(max_new_tokens=8, num_beams=4, length_penalty=0.0, stop_at_eos=False)

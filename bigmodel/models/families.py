@@ -22,11 +22,11 @@ import jax.numpy as jnp
 
 from bigmodel.errors import UserError
 from bigmodel.models.bert import Bert
-from bigmodel.models.decoding import DecodeState, fill_slot
+from bigmodel.models.decoding import DecodeState, LocalGlobalCache, fill_slot
 from bigmodel.models.family import (Family, apply_kwargs, mlp_matrices, projection_weights,
                                     score_flops, token_spec, weights_spec)
 from bigmodel.models.gpt import Gpt
-from bigmodel.models.layers import DECODE, PREFILL, pad_slots, ring_slots
+from bigmodel.models.layers import DECODE, PREFILL, pad_slots
 from bigmodel.models.t5 import T5
 
 
@@ -95,15 +95,17 @@ class GptFamily(Family):
     logits_BxPxV, cache = model.apply(
         {"params": params}, tokens_BxP, segment_ids_BxL=segment_ids_BxP,
         positions_BxL=positions_BxP, mode=PREFILL)
-    slots = prompt_len + num_new
-    c = model.config
-    if c.local_layers().all() and c.sliding_window < slots:
-      # Every layer sees the last `window` keys only (Mistral): keep just those.
-      cache, segment_ids_BxS = cache.ring(c.sliding_window), ring_slots(
-          segment_ids_BxP, c.sliding_window)
-    else:
-      cache, segment_ids_BxS = cache.padded(slots), pad_slots(segment_ids_BxP, slots)
-    state = DecodeState(cache=cache, kv_segment_ids_BxS=segment_ids_BxS,
+    slots, c = prompt_len + num_new, model.config
+    local_L = c.local_layers()
+    # A local layer sees the last `window` keys only: it keeps just those, in
+    # a ring. The slot ids cover all keys; a ring views them.
+    if not local_L.any() or c.sliding_window >= slots:
+      cache = cache.padded(slots)
+    elif local_L.all():  # Mistral.
+      cache = cache.ring(c.sliding_window)
+    else:  # Gemma.
+      cache = LocalGlobalCache.split(cache, local_L, c.sliding_window, slots)
+    state = DecodeState(cache=cache, kv_segment_ids_BxS=pad_slots(segment_ids_BxP, slots),
                         positions_B=lengths_B.astype(jnp.int32))
     return logits_BxPxV[:, -1], state
 

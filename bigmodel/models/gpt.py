@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from bigmodel.models.config import ModelConfig
+from bigmodel.models.decoding import LocalGlobalCache
 from bigmodel.models.layers import (DECODE, TRAIN, DenseGeneral, KVCache, MultiHeadAttention, Mlp,
                                     NormSpec, check_mode, constrain, make_embed)
 from bigmodel.models.stack import apply_layer_stack
@@ -92,9 +93,10 @@ class Gpt(nn.Module):
 
   Decoding (``bigmodel.models.decoding``): ``mode=PREFILL`` returns (logits,
   the stacked per-layer ``KVCache`` of the tokens, leaves [layers, B, L, K,
-  H]); ``mode=DECODE`` runs one step (L = 1) against ``cache``, with
-  ``kv_segment_ids_BxS`` marking its filled slots (this step's included),
-  and returns (logits, updated cache).
+  H]); ``mode=DECODE`` runs one step (L = 1) against ``cache`` (that
+  stack, or a ``LocalGlobalCache`` when local and global layers alternate),
+  with ``kv_segment_ids_BxS`` marking the filled slots of all S keys (this
+  step's included), and returns (logits, updated cache).
   """
   config: ModelConfig
 
@@ -121,16 +123,20 @@ class Gpt(nn.Module):
                             name="position_embed")(positions_BxL)
     x_BxLxD = nn.Dropout(c.dropout_rate)(x_BxLxD, deterministic=deterministic)
     x_BxLxD = constrain(x_BxLxD.astype(c.dtype), ("batch", "length", "act_embed"))
-    local_layers = c.local_layers()
-    # Alternating local and global layers: each scanned layer gets its flag.
-    local_L = jnp.asarray(local_layers) if 0 < local_layers.sum() < c.num_layers else None
-    layer_inputs = None if local_L is None and cache is None else (local_L, cache)
-    # Decoding computes no gradients: remat would only cost compile time.
-    x_BxLxD, new_cache = apply_layer_stack(
-        GptBlock, x_BxLxD, kv_segment_ids_BxS if mode == DECODE else segment_ids_BxL,
-        positions_BxL, deterministic, layer_inputs=layer_inputs,
-        num_layers=c.num_layers, scan=c.scan, remat=c.remat if mode == TRAIN else "none",
-        name="blocks", config=c, mode=mode)
+    if isinstance(cache, LocalGlobalCache):
+      x_BxLxD, new_cache = self._decode_local_global(x_BxLxD, kv_segment_ids_BxS,
+                                                     positions_BxL, cache)
+    else:
+      local_layers = c.local_layers()
+      # Alternating local and global layers: each scanned layer gets its flag.
+      local_L = jnp.asarray(local_layers) if 0 < local_layers.sum() < c.num_layers else None
+      layer_inputs = None if local_L is None and cache is None else (local_L, cache)
+      # Decoding computes no gradients: remat would only cost compile time.
+      x_BxLxD, new_cache = apply_layer_stack(
+          GptBlock, x_BxLxD, kv_segment_ids_BxS if mode == DECODE else segment_ids_BxL,
+          positions_BxL, deterministic, layer_inputs=layer_inputs,
+          num_layers=c.num_layers, scan=c.scan, remat=c.remat if mode == TRAIN else "none",
+          name="blocks", config=c, mode=mode)
     x_BxLxD = norm_spec(c).make("ln_final", c.dtype, c.param_dtype)(x_BxLxD)
     if c.tie_embeddings:
       logits_BxLxV = embed.attend(x_BxLxD)
@@ -141,3 +147,52 @@ class Gpt(nn.Module):
     logits_BxLxV = softcap(logits_BxLxV.astype(jnp.float32), c.final_softcap)
     logits_BxLxV = constrain(logits_BxLxV, ("batch", "length", "act_vocab"))
     return logits_BxLxV if mode == TRAIN else (logits_BxLxV, new_cache)
+
+  def _decode_local_global(self, x_Bx1xD: jax.Array, kv_segment_ids_BxS: jax.Array,
+                           positions_Bx1: jax.Array,
+                           cache: LocalGlobalCache) -> tuple[jax.Array, LocalGlobalCache]:
+    """One decoding step through layers whose caches differ in size by kind.
+
+    The local layers' rings and the global layers' caches cannot share one
+    scanned [layers] stack, so the layers run in groups of the window
+    pattern p (p - 1 local layers, then a global one; MaxText scans Gemma 3
+    this way): a scan over the groups, each unrolled, then the leftover
+    local layers. Compile time stays flat in depth; every layer reads its
+    slice of the stacked parameters and caches in place.
+    """
+    c = self.config
+    p, local_L = c.sliding_window_pattern, c.local_layers()
+    params = self.variables["params"]
+    block = GptBlock(c, mode=DECODE, parent=None)
+
+    def layer(i, local: bool, kind_index, x_Bx1xD, cache: LocalGlobalCache):
+      # i (layer) and kind_index (its slot in cache.local or cache.full) are
+      # traced inside the scan over groups, Python ints outside it.
+      if c.scan:
+        layer_params = jax.tree_util.tree_map(lambda a: a[i], params["blocks"])
+      else:
+        layer_params = params[f"blocks_{i}"]
+      caches = cache.local if local else cache.full
+      x_Bx1xD, new = block.apply(
+          {"params": layer_params}, x_Bx1xD, kv_segment_ids_BxS, positions_Bx1, True,
+          (local, jax.tree_util.tree_map(lambda a: a[kind_index], caches)))
+      caches = jax.tree_util.tree_map(lambda a, n: a.at[kind_index].set(n), caches, new)
+      return x_Bx1xD, (cache.replace(local=caches) if local else cache.replace(full=caches))
+
+    def group(g, x_Bx1xD, cache):
+      for j in range(p):
+        local = j < p - 1
+        x_Bx1xD, cache = layer(g * p + j, local, g * (p - 1) + j if local else g, x_Bx1xD, cache)
+      return x_Bx1xD, cache
+
+    num_groups = c.num_layers // p
+    assert local_L[num_groups * p:].all() and not local_L[p - 1::p].any()
+    if c.scan:  # Stacked parameters: one compiled group.
+      (x_Bx1xD, cache), _ = jax.lax.scan(
+          lambda carry, g: (group(g, *carry), None), (x_Bx1xD, cache), jnp.arange(num_groups))
+    else:
+      for g in range(num_groups):
+        x_Bx1xD, cache = group(g, x_Bx1xD, cache)
+    for i in range(num_groups * p, c.num_layers):  # Local layers after the last group.
+      x_Bx1xD, cache = layer(i, True, num_groups * (p - 1) + i - num_groups * p, x_Bx1xD, cache)
+    return x_Bx1xD, cache

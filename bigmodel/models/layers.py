@@ -208,6 +208,17 @@ def ring_slots(x: jax.Array, num_slots: int, axis: int = -1) -> jax.Array:
   return jnp.roll(latest, (filled - num_slots) % num_slots, axis=axis)
 
 
+def ring_segment_ids(kv_segment_ids_BxS: jax.Array, index: jax.Array,
+                     num_slots: int) -> jax.Array:
+  """[B, num_slots]: the segment ids of the keys a ring holds once key ``index``
+  is written (slot s holds the latest key a <= index with a % num_slots = s;
+  none yet, a < 0, is empty), from the ids of all S keys [B, S]."""
+  slots_W = jnp.arange(num_slots)
+  keys_W = index - (index - slots_W) % num_slots
+  held_BxW = jnp.take(kv_segment_ids_BxS, jnp.maximum(keys_W, 0), axis=1)
+  return jnp.where(keys_W[None, :] >= 0, held_BxW, 0)
+
+
 # Model modes (MaxText's "model modes"): what a forward pass is for. Every
 # block and attention layer takes one, and returns (output, cache) in all of
 # them, the cache being None in training.
@@ -332,13 +343,16 @@ class MultiHeadAttention(nn.Module):
       # activations' sharding (batch over data x fsdp, heads over tensor).
       # A cache shorter than the sequence is a ring (a windowed model's:
       # ``KVCache.ring``): slot index % S, attention is order-free.
-      slot = cache.index % cache.k_BxSxKxH.shape[1]
+      num_slots = cache.k_BxSxKxH.shape[1]
+      slot = cache.index % num_slots
       write = lambda buf, new: constrain(jax.lax.dynamic_update_slice_in_dim(  # pylint: disable=g-long-lambda
           buf, new.astype(buf.dtype), slot, axis=1), head_axes)
       new_cache = KVCache(write(cache.k_BxSxKxH, k_BxSxKxH), write(cache.v_BxSxKxH, v_BxSxKxH),
                           cache.index + k_BxSxKxH.shape[1])
       k_BxSxKxH, v_BxSxKxH = new_cache.k_BxSxKxH, new_cache.v_BxSxKxH
-      if self.window and k_BxSxKxH.shape[1] > self.window:  # A ring holds the window only.
+      if num_slots < kv_segment_ids_BxS.shape[1]:  # A ring of the window's keys.
+        kv_segment_ids_BxS = ring_segment_ids(kv_segment_ids_BxS, cache.index, num_slots)
+      elif self.window and num_slots > self.window:  # Every key cached: hide the old ones.
         kv_segment_ids_BxS = self._decode_window(kv_segment_ids_BxS, cache.index,
                                                  x_BxTxD.shape[1], local)
 
