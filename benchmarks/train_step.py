@@ -61,7 +61,7 @@ def build_train_step(config, mesh):
 
   Call under ``sharding.activate(mesh)``.
   """
-  model = build_model(config.model)
+  model = build_model(config.model, config.lora, training=True)
   optimizer, schedule = make_optimizer(config.optim, config.train.steps)
   abstract_state, state_shardings = abstract_sharded_state(config, model, optimizer, mesh)
   step_fn = jit_train_step(model, optimizer, schedule, config.optim.grad_accum, mesh,

@@ -67,7 +67,7 @@ def describe(config: ml_collections.ConfigDict, devices: Optional[Sequence] = No
   spec on ``config.mesh`` over ``devices`` (default: all; nothing is
   allocated: shapes only)."""
   mesh = sharding.make_mesh(config.mesh, devices)
-  model = build_model(config.model)
+  model = build_model(config.model, config.lora)
   optimizer, _ = make_optimizer(config.optim, config.train.steps)
   with sharding.activate(mesh):
     state, shardings = abstract_sharded_state(config, model, optimizer, mesh)
@@ -82,7 +82,7 @@ def init_params(config: ml_collections.ConfigDict, devices: Optional[Sequence] =
   """Freshly initialised parameters, sharded on ``config.mesh`` (over
   ``devices``, default all) as the trainer shards them, and the mesh."""
   mesh = sharding.make_mesh(config.mesh, devices)
-  model = build_model(config.model)
+  model = build_model(config.model, config.lora)
   optimizer, _ = make_optimizer(config.optim, config.train.steps)
   with sharding.activate(mesh):
     state, _ = create_sharded_state(config, model, optimizer, mesh)

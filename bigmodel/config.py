@@ -4,11 +4,13 @@ Every family's config file starts from :func:`base_config` and fills in
 ``model.*`` so that overrides read the same everywhere, e.g.
 ``--config.train.steps=40 --config.mesh.fsdp=2``.
 """
+import re
+
 import ml_collections
 
 from bigmodel.errors import UserError
 from bigmodel import sharding
-from bigmodel.models import families
+from bigmodel.models import families, lora
 from bigmodel.models.attention import ATTENTION_IMPLS
 from bigmodel.models.layers import ACTIVATIONS
 from bigmodel.models.rope import ROPE_SCALINGS
@@ -119,6 +121,18 @@ def base_config() -> ml_collections.ConfigDict:
       weight_decay=0.1,
       clip=1.0,               # Global-norm clip; 0 = off.
       grad_accum=1,           # Micro-batches per step.
+      # Parameters whose path (e.g. "blocks/attn/query/kernel") this regular
+      # expression finds are frozen: no gradient, no optimizer state ("" = none).
+      freeze="",
+  ))
+
+  # LoRA adapters (bigmodel/models/lora.py): rank 0 = off. With adapters only
+  # they train; every other parameter is frozen.
+  c.lora = ml_collections.ConfigDict(dict(
+      rank=0,
+      alpha=16.0,             # Adapter output scaled by alpha / rank.
+      targets="attn/(query|value)",  # Regular expression over dense layers' module paths.
+      dropout=0.0,            # On the adapter's input, in training.
   ))
 
   c.train = ml_collections.ConfigDict(dict(
@@ -248,5 +262,12 @@ def validate(config) -> None:
   if config.train.batch_size % config.optim.grad_accum:
     raise UserError(f"optim.grad_accum={config.optim.grad_accum} does not divide "
                     f"train.batch_size={config.train.batch_size}")
+  lora.validate(config.lora)
+  if config.optim.freeze:
+    try:
+      re.compile(config.optim.freeze)
+    except re.error as e:
+      raise UserError(f"optim.freeze={config.optim.freeze!r} is not a regular expression: "
+                      f"{e}") from e
   if config.optim.learning_rate <= 0:
     raise UserError(f"optim.learning_rate must be positive, got {config.optim.learning_rate}")

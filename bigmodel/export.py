@@ -1,8 +1,10 @@
 r"""Exports parameters only, for inference and fine-tuning.
 
-``python -m bigmodel.export --workdir=DIR [--step=S] --out=PATH [--dtype=bfloat16]``
+``python -m bigmodel.export --workdir=DIR [--step=S] --out=PATH [--dtype=bfloat16] [--merge_lora]``
 writes ``PATH/params`` (an orbax checkpoint of the parameter tree, cast to
-``dtype``) and ``PATH/config.json`` (the run's config). ``PATH`` must not exist
+``dtype``) and ``PATH/config.json`` (the run's config). A LoRA run's adapters
+are exported as they are, or with ``--merge_lora`` folded into their kernels
+(the plain model; its config says ``lora.rank`` 0). ``PATH`` must not exist
 and its folder must; both are checked before the checkpoint is read. The export
 is written next to ``PATH`` under a temporary name and renamed when complete:
 a failed export leaves nothing at ``PATH``.
@@ -25,14 +27,16 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "A training run's directory.")
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step; default: the latest.")
 _OUT = flags.DEFINE_string("out", None, "Output directory (must not exist).")
 _DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Parameter dtype.")
+_MERGE_LORA = flags.DEFINE_bool("merge_lora", False,
+                                "Fold a LoRA run's adapters into their kernels.")
 
 
 def export_params(workdir: str, out: str, step: int | None = None,
-                  dtype: str = "float32") -> int:
+                  dtype: str = "float32", merge_lora: bool = False) -> int:
   """Writes the parameters of checkpoint ``step`` to ``out``; returns the step."""
   # Before reading the checkpoint: orbax retries an uncreatable path for minutes.
   cli.check_new_folder(out, "--out")
-  run = run_lib.load_run(workdir, step)
+  run = run_lib.load_run(workdir, step, merge_lora=merge_lora)
   config, step = run.config, run.step
   params = jax.tree_util.tree_map(lambda x: x.astype(jnp.dtype(dtype)), run.params)
   out = os.path.abspath(out)
@@ -64,7 +68,8 @@ def main(argv):
     fail(f"unexpected arguments: {' '.join(argv[1:])}")
   cli.require_flags("workdir", "out")
   with user_errors_exit():
-    step = export_params(_WORKDIR.value, _OUT.value, _STEP.value, _DTYPE.value)
+    step = export_params(_WORKDIR.value, _OUT.value, _STEP.value, _DTYPE.value,
+                         _MERGE_LORA.value)
   print(f"exported the parameters of step {step} as {_DTYPE.value} to {_OUT.value}")
 
 

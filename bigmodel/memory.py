@@ -7,8 +7,9 @@ The estimate has five parts, each per device in bytes:
   placement from ``sharding.logical_to_shardings`` on an ``AbstractMesh`` --
   the trainer's own rules, so a dimension the mesh does not divide is
   replicated here exactly as it is there.
-- **gradients**: one parameter-shaped copy; two with ``optim.grad_accum`` > 1
-  (the running sum and the current micro-batch's).
+- **gradients**: one copy of the trainable parameters (all but those LoRA or
+  ``optim.freeze`` freezes); two with ``optim.grad_accum`` > 1 (the running
+  sum and the current micro-batch's).
 - **activations**: the residuals the forward pass saves for the backward pass,
   per layer (``LAYER_RESIDUALS``, or ``FLASH_LAYER_RESIDUALS`` when attention
   is a fused kernel, by remat policy) times the layers, plus the final norm
@@ -39,11 +40,9 @@ import jax.numpy as jnp
 import ml_collections
 from jax.sharding import AbstractMesh, AxisType
 
-from bigmodel import flops
-from bigmodel import sharding
-from bigmodel.models import ModelConfig, build_model, families
+from bigmodel import flops, optim, sharding
+from bigmodel.models import ModelConfig, build_model, families, lora
 from bigmodel.models.attention import resolve_impl
-from bigmodel.optim import make_optimizer
 from bigmodel.state import init_train_state
 
 # What one GPT layer saves for the backward pass, by remat policy:
@@ -145,16 +144,18 @@ def _state_key(config) -> tuple:
   """What the train state's shapes depend on (not the batch or grad_accum)."""
   optim = {k: v for k, v in config.optim.items() if k != "grad_accum"}
   return (tuple(sorted(config.model.items())), tuple(sorted(optim.items())),
-          config.data.seq_len)
+          tuple(sorted(config.lora.items())), config.data.seq_len)
 
 
 @functools.lru_cache(maxsize=4)
 def _boxed_state(key: tuple) -> Any:
-  model_items, optim_items, seq_len = key
-  model = build_model(ml_collections.ConfigDict(dict(model_items)))
-  optimizer, _ = make_optimizer(ml_collections.ConfigDict(dict(optim_items)), 1000)
+  model_items, optim_items, lora_items, seq_len = key
+  optim_cfg, lora_cfg = (ml_collections.ConfigDict(dict(items))
+                         for items in (optim_items, lora_items))
+  model = build_model(ml_collections.ConfigDict(dict(model_items)), lora_cfg)
+  optimizer, _ = optim.make_optimizer(optim_cfg, 1000)
   init_fn = functools.partial(init_train_state, model=model, optimizer=optimizer,
-                              seq_len=seq_len)
+                              seq_len=seq_len, freeze=optim_cfg.freeze, lora_cfg=lora_cfg)
   return jax.eval_shape(init_fn, jax.random.key(0))
 
 
@@ -173,23 +174,33 @@ def _tree_bytes(tree: Any, shardings: Any) -> int:
 
 
 @functools.lru_cache(maxsize=256)
-def _state_bytes(key: tuple, mesh_sizes: tuple, rules: tuple) -> tuple[int, int, int]:
+def _state_bytes(key: tuple, mesh_sizes: tuple, rules: tuple) -> tuple[int, int, int, int]:
   boxed = _boxed_state(key)
   shardings = sharding.logical_to_shardings(
       boxed, abstract_mesh(dict(zip(sharding.MESH_AXES, mesh_sizes))), rules)
   num_params = sum(x.size for x in jax.tree_util.tree_leaves(sharding.strip_boxes(boxed.params)))
+  trainable, _ = optim.partition(sharding.strip_boxes(boxed.params), boxed.frozen)
+  trainable_shardings, _ = optim.partition(shardings.params, boxed.frozen)
   return (num_params, _tree_bytes(boxed.params, shardings.params),
-          _tree_bytes(boxed.opt_state, shardings.opt_state))
+          _tree_bytes(boxed.opt_state, shardings.opt_state),
+          _tree_bytes(trainable, trainable_shardings))
+
+
+def _state_sizes(config, mesh_shape: Mapping[str, int]) -> tuple[int, int, int, int]:
+  """(parameter count, parameter bytes, optimizer-state bytes, trainable
+  parameter bytes) per device."""
+  return _state_bytes(_state_key(config), tuple(int(mesh_shape[a]) for a in sharding.MESH_AXES),
+                      sharding.logical_rules(config))
 
 
 def state_bytes(config, mesh_shape: Mapping[str, int]) -> tuple[int, int, int]:
   """(parameter count, parameter bytes, optimizer-state bytes) per device.
 
   Exact: the trainer's state shapes placed by the trainer's sharding rules
-  (``mesh.rules`` included).
+  (``mesh.rules`` included); frozen parameters (LoRA, ``optim.freeze``) have
+  no optimizer state.
   """
-  return _state_bytes(_state_key(config), tuple(int(mesh_shape[a]) for a in sharding.MESH_AXES),
-                      sharding.logical_rules(config))
+  return _state_sizes(config, mesh_shape)[:3]
 
 
 def _split(size: int, ways: int) -> int:
@@ -289,11 +300,12 @@ def layer_residuals(c: ModelConfig, policy: str,
 
 
 def activation_bytes(c: ModelConfig, b: int, seq_len: int, mesh_shape: Mapping[str, int],
-                     flash: bool = False) -> tuple[int, int]:
+                     flash: bool = False, trained_share: float = 1.0) -> tuple[int, int]:
   """(saved residuals, peak transient beyond them) of the backward pass, per device.
 
-  ``b`` is the micro-batch per device. Parameter-sized buffers (gradients,
-  optimizer temporaries) are not included. The backward pass first runs
+  ``b`` is the micro-batch per device; ``trained_share`` the share of the
+  parameters that train (frozen ones get no weight gradients). Parameter-sized
+  buffers (gradients, optimizer temporaries) are not included. The backward pass first runs
   through the head (logits, final norm) while every residual is alive, then
   through the layers, by which time the head's residuals are freed; the peak
   is the larger of the two phases.
@@ -310,16 +322,40 @@ def activation_bytes(c: ModelConfig, b: int, seq_len: int, mesh_shape: Mapping[s
   head_work = saved_head + logits + embed * _F32
   # Backward of one layer: it recomputes what the policy did not save and
   # needs the score gradients (a fused kernel works in blocks: none); under
-  # FSDP the layer's weights are gathered and its weight gradients exist
-  # unreduced.
+  # FSDP the layer's weights are gathered and (those that train) its weight
+  # gradients exist unreduced.
   layer_work = residuals("none") - residuals(c.remat)
   if not flash:
     layer_work += _elements("scores", c, b, seq_len, mesh_shape) * _F32
   if mesh_shape["fsdp"] > 1:
-    layer_work += (2 * flops.matmul_params_per_layer(c) // _split_ways(c.num_heads, mesh_shape["tensor"])
-                   * jnp.dtype(c.param_dtype).itemsize)
+    layer_work += int((1 + trained_share) * flops.matmul_params_per_layer(c)
+                      // _split_ways(c.num_heads, mesh_shape["tensor"])
+                      * jnp.dtype(c.param_dtype).itemsize)
   saved = saved_layers + saved_head
   return saved, saved_layers + max(head_work, layer_work) - saved
+
+
+def lora_residual_bytes(config, c: ModelConfig, b: int, seq_len: int,
+                        mesh_shape: Mapping[str, int]) -> int:
+  """What LoRA adapters add to the saved residuals, per device (measured with
+  ``saved_residuals``): per adapted kernel and token, the [r] input-side
+  product, and under the dot-saving policies also the [out] adapter output
+  where the backward rebuilds the layer's output from the two saved matmul
+  outputs: all but the MLP's last projection, whose sum with the residual is
+  the next layer's input (saved as such) unless a post-norm reads it."""
+  if not lora.enabled(config.lora) or c.remat == "full":
+    return 0
+  feeds_next_layer = () if c.post_norms else ("wo",)
+  total = 0
+  for path, x in jax.tree_util.tree_flatten_with_path(
+      sharding.strip_boxes(boxed_state(config).params))[0]:
+    name = sharding.path_name(path)
+    if name.endswith(lora.ADAPTER_SUFFIXES[1]):
+      rank, out = x.shape[-2:]  # [layers, r, out] when scanned.
+      saves_out = c.remat != "none" and name.split("/")[-2] not in feeds_next_layer
+      per_token = rank + (_split(out, mesh_shape["tensor"]) if saves_out else 0)
+      total += math.prod(x.shape[:-2]) * b * seq_len * per_token
+  return total * jnp.dtype(c.dtype).itemsize
 
 
 def uses_fused_attention(attention_impl: str, platform: str) -> bool:
@@ -342,7 +378,7 @@ def estimate(config, mesh_shape: Mapping[str, int], platform: str = "gpu") -> Me
                      f"{c.family!r} has none yet")
   if c.remat not in LAYER_RESIDUALS:
     raise ValueError(f"no activation model for remat policy {c.remat!r}")
-  num_params, params, opt_state = state_bytes(config, mesh_shape)
+  num_params, params, opt_state, trainable = _state_sizes(config, mesh_shape)
   dp = mesh_shape["data"] * mesh_shape["fsdp"]
   grad_accum = config.optim.grad_accum
   b = -(-config.train.batch_size // (grad_accum * dp))
@@ -352,10 +388,13 @@ def estimate(config, mesh_shape: Mapping[str, int], platform: str = "gpu") -> Me
     # after the forward pass, so remat saves nothing there (with scan it does).
     c = dataclasses.replace(c, remat="none")
   saved, layer_work = activation_bytes(
-      c, b, seq_len, mesh_shape, flash=uses_fused_attention(c.attention_impl, platform))
-  grads = params * (2 if grad_accum > 1 else 1)
+      c, b, seq_len, mesh_shape, flash=uses_fused_attention(c.attention_impl, platform),
+      trained_share=trainable / params)
+  saved += lora_residual_bytes(config, c, b, seq_len, mesh_shape)
+  # Gradients and the update's temporaries cover the trainable parameters only.
+  grads = trainable * (2 if grad_accum > 1 else 1)
   backward_phase = grads + saved + layer_work
-  optimizer_phase = params + OPTIMIZER_TEMPORARIES[config.optim.name] * params
+  optimizer_phase = trainable + OPTIMIZER_TEMPORARIES[config.optim.name] * trainable
   peak = max(backward_phase, int(optimizer_phase))
   # inputs, targets, segment ids, positions (int32) and the loss mask (float32).
   batch = 5 * 4 * (-(-config.train.batch_size // dp)) * seq_len

@@ -1,9 +1,16 @@
-"""Optimizers and learning-rate schedules from ``config.optim`` (optax chains)."""
+"""Optimizers and learning-rate schedules from ``config.optim`` (optax chains),
+and which parameters train (``optim.freeze``, LoRA)."""
+import re
 from typing import Any
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
+
+from bigmodel.errors import UserError
+from bigmodel.models import lora
+from bigmodel.sharding import path_name
 
 OPTIMIZERS = ("adamw", "adafactor", "sgd")
 SCHEDULES = ("cosine", "linear", "rsqrt", "constant")
@@ -72,3 +79,47 @@ def make_optimizer(optim_cfg, total_steps: int) -> tuple[optax.GradientTransform
   # A non-finite gradient skips the update (and is counted in the state's
   # `total_notfinite`) instead of poisoning the parameters.
   return optax.apply_if_finite(base, max_consecutive_errors=_NEVER_GIVE_UP), schedule
+
+
+def frozen_paths(params: Any, freeze: str = "", lora_cfg=None) -> tuple[str, ...]:
+  """The paths (``a/b/kernel``) of the parameters that do not train.
+
+  With LoRA adapters every other parameter is frozen; ``freeze`` (a regular
+  expression searched in each path) freezes more. UserError when ``freeze``
+  finds no parameter or nothing would train.
+  """
+  names = [path_name(p) for p, _ in jax.tree_util.tree_flatten_with_path(
+      params, is_leaf=_is_box)[0]]
+  frozen = {n for n in names if lora.enabled(lora_cfg) and not lora.is_adapter(n)}
+  if freeze:
+    matched = {n for n in names if re.search(freeze, n)}
+    if not matched:
+      raise UserError(f"optim.freeze={freeze!r} matches no parameter; parameters: "
+                      f"{', '.join(names[:12])}{' ...' if len(names) > 12 else ''}")
+    frozen |= matched
+  if len(frozen) == len(names):
+    raise UserError("every parameter is frozen (optim.freeze, lora): nothing would train")
+  return tuple(n for n in names if n in frozen)
+
+
+# Frozen parameters are split off before `jax.grad` rather than masked in the
+# optimizer (optax.multi_transform with set_to_zero): then no gradient is ever
+# computed for them, the optimizer holds no state for them, and they pass
+# through an update bit for bit (a zero update would still turn -0.0 into 0.0).
+def partition(params: Any, frozen: tuple[str, ...]) -> tuple[Any, Any]:
+  """(trainable, frozen) trees of ``params``' structure, None in the other's places."""
+  frozen = set(frozen)
+  pick = lambda keep: jax.tree_util.tree_map_with_path(  # pylint: disable=g-long-lambda
+      lambda p, x: x if (path_name(p) in frozen) == keep else None, params, is_leaf=_is_box)
+  return pick(False), pick(True)
+
+
+def _is_box(x: Any) -> bool:
+  """A parameter boxed with its logical axes (at init): one parameter, one name."""
+  return isinstance(x, nn.Partitioned)
+
+
+def combine(trainable: Any, frozen: Any) -> Any:
+  """The inverse of ``partition``."""
+  return jax.tree_util.tree_map(lambda t, f: f if t is None else t, trainable, frozen,
+                                is_leaf=lambda x: x is None)

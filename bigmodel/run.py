@@ -144,19 +144,33 @@ def _open(workdir: str) -> Checkpointer:
   return checkpointer(workdir, keep=1, read_only=True)
 
 
-def _restore(ckpt: Checkpointer, config: ml_collections.ConfigDict, step: int, mesh) -> Any:
+def _restore(ckpt: Checkpointer, config: ml_collections.ConfigDict, step: int, mesh,
+             merge_lora: bool) -> tuple[Any, ml_collections.ConfigDict]:
+  """(parameters, config); with ``merge_lora`` a LoRA run's adapters are folded
+  into their kernels and the config says so (``lora.rank`` 0): the plain model."""
   # Imported here: these build models, which the layout does not need.
-  from bigmodel.models import build_model  # pylint: disable=g-import-not-at-top
+  from bigmodel.models import build_model, lora  # pylint: disable=g-import-not-at-top
   from bigmodel.optim import make_optimizer  # pylint: disable=g-import-not-at-top
   from bigmodel.state import abstract_sharded_state  # pylint: disable=g-import-not-at-top
   optimizer, _ = make_optimizer(config.optim, config.train.steps)
   with sharding.activate(mesh):
-    abstract_state, _ = abstract_sharded_state(config, build_model(config.model), optimizer, mesh)
-    return ckpt.restore_params(step, abstract_state.params)
+    abstract_state, _ = abstract_sharded_state(config, build_model(config.model, config.lora),
+                                               optimizer, mesh)
+    params = ckpt.restore_params(step, abstract_state.params)
+  if merge_lora and lora.enabled(config.lora):
+    kernel_shardings = jax.tree_util.tree_map(lambda x: x.sharding,
+                                              lora.without_adapters(params))
+    params = jax.jit(lora.merge, out_shardings=kernel_shardings)(params,
+                                                                 lora.scale(config.lora))
+    config = ml_collections.ConfigDict(config.to_dict())
+    config.lora.rank = 0
+  return params, config
 
 
-def restore_params(workdir: str, mesh, step: Optional[int] = None) -> tuple[Any, dict, int]:
-  """Parameters of a run's checkpoint (default: the latest), sharded over ``mesh``.
+def restore_params(workdir: str, mesh, step: Optional[int] = None,
+                   merge_lora: bool = True) -> tuple[Any, dict, int]:
+  """Parameters of a run's checkpoint (default: the latest), sharded over ``mesh``;
+  a LoRA run's adapters merged (``merge_lora``).
 
   Returns (params, the run's config as a dict, step). The run's own config
   rebuilds the abstract state, so this works from any other run.
@@ -164,7 +178,7 @@ def restore_params(workdir: str, mesh, step: Optional[int] = None) -> tuple[Any,
   ckpt = _open(workdir)
   try:
     config, step = _saved_config(ckpt, step)
-    params = _restore(ckpt, config, step, mesh)
+    params, config = _restore(ckpt, config, step, mesh, merge_lora)
   finally:
     ckpt.close()
   return params, config.to_dict(), step
@@ -199,12 +213,13 @@ def find_tokenizer(config: ml_collections.ConfigDict, workdir: str):
 
 
 def load_run(workdir: str, step: Optional[int] = None,
-             mesh: Optional[jax.sharding.Mesh] = None) -> LoadedRun:
+             mesh: Optional[jax.sharding.Mesh] = None, merge_lora: bool = True) -> LoadedRun:
   """Checkpoint ``step`` (default: the latest) of the run in ``workdir``.
 
   The parameters go onto ``mesh``, by default the run's own mesh (see
   :func:`run_mesh`): a model that needed fsdp or tensor parallelism to train
-  is evaluated and sampled the same way.
+  is evaluated and sampled the same way. A LoRA run's adapters are merged
+  into its kernels unless ``merge_lora`` is False.
 
   Raises:
     UserError: a missing workdir, checkpoint or step.
@@ -214,9 +229,9 @@ def load_run(workdir: str, step: Optional[int] = None,
   try:
     config, step = _saved_config(ckpt, step)
     mesh = mesh if mesh is not None else run_mesh(config.mesh)
-    params = _restore(ckpt, config, step, mesh)
+    params, config = _restore(ckpt, config, step, mesh, merge_lora)
   finally:
     ckpt.close()
   return LoadedRun(workdir=workdir, config=config, step=step, mesh=mesh,
-                   model=build_model(config.model), params=params,
+                   model=build_model(config.model, config.lora), params=params,
                    tokenizer=find_tokenizer(config, workdir))

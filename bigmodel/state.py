@@ -9,26 +9,37 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh
 
-from bigmodel import sharding
-from bigmodel.models import family_of
+from bigmodel import optim, sharding
+from bigmodel.models import family_of, lora
 
 
 @flax.struct.dataclass
 class TrainState:
   step: jax.Array      # int32 scalar: optimizer updates applied so far.
   params: Any
-  opt_state: Any
+  opt_state: Any       # Of the trainable parameters only (None in the frozen places).
   rng: jax.Array       # Key for dropout; split afresh every step.
+  # Paths of the parameters that do not train (``optim.frozen_paths``); static.
+  frozen: tuple[str, ...] = flax.struct.field(pytree_node=False, default=())
 
 
 def init_train_state(rng: jax.Array, model: nn.Module, optimizer: optax.GradientTransformation,
-                     seq_len: int) -> TrainState:
-  """A fresh state; parameters stay boxed with their logical axis names."""
+                     seq_len: int, freeze: str = "", lora_cfg=None) -> TrainState:
+  """A fresh state; parameters stay boxed with their logical axis names.
+
+  ``freeze`` (``optim.freeze``) and ``lora_cfg`` (``config.lora``) say which
+  parameters are frozen; the optimizer state covers the others only.
+  """
   params_rng, state_rng = jax.random.split(rng)
   inputs = family_of(model).example_inputs(model.config, seq_len)
-  params = model.init({"params": params_rng}, *inputs)["params"]
+  with lora.init_context(lora_cfg):
+    params = model.init({"params": params_rng}, *inputs)["params"]
+  if lora.enabled(lora_cfg):
+    lora.check_adapters(params, lora_cfg)
+  frozen = optim.frozen_paths(params, freeze, lora_cfg)
+  trainable, _ = optim.partition(params, frozen)
   return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                    opt_state=optimizer.init(params), rng=state_rng)
+                    opt_state=optimizer.init(trainable), rng=state_rng, frozen=frozen)
 
 
 def abstract_sharded_state(config, model: nn.Module, optimizer: optax.GradientTransformation,
@@ -39,7 +50,8 @@ def abstract_sharded_state(config, model: nn.Module, optimizer: optax.GradientTr
   targets that reshard a checkpoint onto ``mesh``.
   """
   init_fn = functools.partial(init_train_state, model=model, optimizer=optimizer,
-                              seq_len=config.data.seq_len)
+                              seq_len=config.data.seq_len, freeze=config.optim.freeze,
+                              lora_cfg=config.lora)
   boxed = jax.eval_shape(init_fn, jax.random.key(config.train.seed))
   state_shardings = sharding.logical_to_shardings(boxed, mesh, sharding.logical_rules(config))
   abstract_state = jax.tree_util.tree_map(
@@ -57,7 +69,8 @@ def create_sharded_state(config, model: nn.Module, optimizer: optax.GradientTran
   """
   _, state_shardings = abstract_sharded_state(config, model, optimizer, mesh)
   init_fn = functools.partial(init_train_state, model=model, optimizer=optimizer,
-                              seq_len=config.data.seq_len)
+                              seq_len=config.data.seq_len, freeze=config.optim.freeze,
+                              lora_cfg=config.lora)
   state = jax.jit(lambda r: sharding.strip_boxes(init_fn(r)),
                   out_shardings=state_shardings)(jax.random.key(config.train.seed))
   return state, state_shardings

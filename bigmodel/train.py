@@ -41,6 +41,7 @@ from bigmodel import cli
 from bigmodel import console
 from bigmodel import distributed  # Also defines the multi-process flags.
 from bigmodel import flops
+from bigmodel import optim
 from bigmodel import resume
 from bigmodel import sharding
 from bigmodel import run as run_lib
@@ -166,6 +167,15 @@ class Trainer:
     self.config, self.workdir, self.on_metrics = config, workdir, on_metrics
     self.mesh = sharding.make_mesh(config.mesh, devices)
     check_batch_layout(config, self.mesh)
+    self.model = build_model(config.model, config.lora, training=True)
+    # Evaluation and samples run without LoRA's dropout.
+    self.eval_model = build_model(config.model, config.lora)
+    self.optimizer, self.schedule = make_optimizer(config.optim, config.train.steps)
+    # Shapes only, before anything is written (a LoRA target or freeze pattern
+    # that matches nothing fails here); the resume check and restore share it.
+    with sharding.activate(self.mesh):
+      self._abstract_state, self._state_shardings = abstract_sharded_state(
+          config, self.model, self.optimizer, self.mesh)
     self.is_writer = jax.process_index() == 0
     self.stop = StopRequest()  # From here a signal ends the start-up cleanly.
     self._lock: Optional[RunLock] = None
@@ -184,11 +194,6 @@ class Trainer:
       self.checkpointer = run_lib.checkpointer(workdir, keep=config.checkpoint.keep,
                                                keep_best=config.checkpoint.keep_best,
                                                async_save=config.checkpoint.async_save)
-      self.model = build_model(config.model)
-      self.optimizer, self.schedule = make_optimizer(config.optim, config.train.steps)
-      with sharding.activate(self.mesh):  # Shapes only: the resume check and restore share it.
-        self._abstract_state, self._state_shardings = abstract_sharded_state(
-            config, self.model, self.optimizer, self.mesh)
       self.data_changes = self._check_saved_config()
       self.datasets = build_datasets(config, workdir, jax.process_index(), jax.process_count())
     except BaseException:
@@ -269,13 +274,17 @@ class Trainer:
           if start_step:  # Readers keep the last record of a step logged twice.
             writer.write_event(start_step, resumed_from=start_step)
         num_params = sum(x.size for x in jax.tree_util.tree_leaves(state.params))
-        logging.info("model: %s, %.2fM parameters; mesh %s", config.model.family,
-                     num_params / 1e6, dict(mesh.shape))
+        trainable = sum(x.size for x in jax.tree_util.tree_leaves(
+            optim.partition(state.params, state.frozen)[0]))
+        logging.info("model: %s, %.2fM parameters%s; mesh %s", config.model.family,
+                     num_params / 1e6,
+                     f" ({trainable / 1e6:.3f}M trained)" if state.frozen else "",
+                     dict(mesh.shape))
         if config.print_sharding and self.is_writer:
           print(sharding.describe_shardings(state.params, state_shardings.params), flush=True)
         train_step_fn = jit_train_step(self.model, self.optimizer, self.schedule,
                                        config.optim.grad_accum, mesh, state_shardings)
-        eval_fn = jit_eval_step(self.model, mesh, state_shardings.params)
+        eval_fn = jit_eval_step(self.eval_model, mesh, state_shardings.params)
         next_batch = lambda: sharding.global_batch(next(self.datasets.train_iter), mesh)  # noqa: E731
         first_batch = next_batch()
         hooks, log = self._hooks(state, first_batch, eval_fn, writer)
@@ -308,7 +317,7 @@ class Trainer:
     # Every process takes part: generation is a computation over the global mesh.
     if (families.get(config.model.family).is_causal_lm and self.datasets.tokenizer is not None
         and config.train.sample_tokens > 0):
-      print_sample(config, self.model, state.params, self.datasets.tokenizer, mesh,
+      print_sample(config, self.eval_model, state.params, self.datasets.tokenizer, mesh,
                    show=self.is_writer)
     return log.last_metrics
 

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 import optax
 
-from bigmodel import sharding
+from bigmodel import optim, sharding
 from bigmodel.models import batch_logits, targets_and_weights
 from bigmodel.state import TrainState
 
@@ -40,14 +40,17 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, model: nn.Modu
   rng, step_rng = jax.random.split(state.rng)
   _, weights = targets_and_weights(model, batch)
   total_weight = jnp.maximum(weights.sum(), 1.0)
+  # Gradients, optimizer state and updates cover the trainable parameters only.
+  trainable, frozen = optim.partition(state.params, state.frozen)
 
-  def micro_loss(params, micro_batch, micro_rng):
+  def micro_loss(trainable, micro_batch, micro_rng):
+    params = optim.combine(trainable, frozen)
     losses, micro_weights, _ = losses_and_weights(model, params, micro_batch, micro_rng)
     return (losses * micro_weights).sum() / total_weight
 
   grad_fn = jax.value_and_grad(micro_loss)
   if grad_accum == 1:
-    loss, grads = grad_fn(state.params, batch, step_rng)
+    loss, grads = grad_fn(trainable, batch, step_rng)
   else:
     micro_batches = jax.tree_util.tree_map(
         lambda x: x.reshape(grad_accum, x.shape[0] // grad_accum, *x.shape[1:]), batch)
@@ -55,22 +58,23 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, model: nn.Modu
     def accumulate(carry, inputs):
       loss_sum, grad_sum = carry
       micro_batch, micro_rng = inputs
-      loss, grads = grad_fn(state.params, micro_batch, micro_rng)
+      loss, grads = grad_fn(trainable, micro_batch, micro_rng)
       return (loss_sum + loss, jax.tree_util.tree_map(jnp.add, grad_sum, grads)), None
 
-    zeros = jax.tree_util.tree_map(jnp.zeros_like, state.params)
+    zeros = jax.tree_util.tree_map(jnp.zeros_like, trainable)
     (loss, grads), _ = jax.lax.scan(
         accumulate, (jnp.zeros((), jnp.float32), zeros),
         (micro_batches, jax.random.split(step_rng, grad_accum)))
 
-  updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-  params = optax.apply_updates(state.params, updates)
+  updates, opt_state = optimizer.update(grads, state.opt_state, trainable)
+  new_trainable = optax.apply_updates(trainable, updates)
   # optax.apply_if_finite skips an update whose gradient is not finite; an
   # update that turns finite gradients into non-finite parameters (e.g. a zero
   # epsilon) is skipped here and counted the same way.
-  params, opt_state = jax.lax.cond(
-      all_finite(params), lambda: (params, opt_state),
-      lambda: (state.params, _count_skipped(state.opt_state)))
+  new_trainable, opt_state = jax.lax.cond(
+      all_finite(new_trainable), lambda: (new_trainable, opt_state),
+      lambda: (trainable, _count_skipped(state.opt_state)))
+  params = optim.combine(new_trainable, frozen)
   metrics = {
       "loss": loss,
       "grad_norm": optax.tree.norm(grads),

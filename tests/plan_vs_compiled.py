@@ -3,8 +3,9 @@
 Run as a script in a subprocess so XLA_FLAGS can ask for 8 CPU devices
 before JAX starts: ``python tests/plan_vs_compiled.py VARIANT [VARIANT ...]``
 where VARIANT is a JSON object of ``{"mesh": [data, fsdp, tensor], "remat":
-..., "grad_accum": ..., "batch_size": ..., "seq_len": ..., "dtype": ...}`` applied to the
-GPT ``tiny`` preset, or to ``"config": "FILE:PRESET"`` (e.g. ``llama:llama3_8b``).
+..., "grad_accum": ..., "batch_size": ..., "seq_len": ..., "dtype": ..., "lora": {"rank":
+...}, "freeze": ...}`` applied to the GPT ``tiny`` preset, or to ``"config":
+"FILE:PRESET"`` (e.g. ``llama:llama3_8b``).
 The step is compiled exactly as the trainer builds it
 (``benchmarks.train_step.compile_step``); nothing runs.
 """
@@ -33,6 +34,8 @@ def compare(variant: dict) -> dict:
   config.model.dtype = variant.get("dtype", config.model.dtype)
   config.optim.grad_accum = variant.get("grad_accum", 1)
   config.train.batch_size = variant.get("batch_size", config.train.batch_size)
+  config.lora.update(variant.get("lora", {}))
+  config.optim.freeze = variant.get("freeze", "")
   mesh = sharding.make_mesh(config.mesh, jax.devices()[:data * fsdp * tensor])
   with sharding.activate(mesh):
     compiled, _, _ = compile_step(config, mesh)

@@ -32,7 +32,7 @@ from typing import Any, Optional
 import flax.linen as nn
 import jax
 
-from bigmodel.models import families
+from bigmodel.models import families, lora
 from bigmodel.models.bert import Bert
 from bigmodel.models.config import ModelConfig
 from bigmodel.models.families import FAMILIES, Family, family_of
@@ -60,11 +60,14 @@ def batch_logits(model: nn.Module, params: Any, batch: dict[str, jax.Array], *,
   return family_of(model).batch_logits(model, params, batch, rng=rng)
 
 
-def build_model(model_cfg) -> nn.Module:
-  """Returns the Flax module for ``model_cfg.family``."""
+def build_model(model_cfg, lora_cfg=None, *, training: bool = False) -> nn.Module:
+  """Returns the Flax module for ``model_cfg.family`` (``config.model``), with
+  LoRA adapters when ``lora_cfg`` (``config.lora``) has a rank; ``training``
+  turns their dropout on (``bigmodel.models.lora``)."""
   model_config = ModelConfig.from_config(model_cfg)
-  return families.get(model_config.family).build(model_config)
+  family = families.get(model_config.family)
+  return lora.with_lora(family.build(model_config), lora_cfg, family.methods, training)
 
 
 __all__ = ["FAMILIES", "MODEL_FAMILIES", "Bert", "Family", "Gpt", "ModelConfig", "T5",
-           "batch_logits", "build_model", "family_of", "families", "targets_and_weights"]
+           "batch_logits", "build_model", "family_of", "families", "lora", "targets_and_weights"]

@@ -167,6 +167,7 @@ class T5Family(Family):
              "t5_mlp_gated": True}
   token_keys = ("encoder_inputs", "decoder_inputs")
   encoder_decoder = generates = True
+  methods = ("__call__", "encode", "decode")
 
   def validate(self, model_cfg):
     super().validate(model_cfg)
@@ -215,12 +216,12 @@ class T5Family(Family):
     encoder_segment_ids_BxE = (jnp.arange(encoder_len)[None, :] < lengths_B[:, None]).astype(
         jnp.int32)
     encoded_BxExD = model.apply({"params": params}, encoder_BxE, encoder_segment_ids_BxE,
-                                method=T5.encode)
+                                method="encode")
     start_Bx1 = jnp.full((batch, 1), start_id, jnp.int32)
     ones_Bx1 = jnp.ones((batch, 1), jnp.int32)
     logits_Bx1xV, (self_cache, cross_cache) = model.apply(
         {"params": params}, encoded_BxExD, start_Bx1, encoder_segment_ids_BxE, ones_Bx1,
-        mode=PREFILL, method=T5.decode)
+        mode=PREFILL, method="decode")
     state = DecodeState(
         cache=(self_cache.padded(1 + num_new), cross_cache),
         kv_segment_ids_BxS=jnp.pad(ones_Bx1, ((0, 0), (0, num_new))),
@@ -232,7 +233,7 @@ class T5Family(Family):
     kv_segment_ids_BxS = fill_slot(state.kv_segment_ids_BxS, state.self_cache.index[0])
     logits_Bx1xV, cache = model.apply(
         {"params": params}, None, tokens_B[:, None], state.encoder_segment_ids_BxE,
-        kv_segment_ids_BxS, mode=DECODE, cache=state.cache, method=T5.decode)
+        kv_segment_ids_BxS, mode=DECODE, cache=state.cache, method="decode")
     return logits_Bx1xV[:, 0], state.replace(cache=cache, kv_segment_ids_BxS=kv_segment_ids_BxS,
                                              positions_B=state.positions_B + 1)
 

@@ -61,6 +61,8 @@ class Family:
     encoder_decoder: Reads an encoder input and decodes from a start token.
     generates: Has a cached decoder (``prefill`` / ``step``).
     analytic_memory: ``bigmodel.memory`` / ``bigmodel.plan`` model its layers.
+    methods: The module's methods that batches and decoding call (LoRA
+      intercepts the dense layers inside them).
   """
   name: str = ""
   module: type = nn.Module
@@ -71,6 +73,7 @@ class Family:
   encoder_decoder: bool = False
   generates: bool = False
   analytic_memory: bool = False
+  methods: tuple[str, ...] = ("__call__",)
 
   @property
   def is_causal_lm(self) -> bool:
