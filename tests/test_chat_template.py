@@ -23,7 +23,7 @@ from bigmodel.errors import UserError
 from bigmodel.generation.sampling import Sampling
 from bigmodel.hf.interop import TOKENIZER_DIR, import_hf
 from bigmodel.hf.tokenizer import HfTokenizer, tokenizer_files
-from commands import ROOT, assert_user_error
+from commands import ROOT
 from generate_fixtures import PROMPTS, tiny_generator
 
 _GPT2 = os.path.join(ROOT, "tests", "fixtures", "hf", "gpt2")
@@ -181,8 +181,9 @@ def test_without_template_or_with_a_broken_one(gemma_dir, tmp_path):
   plain = HfTokenizer(_GPT2)
   assert plain.chat_template is None
   assert plain.stop_ids == (plain.eos_id,)
-  with pytest.raises(UserError, match="no chat template"):
-    plain.apply_chat_template(CONVERSATIONS["user"])
+  # No template: the built-in format that chat fine-tuning trains (bigmodel.data.chat).
+  assert plain.apply_chat_template(CONVERSATIONS["system"]) == (
+      "<|system|>\nBe brief.\n<|user|>\nSum of squares?\n<|assistant|>\n")
   for name in ("tokenizer.json", "tokenizer_config.json"):
     with open(os.path.join(gemma_dir, name)) as f, open(tmp_path / name, "w") as g:
       g.write(f.read())
@@ -281,8 +282,10 @@ def fixture_workdir(tmp_path_factory) -> str:
 def test_chat_prompt_ids_equal_transformers_and_stop_at_end_of_turn(workdir, tmp_path):
   from bigmodel import api  # pylint: disable=g-import-not-at-top
   generator = api.load_generator(workdir)
-  with pytest.raises(UserError, match="no chat template"):
-    generator.chat("hi")
+  # No template: the built-in format, tokenized piece by piece as training does.
+  encode = generator.tokenizer.encode
+  assert generator.chat_prompt("hi") == [generator.bos_id, *encode("<|user|>\nhi\n"),
+                                         *encode("<|assistant|>\n")]
   # A template whose turns end with <|endoftext|> (the only special token of
   # the GPT-2 fixture), without BOS: the prompt is its tokens as they are.
   tokenizer_dir = os.path.join(workdir, TOKENIZER_DIR)
@@ -290,19 +293,19 @@ def test_chat_prompt_ids_equal_transformers_and_stop_at_end_of_turn(workdir, tmp
     f.write("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}<|endoftext|>{% endfor %}"
             "{% if add_generation_prompt %}assistant:{% endif %}")
   generator.tokenizer = HfTokenizer(tokenizer_dir)
-  text = generator.chat_prompt("the lazy fox", system="be brief")
+  prompt = generator.chat_prompt("the lazy fox", system="be brief")
   expected = transformers.AutoTokenizer.from_pretrained(tokenizer_dir).apply_chat_template(
       [{"role": "system", "content": "be brief"}, {"role": "user", "content": "the lazy fox"}],
       add_generation_prompt=True, tokenize=True)
   expected = expected["input_ids"] if "input_ids" in expected else expected  # A BatchEncoding.
-  assert generator.prompt_ids(text, templated=True) == list(expected)
-  assert generator.prompt_ids(text)[0] == generator.bos_id  # Plain prompts get BOS.
+  assert generator.prompt_ids(prompt, templated=True) == prompt == list(expected)
+  assert generator.prompt_ids("the lazy fox")[0] == generator.bos_id  # Plain prompts get BOS.
   assert generator.stop_ids == (generator.eos_id,) == generator.tokenizer.stop_ids
   reply = generator.chat("the lazy fox", max_new_tokens=4)
-  assert reply == generator.generate(text, max_new_tokens=4, templated=True)[0]
+  assert reply == generator.generate([prompt], max_new_tokens=4, templated=True)[0]
 
 
-def test_cli_chat_without_a_template_is_one_error_line(workdir):
+def test_cli_chat_without_a_template_uses_the_built_in_format(workdir):
   template = os.path.join(workdir, TOKENIZER_DIR, "chat_template.jinja")
   if os.path.exists(template):  # Added by the test above.
     os.remove(template)
@@ -310,4 +313,30 @@ def test_cli_chat_without_a_template_is_one_error_line(workdir):
       [sys.executable, "-m", "bigmodel.generate", f"--workdir={workdir}", "--chat",
        "--prompt=hi", "--max_new_tokens=2"], cwd=ROOT, capture_output=True, text=True,
       timeout=300)
-  assert_user_error(result, "no chat template")
+  assert result.returncode == 0, result.stderr[-2000:]
+
+
+@pytest.mark.parametrize("style", ["llama", "gemma"])
+def test_chat_fine_tuning_trains_exactly_the_replies_and_their_end_of_turn(
+    style, llama_dir, gemma_dir):
+  """The trained tokens of a templated conversation are each reply followed
+  by the template's end-of-turn token; the ids are the rendered text's."""
+  from bigmodel.data.chat import encode_chat  # pylint: disable=g-import-not-at-top
+  tokenizer = HfTokenizer(llama_dir if style == "llama" else gemma_dir)
+  messages = [{"role": "user", "content": "the fox?"},
+              {"role": "assistant", "content": "It jumps."},
+              {"role": "user", "content": "And the dog?"},
+              {"role": "assistant", "content": "It sleeps."}]
+  ids, trained = encode_chat(tokenizer, messages)
+  assert ids.tolist() == tokenizer.encode(tokenizer.apply_chat_template(messages, False))
+  end_of_turn = tokenizer.encode("<|eot_id|>" if style == "llama" else "<end_of_turn>")
+  assert len(end_of_turn) == 1 and end_of_turn[0] in tokenizer.stop_ids
+  starts = np.flatnonzero(np.diff(trained.astype(int), prepend=0) == 1)
+  ends = np.flatnonzero(np.diff(trained.astype(int), append=0) == -1) + 1
+  replies = [ids[a:b].tolist() for a, b in zip(starts, ends)]
+  # Each trained span: the reply, its end-of-turn token, what the template
+  # puts after it before the next turn (a newline here).
+  for span, reply in zip(replies, ["It jumps.", "It sleeps."], strict=True):
+    cut = span.index(end_of_turn[0])
+    assert tokenizer.decode(span[:cut]).strip() == reply
+    assert tokenizer.decode(span[cut + 1:]).strip() == ""

@@ -16,6 +16,7 @@ span_corruption           text corpus          packed enc-dec
 classify, encoder model   labelled examples    one per row + label
 classify, model.family t5 labelled examples    text-to-text enc-dec
 seq2seq                   (input, target)      packed enc-dec
+chat (decoder)            JSONL conversations  packed causal LM, replies
 ========================  ===================  ==========================
 
 Evaluation: ``train.eval_steps`` batches; for classify and seq2seq
@@ -26,6 +27,7 @@ tasks it means no evaluation.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 from collections.abc import Callable, Iterator
 
@@ -33,6 +35,7 @@ from absl import logging
 import ml_collections
 import numpy as np
 
+from bigmodel.data import chat
 from bigmodel.data import corpus as corpus_lib
 from bigmodel.data import loader
 from bigmodel.data import records as records_lib
@@ -124,6 +127,10 @@ def validate_data_config(config: ml_collections.ConfigDict, process_count: int) 
     raise UserError(f"data.num_workers={data.num_workers} must be >= 0")
   if data.target_len < 0:
     raise UserError(f"data.target_len={data.target_len} must be >= 0")
+  from bigmodel.models import families  # pylint: disable=g-import-not-at-top
+  if data.task == "chat" and not families.get(model.family).is_causal_lm:
+    raise UserError("data.task=chat fine-tunes a decoder-only model (gpt family);"
+                    f" model.family={model.family!r} is not one")
   if data.task == "mlm" and not 0.0 < data.mlm_probability < 1.0:
     raise UserError(f"data.mlm_probability={data.mlm_probability} must be in"
                     " (0, 1)")
@@ -238,7 +245,7 @@ def _load_corpus(config: ml_collections.ConfigDict,
 
 def _load_records(config: ml_collections.ConfigDict,
                   workdir: str) -> Source:
-  """The examples of a classify / seq2seq task (default task when no paths);
+  """The examples of a classify / seq2seq / chat task (default task when no paths);
   an empty validation split is None."""
   data = config.data
   kind = data.task
@@ -251,7 +258,8 @@ def _load_records(config: ml_collections.ConfigDict,
     data_dir = data.data_dir or os.path.join(workdir, "data")
     if not data.paths:
       task_dir = stdlib_tasks.ensure_default_task(kind, data_dir)
-      task = records_lib.load_task_files(task_dir, kind, "text",
+      task = records_lib.load_task_files(task_dir, kind,
+                                         stdlib_tasks.DEFAULT_TEXT_COLUMNS[kind],
                                          records_lib.answer_feature(kind),
                                          data_dir)
     else:
@@ -264,13 +272,16 @@ def _load_records(config: ml_collections.ConfigDict,
 
 def _training_texts(source: Source, task: registry.Task, seed: int) -> Iterator[str]:
   """Texts to train a tokenizer on, in a seeded random order (records: the
-  input, then for seq2seq the target)."""
+  input, then for seq2seq the target; a chat in the built-in chat format)."""
   if task.reads == "text":
     yield from source.shuffled_train_texts(seed)
     return
   order = np.random.default_rng(seed).permutation(len(source.train))
   for index in order:
     record = source.train[int(index)]
+    if task.name == "chat":
+      yield chat.builtin_chat_text(json.loads(source.text(record)), False)
+      continue
     yield source.text(record)
     if task.name == "seq2seq":
       yield source.answer(record)

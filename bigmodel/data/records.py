@@ -1,9 +1,11 @@
 """Labelled and paired examples for fine-tuning, as random-access tfds sources.
 
-Two kinds of task read here, each example a text and an answer:
+Three kinds of task read here, each example a text and an answer:
 
 * ``classify``: (text, label name);
-* ``seq2seq``: (input text, target text).
+* ``seq2seq``: (input text, target text);
+* ``chat``: (a conversation's ``messages`` as JSON, its last reply), JSONL
+  only; every conversation is checked (``bigmodel.data.chat.check_messages``).
 
 Sources, read as a :class:`bigmodel.data.sources.Source` like
 :mod:`bigmodel.data.corpus`:
@@ -40,11 +42,12 @@ from typing import Any
 from absl import logging
 import tensorflow_datasets as tfds
 
+from bigmodel.data import chat
 from bigmodel.data import sources
 from bigmodel.data.sources import Source
 from bigmodel.errors import UserError
 
-TASK_KINDS = ("classify", "seq2seq")
+TASK_KINDS = ("classify", "seq2seq", "chat")
 # Percent of the rows held out for validation when there is no validation file.
 _HOLDOUT_PERCENT = 10
 _EXTENSIONS = (".jsonl", ".csv")
@@ -141,17 +144,27 @@ def read_task_file(path: str, text_column: str, answer_column: str,
   _check_extension(path)
   text_option, answer_option = "data.text_column", (
       "data.label_column" if kind == "classify" else "data.target_column")
+  columns = [(text_option, text_column)]
+  if kind == "chat":
+    if not path.endswith(".jsonl"):
+      raise UserError(f"{path}: chat conversations are read from JSONL files")
+  else:
+    columns.append((answer_option, answer_column))
   rows = []
   for where, row in _rows_of(path):
     if not rows:  # The first row decides the columns.
-      for option, column in ((text_option, text_column),
-                             (answer_option, answer_column)):
+      for option, column in columns:
         if column not in row:
           raise UserError(
               f"{option}={column!r} is not a column of {path} (columns:"
               f" {', '.join(map(str, row)) or 'none'})")
-    rows.append((_value(row, text_column, where, "text"),
-                 _value(row, answer_column, where, answer_feature(kind))))
+    if kind == "chat":
+      messages = chat.check_messages(row.get(text_column), where)
+      last_reply = [m["content"] for m in messages if m["role"] == "assistant"][-1]
+      rows.append((json.dumps(messages, ensure_ascii=False), last_reply))
+    else:
+      rows.append((_value(row, text_column, where, "text"),
+                   _value(row, answer_column, where, answer_feature(kind))))
   if not rows:
     raise UserError(f"task file {path} is empty: it has no rows")
   return rows

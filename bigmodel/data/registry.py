@@ -21,6 +21,7 @@ from absl import logging
 import ml_collections
 
 from bigmodel.data import batch_spec
+from bigmodel.data import chat
 from bigmodel.data import metrics
 from bigmodel.data import transforms
 from bigmodel.data.loader import Stages
@@ -298,6 +299,33 @@ def _classify_plan(ctx: Context) -> Plan:
   return Plan(*_same(stages), **extras)
 
 
+# --------------------------------------------------------------------------
+# chat: conversations, the loss on the assistant's replies only.
+
+
+def _chat_plan(ctx: Context) -> Plan:
+  seq_len = ctx.config.data.seq_len
+  encode = chat.EncodeChat(ctx.tokenizer, ctx.source.text_key, seq_len)
+  _log_chat_lengths(encode, ctx.source.train)
+  stages = Stages(encode, packing="first_fit", fan_out=True,
+                  lengths={"inputs": seq_len, "targets": seq_len, "weights": seq_len},
+                  to_batch=chat.rows_to_chat_batch, spec=_lm_spec(ctx.config))
+  return Plan(*_same(stages))
+
+
+def _log_chat_lengths(encode: chat.EncodeChat, records, sample: int = 1000) -> None:
+  """How many of the first ``sample`` conversations ``seq_len`` cuts, and how
+  many it leaves without a reply token (those are skipped)."""
+  total, cut, skipped, kept = min(len(records), sample), 0, 0, encode.seq_len + 1
+  for index in range(total):
+    tokens, trained = encode.encode(records[index])
+    cut += len(tokens) > kept
+    skipped += not trained[1:kept].any()
+  logging.info("Chat: of the first %d train conversations, %d exceed data.seq_len + 1 = %d"
+               " tokens and are cut there, %d of them with no reply left (skipped)", total,
+               cut, kept, skipped)
+
+
 TASKS: Mapping[str, Task] = {task.name: task for task in (
     Task("lm", reads="text", plan=_lm_plan, spec=_lm_spec),
     Task("mlm", reads="text", plan=_mlm_plan, spec=_mlm_spec,
@@ -311,6 +339,7 @@ TASKS: Mapping[str, Task] = {task.name: task for task in (
          spec=_classify_spec, encoder_decoder=_is_t5_classify),
     Task("seq2seq", reads="records", plan=_seq2seq_plan, spec=_seq2seq_spec,
          encoder_decoder=lambda config: True),
+    Task("chat", reads="records", plan=_chat_plan, spec=_lm_spec),
 )}
 
 

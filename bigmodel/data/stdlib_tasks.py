@@ -23,7 +23,11 @@ file.
   characters and a body beyond the docstring; split by file as above
   (about 10% validation).
 
-Both are deterministic for a given Python installation.
+* ``docstring_chat`` (chat): the ``docstring`` rows as conversations, the
+  user asking what the function (its source, docstring removed) does, the
+  assistant answering with the docstring's summary (column ``messages``).
+
+All are deterministic for a given Python installation.
 """
 from __future__ import annotations
 
@@ -39,7 +43,11 @@ from collections.abc import Iterator
 from absl import logging
 import numpy as np
 
-DEFAULT_TASKS = {"classify": "stdlib_package", "seq2seq": "docstring"}
+DEFAULT_TASKS = {"classify": "stdlib_package", "seq2seq": "docstring",
+                 "chat": "docstring_chat"}
+# The column holding each default task's input: text, or a chat's messages.
+DEFAULT_TEXT_COLUMNS = {"classify": "text", "seq2seq": "text", "chat": "messages"}
+_CHAT_QUESTION = "What does this Python function do?\n\n"
 
 _PACKAGES = ("asyncio", "email", "unittest", "xml", "multiprocessing",
              "importlib", "tkinter", "idlelib", "lib2to3", "distutils")
@@ -194,6 +202,19 @@ def docstring_rows(stdlib: str) -> dict[str, list[dict[str, str]]]:
   return splits
 
 
+def docstring_chat_rows(stdlib: str) -> dict[str, list[dict[str, object]]]:
+  """The ``docstring_chat`` task: {"train": rows, "validation": rows}."""
+  return {split: [{"messages": [
+      {"role": "user", "content": _CHAT_QUESTION + row["text"]},
+      {"role": "assistant", "content": row["target"]}], "path": row["path"]}
+                  for row in rows]
+          for split, rows in docstring_rows(stdlib).items()}
+
+
+_ROWS = {"classify": stdlib_package_rows, "seq2seq": docstring_rows,
+         "chat": docstring_chat_rows}
+
+
 def ensure_default_task(kind: str, data_dir: str) -> str:
   """Writes the default task of ``kind`` once; returns its directory.
 
@@ -206,8 +227,7 @@ def ensure_default_task(kind: str, data_dir: str) -> str:
     return task_dir
   start = time.perf_counter()
   stdlib = sysconfig.get_paths()["stdlib"]
-  splits = (stdlib_package_rows if kind == "classify"
-            else docstring_rows)(stdlib)
+  splits = _ROWS[kind](stdlib)
   partial_dir = f"{task_dir}.partial.{os.getpid()}"
   os.makedirs(partial_dir, exist_ok=True)
   for split, rows in splits.items():

@@ -16,9 +16,9 @@ the decoder of an encoder-decoder model starts from bos (1).
 
 Every tokenizer implements :class:`Tokenizer`: encode, decode, vocab_size and
 its special ids as data (:class:`SpecialTokens`: pad, bos, eos, unk,
-decoder_start, and the extra ids that end generation, ``stop_ids``), plus an
-optional chat template (``chat_template`` / ``apply_chat_template``; only
-Hugging Face tokenizers have one). The data layer and generation read the ids from there, never
+decoder_start, and the extra ids that end generation, ``stop_ids``), plus a
+chat format (``apply_chat_template``: a Hugging Face tokenizer's Jinja
+``chat_template``, else the built-in format of ``bigmodel.data.chat``). The data layer and generation read the ids from there, never
 from constants, so an imported model keeps its own (T5: pad 0, eos 1, unk 2,
 decoder start = pad). Two implementations: :class:`SentencePieceTokenizer`
 (this module) and ``bigmodel.hf.tokenizer.HfTokenizer`` (a Hugging Face
@@ -147,7 +147,8 @@ class Tokenizer(abc.ABC):
 
   def apply_chat_template(self, messages: Sequence[dict[str, str]],
                           add_generation_prompt: bool = True) -> str:
-    """The text of a conversation in the model's chat format.
+    """The text of a conversation in the model's chat format: its template's,
+    or without one the built-in format of ``bigmodel.data.chat``.
 
     Args:
       messages: ``{"role": "system" | "user" | "assistant", "content": text}``.
@@ -155,12 +156,10 @@ class Tokenizer(abc.ABC):
         generation continues as the assistant.
 
     Raises:
-      UserError: The tokenizer has no chat template (this default), or the
-        template rejects the conversation.
+      UserError: The template rejects the conversation.
     """
-    del messages, add_generation_prompt  # Unused: there is no template.
-    raise UserError("this tokenizer has no chat template; chat needs a model imported with"
-                    " one (chat_template in tokenizer_config.json or chat_template.jinja)")
+    from bigmodel.data.chat import builtin_chat_text  # pylint: disable=g-import-not-at-top
+    return builtin_chat_text(messages, add_generation_prompt)
 
   @staticmethod
   def load(path: str) -> Tokenizer:

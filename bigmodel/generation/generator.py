@@ -31,6 +31,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from bigmodel import sharding
 from bigmodel import run as run_lib
+from bigmodel.data.chat import encode_chat_prompt
 from bigmodel.data.tokenizer import Tokenizer
 from bigmodel.errors import UserError
 from bigmodel.generation.models import CachedDecoder
@@ -107,14 +108,17 @@ class Generator:
     vocab = self.config.model.vocab_size
     return min(self.tokenizer.vocab_size, vocab) if self.tokenizer else vocab
 
-  def prompt_ids(self, text: str, templated: bool = False) -> list[int]:
+  def prompt_ids(self, text: str | Sequence[int], templated: bool = False) -> list[int]:
     """A prompt's token ids: BOS + text (GPT) or text + EOS (T5 encoder).
 
-    ``templated``: ``text`` is a rendered chat template, which puts BOS
-    where the model wants it (as transformers, a GPT prompt is its tokens as is).
+    ``templated``: ``text`` is a chat prompt (``chat_prompt``: token ids, or
+    a rendered chat template as text), which puts BOS where the model wants
+    it (as transformers, a GPT prompt is its tokens as they are).
     """
     if self.tokenizer is None:
       raise UserError("this run has no tokenizer (synthetic data); it can only generate ids")
+    if templated and not isinstance(text, str):
+      return list(text)
     ids = self.tokenizer.encode(text)
     if self.is_encoder_decoder:
       return ids + [self.eos_id]
@@ -211,15 +215,16 @@ class Generator:
       results.append(ids[:ends[0]] if ends else ids)
     return results
 
-  def generate(self, prompts: str | Sequence[str], *, max_new_tokens: int = 64,
+  def generate(self, prompts: str | Sequence[str | Sequence[int]], *,
+               max_new_tokens: int = 64,
                temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
                num_beams: int = 1, length_penalty: float = 1.0,
                stop: Sequence[str] = (), seed: int = 0, templated: bool = False) -> list[str]:
     """Completions of ``prompts`` (the new text only), cut at a stop id or string.
 
     Stop strings cut the text; decoding itself runs to a stop id or
-    ``max_new_tokens``. ``templated``: the prompts are rendered chat
-    templates (``chat_prompt``), tokenized as they are.
+    ``max_new_tokens``. ``templated``: the prompts are chat prompts
+    (``chat_prompt``'s ids, or rendered templates), taken as they are.
     """
     if isinstance(prompts, str):
       prompts = [prompts]
@@ -233,22 +238,21 @@ class Generator:
     texts = [self.tokenizer.decode(row) for row in ids]
     return [_cut_at_stop(text, stop) for text in texts]
 
-  def chat_prompt(self, message: str, system: Optional[str] = None) -> str:
-    """One user ``message`` (after an optional ``system`` one) rendered by the
-    tokenizer's chat template, ending with the start of the assistant's turn.
-
-    UserError if the tokenizer has no chat template.
-    """
+  def chat_prompt(self, message: str, system: Optional[str] = None) -> list[int]:
+    """The token ids of one user ``message`` (after an optional ``system``
+    one) in the model's chat format, ending with the start of the
+    assistant's turn (``bigmodel.data.chat``: its template, else the
+    built-in format chat fine-tuning trains)."""
     if self.tokenizer is None:
       raise UserError("this run has no tokenizer (synthetic data); it cannot chat")
     messages = [{"role": "system", "content": system}] if system is not None else []
     messages.append({"role": "user", "content": message})
-    return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+    return encode_chat_prompt(self.tokenizer, messages)
 
   def chat(self, message: str, system: Optional[str] = None, **kwargs) -> str:
     """The assistant's reply to ``message`` (``chat_prompt``), stopping at the
     end-of-turn token; ``kwargs``: ``generate``'s settings."""
-    return self.generate(self.chat_prompt(message, system), templated=True, **kwargs)[0]
+    return self.generate([self.chat_prompt(message, system)], templated=True, **kwargs)[0]
 
 
 def _cut_at_stop(text: str, stop: Sequence[str]) -> str:
