@@ -126,6 +126,10 @@ def base_config() -> ml_collections.ConfigDict:
       freeze="",
   ))
 
+  # DPO (data.task=preference; bigmodel/objectives.py): the reward is beta
+  # times the log-probability ratio to the starting model.
+  c.dpo = ml_collections.ConfigDict(dict(beta=0.1))
+
   # LoRA adapters (bigmodel/models/lora.py): rank 0 = off. With adapters only
   # they train; every other parameter is frozen.
   c.lora = ml_collections.ConfigDict(dict(
@@ -263,6 +267,8 @@ def validate(config) -> None:
     raise UserError(f"optim.grad_accum={config.optim.grad_accum} does not divide "
                     f"train.batch_size={config.train.batch_size}")
   lora.validate(config.lora)
+  if config.dpo.beta <= 0:
+    raise UserError(f"dpo.beta must be positive, got {config.dpo.beta}")
   if config.optim.freeze:
     try:
       re.compile(config.optim.freeze)

@@ -29,6 +29,7 @@ import jax
 import numpy as np
 
 from bigmodel import cli
+from bigmodel import objectives
 from bigmodel import sharding
 from bigmodel import run as run_lib
 from bigmodel import train_step
@@ -96,8 +97,19 @@ def evaluate_run(workdir: str, split: str = "validation", step: Optional[int] = 
   if datasets.make_eval_iter is None:
     raise UserError(f"the run in {workdir} has no {split} data to evaluate (synthetic data, "
                     "no validation split, or eval_steps 0)")
-  eval_fn = train_step.jit_eval_step(model, mesh,
-                                     jax.tree_util.tree_map(lambda x: x.sharding, params))
+  reference = None
+  if config.data.task == "preference":  # DPO's reference: the run's starting model.
+    if not config.init_from:
+      raise UserError(f"the DPO run in {workdir} has no init_from: no reference model to "
+                      "evaluate against")
+    reference, _, _ = run_lib.restore_params(config.init_from, mesh)
+  shardings_of = lambda tree: jax.tree_util.tree_map(lambda x: x.sharding, tree)  # pylint: disable=unnecessary-lambda-assignment
+  eval_fn = train_step.jit_eval_step(
+      model, mesh, shardings_of(params), objectives.for_config(config, model),
+      None if reference is None else shardings_of(reference))
+  if reference is not None:
+    with_reference = eval_fn
+    eval_fn = lambda p, batch: with_reference(p, batch, reference)  # pylint: disable=unnecessary-lambda-assignment
   with sharding.activate(mesh):
     metrics = evaluate(eval_fn, params, datasets.make_eval_iter(), mesh,
                        with_confusion=with_confusion,

@@ -67,19 +67,23 @@ def evaluate(eval_fn: Callable, params, eval_batches: Iterable[dict[str, np.ndar
              num_classes: int = 0,
              label_token_ids: Optional[Sequence[Sequence[int]]] = None,
              with_confusion: bool = False) -> dict[str, Any]:
-  """Weighted mean loss and accuracy (and perplexity, or classification metrics).
+  """Weighted mean loss and accuracy (and perplexity, DPO's reward margin, or
+  classification metrics).
 
   ``num_classes`` > 0 adds precision / recall / F1 (and, ``with_confusion``,
   ``eval_confusion``: the ``confusion_matrix`` as nested lists); for
   text-to-text classification, ``label_token_ids`` are the labels' target
   token sequences.
   """
-  loss_sum = weight_sum = correct_sum = 0.0
+  loss_sum = weight_sum = correct_sum = margin_sum = 0.0
+  preference = False
   predictions, labels, weights = [], [], []
   for host_batch in eval_batches:
     out = eval_fn(params, sharding.global_batch(host_batch, mesh))
     loss_sum, weight_sum = loss_sum + out["loss_sum"], weight_sum + out["weight_sum"]
     correct_sum = correct_sum + out["correct_sum"]
+    if "reward_margin_sum" in out:
+      preference, margin_sum = True, margin_sum + out["reward_margin_sum"]
     if num_classes:
       fetched = jax.device_get({k: out[k] for k in ("predictions", "labels", "example_mask",
                                                     "target_mask")})
@@ -99,6 +103,8 @@ def evaluate(eval_fn: Callable, params, eval_batches: Iterable[dict[str, np.ndar
     if with_confusion:
       metrics["eval_confusion"] = confusion_matrix(predictions, labels, weights,
                                                    num_classes).tolist()
+  elif preference:  # DPO: the accuracy is the preference accuracy.
+    metrics["eval_reward_margin"] = float(margin_sum) / weight_sum
   else:
     metrics["eval_perplexity"] = float(np.exp(min(loss, 50.0)))
   return metrics

@@ -8,6 +8,7 @@ from typing import Any
 
 from absl import logging
 import jax
+import jax.numpy as jnp
 
 from bigmodel.run import restore_params
 from bigmodel.errors import UserError
@@ -55,5 +56,7 @@ def init_from_pretrained(state: Any, config, mesh) -> Any:
     message += f"; fresh: {', '.join(fresh)}"
   print(message, flush=True)
   logging.info(message)
-  # The optimizer state starts fresh: its moments belong to the old task.
-  return state.replace(params=params)
+  # The optimizer state starts fresh: its moments belong to the old task. A
+  # DPO reference is the starting model: these parameters, copied.
+  reference = None if state.reference is None else jax.tree_util.tree_map(jnp.copy, params)
+  return state.replace(params=params, reference=reference)

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh
 
-from bigmodel import optim, sharding
+from bigmodel import objectives, optim, sharding
 from bigmodel.models import family_of, lora
 
 
@@ -21,14 +21,18 @@ class TrainState:
   rng: jax.Array       # Key for dropout; split afresh every step.
   # Paths of the parameters that do not train (``optim.frozen_paths``); static.
   frozen: tuple[str, ...] = flax.struct.field(pytree_node=False, default=())
+  # DPO without LoRA: a frozen copy of the starting parameters (None otherwise).
+  reference: Any = None
 
 
 def init_train_state(rng: jax.Array, model: nn.Module, optimizer: optax.GradientTransformation,
-                     seq_len: int, freeze: str = "", lora_cfg=None) -> TrainState:
+                     seq_len: int, freeze: str = "", lora_cfg=None,
+                     with_reference: bool = False) -> TrainState:
   """A fresh state; parameters stay boxed with their logical axis names.
 
   ``freeze`` (``optim.freeze``) and ``lora_cfg`` (``config.lora``) say which
   parameters are frozen; the optimizer state covers the others only.
+  ``with_reference``: keep a copy of the parameters as DPO's reference.
   """
   params_rng, state_rng = jax.random.split(rng)
   inputs = family_of(model).example_inputs(model.config, seq_len)
@@ -38,8 +42,10 @@ def init_train_state(rng: jax.Array, model: nn.Module, optimizer: optax.Gradient
     lora.check_adapters(params, lora_cfg)
   frozen = optim.frozen_paths(params, freeze, lora_cfg)
   trainable, _ = optim.partition(params, frozen)
+  reference = jax.tree_util.tree_map(jnp.copy, params) if with_reference else None
   return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                    opt_state=optimizer.init(trainable), rng=state_rng, frozen=frozen)
+                    opt_state=optimizer.init(trainable), rng=state_rng, frozen=frozen,
+                    reference=reference)
 
 
 def abstract_sharded_state(config, model: nn.Module, optimizer: optax.GradientTransformation,
@@ -51,7 +57,8 @@ def abstract_sharded_state(config, model: nn.Module, optimizer: optax.GradientTr
   """
   init_fn = functools.partial(init_train_state, model=model, optimizer=optimizer,
                               seq_len=config.data.seq_len, freeze=config.optim.freeze,
-                              lora_cfg=config.lora)
+                              lora_cfg=config.lora,
+                              with_reference=objectives.needs_reference(config))
   boxed = jax.eval_shape(init_fn, jax.random.key(config.train.seed))
   state_shardings = sharding.logical_to_shardings(boxed, mesh, sharding.logical_rules(config))
   abstract_state = jax.tree_util.tree_map(
@@ -70,7 +77,8 @@ def create_sharded_state(config, model: nn.Module, optimizer: optax.GradientTran
   _, state_shardings = abstract_sharded_state(config, model, optimizer, mesh)
   init_fn = functools.partial(init_train_state, model=model, optimizer=optimizer,
                               seq_len=config.data.seq_len, freeze=config.optim.freeze,
-                              lora_cfg=config.lora)
+                              lora_cfg=config.lora,
+                              with_reference=objectives.needs_reference(config))
   state = jax.jit(lambda r: sharding.strip_boxes(init_fn(r)),
                   out_shardings=state_shardings)(jax.random.key(config.train.seed))
   return state, state_shardings

@@ -41,6 +41,7 @@ from bigmodel import cli
 from bigmodel import console
 from bigmodel import distributed  # Also defines the multi-process flags.
 from bigmodel import flops
+from bigmodel import objectives
 from bigmodel import optim
 from bigmodel import resume
 from bigmodel import sharding
@@ -170,6 +171,7 @@ class Trainer:
     self.model = build_model(config.model, config.lora, training=True)
     # Evaluation and samples run without LoRA's dropout.
     self.eval_model = build_model(config.model, config.lora)
+    self.objective = objectives.for_config(config, self.eval_model)
     self.optimizer, self.schedule = make_optimizer(config.optim, config.train.steps)
     # Shapes only, before anything is written (a LoRA target or freeze pattern
     # that matches nothing fails here); the resume check and restore share it.
@@ -283,8 +285,10 @@ class Trainer:
         if config.print_sharding and self.is_writer:
           print(sharding.describe_shardings(state.params, state_shardings.params), flush=True)
         train_step_fn = jit_train_step(self.model, self.optimizer, self.schedule,
-                                       config.optim.grad_accum, mesh, state_shardings)
-        eval_fn = jit_eval_step(self.eval_model, mesh, state_shardings.params)
+                                       config.optim.grad_accum, mesh, state_shardings,
+                                       self.objective)
+        eval_fn = jit_eval_step(self.eval_model, mesh, state_shardings.params, self.objective,
+                                state_shardings.reference)
         next_batch = lambda: sharding.global_batch(next(self.datasets.train_iter), mesh)  # noqa: E731
         first_batch = next_batch()
         hooks, log = self._hooks(state, first_batch, eval_fn, writer)
@@ -324,15 +328,19 @@ class Trainer:
   def _hooks(self, state, first_batch, eval_fn, writer) -> tuple[list, LogHook]:
     """The hooks, in order: metrics, evaluation, logging, checkpointing."""
     config = self.config
-    batch_shapes = {k: v.shape for k, v in first_batch.items()}
+    batch_shapes = self.objective.model_batch_shapes(
+        {k: v.shape for k, v in first_batch.items()})
     metrics_hook = MetricsHook(
         config.train, flops.tokens_per_batch(batch_shapes),
-        flops.train_flops_per_step(ModelConfig.from_config(config.model), batch_shapes),
+        flops.train_flops_per_step(ModelConfig.from_config(config.model), batch_shapes)
+        * self.objective.passes / 3,
         self.peak_tflops, nonfinite_at_start=int(state.opt_state.total_notfinite))
     hooks = [metrics_hook]
     if self.datasets.make_eval_iter:
-      def run_eval(params):
-        metrics = evaluate(eval_fn, params, self.datasets.make_eval_iter(), self.mesh,
+      def run_eval(state):
+        step = eval_fn if state.reference is None else (
+            lambda params, batch: eval_fn(params, batch, state.reference))
+        metrics = evaluate(step, state.params, self.datasets.make_eval_iter(), self.mesh,
                            **classification_eval_args(config, self.datasets))
         return {**metrics, **self.datasets.eval_baselines}
       hooks.append(EvalHook(config.train.eval_every, run_eval,

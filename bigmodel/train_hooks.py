@@ -105,11 +105,12 @@ class EvalHook:
 
   def __init__(self, eval_every: int, run_eval: Callable[[Any], dict[str, float]],
                after: Callable[[], None]):
+    """``run_eval(state)`` returns the eval metrics of the train state."""
     self.eval_every, self.run_eval, self.after = eval_every, run_eval, after
 
   def __call__(self, outcome: StepOutcome) -> None:
     if outcome.is_last or (self.eval_every and outcome.step % self.eval_every == 0):
-      outcome.record.update(self.run_eval(outcome.state.params))
+      outcome.record.update(self.run_eval(outcome.state))
       self.after()
 
 

@@ -12,59 +12,53 @@ import jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 import optax
 
-from bigmodel import optim, sharding
-from bigmodel.models import batch_logits, targets_and_weights
+from bigmodel import objectives, optim, sharding
 from bigmodel.state import TrainState
-
-
-def losses_and_weights(model: nn.Module, params: Any, batch: dict[str, jax.Array],
-                       rng: jax.Array | None) -> tuple[jax.Array, jax.Array, jax.Array]:
-  """(cross-entropy, weights, logits): per token ([B, L]) or per example ([B]).
-
-  Dropout is on when ``rng`` is given.
-  """
-  logits = batch_logits(model, params, batch, rng=rng)
-  targets, weights = targets_and_weights(model, batch)
-  return optax.softmax_cross_entropy_with_integer_labels(logits, targets), weights, logits
 
 
 def train_step(state: TrainState, batch: dict[str, jax.Array], *, model: nn.Module,
                optimizer: optax.GradientTransformation, schedule: optax.Schedule,
-               grad_accum: int = 1) -> tuple[TrainState, dict[str, jax.Array]]:
+               grad_accum: int = 1, objective: Any = None
+               ) -> tuple[TrainState, dict[str, jax.Array]]:
   """One optimizer update on the global batch; returns the new state and metrics.
 
-  With ``grad_accum`` > 1 the batch is split into that many micro-batches whose
-  gradients are summed in a scan, so activations are held for one micro-batch
-  at a time and the update equals the full-batch one.
+  ``objective`` (``bigmodel.objectives``; default cross-entropy) gives the
+  losses, and its ``train_metrics`` join the metrics (DPO's reward margin
+  and preference accuracy). With ``grad_accum`` > 1 the batch is split into
+  that many micro-batches whose gradients are summed in a scan, so
+  activations are held for one micro-batch at a time and the update equals
+  the full-batch one.
   """
+  objective = objective or objectives.CrossEntropy()
   rng, step_rng = jax.random.split(state.rng)
-  _, weights = targets_and_weights(model, batch)
-  total_weight = jnp.maximum(weights.sum(), 1.0)
+  total_weight = jnp.maximum(objective.weights(model, batch).sum(), 1.0)
   # Gradients, optimizer state and updates cover the trainable parameters only.
   trainable, frozen = optim.partition(state.params, state.frozen)
 
   def micro_loss(trainable, micro_batch, micro_rng):
     params = optim.combine(trainable, frozen)
-    losses, micro_weights, _ = losses_and_weights(model, params, micro_batch, micro_rng)
-    return (losses * micro_weights).sum() / total_weight
+    losses, weights, extras = objective(model, params, micro_batch, micro_rng, state.reference)
+    metrics = {name: (extras[key] * weights).sum() / total_weight
+               for key, name in objective.train_metrics.items()}
+    return (losses * weights).sum() / total_weight, metrics
 
-  grad_fn = jax.value_and_grad(micro_loss)
+  grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
   if grad_accum == 1:
-    loss, grads = grad_fn(trainable, batch, step_rng)
+    (loss, extras), grads = grad_fn(trainable, batch, step_rng)
   else:
     micro_batches = jax.tree_util.tree_map(
         lambda x: x.reshape(grad_accum, x.shape[0] // grad_accum, *x.shape[1:]), batch)
 
     def accumulate(carry, inputs):
-      loss_sum, grad_sum = carry
       micro_batch, micro_rng = inputs
-      loss, grads = grad_fn(trainable, micro_batch, micro_rng)
-      return (loss_sum + loss, jax.tree_util.tree_map(jnp.add, grad_sum, grads)), None
+      return jax.tree_util.tree_map(jnp.add, carry, grad_fn(trainable, micro_batch,
+                                                            micro_rng)), None
 
-    zeros = jax.tree_util.tree_map(jnp.zeros_like, trainable)
-    (loss, grads), _ = jax.lax.scan(
-        accumulate, (jnp.zeros((), jnp.float32), zeros),
-        (micro_batches, jax.random.split(step_rng, grad_accum)))
+    first = jax.tree_util.tree_map(lambda x: x[0], micro_batches)
+    zeros = jax.tree_util.tree_map(jnp.zeros_like,
+                                   jax.eval_shape(grad_fn, trainable, first, step_rng))
+    ((loss, extras), grads), _ = jax.lax.scan(
+        accumulate, zeros, (micro_batches, jax.random.split(step_rng, grad_accum)))
 
   updates, opt_state = optimizer.update(grads, state.opt_state, trainable)
   new_trainable = optax.apply_updates(trainable, updates)
@@ -76,6 +70,7 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, model: nn.Modu
       lambda: (trainable, _count_skipped(state.opt_state)))
   params = optim.combine(new_trainable, frozen)
   metrics = {
+      **extras,
       "loss": loss,
       "grad_norm": optax.tree.norm(grads),
       "learning_rate": schedule(state.step),
@@ -99,30 +94,34 @@ def _count_skipped(opt_state: optax.ApplyIfFiniteState) -> optax.ApplyIfFiniteSt
                             total_notfinite=opt_state.total_notfinite + 1)
 
 
-def eval_step(params: Any, batch: dict[str, jax.Array], *, model: nn.Module) -> dict[str, jax.Array]:
+def eval_step(params: Any, batch: dict[str, jax.Array], reference: Any = None, *,
+              model: nn.Module, objective: Any = None) -> dict[str, jax.Array]:
   """Sums over the batch, so batches of any fill combine exactly.
 
-  ``loss_sum`` and ``correct_sum`` (argmax accuracy: next-token, MLM or class)
-  over ``weight_sum`` tokens or examples. Classification batches (with
+  ``loss_sum`` and ``correct_sum`` (the objective's accuracy: argmax
+  next-token, MLM or class; DPO's preference accuracy) over ``weight_sum``
+  units; DPO adds ``reward_margin_sum``. Classification batches (with
   ``label``) also return each example's ``predictions`` ([B], or [B, Ld]
   teacher-forced tokens for text-to-text), ``labels`` and ``example_mask``.
   """
-  losses, weights, logits = losses_and_weights(model, params, batch, rng=None)
-  targets, _ = targets_and_weights(model, batch)
-  predictions = jnp.argmax(logits, axis=-1)
+  objective = objective or objectives.CrossEntropy()
+  losses, weights, extras = objective(model, params, batch, None, reference)
   out = {"loss_sum": (losses * weights).sum(), "weight_sum": weights.sum(),
-         "correct_sum": ((predictions == targets) * weights).sum()}
+         "correct_sum": (extras["correct"] * weights).sum()}
+  if "reward_margin" in extras:
+    out["reward_margin_sum"] = (extras["reward_margin"] * weights).sum()
   if "label" in batch:
-    out.update(predictions=predictions, labels=batch["label"],
+    out.update(predictions=extras["predictions"], labels=batch["label"],
                example_mask=batch["example_mask"], target_mask=weights)
   return out
 
 
-def make_train_step(model, optimizer, schedule, grad_accum) -> Callable[..., Any]:
+def make_train_step(model, optimizer, schedule, grad_accum, objective=None
+                    ) -> Callable[..., Any]:
   """``train_step`` with its static arguments bound, ready for ``jax.jit``."""
   def step(state, batch):
     return train_step(state, batch, model=model, optimizer=optimizer, schedule=schedule,
-                      grad_accum=grad_accum)
+                      grad_accum=grad_accum, objective=objective)
   return step
 
 
@@ -131,21 +130,28 @@ def make_train_step(model, optimizer, schedule, grad_accum) -> Callable[..., Any
 # benchmarked and tested is what trains.
 def jit_train_step(model: nn.Module, optimizer: optax.GradientTransformation,
                    schedule: optax.Schedule, grad_accum: int, mesh: Mesh,
-                   state_shardings: Any) -> Any:
+                   state_shardings: Any, objective: Any = None) -> Any:
   """The jitted ``train_step``: (state, global batch) -> (state, replicated metrics).
 
   The state keeps ``state_shardings`` and is donated (updated in place); the
   batch is split over the data-parallel axes. Call it under
   ``sharding.activate(mesh)``.
   """
-  return jax.jit(make_train_step(model, optimizer, schedule, grad_accum),
+  return jax.jit(make_train_step(model, optimizer, schedule, grad_accum, objective),
                  in_shardings=(state_shardings, sharding.batch_sharding(mesh)),
                  out_shardings=(state_shardings, NamedSharding(mesh, P())),
                  donate_argnums=(0,))
 
 
-def jit_eval_step(model: nn.Module, mesh: Mesh, params_shardings: Any) -> Any:
-  """The jitted ``eval_step``: (params, global batch) -> replicated sums."""
-  return jax.jit(functools.partial(eval_step, model=model),
-                 in_shardings=(params_shardings, sharding.batch_sharding(mesh)),
+def jit_eval_step(model: nn.Module, mesh: Mesh, params_shardings: Any, objective: Any = None,
+                  reference_shardings: Any = None) -> Any:
+  """The jitted ``eval_step``: (params, global batch) -> replicated sums; with
+  ``reference_shardings`` (DPO's frozen reference) (params, batch, reference)."""
+  step = functools.partial(eval_step, model=model, objective=objective)
+  if reference_shardings is None:
+    return jax.jit(lambda params, batch: step(params, batch),
+                   in_shardings=(params_shardings, sharding.batch_sharding(mesh)),
+                   out_shardings=NamedSharding(mesh, P()))
+  return jax.jit(step, in_shardings=(params_shardings, sharding.batch_sharding(mesh),
+                                     reference_shardings),
                  out_shardings=NamedSharding(mesh, P()))

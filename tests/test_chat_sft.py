@@ -87,6 +87,20 @@ def test_packed_batches_weight_the_replies_only(tokenizer, tokenizer_file, tmp_p
   assert segments_seen > batch["inputs"].shape[0]  # Several conversations per row.
 
 
+def test_conversations_that_all_lose_their_replies_are_one_error(tokenizer_file, tmp_path):
+  """Every conversation cut before its reply: an error, not a trainer that
+  waits forever for a batch."""
+  path = tmp_path / "chats.jsonl"
+  path.write_text("".join(json.dumps({"messages": [
+      {"role": "user", "content": f"A long question number {i} " * 8},
+      {"role": "assistant", "content": "yes"}]}) + "\n" for i in range(12)))
+  config = tiny_config("gpt", vocab_size=512)
+  config.data.update(task="chat", text_column="messages", paths=str(path), seq_len=16,
+                     tokenizer=tokenizer_file)
+  with pytest.raises(UserError, match="keeps a reply token.*raise data.seq_len"):
+    build_datasets(config, str(tmp_path / "work"), 0, 1)
+
+
 def test_packed_conversations_never_see_each_other():
   """A packed row [A, B]: B's logits do not depend on A."""
   config = tiny_config("llama")

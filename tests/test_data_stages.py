@@ -49,6 +49,20 @@ def task_file(tmp_path_factory) -> str:
   return str(path)
 
 
+@pytest.fixture(scope="module")
+def chat_file(tmp_path_factory) -> str:
+  """42 conversations (the ROWS as question and reply), and as preference pairs."""
+  root = tmp_path_factory.mktemp("chat")
+  with open(root / "chats.jsonl", "w", encoding="utf-8") as chats, \
+       open(root / "pairs.jsonl", "w", encoding="utf-8") as pairs:
+    for i, (text, label, target) in enumerate(ROWS):
+      chats.write(json.dumps({"messages": [{"role": "user", "content": text},
+                                           {"role": "assistant", "content": target}]}) + "\n")
+      prompt = [{"role": "user", "content": text}] if i % 2 else text
+      pairs.write(json.dumps({"prompt": prompt, "chosen": label, "rejected": target}) + "\n")
+  return str(root)
+
+
 # Every registered task (classify once per kind of model): its settings.
 CASES = {
     "lm": {"data.task": "lm"},
@@ -60,10 +74,14 @@ CASES = {
                     "model.family": "t5", "train.eval_steps": 0},
     "seq2seq": {"data.task": "seq2seq", "data.paths": "{task}",
                 "data.target_len": 16, "train.eval_steps": 0},
+    "chat": {"data.task": "chat", "data.paths": "{chat}/chats.jsonl",
+             "data.text_column": "messages", "data.seq_len": 64},
+    "preference": {"data.task": "preference", "data.paths": "{chat}/pairs.jsonl",
+                   "data.text_column": "prompt", "data.seq_len": 64, "train.eval_steps": 0},
 }
 
 
-def _config(tokenizer, corpus_dir, task_file, **overrides):
+def _config(tokenizer, corpus_dir, task_file, chat_dir="", **overrides):
   config = base_config()
   config.data.seq_len = SEQ_LEN
   config.data.tokenizer = tokenizer
@@ -73,7 +91,9 @@ def _config(tokenizer, corpus_dir, task_file, **overrides):
   config.train.eval_steps = 2
   for key, value in overrides.items():
     section, name = key.split(".")
-    config[section][name] = task_file if value == "{task}" else value
+    if isinstance(value, str):
+      value = value.replace("{task}", task_file).replace("{chat}", chat_dir)
+    config[section][name] = value
   return config
 
 
@@ -84,8 +104,8 @@ def test_every_registered_task_is_covered():
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_every_task_batches_match_its_batch_spec(case, tmp_path,
                                                  tokenizer_file, corpus_dir,
-                                                 task_file):
-  config = _config(tokenizer_file, corpus_dir, task_file, **CASES[case])
+                                                 task_file, chat_file):
+  config = _config(tokenizer_file, corpus_dir, task_file, chat_file, **CASES[case])
   datasets = build_datasets(config, str(tmp_path))
   for spec in (datasets.train_spec, datasets.eval_spec):
     assert isinstance(spec, BatchSpec)
@@ -114,14 +134,14 @@ def test_every_task_batches_match_its_batch_spec(case, tmp_path,
     assert lengths["encoder_inputs"] == (datasets.encoder_length,)
     assert lengths["decoder_targets"] == (datasets.decoder_length,)
   else:
-    assert lengths["inputs"] == (SEQ_LEN,)
+    side = "chosen_" if case == "preference" else ""
+    assert lengths[f"{side}inputs"] == (config.data.seq_len,)
 
 
-@pytest.mark.parametrize("case", ["lm", "mlm", "span_corruption",
-                                  "classify", "classify_t5", "seq2seq"])
+@pytest.mark.parametrize("case", sorted(CASES))
 def test_every_task_resumes_exactly(case, tmp_path, tokenizer_file,
-                                    corpus_dir, task_file):
-  config = _config(tokenizer_file, corpus_dir, task_file, **CASES[case])
+                                    corpus_dir, task_file, chat_file):
+  config = _config(tokenizer_file, corpus_dir, task_file, chat_file, **CASES[case])
   iterator = build_datasets(config, str(tmp_path)).train_iter
   states, batches = [], []
   for _ in range(5):

@@ -106,3 +106,11 @@ def encoder_decoder_spec(encoder_length: int, decoder_length: int, *,
   if with_label:
     fields["label"] = ((), np.int32)
   return BatchSpec.of(**fields)
+
+
+def preference_spec(seq_len: int) -> BatchSpec:
+  """Preference pairs, one per row: the LM keys per side (``chosen_*``,
+  ``rejected_*``; loss_mask 1 on the reply) and example_mask."""
+  fields = {f"{side}_{key}": value for side in ("chosen", "rejected")
+            for key, value in lm_spec(seq_len).fields.items()}
+  return BatchSpec({**fields, "example_mask": ((), np.dtype(np.float32))})

@@ -46,11 +46,11 @@ def builtin_chat_text(messages: Sequence[Mapping[str, str]],
   return text + ("<|assistant|>\n" if add_generation_prompt else "")
 
 
-def check_messages(messages: Any, where: str) -> list[dict[str, str]]:
+def check_messages(messages: Any, where: str, needs_reply: bool = True) -> list[dict[str, str]]:
   """The conversation as role/content dicts; UserError naming ``where`` and
   the problem: not a list of objects, a role outside ``ROLES`` or missing, a
-  system message after the first, content that is not text, no assistant
-  message, an empty assistant message."""
+  system message after the first, content that is not text, an empty
+  assistant message, or (``needs_reply``) no assistant message."""
   if not isinstance(messages, list) or not messages:
     raise UserError(f"{where}: messages must be a non-empty list of {{role, content}} objects")
   checked = []
@@ -66,7 +66,7 @@ def check_messages(messages: Any, where: str) -> list[dict[str, str]]:
     if message["role"] == "assistant" and not content.strip():
       raise UserError(f"{where}: message {i} is an empty assistant message")
     checked.append({"role": message["role"], "content": content})
-  if not any(m["role"] == "assistant" for m in checked):
+  if needs_reply and not any(m["role"] == "assistant" for m in checked):
     raise UserError(f"{where}: the conversation has no assistant message to learn")
   return checked
 

@@ -17,6 +17,7 @@ classify, encoder model   labelled examples    one per row + label
 classify, model.family t5 labelled examples    text-to-text enc-dec
 seq2seq                   (input, target)      packed enc-dec
 chat (decoder)            JSONL conversations  packed causal LM, replies
+preference (decoder)      JSONL pairs          one pair per row (DPO)
 ========================  ===================  ==========================
 
 Evaluation: ``train.eval_steps`` batches; for classify and seq2seq
@@ -128,8 +129,8 @@ def validate_data_config(config: ml_collections.ConfigDict, process_count: int) 
   if data.target_len < 0:
     raise UserError(f"data.target_len={data.target_len} must be >= 0")
   from bigmodel.models import families  # pylint: disable=g-import-not-at-top
-  if data.task == "chat" and not families.get(model.family).is_causal_lm:
-    raise UserError("data.task=chat fine-tunes a decoder-only model (gpt family);"
+  if data.task in ("chat", "preference") and not families.get(model.family).is_causal_lm:
+    raise UserError(f"data.task={data.task} fine-tunes a decoder-only model (gpt family);"
                     f" model.family={model.family!r} is not one")
   if data.task == "mlm" and not 0.0 < data.mlm_probability < 1.0:
     raise UserError(f"data.mlm_probability={data.mlm_probability} must be in"
@@ -281,6 +282,12 @@ def _training_texts(source: Source, task: registry.Task, seed: int) -> Iterator[
     record = source.train[int(index)]
     if task.name == "chat":
       yield chat.builtin_chat_text(json.loads(source.text(record)), False)
+      continue
+    if task.name == "preference":
+      pair = json.loads(source.text(record))
+      prompt = pair["prompt"]
+      yield from (prompt if isinstance(prompt, str) else chat.builtin_chat_text(prompt, True),
+                  pair["chosen"], pair["rejected"])
       continue
     yield source.text(record)
     if task.name == "seq2seq":

@@ -5,7 +5,10 @@ Three kinds of task read here, each example a text and an answer:
 * ``classify``: (text, label name);
 * ``seq2seq``: (input text, target text);
 * ``chat``: (a conversation's ``messages`` as JSON, its last reply), JSONL
-  only; every conversation is checked (``bigmodel.data.chat.check_messages``).
+  only; every conversation is checked (``bigmodel.data.chat.check_messages``);
+* ``preference``: ({prompt, chosen, rejected} as JSON, the chosen reply),
+  JSONL only: the prompt (``data.text_column``) is text or chat
+  ``messages``, ``chosen`` and ``rejected`` are replies.
 
 Sources, read as a :class:`bigmodel.data.sources.Source` like
 :mod:`bigmodel.data.corpus`:
@@ -43,11 +46,12 @@ from absl import logging
 import tensorflow_datasets as tfds
 
 from bigmodel.data import chat
+from bigmodel.data import preference
 from bigmodel.data import sources
 from bigmodel.data.sources import Source
 from bigmodel.errors import UserError
 
-TASK_KINDS = ("classify", "seq2seq", "chat")
+TASK_KINDS = ("classify", "seq2seq", "chat", "preference")
 # Percent of the rows held out for validation when there is no validation file.
 _HOLDOUT_PERCENT = 10
 _EXTENSIONS = (".jsonl", ".csv")
@@ -145,9 +149,9 @@ def read_task_file(path: str, text_column: str, answer_column: str,
   text_option, answer_option = "data.text_column", (
       "data.label_column" if kind == "classify" else "data.target_column")
   columns = [(text_option, text_column)]
-  if kind == "chat":
+  if kind in ("chat", "preference"):
     if not path.endswith(".jsonl"):
-      raise UserError(f"{path}: chat conversations are read from JSONL files")
+      raise UserError(f"{path}: {kind} examples are read from JSONL files")
   else:
     columns.append((answer_option, answer_column))
   rows = []
@@ -162,6 +166,9 @@ def read_task_file(path: str, text_column: str, answer_column: str,
       messages = chat.check_messages(row.get(text_column), where)
       last_reply = [m["content"] for m in messages if m["role"] == "assistant"][-1]
       rows.append((json.dumps(messages, ensure_ascii=False), last_reply))
+    elif kind == "preference":
+      pair = preference.check_preference(row, text_column, where)
+      rows.append((json.dumps(pair, ensure_ascii=False), pair["chosen"]))
     else:
       rows.append((_value(row, text_column, where, "text"),
                    _value(row, answer_column, where, answer_feature(kind))))

@@ -23,6 +23,7 @@ import ml_collections
 from bigmodel.data import batch_spec
 from bigmodel.data import chat
 from bigmodel.data import metrics
+from bigmodel.data import preference
 from bigmodel.data import transforms
 from bigmodel.data.loader import Stages
 from bigmodel.data.objectives import SpanCorruptionLengths
@@ -324,6 +325,27 @@ def _log_chat_lengths(encode: chat.EncodeChat, records, sample: int = 1000) -> N
   logging.info("Chat: of the first %d train conversations, %d exceed data.seq_len + 1 = %d"
                " tokens and are cut there, %d of them with no reply left (skipped)", total,
                cut, kept, skipped)
+  if total and skipped == total:  # Training would wait forever for a batch.
+    raise UserError(f"none of the first {total} train conversations keeps a reply token"
+                    f" within data.seq_len + 1 = {kept} tokens; raise data.seq_len")
+
+
+# --------------------------------------------------------------------------
+# preference: prompt + chosen and rejected replies, for DPO.
+
+
+def _preference_spec(config: ml_collections.ConfigDict) -> batch_spec.BatchSpec:
+  return batch_spec.preference_spec(config.data.seq_len)
+
+
+def _preference_plan(ctx: Context) -> Plan:
+  seq_len = ctx.config.data.seq_len
+  stages = Stages(
+      preference.EncodePreference(ctx.tokenizer, ctx.source.text_key, seq_len),
+      packing="pad", lengths={f"{side}_{key}": seq_len for side in preference.SIDES
+                              for key in preference.ROW_KEYS},
+      to_batch=preference.rows_to_preference_batch, spec=_preference_spec(ctx.config))
+  return Plan(*_same(stages), one_example_per_row_eval=True)
 
 
 TASKS: Mapping[str, Task] = {task.name: task for task in (
@@ -340,6 +362,7 @@ TASKS: Mapping[str, Task] = {task.name: task for task in (
     Task("seq2seq", reads="records", plan=_seq2seq_plan, spec=_seq2seq_spec,
          encoder_decoder=lambda config: True),
     Task("chat", reads="records", plan=_chat_plan, spec=_lm_spec),
+    Task("preference", reads="records", plan=_preference_plan, spec=_preference_spec),
 )}
 
 

@@ -27,6 +27,11 @@ file.
   user asking what the function (its source, docstring removed) does, the
   assistant answering with the docstring's summary (column ``messages``).
 
+* ``docstring_preference`` (preference): the same question as a chat prompt
+  (column ``prompt``), ``chosen`` = the function's own summary, ``rejected``
+  = the summary of the function 7 rows further in the same split (another
+  function, usually of the same file's neighbourhood, with another summary).
+
 All are deterministic for a given Python installation.
 """
 from __future__ import annotations
@@ -44,9 +49,10 @@ from absl import logging
 import numpy as np
 
 DEFAULT_TASKS = {"classify": "stdlib_package", "seq2seq": "docstring",
-                 "chat": "docstring_chat"}
+                 "chat": "docstring_chat", "preference": "docstring_preference"}
 # The column holding each default task's input: text, or a chat's messages.
-DEFAULT_TEXT_COLUMNS = {"classify": "text", "seq2seq": "text", "chat": "messages"}
+DEFAULT_TEXT_COLUMNS = {"classify": "text", "seq2seq": "text", "chat": "messages",
+                        "preference": "prompt"}
 _CHAT_QUESTION = "What does this Python function do?\n\n"
 
 _PACKAGES = ("asyncio", "email", "unittest", "xml", "multiprocessing",
@@ -211,8 +217,23 @@ def docstring_chat_rows(stdlib: str) -> dict[str, list[dict[str, object]]]:
           for split, rows in docstring_rows(stdlib).items()}
 
 
+def docstring_preference_rows(stdlib: str) -> dict[str, list[dict[str, object]]]:
+  """The ``docstring_preference`` task: {"train": rows, "validation": rows}."""
+  splits = {}
+  for split, rows in docstring_rows(stdlib).items():
+    splits[split] = []
+    for i, row in enumerate(rows):
+      others = (rows[(i + k) % len(rows)]["target"] for k in range(7, len(rows)))
+      rejected = next((t for t in others if t != row["target"]), None)
+      if rejected is not None:
+        splits[split].append({
+            "prompt": [{"role": "user", "content": _CHAT_QUESTION + row["text"]}],
+            "chosen": row["target"], "rejected": rejected, "path": row["path"]})
+  return splits
+
+
 _ROWS = {"classify": stdlib_package_rows, "seq2seq": docstring_rows,
-         "chat": docstring_chat_rows}
+         "chat": docstring_chat_rows, "preference": docstring_preference_rows}
 
 
 def ensure_default_task(kind: str, data_dir: str) -> str:

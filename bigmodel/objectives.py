@@ -1,0 +1,118 @@
+"""What a train step minimises: cross-entropy, or DPO on preference pairs.
+
+An objective maps (model, params, batch) to per-unit losses and weights
+(units: tokens, examples or preference pairs) and per-unit extras averaged
+the same way (``correct`` becomes the accuracy). ``train_step`` and
+``eval_step`` normalise by the batch's total weight, so micro-batches and
+evaluation batches of any fill combine exactly.
+
+DPO (Rafailov et al., 2023): for a prompt x with a chosen reply y_w and a
+rejected one y_l, the policy's reward of a reply is beta times its log-
+probability ratio to the frozen reference model's,
+r(y) = beta (log pi(y | x) - log pi_ref(y | x)), and the loss is
+-log sigmoid(r(y_w) - r(y_l)). The reference is the starting model: with
+LoRA the same parameters with the adapters switched off (their B zero),
+otherwise a frozen copy of the starting parameters kept in the train state
+(``TrainState.reference``). Both replies and the reference run in the same
+jitted step, the two replies as one batch of 2B rows.
+"""
+import dataclasses
+from typing import Any, Optional
+
+import flax
+import jax
+import jax.numpy as jnp
+import optax
+
+from bigmodel.models import batch_logits, build_model, lora, targets_and_weights
+
+# Losses [U], weights [U] and extras {name: [U]} of U units.
+Units = tuple[jax.Array, jax.Array, dict[str, jax.Array]]
+
+
+class CrossEntropy:
+  """Next-token, MLM, seq2seq or class cross-entropy (the family's targets)."""
+  train_metrics: dict[str, str] = {}  # Extras averaged into the train metrics, by name.
+  passes = 3  # Model FLOPs of a step in forward passes: forward and backward.
+
+  def model_batch_shapes(self, shapes: dict[str, tuple[int, ...]]) -> dict[str, tuple[int, ...]]:
+    """The shapes of what the model reads of a batch of ``shapes`` (FLOPs, tokens)."""
+    return shapes
+
+  def weights(self, model, batch) -> jax.Array:
+    return targets_and_weights(model, batch)[1]
+
+  def __call__(self, model, params: Any, batch: dict[str, jax.Array],
+               rng: Optional[jax.Array], reference: Any = None) -> Units:
+    del reference
+    logits = batch_logits(model, params, batch, rng=rng)
+    targets, weights = targets_and_weights(model, batch)
+    predictions = jnp.argmax(logits, axis=-1)
+    return (optax.softmax_cross_entropy_with_integer_labels(logits, targets), weights,
+            {"correct": (predictions == targets).astype(jnp.float32),
+             "predictions": predictions})
+
+
+@dataclasses.dataclass(frozen=True)
+class Dpo:
+  """Direct preference optimisation over ``chosen_*`` / ``rejected_*`` rows.
+
+  Extras per pair: ``correct`` (the chosen reply's reward is the higher:
+  the preference accuracy) and ``reward_margin`` (r(y_w) - r(y_l)).
+  """
+  beta: float
+  train_metrics = {"correct": "preference_accuracy", "reward_margin": "reward_margin"}
+  passes = 4  # The policy's forward and backward, the reference's forward.
+
+  def model_batch_shapes(self, shapes: dict[str, tuple[int, ...]]) -> dict[str, tuple[int, ...]]:
+    batch, length = shapes["chosen_inputs"]
+    return {"inputs": (2 * batch, length)}  # Both replies, one forward.
+  # The model the reference runs as: the training model without dropout
+  # (Qwix applies LoRA dropout whenever an adapter runs). None: ``model``.
+  reference_model: Any = None
+
+  def weights(self, model, batch) -> jax.Array:
+    del model
+    return batch["example_mask"]
+
+  def reply_logps(self, model, params, batch, rng) -> tuple[jax.Array, jax.Array]:
+    """log pi(reply | prompt) of the chosen and the rejected replies, [B] each."""
+    rows = {key: jnp.concatenate([batch[f"chosen_{key}"], batch[f"rejected_{key}"]])
+            for key in ("inputs", "targets", "segment_ids", "positions", "loss_mask")}
+    logits_2BxLxV = batch_logits(model, params, rows, rng=rng)
+    logp_2BxL = -optax.softmax_cross_entropy_with_integer_labels(logits_2BxLxV, rows["targets"])
+    logp_2B = (logp_2BxL * rows["loss_mask"]).sum(axis=-1)
+    return jnp.split(logp_2B, 2)
+
+  def __call__(self, model, params: Any, batch: dict[str, jax.Array],
+               rng: Optional[jax.Array], reference: Any = None) -> Units:
+    chosen_B, rejected_B = self.reply_logps(model, params, batch, rng)
+    if reference is None:  # LoRA: the starting model is the base, adapters off.
+      reference = switch_off_adapters(params)
+    ref_chosen_B, ref_rejected_B = jax.lax.stop_gradient(
+        self.reply_logps(self.reference_model or model, reference, batch, None))
+    margin_B = self.beta * ((chosen_B - ref_chosen_B) - (rejected_B - ref_rejected_B))
+    return (-jax.nn.log_sigmoid(margin_B), batch["example_mask"],
+            {"correct": (margin_B > 0).astype(jnp.float32), "reward_margin": margin_B})
+
+
+def switch_off_adapters(params: Any) -> Any:
+  """``params`` with every LoRA adapter's B zero: the base model's function."""
+  flat = flax.traverse_util.flatten_dict(params, sep="/")
+  return flax.traverse_util.unflatten_dict(
+      {name: jnp.zeros_like(x) if name.endswith(lora.ADAPTER_SUFFIXES[1]) else x
+       for name, x in flat.items()}, sep="/")
+
+
+def for_config(config, eval_model=None) -> Any:
+  """The objective of ``config``'s task: DPO for ``data.task=preference``
+  (its reference runs as ``eval_model``, the run's model without dropout)."""
+  if config.data.task == "preference":
+    return Dpo(config.dpo.beta, eval_model or build_model(config.model, config.lora))
+  return CrossEntropy()
+
+
+def needs_reference(config) -> bool:
+  """Whether the train state keeps a frozen copy of the starting parameters
+  (DPO without LoRA; with LoRA the base is the reference)."""
+  return config.data.task == "preference" and not lora.enabled(config.lora)
