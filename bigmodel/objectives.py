@@ -61,15 +61,15 @@ class Dpo:
   the preference accuracy) and ``reward_margin`` (r(y_w) - r(y_l)).
   """
   beta: float
+  # The model the reference runs as: the training model without dropout
+  # (Qwix applies LoRA dropout whenever an adapter runs). None: ``model``.
+  reference_model: Any = None
   train_metrics = {"correct": "preference_accuracy", "reward_margin": "reward_margin"}
   passes = 4  # The policy's forward and backward, the reference's forward.
 
   def model_batch_shapes(self, shapes: dict[str, tuple[int, ...]]) -> dict[str, tuple[int, ...]]:
     batch, length = shapes["chosen_inputs"]
     return {"inputs": (2 * batch, length)}  # Both replies, one forward.
-  # The model the reference runs as: the training model without dropout
-  # (Qwix applies LoRA dropout whenever an adapter runs). None: ``model``.
-  reference_model: Any = None
 
   def weights(self, model, batch) -> jax.Array:
     del model
@@ -89,8 +89,9 @@ class Dpo:
     chosen_B, rejected_B = self.reply_logps(model, params, batch, rng)
     if reference is None:  # LoRA: the starting model is the base, adapters off.
       reference = switch_off_adapters(params)
+    reference_model = model if self.reference_model is None else self.reference_model
     ref_chosen_B, ref_rejected_B = jax.lax.stop_gradient(
-        self.reply_logps(self.reference_model or model, reference, batch, None))
+        self.reply_logps(reference_model, reference, batch, None))
     margin_B = self.beta * ((chosen_B - ref_chosen_B) - (rejected_B - ref_rejected_B))
     return (-jax.nn.log_sigmoid(margin_B), batch["example_mask"],
             {"correct": (margin_B > 0).astype(jnp.float32), "reward_margin": margin_B})
