@@ -40,7 +40,7 @@ import jax.numpy as jnp
 import ml_collections
 from jax.sharding import AbstractMesh, AxisType
 
-from bigmodel import flops, optim, sharding
+from bigmodel import flops, objectives, optim, sharding
 from bigmodel.models import ModelConfig, build_model, families, lora
 from bigmodel.models.attention import resolve_impl
 from bigmodel.state import init_train_state
@@ -144,18 +144,20 @@ def _state_key(config) -> tuple:
   """What the train state's shapes depend on (not the batch or grad_accum)."""
   optim = {k: v for k, v in config.optim.items() if k != "grad_accum"}
   return (tuple(sorted(config.model.items())), tuple(sorted(optim.items())),
-          tuple(sorted(config.lora.items())), config.data.seq_len)
+          tuple(sorted(config.lora.items())), config.data.seq_len,
+          objectives.needs_reference(config))
 
 
 @functools.lru_cache(maxsize=4)
 def _boxed_state(key: tuple) -> Any:
-  model_items, optim_items, lora_items, seq_len = key
+  model_items, optim_items, lora_items, seq_len, with_reference = key
   optim_cfg, lora_cfg = (ml_collections.ConfigDict(dict(items))
                          for items in (optim_items, lora_items))
   model = build_model(ml_collections.ConfigDict(dict(model_items)), lora_cfg)
   optimizer, _ = optim.make_optimizer(optim_cfg, 1000)
   init_fn = functools.partial(init_train_state, model=model, optimizer=optimizer,
-                              seq_len=seq_len, freeze=optim_cfg.freeze, lora_cfg=lora_cfg)
+                              seq_len=seq_len, freeze=optim_cfg.freeze, lora_cfg=lora_cfg,
+                              with_reference=with_reference)
   return jax.eval_shape(init_fn, jax.random.key(0))
 
 
@@ -181,7 +183,9 @@ def _state_bytes(key: tuple, mesh_sizes: tuple, rules: tuple) -> tuple[int, int,
   num_params = sum(x.size for x in jax.tree_util.tree_leaves(sharding.strip_boxes(boxed.params)))
   trainable, _ = optim.partition(sharding.strip_boxes(boxed.params), boxed.frozen)
   trainable_shardings, _ = optim.partition(shardings.params, boxed.frozen)
-  return (num_params, _tree_bytes(boxed.params, shardings.params),
+  reference = (0 if boxed.reference is None
+               else _tree_bytes(boxed.reference, shardings.reference))
+  return (num_params, _tree_bytes(boxed.params, shardings.params) + reference,
           _tree_bytes(boxed.opt_state, shardings.opt_state),
           _tree_bytes(trainable, trainable_shardings))
 
@@ -194,7 +198,8 @@ def _state_sizes(config, mesh_shape: Mapping[str, int]) -> tuple[int, int, int, 
 
 
 def state_bytes(config, mesh_shape: Mapping[str, int]) -> tuple[int, int, int]:
-  """(parameter count, parameter bytes, optimizer-state bytes) per device.
+  """(parameter count, parameter bytes, optimizer-state bytes) per device;
+  the bytes include DPO's frozen reference copy (``TrainState.reference``).
 
   Exact: the trainer's state shapes placed by the trainer's sharding rules
   (``mesh.rules`` included); frozen parameters (LoRA, ``optim.freeze``) have

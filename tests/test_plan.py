@@ -171,6 +171,16 @@ def test_plan_vs_compiled_memory():
   assert lora_llama["planned"] < full_llama["planned"] - 4 * 2**30
 
 
+def test_dpo_without_lora_keeps_a_second_copy_of_the_parameters():
+  config = tiny_config("llama")
+  num_params, params, adamw = memory.state_bytes(config, _SINGLE)
+  config.data.task = "preference"
+  assert memory.state_bytes(config, _SINGLE) == (num_params, 2 * params, adamw)
+  config.lora.rank = 4  # The base is the reference: no copy, AdamW for the adapters only.
+  _, lora_params, lora_adamw = memory.state_bytes(config, _SINGLE)
+  assert params < lora_params < 1.1 * params and lora_adamw < adamw / 10
+
+
 @pytest.mark.parametrize("arch,remat", [("llama", "dots_with_no_batch_dims_saveable"),
                                          ("llama", "none"), ("llama", "full"),
                                          ("gemma", "dots_with_no_batch_dims_saveable")])
