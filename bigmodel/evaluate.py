@@ -81,6 +81,9 @@ def evaluate_run(workdir: str, split: str = "validation", step: Optional[int] = 
     raise UserError(f"--split={split} is not one of: {', '.join(SPLITS)}")
   run = run_lib.load_run(workdir, step)
   config, step, mesh, model, params = run.config, run.step, run.mesh, run.model, run.params
+  if config.data.task == "preference" and not config.init_from:  # Before any data is prepared.
+    raise UserError(f"the DPO run in {workdir} has no init_from: no reference model to "
+                    "evaluate against")
   if check_step is not None:
     check_step(step)
   if eval_steps is not None:
@@ -99,20 +102,13 @@ def evaluate_run(workdir: str, split: str = "validation", step: Optional[int] = 
                     "no validation split, or eval_steps 0)")
   reference = None
   if config.data.task == "preference":  # DPO's reference: the run's starting model.
-    if not config.init_from:
-      raise UserError(f"the DPO run in {workdir} has no init_from: no reference model to "
-                      "evaluate against")
     reference, _, _ = run_lib.restore_params(config.init_from, mesh)
   shardings_of = lambda tree: jax.tree_util.tree_map(lambda x: x.sharding, tree)  # pylint: disable=unnecessary-lambda-assignment
-  eval_fn = train_step.jit_eval_step(
-      model, mesh, shardings_of(params), objectives.for_config(config, model),
-      None if reference is None else shardings_of(reference))
-  if reference is not None:
-    with_reference = eval_fn
-    eval_fn = lambda p, batch: with_reference(p, batch, reference)  # pylint: disable=unnecessary-lambda-assignment
+  eval_fn = train_step.jit_eval_step(model, mesh, shardings_of(params),
+                                     objectives.for_config(config, model), shardings_of(reference))
   with sharding.activate(mesh):
     metrics = evaluate(eval_fn, params, datasets.make_eval_iter(), mesh,
-                       with_confusion=with_confusion,
+                       with_confusion=with_confusion, reference=reference,
                        **classification_eval_args(config, datasets))
     metrics.update(datasets.eval_baselines)
     if with_confusion and "eval_confusion" in metrics:

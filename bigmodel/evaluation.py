@@ -66,11 +66,12 @@ def text_to_class(predicted_BxL: np.ndarray, loss_mask_BxL: np.ndarray,
 def evaluate(eval_fn: Callable, params, eval_batches: Iterable[dict[str, np.ndarray]], mesh,
              num_classes: int = 0,
              label_token_ids: Optional[Sequence[Sequence[int]]] = None,
-             with_confusion: bool = False) -> dict[str, Any]:
+             with_confusion: bool = False, reference: Any = None) -> dict[str, Any]:
   """Weighted mean loss and accuracy (and perplexity, DPO's reward margin, or
   classification metrics).
 
-  ``num_classes`` > 0 adds precision / recall / F1 (and, ``with_confusion``,
+  ``eval_fn`` is ``train_step.jit_eval_step``'s; ``reference`` DPO's frozen
+  reference parameters. ``num_classes`` > 0 adds precision / recall / F1 (and, ``with_confusion``,
   ``eval_confusion``: the ``confusion_matrix`` as nested lists); for
   text-to-text classification, ``label_token_ids`` are the labels' target
   token sequences.
@@ -79,7 +80,7 @@ def evaluate(eval_fn: Callable, params, eval_batches: Iterable[dict[str, np.ndar
   preference = False
   predictions, labels, weights = [], [], []
   for host_batch in eval_batches:
-    out = eval_fn(params, sharding.global_batch(host_batch, mesh))
+    out = eval_fn(params, sharding.global_batch(host_batch, mesh), reference)
     loss_sum, weight_sum = loss_sum + out["loss_sum"], weight_sum + out["weight_sum"]
     correct_sum = correct_sum + out["correct_sum"]
     if "reward_margin_sum" in out:

@@ -338,9 +338,8 @@ class Trainer:
     hooks = [metrics_hook]
     if self.datasets.make_eval_iter:
       def run_eval(state):
-        step = eval_fn if state.reference is None else (
-            lambda params, batch: eval_fn(params, batch, state.reference))
-        metrics = evaluate(step, state.params, self.datasets.make_eval_iter(), self.mesh,
+        metrics = evaluate(eval_fn, state.params, self.datasets.make_eval_iter(), self.mesh,
+                           reference=state.reference,
                            **classification_eval_args(config, self.datasets))
         return {**metrics, **self.datasets.eval_baselines}
       hooks.append(EvalHook(config.train.eval_every, run_eval,

@@ -145,13 +145,9 @@ def jit_train_step(model: nn.Module, optimizer: optax.GradientTransformation,
 
 def jit_eval_step(model: nn.Module, mesh: Mesh, params_shardings: Any, objective: Any = None,
                   reference_shardings: Any = None) -> Any:
-  """The jitted ``eval_step``: (params, global batch) -> replicated sums; with
-  ``reference_shardings`` (DPO's frozen reference) (params, batch, reference)."""
-  step = functools.partial(eval_step, model=model, objective=objective)
-  if reference_shardings is None:
-    return jax.jit(lambda params, batch: step(params, batch),
-                   in_shardings=(params_shardings, sharding.batch_sharding(mesh)),
-                   out_shardings=NamedSharding(mesh, P()))
-  return jax.jit(step, in_shardings=(params_shardings, sharding.batch_sharding(mesh),
-                                     reference_shardings),
+  """The jitted ``eval_step``: (params, global batch, reference) -> replicated
+  sums; ``reference`` is DPO's frozen reference (None for every other objective)."""
+  return jax.jit(functools.partial(eval_step, model=model, objective=objective),
+                 in_shardings=(params_shardings, sharding.batch_sharding(mesh),
+                               reference_shardings),
                  out_shardings=NamedSharding(mesh, P()))
