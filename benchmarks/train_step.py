@@ -272,7 +272,9 @@ def benchmark(config, steps: int, warmup: int, compile_only: bool,
   record["memory"]["device_peak"] = _device_peak_bytes()
   step_s = statistics.median(times)
   tokens_per_s = config.train.batch_size * config.data.seq_len / step_s
-  step_flops = flops.train_flops_per_step(c, {k: v.shape for k, v in batches[0].items()})
+  batch_shapes = {k: v.shape for k, v in batches[0].items()}
+  step_flops = flops.train_flops_per_step(c, batch_shapes) + flops.trainable_flops_correction(
+      c, state.params, state.frozen, batch_shapes)
   tflops = step_flops / step_s / jax.device_count() / 1e12
   step_tflops = tflops * step_s / np.array(times)
   record.update(steps=len(times), step_s=step_s, step_s_min=min(times), step_s_max=max(times),

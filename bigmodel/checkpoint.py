@@ -9,6 +9,15 @@ and training refuses to resume from it. Saves are asynchronous and atomic (orbax
 temporary directory and renames it when complete, so a half-written checkpoint
 is never picked up). Restoring reshards onto whatever mesh the restoring run
 uses.
+
+A run whose frozen arrays come unchanged from other runs' checkpoints (the
+``init_from`` parameters that stay frozen: LoRA's base, ``optim.freeze``;
+DPO's reference copy; a distillation teacher) saves checkpoints that *point
+to* those *base* checkpoints instead of repeating them: the arrays are left
+out, and a ``base`` item lists each source (its workdir, step, a fingerprint
+of its digests, and the paths it provides in ``params`` and in
+``reference``). Restoring such a checkpoint here gives those places as
+``None``; ``bigmodel.run`` fills them from the sources.
 """
 import glob
 import os
@@ -25,9 +34,10 @@ import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers
 
 from bigmodel.errors import UserError
+from bigmodel.sharding import path_name
 
 # The JSON items of a checkpoint, next to its arrays ("state").
-_JSON_ITEMS = ("data", "config", "digests", "params_only")
+_JSON_ITEMS = ("data", "config", "digests", "params_only", "base")
 # A save needs the state's size free on disk, plus this margin (metadata, JSON).
 _SPACE_MARGIN_BYTES = 16 << 20
 
@@ -44,6 +54,10 @@ def _as_uint32(x: jax.Array) -> jax.Array:
   """The raw bits of ``x`` as uint32 words (one per element; two for 8-byte types)."""
   if x.dtype == jnp.bool_:
     return x.astype(jnp.uint32)
+  if jnp.issubdtype(x.dtype, jnp.integer) and jnp.iinfo(x.dtype).bits == 4:
+    # int4 (bigmodel.quantize's kernels): bitcast needs whole bytes; widening
+    # keeps every value, hence every bit, distinct.
+    return jax.lax.bitcast_convert_type(x.astype(jnp.int32), jnp.uint32)
   size = x.dtype.itemsize
   if size == 4:
     return jax.lax.bitcast_convert_type(x, jnp.uint32)
@@ -121,6 +135,31 @@ def _from_saveable(state: Any) -> Any:
   return state.replace(rng=jax.random.wrap_key_data(state.rng))
 
 
+def with_holes(tree: Any, paths: list[str]) -> Any:
+  """``tree`` with None at the leaves named by ``paths`` (``a/b/kernel``)."""
+  paths = set(paths)
+  return jax.tree_util.tree_map_with_path(
+      lambda p, x: None if path_name(p) in paths else x, tree)
+
+
+def provided_paths(bases: list[dict[str, Any]], where: str) -> list[str]:
+  """The paths in ``where`` ("params" or "reference") that base sources provide."""
+  return [path for source in bases for path in source[where]]
+
+
+def without_base(state: Any, bases: list[dict[str, Any]]) -> Any:
+  """A train state less the arrays that base sources (``bigmodel.run.base_source``)
+  provide: their ``params`` paths in ``state.params``, their ``reference``
+  paths in ``state.reference`` (DPO's frozen copy, a distillation teacher)."""
+  if not bases:
+    return state
+  reference = state.reference
+  if reference is not None:
+    reference = with_holes(reference, provided_paths(bases, "reference"))
+  return state.replace(params=with_holes(state.params, provided_paths(bases, "params")),
+                       reference=reference)
+
+
 def _params_only(directory: str, step: int) -> bool:
   """Whether checkpoint ``step`` in ``directory`` is parameters-only (``save_params``)."""
   return os.path.isdir(os.path.join(directory, str(step), "params_only"))
@@ -136,6 +175,14 @@ def check_resumable(directory: str, step: Optional[int] = None) -> None:
       return
     step = max(steps)
   if _params_only(directory, step):
+    # bigmodel.quantize's output is parameters-only too, but no run starts from it.
+    from bigmodel.models.quantization import saved_weight_bits  # pylint: disable=g-import-not-at-top
+    bits = saved_weight_bits(os.path.dirname(os.path.abspath(directory)))
+    if bits:
+      raise UserError(
+          f"the checkpoint at step {step} in {directory} holds int{bits} weight-quantized "
+          "parameters (bigmodel.quantize): they load for generation and evaluation only, "
+          "nothing trains from them; train the float run they were made from")
     raise UserError(
         f"the checkpoint at step {step} in {directory} holds parameters only (a converted "
         "model: no optimizer state or data position to resume); train from it in a new "
@@ -191,10 +238,13 @@ class Checkpointer:
     return sorted(self._manager.all_steps())
 
   def save(self, step: int, state: Any, data_state: dict[str, Any],
-           config: ml_collections.ConfigDict, metrics: Optional[dict[str, float]] = None) -> None:
+           config: ml_collections.ConfigDict, metrics: Optional[dict[str, float]] = None,
+           bases: tuple[dict[str, Any], ...] = ()) -> None:
     """Starts saving ``state`` at ``step``; returns once arrays are copied off device.
 
-    Also saves a digest of every array, checked at restore.
+    Also saves a digest of every array, checked at restore. ``bases`` (base
+    sources, ``bigmodel.run.base_source``): the arrays they provide are left
+    out and the sources are saved instead.
 
     Raises:
       CheckpointWriteError: too little free space, or the write failed (the
@@ -202,7 +252,7 @@ class Checkpointer:
     """
     self.wait()  # An earlier async save's failure surfaces here, naming its own step.
     self._pending_step = step
-    saveable = _to_saveable(state)
+    saveable = _to_saveable(without_base(state, list(bases)))
     needed = _state_nbytes(saveable) + _SPACE_MARGIN_BYTES
     free = shutil.disk_usage(self.directory).free
     if free < needed:
@@ -210,15 +260,13 @@ class Checkpointer:
           f"not enough free space to save the checkpoint at step {step} in {self.directory}: "
           f"{free / 2**20:.1f} MiB free, about {needed / 2**20:.1f} MiB needed; the earlier "
           "checkpoints are intact")
+    items = dict(state=ocp.args.StandardSave(saveable), data=ocp.args.JsonSave(data_state),
+                 config=ocp.args.JsonSave(config.to_dict()),
+                 digests=ocp.args.JsonSave(state_digests(saveable)))
+    if bases:
+      items["base"] = ocp.args.JsonSave({"sources": list(bases)})
     try:
-      self._manager.save(
-          step,
-          args=ocp.args.Composite(
-              state=ocp.args.StandardSave(saveable),
-              data=ocp.args.JsonSave(data_state),
-              config=ocp.args.JsonSave(config.to_dict()),
-              digests=ocp.args.JsonSave(state_digests(saveable))),
-          metrics=metrics, force=True)
+      self._manager.save(step, args=ocp.args.Composite(**items), metrics=metrics, force=True)
     except Exception as e:  # pylint: disable=broad-except
       self._write_failed(step, e)
 
@@ -255,15 +303,35 @@ class Checkpointer:
   def close(self) -> None:
     self._manager.close()
 
+  def _has_item(self, step: int, name: str) -> bool:
+    return os.path.isdir(os.path.join(self.directory, str(step), name))
+
+  def base_sources(self, step: int) -> list[dict[str, Any]]:
+    """The base sources of checkpoint ``step``; [] when it holds every array."""
+    if not self._has_item(step, "base"):
+      return []
+    return self._manager.restore(step, args=ocp.args.Composite(
+        base=ocp.args.JsonRestore()))["base"]["sources"]
+
+  def saved_digests(self, step: int) -> Optional[dict[str, list[int]]]:
+    """The digests saved with checkpoint ``step`` (None for a checkpoint without)."""
+    if not self._has_item(step, "digests"):
+      return None
+    return self._manager.restore(step, args=ocp.args.Composite(
+        digests=ocp.args.JsonRestore()))["digests"]
+
   def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict[str, Any]]:
     """Restores checkpoint ``step`` onto ``abstract_state``'s shardings.
+
+    The arrays base sources provide (``base_sources``) come back as None.
 
     Raises:
       ValueError: an array does not match the digest saved with it.
     """
+    abstract_state = without_base(abstract_state, self.base_sources(step))
     items = dict(state=ocp.args.StandardRestore(_to_saveable(abstract_state)),
                  data=ocp.args.JsonRestore())
-    has_digests = os.path.isdir(os.path.join(self.directory, str(step), "digests"))
+    has_digests = self._has_item(step, "digests")
     if has_digests:  # Checkpoints written before digests existed have none.
       items["digests"] = ocp.args.JsonRestore()
     restored = self._manager.restore(step, args=ocp.args.Composite(**items))
@@ -291,17 +359,20 @@ class Checkpointer:
 
   def restore_params(self, step: int, abstract_params: Any) -> Any:
     """The parameters of checkpoint ``step`` (full or parameters-only), onto
-    ``abstract_params``' shardings; the optimizer state is never read.
+    ``abstract_params``' shardings; the optimizer state is never read. Those
+    base sources provide come back as None.
 
     Raises:
       ValueError: an array does not match the digest saved with it.
     """
+    abstract_params = with_holes(abstract_params,
+                                 provided_paths(self.base_sources(step), "params"))
     target = {"params": abstract_params}
     shardings = jax.tree_util.tree_map(lambda x: x.sharding, target)
     items = dict(state=ocp.args.PyTreeRestore(
         item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target, shardings),
         partial_restore=True))
-    has_digests = os.path.isdir(os.path.join(self.directory, str(step), "digests"))
+    has_digests = self._has_item(step, "digests")
     if has_digests:
       items["digests"] = ocp.args.JsonRestore()
     restored = self._manager.restore(step, args=ocp.args.Composite(**items))

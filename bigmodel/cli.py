@@ -1,13 +1,16 @@
 """Command-line plumbing shared by the entry points: flag parsing whose every
 failure becomes one ``error:`` line and exit status 2 (absl alone would print
 usage and a traceback, with status 1)."""
+import contextlib
 import difflib
 import os
 import re
+import shutil
 import sys
+import tempfile
 import traceback
 import types
-from typing import Any, Optional, Sequence
+from typing import Any, Iterator, Optional, Sequence
 
 from absl import flags
 import ml_collections
@@ -175,6 +178,36 @@ def check_new_folder(path: str, flag: Optional[str] = None) -> None:
   if os.path.lexists(path):
     raise UserError(f"{_label(path, flag)} already exists; choose a new path")
   _check_parent(path, flag)
+
+
+@contextlib.contextmanager
+def new_folder(out: str, replace_empty: bool = False) -> Iterator[str]:
+  """Yields a temporary folder next to ``out`` to write into; renames it
+  ``out`` when the block completes, so a failure (any exception) leaves
+  nothing at ``out`` and removes the partial folder. The folder gets the
+  umask's permissions (not ``mkdtemp``'s 0700). ``out`` created meanwhile by
+  someone else stays theirs (a UserError), unless ``replace_empty`` and it is
+  an empty folder. An ``OSError`` becomes one UserError line.
+  """
+  out = os.path.abspath(out)
+  partial = None
+  try:
+    partial = tempfile.mkdtemp(dir=os.path.dirname(out), prefix=f"{os.path.basename(out)}.partial.")
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(partial, 0o777 & ~umask)
+    yield partial
+    if os.path.lexists(out) and not (replace_empty and os.path.isdir(out)
+                                     and not os.listdir(out)):
+      raise UserError(f"{out} appeared while it was being written; choose a new path")
+    os.rename(partial, out)
+    partial = None
+  except OSError as e:
+    raise UserError(f"cannot write {out}: {e.strerror or e}"
+                    f"{f': {e.filename}' if e.filename else ''}") from e
+  finally:
+    if partial is not None:  # Only there still when something failed.
+      shutil.rmtree(partial, ignore_errors=True)
 
 
 def require_flags(*names: str) -> None:

@@ -9,8 +9,8 @@ import re
 import ml_collections
 
 from bigmodel.errors import UserError
-from bigmodel import sharding
-from bigmodel.models import families, lora
+from bigmodel import pruning, sharding
+from bigmodel.models import families, lora, quantization
 from bigmodel.models.attention import ATTENTION_IMPLS
 from bigmodel.models.layers import ACTIVATIONS
 from bigmodel.models.rope import ROPE_SCALINGS
@@ -44,6 +44,18 @@ def base_config() -> ml_collections.ConfigDict:
       attention_impl="auto",  # auto (pallas on GPU/TPU, xla on CPU) | xla | pallas | cudnn
       remat="none",           # none | full | dots_saveable | dots_with_no_batch_dims_saveable
       scan=True,              # Scan over layers: compile time flat in depth.
+      # Quantized training of every dense layer (bigmodel/models/quantization.py,
+      # through Qwix): none | int8 | fp8 (float8_e4m3fn). Weights per output
+      # channel; activations per token unless quantize_activations=False;
+      # quantize_gradients also quantizes the backward pass's incoming gradients.
+      quantization="none",
+      quantize_activations=True,
+      quantize_gradients=False,
+      # A weight-quantized model (written by bigmodel.quantize; loads for generation
+      # and evaluation, never trains): 0 (float) | 8 | 4 bits per dense kernel
+      # weight, scales per output channel or per group of this many inputs (0).
+      weight_bits=0,
+      weight_group_size=0,
       # Family options (each family's sub-config; ``families.Family.options``).
       # They stay flat keys so config.json files of earlier runs load; another
       # family rejects them unless they keep their defaults.
@@ -130,6 +142,19 @@ def base_config() -> ml_collections.ConfigDict:
   # times the log-probability ratio to the starting model.
   c.dpo = ml_collections.ConfigDict(dict(beta=0.1))
 
+  # Magnitude pruning (bigmodel/pruning.py, docs/compression.md): masks kept in
+  # the optimizer state hold the pruned weights at exactly zero.
+  c.prune = ml_collections.ConfigDict(dict(
+      method="",              # "" (off) | magnitude (unstructured) | n_m (N:M structured).
+      sparsity=0.5,           # magnitude: the final pruned fraction, in [0, 1).
+      n=2,                    # n_m: keep n of every m consecutive weights along each
+      m=4,                    # kernel's input dimension (2:4: sparse tensor cores).
+      start_step=0,           # Pruning starts here (n_m: applied in one step here) ...
+      end_step=0,             # ... and reaches `sparsity` here (0 = train.steps).
+      every=100,              # Steps between mask updates (Zhu & Gupta's dt).
+      targets=pruning.DEFAULT_TARGETS,  # Regular expression searched in parameter paths.
+  ))
+
   # LoRA adapters (bigmodel/models/lora.py): rank 0 = off. With adapters only
   # they train; every other parameter is frozen.
   c.lora = ml_collections.ConfigDict(dict(
@@ -155,6 +180,42 @@ def base_config() -> ml_collections.ConfigDict:
       # skip: halt anyway once this many updates were skipped in a row, or within
       # one logging interval (a diverged run never recovers by skipping).
       max_nonfinite=5,
+      # Where metrics go besides metrics.jsonl (always written: resume and
+      # bigmodel.goodput read it): "tensorboard", "wandb", comma-separated.
+      trackers="tensorboard",
+      # Steps "a,b": a jax.profiler trace of steps a..b in WORKDIR/profile
+      # (TensorBoard / XProf) and their time split; "" = none.
+      profile_steps="",
+  ))
+
+  # Knowledge distillation (bigmodel.distill): a frozen teacher run of the same
+  # family and vocabulary; loss = alpha T^2 KL(teacher_T || student_T) + (1 - alpha) CE.
+  c.distill = ml_collections.ConfigDict(dict(
+      teacher="",        # The teacher's WORKDIR; "" = no distillation.
+      alpha=0.5,
+      temperature=2.0,
+      teacher_dtype="",  # float32 | bfloat16; "" = as saved.
+  ))
+
+  # lm-evaluation-harness tasks during training (bigmodel.lm_eval; needs the
+  # eval extra): every N steps and at the last, logged as lm_eval/TASK/METRIC.
+  c.lm_eval = ml_collections.ConfigDict(dict(
+      every=0,           # 0 = never.
+      tasks="",          # Comma-separated task names.
+      include_path="",   # Folders of task YAML files, comma-separated.
+      num_fewshot=-1,    # -1 = each task's own.
+      limit=0,           # The first N documents of each task; 0 = all.
+      batch_size=8,
+  ))
+
+  # Weights & Biases (train.trackers=...,wandb): the run id is kept in
+  # WORKDIR/wandb_run_id so a resumed run continues the same W&B run.
+  c.wandb = ml_collections.ConfigDict(dict(
+      project="bigmodel",
+      entity="",   # "" = the account's default.
+      name="",     # "" = the workdir's name.
+      tags="",     # Comma-separated.
+      mode="",     # online | offline | disabled; "" = W&B's default (WANDB_MODE).
   ))
 
   # rules: overrides of sharding.LOGICAL_AXIS_RULES, "LOGICAL=AXES,..." with mesh
@@ -166,6 +227,10 @@ def base_config() -> ml_collections.ConfigDict:
       keep=3,             # The latest checkpoints kept (>= 1: the newest is never deleted).
       keep_best=False,    # Also keep the one with the lowest eval_loss.
       async_save=True,    # Write in the background while training continues.
+      # False: a run from init_from saves the frozen parameters it took from
+      # there (LoRA's base, optim.freeze, DPO's reference) as a pointer to that
+      # checkpoint, not again; True: every checkpoint holds every array.
+      self_contained=False,
   ))
 
   c.print_sharding = False
@@ -225,6 +290,30 @@ _NON_NEGATIVE = ("model.num_kv_heads", "model.head_dim", "model.num_decoder_laye
                  "checkpoint.save_every")
 
 
+TRACKERS = ("jsonl", "tensorboard", "wandb")
+
+
+def tracker_names(trackers: str) -> list[str]:
+  """``train.trackers`` as names (``jsonl`` is always on)."""
+  return [name.strip() for name in trackers.split(",") if name.strip()]
+
+
+def profile_steps(value: str, total_steps: int) -> tuple[int, int] | None:
+  """``train.profile_steps`` "a,b" (or "a") as (first, last); None for ""."""
+  if not value.strip():
+    return None
+  try:
+    bounds = [int(part) for part in value.split(",")]
+  except ValueError:
+    bounds = []
+  if len(bounds) == 1:
+    bounds *= 2
+  if len(bounds) != 2 or not 1 <= bounds[0] <= bounds[1] <= total_steps:
+    raise UserError(f"train.profile_steps={value!r} must be 'FIRST,LAST' (or one step) with "
+                    f"1 <= FIRST <= LAST <= train.steps={total_steps}")
+  return bounds[0], bounds[1]
+
+
 def _get(config, dotted: str):
   value = config
   for part in dotted.split("."):
@@ -267,6 +356,8 @@ def validate(config) -> None:
     raise UserError(f"optim.grad_accum={config.optim.grad_accum} does not divide "
                     f"train.batch_size={config.train.batch_size}")
   lora.validate(config.lora)
+  quantization.validate(config)
+  pruning.validate(config.prune, config.train.steps)
   if config.dpo.beta <= 0:
     raise UserError(f"dpo.beta must be positive, got {config.dpo.beta}")
   if config.optim.freeze:
@@ -275,5 +366,21 @@ def validate(config) -> None:
     except re.error as e:
       raise UserError(f"optim.freeze={config.optim.freeze!r} is not a regular expression: "
                       f"{e}") from e
+  trackers = tracker_names(config.train.trackers)
+  unknown = sorted(set(trackers) - set(TRACKERS))
+  if unknown:
+    raise UserError(f"train.trackers={config.train.trackers!r}: unknown {', '.join(unknown)}; "
+                    f"choose from {', '.join(TRACKERS)}")
+  if config.wandb.mode not in ("", "online", "offline", "disabled"):
+    raise UserError(f"wandb.mode={config.wandb.mode!r} is not one of: online, offline, "
+                    "disabled (or empty)")
+  profile_steps(config.train.profile_steps, config.train.steps)
+  from bigmodel import distill  # pylint: disable=g-import-not-at-top  (it loads runs)
+  distill.validate(config)
+  if config.lm_eval.every < 0 or config.lm_eval.limit < 0 or config.lm_eval.num_fewshot < -1:
+    raise UserError("lm_eval.every and lm_eval.limit must be >= 0 and lm_eval.num_fewshot "
+                    ">= -1")
+  if config.lm_eval.every and not config.lm_eval.tasks.strip():
+    raise UserError(f"lm_eval.every={config.lm_eval.every} needs lm_eval.tasks")
   if config.optim.learning_rate <= 0:
     raise UserError(f"optim.learning_rate must be positive, got {config.optim.learning_rate}")

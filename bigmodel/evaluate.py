@@ -101,11 +101,16 @@ def evaluate_run(workdir: str, split: str = "validation", step: Optional[int] = 
     raise UserError(f"the run in {workdir} has no {split} data to evaluate (synthetic data, "
                     "no validation split, or eval_steps 0)")
   reference = None
-  if config.data.task == "preference":  # DPO's reference: the run's starting model.
-    reference, _, _ = run_lib.restore_params(config.init_from, mesh)
+  if config.data.task == "preference":  # DPO's reference: the run's starting model,
+    # the very checkpoint it started from where its checkpoints say which.
+    source = next((b for b in run.bases if b["reference"]), None)
+    base_workdir, base_step = ((source["workdir"], source["step"]) if source
+                               else (config.init_from, None))
+    reference, _, _ = run_lib.restore_params(base_workdir, mesh, base_step)
   shardings_of = lambda tree: jax.tree_util.tree_map(lambda x: x.sharding, tree)  # pylint: disable=unnecessary-lambda-assignment
   eval_fn = train_step.jit_eval_step(model, mesh, shardings_of(params),
-                                     objectives.for_config(config, model), shardings_of(reference))
+                                     objectives.for_evaluation(config, model),
+                                     shardings_of(reference))
   with sharding.activate(mesh):
     metrics = evaluate(eval_fn, params, datasets.make_eval_iter(), mesh,
                        with_confusion=with_confusion, reference=reference,

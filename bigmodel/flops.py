@@ -20,13 +20,13 @@ metric uses it for every family, and ``benchmarks/train_step.py`` and
 """
 import functools
 import time
-from typing import Mapping
+from typing import Any, Mapping
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bigmodel.models import families
+from bigmodel.models import families, lora
 from bigmodel.models.config import ModelConfig
 from bigmodel.models.family import mlp_matrices
 from bigmodel.models.family import score_flops as _score_flops
@@ -85,6 +85,51 @@ def train_flops_per_step(c: ModelConfig, batch_shapes: Mapping[str, tuple[int, .
   batch_size = batch_shapes[keys[0]][0]
   return 3.0 * batch_size * forward_flops_per_example(
       c, {k: batch_shapes[k][1] for k in keys})
+
+
+def _tokens_through(name: str, keys: tuple[str, ...], batch_shapes) -> int:
+  """Token positions per step that a parameter's matmul sees: the encoder's
+  for T5's ``encoder/`` stack and the cross-attention's keys and values,
+  else the (decoder's) inputs'."""
+  reads_encoder = name.startswith("encoder/") or "cross_attn/key/" in name or (
+      "cross_attn/value/" in name)
+  key = keys[0] if reads_encoder else keys[-1]
+  batch, length = batch_shapes[key][:2]
+  return int(batch) * int(length)
+
+
+def trainable_flops_correction(c: ModelConfig, params: Any, frozen: tuple[str, ...],
+                               batch_shapes: Mapping[str, tuple[int, ...]]) -> float:
+  """What ``train_flops_per_step`` (full training of the plain model) misses
+  when some weights are frozen or LoRA adapters are added: FLOPs per step.
+
+  A weight used in a matmul costs 2 FLOPs per element and token in the
+  forward pass, 2 for the activations' gradient and 2 for its own gradient;
+  a frozen weight skips the last (``-2``), and an adapter (``kernel_lora_a``
+  / ``_b``, not in the model's count) adds its 6 (4 when frozen). The
+  weights counted: every ``kernel`` (heads used on one position, e.g. a
+  classifier's, count as applied to every token; they are small), the tied
+  token table (it computes the logits), the adapters. Activation gradients
+  below the lowest trained weight, which XLA also skips, are still counted.
+
+  Args:
+    c: The model config.
+    params: The parameters (arrays or shapes), adapters included.
+    frozen: Paths (``a/b/kernel``) of the frozen parameters (``TrainState.frozen``).
+    batch_shapes: ``{key: (B, length)}`` of the family's token keys.
+  """
+  keys = families.get(c.family).token_keys
+  frozen = set(frozen)
+  total = 0.0
+  for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+    name = "/".join(str(getattr(k, "key", k)) for k in path)
+    is_adapter = lora.is_adapter(name)
+    if not (is_adapter or name.endswith("kernel")
+            or (c.tie_embeddings and name == "token_embed/embedding")):
+      continue
+    per_token = (4 if name in frozen else 6) if is_adapter else (-2 if name in frozen else 0)
+    total += per_token * int(np.prod(leaf.shape)) * _tokens_through(name, keys, batch_shapes)
+  return total
 
 
 def tokens_per_batch(batch_shapes: Mapping[str, tuple[int, ...]]) -> int:

@@ -2,7 +2,8 @@
 
 The estimate has five parts, each per device in bytes:
 
-- **parameters** and **optimizer state**: exact. Shapes come from
+- **parameters** and **optimizer state** (with ``config.prune``, its masks:
+  one bool per targeted weight): exact. Shapes come from
   ``jax.eval_shape`` of the real initialisation (``state.init_train_state``),
   placement from ``sharding.logical_to_shardings`` on an ``AbstractMesh`` --
   the trainer's own rules, so a dimension the mesh does not divide is
@@ -26,6 +27,15 @@ The estimate has five parts, each per device in bytes:
 The activation tables model a decoder-only family's layers (a family with
 ``analytic_memory``; ``estimate`` refuses the others).
 
+Quantized training (``model.quantization``) is counted as float training: its
+parameters and optimizer state are the float ones (exact, as above), Qwix
+keeps the float operands as the backward pass's residuals (unless
+``model.quantize_gradients``, which saves the smaller quantized ones), and its
+quantized copies of one matmul's operands are transient: XLA's peak of a GPT
+step measured the same with and without int8 QAT. ``inference_param_bytes``
+gives what generation and evaluation hold: the parameters, with
+``bigmodel.quantize``'s int8/int4 kernels and their scales.
+
 Shape letters as in ``bigmodel.models`` (B global batch, L sequence length, D
 width, N heads, K kv heads, H head dim, F mlp width, V vocabulary), plus b
 sequences per device per micro-batch and t the ``tensor`` mesh axis.
@@ -40,8 +50,8 @@ import jax.numpy as jnp
 import ml_collections
 from jax.sharding import AbstractMesh, AxisType
 
-from bigmodel import flops, objectives, optim, sharding
-from bigmodel.models import ModelConfig, build_model, families, lora
+from bigmodel import distill, flops, objectives, optim, sharding
+from bigmodel.models import ModelConfig, build_model, families, lora, quantization
 from bigmodel.models.attention import resolve_impl
 from bigmodel.state import init_train_state
 
@@ -143,21 +153,28 @@ def abstract_mesh(mesh_shape: Mapping[str, int]) -> AbstractMesh:
 def _state_key(config) -> tuple:
   """What the train state's shapes depend on (not the batch or grad_accum)."""
   optim = {k: v for k, v in config.optim.items() if k != "grad_accum"}
+  # Pruning's masks (one bool per targeted weight) are optimizer state.
+  prune = config.get("prune") or {}
+  # A distillation teacher sits in the state's reference: its model's shapes.
+  teacher = (tuple(sorted(distill.teacher_config(config).model.items()))
+             if distill.enabled(config) else None)
   return (tuple(sorted(config.model.items())), tuple(sorted(optim.items())),
           tuple(sorted(config.lora.items())), config.data.seq_len,
-          objectives.needs_reference(config))
+          objectives.needs_reference(config), tuple(sorted(prune.items())), teacher)
 
 
 @functools.lru_cache(maxsize=4)
 def _boxed_state(key: tuple) -> Any:
-  model_items, optim_items, lora_items, seq_len, with_reference = key
-  optim_cfg, lora_cfg = (ml_collections.ConfigDict(dict(items))
-                         for items in (optim_items, lora_items))
+  model_items, optim_items, lora_items, seq_len, with_reference, prune_items, teacher_items = key
+  optim_cfg, lora_cfg, prune_cfg = (ml_collections.ConfigDict(dict(items))
+                                    for items in (optim_items, lora_items, prune_items))
   model = build_model(ml_collections.ConfigDict(dict(model_items)), lora_cfg)
-  optimizer, _ = optim.make_optimizer(optim_cfg, 1000)
+  optimizer, _ = optim.make_optimizer(optim_cfg, 1000, prune_cfg)
   init_fn = functools.partial(init_train_state, model=model, optimizer=optimizer,
                               seq_len=seq_len, freeze=optim_cfg.freeze, lora_cfg=lora_cfg,
-                              with_reference=with_reference)
+                              with_reference=with_reference,
+                              teacher=teacher_items and build_model(
+                                  ml_collections.ConfigDict(dict(teacher_items))))
   return jax.eval_shape(init_fn, jax.random.key(0))
 
 
@@ -199,7 +216,8 @@ def _state_sizes(config, mesh_shape: Mapping[str, int]) -> tuple[int, int, int, 
 
 def state_bytes(config, mesh_shape: Mapping[str, int]) -> tuple[int, int, int]:
   """(parameter count, parameter bytes, optimizer-state bytes) per device;
-  the bytes include DPO's frozen reference copy (``TrainState.reference``).
+  the bytes include the frozen ``TrainState.reference`` (DPO's copy, a
+  distillation teacher).
 
   Exact: the trainer's state shapes placed by the trainer's sharding rules
   (``mesh.rules`` included); frozen parameters (LoRA, ``optim.freeze``) have
@@ -361,6 +379,26 @@ def lora_residual_bytes(config, c: ModelConfig, b: int, seq_len: int,
       per_token = rank + (_split(out, mesh_shape["tensor"]) if saves_out else 0)
       total += math.prod(x.shape[:-2]) * b * seq_len * per_token
   return total * jnp.dtype(c.dtype).itemsize
+
+
+def inference_param_bytes(config, mesh_shape: Mapping[str, int], weight_bits: int = 0,
+                          group_size: int = 0) -> int:
+  """Bytes per device of the parameters generation and evaluation load for
+  ``config``'s model, its dense kernels stored as ``bigmodel.quantize`` writes
+  them with ``weight_bits`` (8 or 4; 0: as trained) and ``group_size``:
+  qvalues at 1 or 1/2 byte, float32 scales, the rest as ``param_dtype``.
+  Exact: the quantized model's abstract parameters placed by the trainer's
+  rules on ``mesh_shape`` (LoRA adapters merged, as loading merges them)."""
+  model_cfg = ml_collections.ConfigDict(config.model.to_dict())
+  model_cfg.quantization = "none"
+  if weight_bits:
+    model_cfg.weight_bits, model_cfg.weight_group_size = weight_bits, group_size
+  boxed = quantization.abstract_boxed_params(build_model(model_cfg), config.data.seq_len)
+  shardings = sharding.logical_to_shardings(
+      boxed, abstract_mesh(mesh_shape), sharding.logical_rules(config))
+  leaves = jax.tree_util.tree_leaves(sharding.strip_boxes(boxed))
+  return sum(-(-math.prod(s.shard_shape(x.shape)) * quantization.dtype_bits(x.dtype) // 8)
+             for x, s in zip(leaves, jax.tree_util.tree_leaves(shardings)))
 
 
 def uses_fused_attention(attention_impl: str, platform: str) -> bool:

@@ -1,4 +1,5 @@
-"""What a train step minimises: cross-entropy, or DPO on preference pairs.
+"""What a train step minimises: cross-entropy, DPO on preference pairs, or
+distillation from a teacher.
 
 An objective maps (model, params, batch) to per-unit losses and weights
 (units: tokens, examples or preference pairs) and per-unit extras averaged
@@ -15,6 +16,12 @@ LoRA the same parameters with the adapters switched off (their B zero),
 otherwise a frozen copy of the starting parameters kept in the train state
 (``TrainState.reference``). Both replies and the reference run in the same
 jitted step, the two replies as one batch of 2B rows.
+
+Distillation (Hinton et al., 2015): per unit, alpha T^2 KL(p_teacher,T ||
+p_student,T) + (1 - alpha) cross-entropy, the teacher's parameters in
+``TrainState.reference`` (``bigmodel.distill``). Its evaluation is the
+student's own cross-entropy (``for_evaluation``), comparable with a run
+trained without a teacher.
 """
 import dataclasses
 from typing import Any, Optional
@@ -24,6 +31,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from bigmodel import distill
 from bigmodel.models import batch_logits, build_model, lora, targets_and_weights
 
 # Losses [U], weights [U] and extras {name: [U]} of U units.
@@ -97,6 +105,39 @@ class Dpo:
             {"correct": (margin_B > 0).astype(jnp.float32), "reward_margin": margin_B})
 
 
+@dataclasses.dataclass(frozen=True)
+class Distill(CrossEntropy):
+  """Distillation loss on the cross-entropy's units (tokens, masked tokens,
+  classes), with its batch shapes and weights.
+
+  Extras per unit: ``distill_kl`` (KL(teacher_T || student_T)) and
+  ``task_loss`` (the cross-entropy with the data's targets). ``passes``
+  counts the student's; the trainer adds the teacher's forward pass.
+  """
+  alpha: float
+  temperature: float
+  teacher_model: Any  # The teacher's module; its parameters come as ``reference``.
+  train_metrics = {"distill_kl": "distill_kl", "task_loss": "task_loss"}
+
+  def __call__(self, model, params: Any, batch: dict[str, jax.Array],
+               rng: Optional[jax.Array], reference: Any = None) -> Units:
+    logits = batch_logits(model, params, batch, rng=rng).astype(jnp.float32)
+    targets, weights = targets_and_weights(model, batch)
+    teacher_logits = jax.lax.stop_gradient(
+        batch_logits(self.teacher_model, reference, batch, rng=None)).astype(jnp.float32)
+    t = self.temperature
+    teacher_logp = jax.nn.log_softmax(teacher_logits / t, axis=-1)
+    student_logp = jax.nn.log_softmax(logits / t, axis=-1)
+    kl = (jnp.exp(teacher_logp) * (teacher_logp - student_logp)).sum(axis=-1)
+    task_loss = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
+    # T^2 keeps the soft targets' gradient scale independent of T (Hinton et al.).
+    loss = self.alpha * t * t * kl + (1.0 - self.alpha) * task_loss
+    predictions = jnp.argmax(logits, axis=-1)
+    return loss, weights, {"correct": (predictions == targets).astype(jnp.float32),
+                           "predictions": predictions, "distill_kl": kl,
+                           "task_loss": task_loss}
+
+
 def switch_off_adapters(params: Any) -> Any:
   """``params`` with every LoRA adapter's B zero: the base model's function."""
   flat = flax.traverse_util.flatten_dict(params, sep="/")
@@ -107,9 +148,21 @@ def switch_off_adapters(params: Any) -> Any:
 
 def for_config(config, eval_model=None) -> Any:
   """The objective of ``config``'s task: DPO for ``data.task=preference``
-  (its reference runs as ``eval_model``, the run's model without dropout)."""
+  (its reference runs as ``eval_model``, the run's model without dropout),
+  distillation with ``distill.teacher``, else cross-entropy."""
   if config.data.task == "preference":
     return Dpo(config.dpo.beta, eval_model or build_model(config.model, config.lora))
+  if distill.enabled(config):
+    return Distill(config.distill.alpha, config.distill.temperature,
+                   distill.teacher_model(config))
+  return CrossEntropy()
+
+
+def for_evaluation(config, eval_model=None) -> Any:
+  """What evaluation measures: DPO's loss and accuracy for DPO, else the
+  model's own cross-entropy (a distilled student's too: no teacher needed)."""
+  if config.data.task == "preference":
+    return for_config(config, eval_model)
   return CrossEntropy()
 
 

@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from bigmodel import pruning
 from bigmodel.errors import UserError
 from bigmodel.models import lora
 from bigmodel.sharding import path_name
@@ -54,9 +55,10 @@ def decay_mask(params: Any) -> Any:
 _NEVER_GIVE_UP = 2**30
 
 
-def make_optimizer(optim_cfg, total_steps: int) -> tuple[optax.GradientTransformation,
-                                                         optax.Schedule]:
-  """Clip by global norm, then AdamW / Adafactor / SGD with masked decay.
+def make_optimizer(optim_cfg, total_steps: int, prune_cfg=None
+                   ) -> tuple[optax.GradientTransformation, optax.Schedule]:
+  """Clip by global norm, then AdamW / Adafactor / SGD with masked decay, then
+  (``prune_cfg``, ``config.prune``, on) the pruning masks.
 
   Returns (optimizer, schedule). Updates with a non-finite gradient are skipped.
   """
@@ -76,6 +78,11 @@ def make_optimizer(optim_cfg, total_steps: int) -> tuple[optax.GradientTransform
     raise ValueError(f"unknown optimizer {name!r}; choose from {OPTIMIZERS}")
   if optim_cfg.clip > 0:
     base = optax.chain(optax.clip_by_global_norm(optim_cfg.clip), base)
+  if pruning.enabled(prune_cfg):
+    # Last: it sees the whole update (weight decay included) and makes it leave
+    # the pruned weights at exactly zero; inside apply_if_finite, so a skipped
+    # update leaves the masks as they were too.
+    base = optax.chain(base, pruning.prune_masks(prune_cfg, total_steps))
   # A non-finite gradient skips the update (and is counted in the state's
   # `total_notfinite`) instead of poisoning the parameters.
   return optax.apply_if_finite(base, max_consecutive_errors=_NEVER_GIVE_UP), schedule

@@ -268,9 +268,32 @@ def plan_to_dict(plan: Optional[Plan]) -> Optional[dict[str, Any]]:
   return out
 
 
+def inference_params(config, mesh_shape: dict[str, int], weight_bits: int,
+                     group_size: int) -> dict[str, Any]:
+  """What generation and evaluation hold per device for parameters, as trained
+  and as ``bigmodel.quantize --bits=weight_bits`` would write them."""
+  from bigmodel.models import quantization  # pylint: disable=g-import-not-at-top
+  if weight_bits not in quantization.WEIGHT_TYPES:
+    raise UserError(f"--weight_bits={weight_bits}: give 8 or 4 (or 0: no report)")
+  if group_size < 0:
+    raise UserError(f"--group_size={group_size} must be >= 0 (0 = per output channel)")
+  problem = quantization.group_size_problem(ModelConfig.from_config(config.model), group_size)
+  if problem:
+    raise UserError(problem)
+  return dict(weight_bits=weight_bits, group_size=group_size,
+              float_bytes=memory.inference_param_bytes(config, mesh_shape),
+              quantized_bytes=memory.inference_param_bytes(config, mesh_shape, weight_bits,
+                                                           group_size))
+
+
 def run(config, mesh_text: str, devices: int, device_memory_text: str, peak_text: str,
-        mfu: float, max_tensor: int, output_format: str, platform: str = "gpu") -> str:
-  """The whole command, returning its output; raises ``UserError`` for bad input."""
+        mfu: float, max_tensor: int, output_format: str, platform: str = "gpu",
+        weight_bits: int = 0, group_size: int = 0) -> str:
+  """The whole command, returning its output; raises ``UserError`` for bad input.
+
+  ``weight_bits`` (8 or 4; 0: none): also report the parameter bytes per
+  device that generation and evaluation hold for the model quantized so.
+  """
   validate(config)
   try:
     memory.uses_fused_attention(config.model.attention_impl, platform)
@@ -300,10 +323,20 @@ def run(config, mesh_text: str, devices: int, device_memory_text: str, peak_text
     if suggestion is None:
       suggestion, searched_devices = fewest_devices(config, devices * 2, device_memory,
                                                     **kwargs), True
+  inference = (inference_params(config, mesh_shape, weight_bits, group_size) if weight_bits
+               else None)
   if output_format == "json":
     return json.dumps({"plan": plan_to_dict(plan), "suggestion": plan_to_dict(suggestion),
-                       "suggestion_needs_more_devices": searched_devices}, indent=2)
-  return format_plan(config, plan, suggestion, mfu, peak_tflops, searched_devices)
+                       "suggestion_needs_more_devices": searched_devices,
+                       "inference_params": inference}, indent=2)
+  text = format_plan(config, plan, suggestion, mfu, peak_tflops, searched_devices)
+  if inference:
+    group = f"groups of {group_size}" if group_size else "per channel"
+    text += (f"\n\ngeneration/evaluation parameters per device: "
+             f"{inference['float_bytes'] / 2**30:.3f} GiB as trained, "
+             f"{inference['quantized_bytes'] / 2**30:.3f} GiB as int{weight_bits} ({group}; "
+             f"bigmodel.quantize --bits={weight_bits})")
+  return text
 
 
 def _define_flags():
@@ -322,6 +355,11 @@ def _define_flags():
   flags.DEFINE_enum("platform", "gpu", ["cpu", "gpu", "tpu"], "The devices planned for: "
                     "decides what model.attention_impl=auto runs (a fused kernel on gpu/tpu).")
   flags.DEFINE_enum("format", "text", ["text", "json"], "Output format.")
+  flags.DEFINE_integer("weight_bits", 0, "8 or 4: also report the parameter bytes per device "
+                       "generation/evaluation hold for the model weight-quantized so "
+                       "(bigmodel.quantize); 0: no report.")
+  flags.DEFINE_integer("group_size", 0, "With --weight_bits: inputs per scale (0 = per "
+                       "output channel).")
   return config
 
 
@@ -334,7 +372,7 @@ def main(argv, config_flag=None):
   f = flags.FLAGS
   with user_errors_exit():
     print(run(config_flag.value, f.mesh, f.devices, f.device_memory, f.peak_tflops, f.mfu,
-              f.max_tensor, f.format, f.platform))
+              f.max_tensor, f.format, f.platform, f.weight_bits, f.group_size))
 
 
 if __name__ == "__main__":

@@ -3,14 +3,19 @@
 Every parameter of the new model that the pretrained one has (same path, same
 shape) is copied; the rest (e.g. a classification head on a pretrained MLM
 encoder) keeps its fresh initialisation, and the run says which.
+
+The copied parameters that stay frozen (LoRA's base, ``optim.freeze``) and
+DPO's reference copy are then not saved again in the run's checkpoints: they
+point to the base checkpoint instead (``bigmodel.run.base_source``), unless
+``checkpoint.self_contained``.
 """
-from typing import Any
+from typing import Any, Optional
 
 from absl import logging
 import jax
 import jax.numpy as jnp
 
-from bigmodel.run import restore_params
+from bigmodel.run import base_source, restore_params
 from bigmodel.errors import UserError
 from bigmodel.sharding import path_name
 
@@ -40,8 +45,10 @@ def merge_params(fresh: Any, pretrained: Any) -> tuple[Any, list[str], list[str]
   return merged, copied, kept_fresh
 
 
-def init_from_pretrained(state: Any, config, mesh) -> Any:
-  """``state`` with parameters loaded from ``config.init_from``'s latest checkpoint."""
+def init_from_pretrained(state: Any, config, mesh) -> tuple[Any, Optional[dict[str, Any]]]:
+  """(``state`` with parameters loaded from ``config.init_from``'s latest
+  checkpoint, the base source its checkpoints save instead of the frozen
+  arrays taken from it, or None)."""
   params, pretrained_config, step = restore_params(config.init_from, mesh)
   family = pretrained_config["model"]["family"]
   if family != config.model.family:
@@ -59,4 +66,9 @@ def init_from_pretrained(state: Any, config, mesh) -> Any:
   # The optimizer state starts fresh: its moments belong to the old task. A
   # DPO reference is the starting model: these parameters, copied.
   reference = None if state.reference is None else jax.tree_util.tree_map(jnp.copy, params)
-  return state.replace(params=params, reference=reference)
+  base = None
+  from_base = [name for name in copied if name in set(state.frozen)]
+  if not config.checkpoint.self_contained and (from_base or reference is not None):
+    base = base_source(config.init_from, step, "init_from", from_base,
+                       copied if reference is not None else [])
+  return state.replace(params=params, reference=reference), base

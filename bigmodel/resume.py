@@ -77,15 +77,17 @@ def check_saved_config(saved: dict, config: ml_collections.ConfigDict, step: int
   relevant = {k: v for k, v in changes.items() if not k.startswith(_IGNORED_PREFIXES)}
   saved_config = config_from_dict(saved)
   try:
-    optimizer, _ = make_optimizer(saved_config.optim, saved_config.train.steps)
-    saved_state, _ = abstract_sharded_state(saved_config, build_model(saved_config.model, saved_config.lora),
-                                            optimizer, mesh)
+    optimizer, _ = make_optimizer(saved_config.optim, saved_config.train.steps,
+                                  saved_config.prune)
+    saved_model = build_model(saved_config.model, saved_config.lora)
+    saved_state, _ = abstract_sharded_state(saved_config, saved_model, optimizer, mesh)
     same_shapes = _shapes(saved_state) == _shapes(abstract_state)
   except Exception:  # pylint: disable=broad-except
     same_shapes = False  # The saved config no longer builds: it cannot be the same state.
   if not same_shapes:
     structural = {k: v for k, v in relevant.items()
-                  if k.startswith(("model.", "optim.", "lora.")) and not k.startswith(_DATA_KEYS)}
+                  if k.startswith(("model.", "optim.", "lora.", "prune."))
+                  and not k.startswith(_DATA_KEYS)}
     what = _describe(structural) or "no setting (the code that builds the state changed)"
     raise UserError(
         f"the checkpoint at step {step} holds another model or optimizer state than this "

@@ -23,6 +23,7 @@ Layout::
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import sys
@@ -33,6 +34,7 @@ import ml_collections
 
 from bigmodel import sharding
 from bigmodel.checkpoint import Checkpointer
+from bigmodel.config import config_from_dict
 from bigmodel.errors import UserError
 
 
@@ -115,6 +117,8 @@ class LoadedRun:
     model: The Flax module the config builds.
     params: The parameters, placed on ``mesh``.
     tokenizer: The run's tokenizer; None for synthetic data.
+    bases: The checkpoint's base sources (see :func:`base_source`): [] if it
+      holds every array itself.
   """
   workdir: str
   config: ml_collections.ConfigDict
@@ -123,6 +127,7 @@ class LoadedRun:
   model: Any
   params: Any
   tokenizer: Any
+  bases: list[dict[str, Any]] = dataclasses.field(default_factory=list)
 
 
 def _saved_config(ckpt: Checkpointer, step: Optional[int]) -> tuple[ml_collections.ConfigDict, int]:
@@ -133,7 +138,19 @@ def _saved_config(ckpt: Checkpointer, step: Optional[int]) -> tuple[ml_collectio
   if step not in steps:
     raise UserError(f"no checkpoint at step {step} in {ckpt.directory}; "
                     f"steps: {', '.join(map(str, steps))}")
-  return ml_collections.ConfigDict(ckpt.restore_config(step)), step
+  # Keys added since the checkpoint was written take their defaults.
+  return config_from_dict(ckpt.restore_config(step)), step
+
+
+def saved_config(workdir: str, step: Optional[int] = None) -> tuple[ml_collections.ConfigDict,
+                                                                      int]:
+  """(the config saved with checkpoint ``step`` of the run in ``workdir``
+  (default: the latest), that step); reads no array."""
+  ckpt = _open(workdir)
+  try:
+    return _saved_config(ckpt, step)
+  finally:
+    ckpt.close()
 
 
 def _open(workdir: str) -> Checkpointer:
@@ -144,19 +161,126 @@ def _open(workdir: str) -> Checkpointer:
   return checkpointer(workdir, keep=1, read_only=True)
 
 
+def _fingerprint(digests: Optional[dict[str, list[int]]]) -> Optional[str]:
+  if digests is None:  # Checkpoints written before digests existed.
+    return None
+  return hashlib.sha256(json.dumps(digests, sort_keys=True).encode()).hexdigest()
+
+
+def base_source(workdir: str, step: int, role: str, params_paths: list[str],
+                reference_paths: list[str]) -> dict[str, Any]:
+  """What a checkpoint saves instead of frozen arrays it takes unchanged from
+  another run's checkpoint (a *base*).
+
+  Args:
+    workdir: The base run.
+    step: The base checkpoint's step.
+    role: What the base is to the run, for messages ("init_from", "teacher").
+    params_paths: The parameters (``a/b/kernel``) taken from it unchanged.
+    reference_paths: The parameters of the train state's ``reference`` (DPO's
+      frozen copy, a distillation teacher) taken from it.
+
+  Returns:
+    ``{workdir (absolute), step, role, fingerprint, params, reference}``; the
+    fingerprint (a hash of the base checkpoint's array digests) lets a later
+    load check that the base is still the same checkpoint.
+  """
+  ckpt = _open(workdir)
+  try:
+    fingerprint = _fingerprint(ckpt.saved_digests(step))
+  finally:
+    ckpt.close()
+  return dict(workdir=os.path.abspath(workdir), step=step, role=role, fingerprint=fingerprint,
+              params=sorted(params_paths), reference=sorted(reference_paths))
+
+
+def _source_params(source: dict[str, Any], mesh, where: str) -> dict[str, Any]:
+  """``{path: array}`` of a base source's checkpoint, checked to be the one it
+  was (same fingerprint); ``where`` names the checkpoint that points to it."""
+  what = (f"{where} holds only the arrays its run changed; the others are in checkpoint "
+          f"{source['step']} of {source['workdir']} (its {source['role']}), which")
+  ckpt_dir = RunDir(source["workdir"]).checkpoints
+  if not os.path.isdir(os.path.join(ckpt_dir, str(source["step"]))):
+    raise UserError(f"{what} is gone: restore it there, or load an export of this run "
+                    "(bigmodel.export) made while it existed")
+  ckpt = _open(source["workdir"])
+  try:
+    fingerprint = _fingerprint(ckpt.saved_digests(source["step"]))
+  finally:
+    ckpt.close()
+  if fingerprint != source["fingerprint"]:
+    raise UserError(f"{what} has changed since (its array digests differ): these arrays "
+                    "belong with another base")
+  params, _, _ = restore_params(source["workdir"], mesh, source["step"])
+  return {sharding.path_name(p): x for p, x in jax.tree_util.tree_flatten_with_path(params)[0]}
+
+
+def _provided(bases: list[dict[str, Any]], mesh, where: str) -> dict[str, dict[str, Any]]:
+  """``{"params": {path: array}, "reference": {path: array}}``: what the base
+  sources provide, each source's checkpoint read once."""
+  provided = {"params": {}, "reference": {}}
+  for source in bases:
+    if source["params"] or source["reference"]:
+      flat = _source_params(source, mesh, where)
+      for part in provided:
+        provided[part].update({path: flat[path] for path in source[part]})
+  return provided
+
+
+def _fill(tree: Any, abstract: Any, provided: dict[str, Any]) -> Any:
+  """``abstract``'s structure: leaves from ``tree`` (None where a base
+  provides them), else from ``provided``, placed and cast like ``abstract``."""
+  restored = {sharding.path_name(p): x for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+  def pick(path, target):
+    name = sharding.path_name(path)
+    if name in restored:
+      return restored[name]
+    source = provided[name]
+    if source.shape != target.shape:
+      raise UserError(f"the base's {name} has shape {tuple(source.shape)}, not "
+                      f"{tuple(target.shape)}")
+    return jax.device_put(source.astype(target.dtype), target.sharding)
+
+  return jax.tree_util.tree_map_with_path(pick, abstract)
+
+
+def fill_from_base(state: Any, abstract_state: Any, bases: list[dict[str, Any]], mesh,
+                   where: str) -> Any:
+  """A train state restored from a checkpoint with base sources, completed
+  with their arrays (parameters and the ``reference``)."""
+  provided = _provided(bases, mesh, where)
+  reference = state.reference
+  if abstract_state.reference is not None:
+    reference = _fill(reference, abstract_state.reference, provided["reference"])
+  return state.replace(params=_fill(state.params, abstract_state.params, provided["params"]),
+                       reference=reference)
+
+
 def _restore(ckpt: Checkpointer, config: ml_collections.ConfigDict, step: int, mesh,
              merge_lora: bool) -> tuple[Any, ml_collections.ConfigDict]:
   """(parameters, config); with ``merge_lora`` a LoRA run's adapters are folded
-  into their kernels and the config says so (``lora.rank`` 0): the plain model."""
+  into their kernels and the config says so (``lora.rank`` 0): the plain model.
+  The parameters that base sources provide come from them."""
   # Imported here: these build models, which the layout does not need.
-  from bigmodel.models import build_model, lora  # pylint: disable=g-import-not-at-top
+  from bigmodel import distill  # pylint: disable=g-import-not-at-top
+  from bigmodel.models import build_model, lora, quantization  # pylint: disable=g-import-not-at-top
   from bigmodel.optim import make_optimizer  # pylint: disable=g-import-not-at-top
   from bigmodel.state import abstract_sharded_state  # pylint: disable=g-import-not-at-top
   optimizer, _ = make_optimizer(config.optim, config.train.steps)
   with sharding.activate(mesh):
-    abstract_state, _ = abstract_sharded_state(config, build_model(config.model, config.lora),
-                                               optimizer, mesh)
-    params = ckpt.restore_params(step, abstract_state.params)
+    model = build_model(config.model, config.lora)
+    if quantization.weight_quantized(config.model):  # bigmodel.quantize's: no train state.
+      abstract_params = quantization.abstract_params(model, config, mesh)
+    else:
+      # A distilled student's parameters do not need its teacher.
+      abstract_params = abstract_sharded_state(distill.without_teacher(config), model,
+                                               optimizer, mesh)[0].params
+    params = ckpt.restore_params(step, abstract_params)
+    bases = [b for b in ckpt.base_sources(step) if b["params"]]
+    if bases:
+      where = f"checkpoint {step} of {os.path.dirname(ckpt.directory)}"
+      params = _fill(params, abstract_params, _provided(bases, mesh, where)["params"])
   if merge_lora and lora.enabled(config.lora):
     kernel_shardings = jax.tree_util.tree_map(lambda x: x.sharding,
                                               lora.without_adapters(params))
@@ -174,14 +298,33 @@ def restore_params(workdir: str, mesh, step: Optional[int] = None,
 
   Returns (params, the run's config as a dict, step). The run's own config
   rebuilds the abstract state, so this works from any other run.
+
+  Raises:
+    UserError: also for a weight-quantized checkpoint (``bigmodel.quantize``):
+      these are the parameters runs start from or train against
+      (``init_from``, a teacher, a reference), which its integers cannot be.
   """
   ckpt = _open(workdir)
   try:
     config, step = _saved_config(ckpt, step)
+    bits = config.model.get("weight_bits", 0)
+    if bits:
+      raise UserError(f"{workdir} holds int{bits} weight-quantized parameters "
+                      "(bigmodel.quantize): they load for generation and evaluation only, "
+                      "no run trains from them; use the float run they were made from")
     params, config = _restore(ckpt, config, step, mesh, merge_lora)
   finally:
     ckpt.close()
   return params, config.to_dict(), step
+
+
+def refuse_quantized(run: LoadedRun, what: str) -> None:
+  """UserError if ``run`` holds weight-quantized parameters (``bigmodel.quantize``):
+  ``what`` (an export) needs the float weights, which are not there."""
+  bits = run.config.model.get("weight_bits", 0)
+  if bits:
+    raise UserError(f"{run.workdir} holds {bits}-bit quantized weights (bigmodel.quantize): "
+                    f"{what} needs float weights; use the run it was quantized from")
 
 
 def run_mesh(mesh_config, devices=None) -> jax.sharding.Mesh:
@@ -230,8 +373,9 @@ def load_run(workdir: str, step: Optional[int] = None,
     config, step = _saved_config(ckpt, step)
     mesh = mesh if mesh is not None else run_mesh(config.mesh)
     params, config = _restore(ckpt, config, step, mesh, merge_lora)
+    bases = ckpt.base_sources(step)
   finally:
     ckpt.close()
   return LoadedRun(workdir=workdir, config=config, step=step, mesh=mesh,
                    model=build_model(config.model, config.lora), params=params,
-                   tokenizer=find_tokenizer(config, workdir))
+                   tokenizer=find_tokenizer(config, workdir), bases=bases)

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh
 
-from bigmodel import objectives, optim, sharding
+from bigmodel import distill, objectives, optim, sharding
 from bigmodel.models import family_of, lora
 
 
@@ -21,18 +21,22 @@ class TrainState:
   rng: jax.Array       # Key for dropout; split afresh every step.
   # Paths of the parameters that do not train (``optim.frozen_paths``); static.
   frozen: tuple[str, ...] = flax.struct.field(pytree_node=False, default=())
-  # DPO without LoRA: a frozen copy of the starting parameters (None otherwise).
+  # Frozen parameters of a second model the objective reads: DPO's reference
+  # (without LoRA: a copy of the starting parameters), a distillation teacher;
+  # None otherwise.
   reference: Any = None
 
 
 def init_train_state(rng: jax.Array, model: nn.Module, optimizer: optax.GradientTransformation,
                      seq_len: int, freeze: str = "", lora_cfg=None,
-                     with_reference: bool = False) -> TrainState:
+                     with_reference: bool = False, teacher: nn.Module = None) -> TrainState:
   """A fresh state; parameters stay boxed with their logical axis names.
 
   ``freeze`` (``optim.freeze``) and ``lora_cfg`` (``config.lora``) say which
   parameters are frozen; the optimizer state covers the others only.
   ``with_reference``: keep a copy of the parameters as DPO's reference.
+  ``teacher``: a distillation teacher's module, whose (random) parameters
+  fill the reference (for shapes: ``bigmodel.distill.load_teacher`` loads them).
   """
   params_rng, state_rng = jax.random.split(rng)
   inputs = family_of(model).example_inputs(model.config, seq_len)
@@ -43,6 +47,9 @@ def init_train_state(rng: jax.Array, model: nn.Module, optimizer: optax.Gradient
   frozen = optim.frozen_paths(params, freeze, lora_cfg)
   trainable, _ = optim.partition(params, frozen)
   reference = jax.tree_util.tree_map(jnp.copy, params) if with_reference else None
+  if teacher is not None:
+    teacher_inputs = family_of(teacher).example_inputs(teacher.config, seq_len)
+    reference = teacher.init({"params": params_rng}, *teacher_inputs)["params"]
   return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                     opt_state=optimizer.init(trainable), rng=state_rng, frozen=frozen,
                     reference=reference)
@@ -58,7 +65,8 @@ def abstract_sharded_state(config, model: nn.Module, optimizer: optax.GradientTr
   init_fn = functools.partial(init_train_state, model=model, optimizer=optimizer,
                               seq_len=config.data.seq_len, freeze=config.optim.freeze,
                               lora_cfg=config.lora,
-                              with_reference=objectives.needs_reference(config))
+                              with_reference=objectives.needs_reference(config),
+                              teacher=distill.teacher_model(config))
   boxed = jax.eval_shape(init_fn, jax.random.key(config.train.seed))
   state_shardings = sharding.logical_to_shardings(boxed, mesh, sharding.logical_rules(config))
   abstract_state = jax.tree_util.tree_map(
@@ -72,13 +80,18 @@ def create_sharded_state(config, model: nn.Module, optimizer: optax.GradientTran
   """Initialises the train state directly in its sharded layout.
 
   Returns (state, state_shardings). Parameters are created on the devices
-  that own them: nothing is materialised whole on one device first.
+  that own them: nothing is materialised whole on one device first. A
+  distillation teacher is not created (its ``reference`` is None until
+  ``bigmodel.distill.load_teacher`` places the teacher's own parameters).
   """
   _, state_shardings = abstract_sharded_state(config, model, optimizer, mesh)
   init_fn = functools.partial(init_train_state, model=model, optimizer=optimizer,
                               seq_len=config.data.seq_len, freeze=config.optim.freeze,
                               lora_cfg=config.lora,
                               with_reference=objectives.needs_reference(config))
+  out_shardings = state_shardings
+  if distill.enabled(config):
+    out_shardings = state_shardings.replace(reference=None)
   state = jax.jit(lambda r: sharding.strip_boxes(init_fn(r)),
-                  out_shardings=state_shardings)(jax.random.key(config.train.seed))
+                  out_shardings=out_shardings)(jax.random.key(config.train.seed))
   return state, state_shardings

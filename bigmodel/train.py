@@ -11,6 +11,7 @@ import logging as logging_std
 import os
 import signal
 import sys
+import time
 from typing import Callable, Optional
 
 
@@ -39,6 +40,7 @@ from ml_collections import config_flags
 
 from bigmodel import cli
 from bigmodel import console
+from bigmodel import distill
 from bigmodel import distributed  # Also defines the multi-process flags.
 from bigmodel import flops
 from bigmodel import objectives
@@ -47,18 +49,21 @@ from bigmodel import resume
 from bigmodel import sharding
 from bigmodel import run as run_lib
 from bigmodel.checkpoint import CheckpointWriteError, check_resumable
-from bigmodel.config import validate
+from bigmodel.config import profile_steps, tracker_names, validate
 from bigmodel.data import build_datasets, validate_data_config
 from bigmodel.errors import UserError, fail, user_errors_exit
 from bigmodel.evaluation import classification_eval_args, evaluate
 from bigmodel.generation.generator import Generator
-from bigmodel.metrics import MetricsWriter
+from bigmodel.goodput import Timeline
+from bigmodel.lm_eval import training as lm_eval_tasks
+from bigmodel.metrics import MetricsWriter, WandbTracker
 from bigmodel.models import ModelConfig, build_model, families
 from bigmodel.optim import make_optimizer
 from bigmodel.pretrained import init_from_pretrained
 from bigmodel.run_lock import RunLock
 from bigmodel.state import abstract_sharded_state, create_sharded_state
-from bigmodel.train_hooks import CheckpointHook, EvalHook, LogHook, MetricsHook, StepOutcome
+from bigmodel.train_hooks import (CheckpointHook, EvalHook, LogHook, MetricsHook, StepOutcome,
+                                  StepProfiler)
 from bigmodel.train_step import all_finite, jit_eval_step, jit_train_step
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -162,9 +167,14 @@ class Trainer:
                devices: Optional[list] = None):
     """``on_metrics(step, record)`` sees every logged record (notebook plots);
     ``devices`` (default: all) are the ones ``config.mesh`` spans."""
+    self._start_time = time.time()  # The session's start, for bigmodel.goodput.
     validate(config)
     validate_data_config(config, jax.process_count())
     check_resumable(run_lib.RunDir(workdir).checkpoints)  # Before the lock or a log is written.
+    if "wandb" in tracker_names(config.train.trackers):
+      WandbTracker.load()
+    if config.lm_eval.every:  # Unknown tasks or unreadable task files: before any write.
+      lm_eval_tasks.check_config(config)
     self.config, self.workdir, self.on_metrics = config, workdir, on_metrics
     self.mesh = sharding.make_mesh(config.mesh, devices)
     check_batch_layout(config, self.mesh)
@@ -172,7 +182,8 @@ class Trainer:
     # Evaluation and samples run without LoRA's dropout.
     self.eval_model = build_model(config.model, config.lora)
     self.objective = objectives.for_config(config, self.eval_model)
-    self.optimizer, self.schedule = make_optimizer(config.optim, config.train.steps)
+    self.optimizer, self.schedule = make_optimizer(config.optim, config.train.steps,
+                                                   config.prune)
     # Shapes only, before anything is written (a LoRA target or freeze pattern
     # that matches nothing fails here); the resume check and restore share it.
     with sharding.activate(self.mesh):
@@ -183,6 +194,8 @@ class Trainer:
     self._lock: Optional[RunLock] = None
     self._log_file = None
     self.checkpointer = None
+    # The base sources the checkpoints save instead of their arrays (bigmodel.run.base_source).
+    self.bases: list[dict] = []
     try:
       if self.is_writer:  # On several processes only the coordinator takes the lock.
         make_workdir(workdir)
@@ -245,9 +258,19 @@ class Trainer:
     if restored is None:
       state, _ = create_sharded_state(self.config, self.model, self.optimizer, self.mesh)
       if self.config.init_from:
-        state = init_from_pretrained(state, self.config, self.mesh)
+        state, base = init_from_pretrained(state, self.config, self.mesh)
+        self.bases = [base] if base else []
+      if distill.enabled(self.config):
+        state, teacher = distill.load_teacher(state, abstract_state.reference, self.config,
+                                              self.mesh)
+        self.bases += [] if self.config.checkpoint.self_contained else [teacher]
       return state, state_shardings
     step, state, _ = restored
+    bases = self.checkpointer.base_sources(step)
+    if bases:  # The frozen arrays it took from its init_from (or teacher).
+      state = run_lib.fill_from_base(state, abstract_state, bases, self.mesh,
+                                     f"checkpoint {step} of {self.workdir}")
+      self.bases = [] if self.config.checkpoint.self_contained else bases
     print(f"resuming from the checkpoint at step {step} in {self.checkpointer.directory}",
           flush=True)
     return state, state_shardings
@@ -257,22 +280,28 @@ class Trainer:
       raise UserError(f"the state at step {step} is not finite; not checkpointed")
     best_metric = {"eval_loss": metrics["eval_loss"]} if "eval_loss" in metrics else None
     self.checkpointer.save(step, state, self.datasets.train_iter.get_state(), self.config,
-                           metrics=best_metric)
+                           metrics=best_metric, bases=tuple(self.bases))
 
   def run(self) -> dict[str, float]:
     """Trains up to ``train.steps``; returns the last logged metrics.
 
-    The loop is "next batch -> step -> hooks" (``bigmodel.train_hooks``).
+    The loop is "next batch -> step -> hooks" (``bigmodel.train_hooks``); a
+    :class:`~bigmodel.goodput.Timeline` counts where the time goes.
     """
     config, mesh = self.config, self.mesh
-    writer = None
+    writer, profiler = None, None
     try:
       with sharding.activate(mesh):
+        restore_start = time.perf_counter()
         state, state_shardings = self._initial_state()
         start_step = int(state.step)
+        timeline = Timeline(start_step, self._start_time)
+        timeline.add("restore", time.perf_counter() - restore_start)
         if self.is_writer:
           run_lib.write_config(config, run_lib.RunDir(self.workdir).config)
-          writer = MetricsWriter(self.workdir, config.train.steps, config.train.progress)
+          writer = MetricsWriter(self.workdir, config.train.steps, config.train.progress,
+                                 tracker_names(config.train.trackers), config.wandb,
+                                 config.to_dict())
           if start_step:  # Readers keep the last record of a step logged twice.
             writer.write_event(start_step, resumed_from=start_step)
         num_params = sum(x.size for x in jax.tree_util.tree_leaves(state.params))
@@ -287,16 +316,30 @@ class Trainer:
         train_step_fn = jit_train_step(self.model, self.optimizer, self.schedule,
                                        config.optim.grad_accum, mesh, state_shardings,
                                        self.objective)
-        eval_fn = jit_eval_step(self.eval_model, mesh, state_shardings.params, self.objective,
+        eval_fn = jit_eval_step(self.eval_model, mesh, state_shardings.params,
+                                objectives.for_evaluation(config, self.eval_model),
                                 state_shardings.reference)
         next_batch = lambda: sharding.global_batch(next(self.datasets.train_iter), mesh)  # noqa: E731
         first_batch = next_batch()
         hooks, log = self._hooks(state, first_batch, eval_fn, writer)
+        profiler = StepProfiler(profile_steps(config.train.profile_steps, config.train.steps),
+                                os.path.join(os.path.abspath(self.workdir), "profile"))
+        timeline.add("startup", time.time() - self._start_time - sum(timeline.seconds.values()))
 
         self.stop.start()
         for step in range(start_step + 1, config.train.steps + 1):
+          profiler.start(step)
+          fetch_start = time.perf_counter()
           batch = first_batch if step == start_step + 1 else next_batch()
+          step_start = time.perf_counter()
           state, metrics = train_step_fn(state, batch)
+          if profiler.active(step):  # Its compute time, not just the dispatch.
+            jax.block_until_ready(metrics)
+          hooks_start = time.perf_counter()
+          # The first step traces and compiles (then runs).
+          step_category = "compile" if step == start_step + 1 else "step"
+          timeline.add("data_wait", step_start - fetch_start)
+          timeline.add(step_category, hooks_start - step_start)
           is_last = step == config.train.steps
           # Read once: a signal arriving later in this step must not make it
           # exit without the save that the flag promises.
@@ -304,36 +347,79 @@ class Trainer:
           save_every = config.checkpoint.save_every
           outcome = StepOutcome(step, state, metrics, is_last, save=bool(
               is_last or preempted or (save_every and step % save_every == 0)))
+          host_s = 0.0  # The hooks' time but evaluating and saving.
           for hook in hooks:
+            hook_start = time.perf_counter()
             hook(outcome)
+            category = getattr(hook, "timeline_category", step_category)
+            timeline.add(category, time.perf_counter() - hook_start)
+            host_s += (time.perf_counter() - hook_start) if category == step_category else 0.0
+          profiler.add(step, data_wait=step_start - fetch_start,
+                       compute=hooks_start - step_start, host=host_s,
+                       eval_and_save=time.perf_counter() - hooks_start - host_s)
+          self._report_profile(profiler.finish(step), step, writer)
           if preempted and not is_last:
+            wait_start = time.perf_counter()
             self.checkpointer.wait()
+            timeline.add("checkpoint", time.perf_counter() - wait_start)
+            if writer:
+              writer.write_event(step, **timeline.record(end="preempted"))
             print(f"preempted: saved the checkpoint at step {step}; exiting", flush=True)
             return log.last_metrics
+          if writer and (outcome.record or outcome.save):
+            writer.write_event(step, **timeline.record())
+        wait_start = time.perf_counter()
         self.checkpointer.wait()
+        timeline.add("checkpoint", time.perf_counter() - wait_start)
+
+        # Every process takes part: generation is a computation over the global mesh.
+        if (families.get(config.model.family).is_causal_lm and self.datasets.tokenizer is not None
+            and config.train.sample_tokens > 0):
+          sample_start = time.perf_counter()
+          if writer:
+            writer.end_line()
+          print_sample(config, self.eval_model, state.params, self.datasets.tokenizer, mesh,
+                       show=self.is_writer)
+          timeline.add("sample", time.perf_counter() - sample_start)
+        if writer:
+          writer.write_event(config.train.steps, **timeline.record(end="finished"))
     finally:
+      if profiler is not None:
+        profiler.close()
       if writer:
         writer.close()
       if hasattr(self.datasets.train_iter, "close"):
         self.datasets.train_iter.close()  # Stops grain's worker processes, if any.
       self._release()
-
-    # Every process takes part: generation is a computation over the global mesh.
-    if (families.get(config.model.family).is_causal_lm and self.datasets.tokenizer is not None
-        and config.train.sample_tokens > 0):
-      print_sample(config, self.eval_model, state.params, self.datasets.tokenizer, mesh,
-                   show=self.is_writer)
     return log.last_metrics
+
+  def _report_profile(self, split: Optional[dict], step: int, writer) -> None:
+    """Logs a finished profile's time split (metrics.jsonl and one console line)."""
+    if split is None or not self.is_writer:
+      return
+    if writer:
+      writer.write_event(step, **split)
+    print(f"profiled steps {split['profile_steps']}: {split['profile_step_seconds']:.3f} s per "
+          f"step, compute {split['profile_compute_share']:.1%}, data wait "
+          f"{split['profile_data_wait_share']:.1%}, host {split['profile_host_share']:.1%}, "
+          f"evaluation and saving {split['profile_eval_and_save_share']:.1%}; trace in "
+          f"{split['profile_trace']}", flush=True)
 
   def _hooks(self, state, first_batch, eval_fn, writer) -> tuple[list, LogHook]:
     """The hooks, in order: metrics, evaluation, logging, checkpointing."""
     config = self.config
     batch_shapes = self.objective.model_batch_shapes(
         {k: v.shape for k, v in first_batch.items()})
+    model_config = ModelConfig.from_config(config.model)
+    train_flops = flops.train_flops_per_step(model_config, batch_shapes)
+    # The objective's extra forward passes (DPO's reference) are of the plain model.
+    step_flops = (train_flops * self.objective.passes / 3 + flops.trainable_flops_correction(
+        model_config, state.params, state.frozen, batch_shapes))
+    if distill.enabled(config):  # The teacher's forward pass.
+      step_flops += flops.train_flops_per_step(
+          ModelConfig.from_config(distill.teacher_config(config).model), batch_shapes) / 3
     metrics_hook = MetricsHook(
-        config.train, flops.tokens_per_batch(batch_shapes),
-        flops.train_flops_per_step(ModelConfig.from_config(config.model), batch_shapes)
-        * self.objective.passes / 3,
+        config.train, flops.tokens_per_batch(batch_shapes), step_flops,
         self.peak_tflops, nonfinite_at_start=int(state.opt_state.total_notfinite))
     hooks = [metrics_hook]
     if self.datasets.make_eval_iter:
@@ -344,6 +430,13 @@ class Trainer:
         return {**metrics, **self.datasets.eval_baselines}
       hooks.append(EvalHook(config.train.eval_every, run_eval,
                             after=metrics_hook.restart_interval))  # Eval is not step time.
+    if config.lm_eval.every:
+      def run_lm_eval(state):
+        pieces = dict(model=self.eval_model, params=state.params, config=config,
+                      tokenizer=self.datasets.tokenizer, mesh=self.mesh)
+        return lm_eval_tasks.evaluate_config_tasks(pieces, config.lm_eval)
+      hooks.append(EvalHook(config.lm_eval.every, run_lm_eval,
+                            after=metrics_hook.restart_interval))
     sinks = [writer.write] if writer else []
     if self.on_metrics and self.is_writer:
       sinks.append(self.on_metrics)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 from absl import logging
 import jax
@@ -103,6 +103,8 @@ class MetricsHook:
 class EvalHook:
   """Evaluates every ``train.eval_every`` steps and at the last one."""
 
+  timeline_category = "eval"  # Where its time goes in bigmodel.goodput.
+
   def __init__(self, eval_every: int, run_eval: Callable[[Any], dict[str, float]],
                after: Callable[[], None]):
     """``run_eval(state)`` returns the eval metrics of the train state."""
@@ -132,9 +134,63 @@ class CheckpointHook:
   """Saves where ``outcome.save`` says (every ``checkpoint.save_every`` steps,
   the last step, and on a stop request)."""
 
+  timeline_category = "checkpoint"
+
   def __init__(self, save: Callable[[Any, int, dict], None]):
     self.save = save
 
   def __call__(self, outcome: StepOutcome) -> None:
     if outcome.save:
       self.save(outcome.state, outcome.step, outcome.record)
+
+
+# Where a profiled step's time goes: compute (dispatch until the step's results
+# are ready: the profiled steps wait for them), data wait, host (the hooks:
+# metrics, logging), and evaluation and saving when the step has them.
+PROFILE_PARTS = ("compute", "data_wait", "host", "eval_and_save")
+
+
+class StepProfiler:
+  """A ``jax.profiler`` trace of steps ``first..last`` (``train.profile_steps``)
+  and where their time went (:data:`PROFILE_PARTS`).
+
+  The trace goes to ``trace_dir`` in TensorBoard's profile plugin layout
+  (``plugins/profile/RUN/``), viewable in TensorBoard or XProf.
+  """
+
+  def __init__(self, steps: Optional[tuple[int, int]], trace_dir: str):
+    self.steps, self.trace_dir = steps, trace_dir
+    self._tracing, self._first = False, 0
+    self._seconds = dict.fromkeys(PROFILE_PARTS, 0.0)
+
+  def active(self, step: int) -> bool:
+    return self.steps is not None and self.steps[0] <= step <= self.steps[1]
+
+  def start(self, step: int) -> None:
+    """Starts the trace before the first profiled step (or a resumed run's first step inside)."""
+    if self.active(step) and not self._tracing:
+      jax.profiler.start_trace(self.trace_dir)
+      self._tracing, self._first = True, step
+
+  def add(self, step: int, **seconds: float) -> None:
+    """Adds a step's seconds by part (:data:`PROFILE_PARTS`)."""
+    if self._tracing and self.active(step):
+      for key, value in seconds.items():
+        self._seconds[key] += value
+
+  def finish(self, step: int) -> Optional[dict[str, Any]]:
+    """After the last profiled step: stops the trace; returns the time split."""
+    if not (self._tracing and step == self.steps[1]):
+      return None
+    self.close()
+    total = sum(self._seconds.values())
+    return {"profile_steps": f"{self._first}-{step}", "profile_trace": self.trace_dir,
+            "profile_step_seconds": total / (step - self._first + 1),
+            **{f"profile_{k}_share": v / total if total else 0.0
+               for k, v in self._seconds.items()}}
+
+  def close(self) -> None:
+    if self._tracing:
+      jax.profiler.stop_trace()
+      self._tracing = False
+

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 import optax
 
-from bigmodel import objectives, optim, sharding
+from bigmodel import objectives, optim, pruning, sharding
 from bigmodel.state import TrainState
 
 
@@ -77,6 +77,9 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, model: nn.Modu
       # Updates skipped so far, and in a row up to this one.
       "nonfinite_steps": opt_state.total_notfinite,
       "nonfinite_in_a_row": opt_state.notfinite_count,
+      # With config.prune on, the targeted kernels' pruned fraction (a scalar
+      # of the optimizer state, counted when the masks change: free here).
+      **pruning.step_metrics(opt_state),
   }
   new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state, rng=rng)
   return new_state, metrics

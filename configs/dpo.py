@@ -5,7 +5,7 @@
 messages; ``chosen``, ``rejected``: replies) from ``data.paths``; with
 ``data.paths=""`` the pairs are the default offline task: the question of
 configs/sft.py's default task, the function's own docstring summary chosen,
-another function's rejected. Start from a fine-tuned run with
+another module's function's rejected. Start from a fine-tuned run with
 ``--config.init_from=WORKDIR`` (it is also the reference model); with
 ``--config.lora.rank`` only adapters train and the base is the reference
 (docs/post_training.md).

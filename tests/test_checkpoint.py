@@ -12,6 +12,7 @@ import jax
 import numpy as np
 import pytest
 
+from bigmodel import goodput
 from bigmodel.errors import UserError
 from commands import start_train
 from model_fixtures import tiny_config
@@ -98,6 +99,22 @@ def test_sigkill_then_resume_gives_identical_losses(tmp_path, corpus, reference_
     assert f"resuming from the checkpoint at step {max(complete)}" in stdout
   # Bit-for-bit on CPU: same parameters, optimizer state, dropout key and data order.
   assert losses_by_step(workdir) == reference_losses
+  # The goodput report counts the steps the second run did again as lost.
+  records = [json.loads(line) for line in open(workdir / "metrics.jsonl")]
+  first_run_steps = []  # Logged before the restart (a resume event, or steps going back).
+  for r in records:
+    if "resumed_from" in r or ("loss" in r and first_run_steps and r["step"] <= first_run_steps[-1]):
+      break
+    if "loss" in r:
+      first_run_steps.append(r["step"])
+  resumed_from = max(complete) if complete else 0
+  redone = len([step for step in first_run_steps if step > resumed_from])
+  report = goodput.report(str(workdir))
+  assert report["ends"] == ["killed", "finished"] and report["sessions"] == 2
+  # (Killed between a step's metrics line and its timeline line: one fewer.)
+  assert report["lost_steps"] in (redone, redone - 1) and redone >= 1, (report, redone)
+  assert (report["seconds"]["lost"] > 0) == (report["lost_steps"] > 0)
+  assert abs(sum(report["seconds"].values()) - report["wall_seconds"]) < 1e-6
 
 
 def test_sigterm_saves_and_exits_zero_then_resumes(tmp_path, corpus, reference_losses):

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from bigmodel import objectives, sharding
+from bigmodel import run as run_lib
 from bigmodel.data import preference
 from bigmodel.data.records import read_task_file
 from bigmodel.data.tokenizer import SentencePieceTokenizer
@@ -146,3 +147,25 @@ def test_dpo_run_with_lora_logs_preference_metrics_and_resumes(tmp_path):
   result = subprocess.run([sys.executable, "-m", "bigmodel.evaluate", f"--workdir={workdir}"],
                           cwd=ROOT, capture_output=True, text=True, timeout=300)
   assert_user_error(result, "no reference model")
+
+  # Full DPO from that run: the frozen reference copy is its starting point,
+  # so the checkpoints point to it rather than saving the copy; resuming and
+  # evaluating take it from there.
+  full = str(tmp_path / "dpo_full")
+  args = [a for a in args if not a.startswith(("--workdir", "--config.lora"))]
+  args += [f"--workdir={full}", f"--config.init_from={workdir}"]
+  result = run_train(*args, "--config.train.steps=2")
+  assert result.returncode == 0, result.stderr[-3000:]
+  result = run_train(*args, "--config.train.steps=3")
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert "resuming from the checkpoint at step 2" in result.stdout
+  ckpt = run_lib.checkpointer(full, keep=1, read_only=True)
+  (source,), digests = ckpt.base_sources(3), ckpt.saved_digests(3)
+  ckpt.close()
+  assert source["params"] == [] and source["reference"]  # Nothing frozen but the copy.
+  assert any(k.startswith(".params") for k in digests)
+  assert not any(k.startswith(".reference") for k in digests)
+  result = subprocess.run([sys.executable, "-m", "bigmodel.evaluate", f"--workdir={full}"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert "eval_reward_margin" in result.stdout

@@ -1,6 +1,7 @@
 """LoRA adapters (every family) and frozen parameters: what trains, what stays put."""
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -10,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from bigmodel import run as run_lib
 from bigmodel import sharding
 from bigmodel.errors import UserError
 from bigmodel.models import build_model, lora
@@ -129,10 +131,22 @@ def test_bad_lora_or_freeze_settings_are_one_error(overrides, optim, fragment):
     _train(config, steps=0)
 
 
+def test_lora_on_a_tied_token_table_is_refused():
+  # GPT's logits use the token table: Qwix would adapt that matmul.
+  config = tiny_config("gpt")
+  config.lora.update(rank=4, alpha=8.0, targets="token_embed")
+  with pytest.raises(UserError, match="matches token_embed/embedding: adapters go on dense"):
+    _train(config, steps=0, family="gpt")
+
+
 def test_lora_run_from_a_trained_run_then_merged_export(gpt_workdir, tmp_path):
   """Fine-tune a trained run with adapters, resume it, then read it merged:
   the base stays the trained run's, and the merged model (generation,
-  evaluation, ``export --merge_lora``) computes what base + adapters do."""
+  evaluation, ``export --merge_lora``) computes what base + adapters do. The
+  checkpoints hold the adapters only, with a pointer to the base checkpoint."""
+  base_dir = str(tmp_path / "base")  # A copy: this test moves it.
+  shutil.copytree(gpt_workdir, base_dir)
+  gpt_workdir = base_dir
   workdir = str(tmp_path / "lora")
   args = ["--config=configs/gpt.py:tiny", f"--workdir={workdir}",
           f"--config.init_from={gpt_workdir}", "--config.lora.rank=4",
@@ -163,6 +177,32 @@ def test_lora_run_from_a_trained_run_then_merged_export(gpt_workdir, tmp_path):
   assert result.returncode == 0, result.stderr[-3000:]
   exported = json.load(open(os.path.join(out, "config.json")))
   assert exported["lora"]["rank"] == 0
+
+  # Only the adapters (and their optimizer state) were saved; the base is named.
+  ckpt = run_lib.checkpointer(workdir, keep=1, read_only=True)
+  (pointer,), digests = ckpt.base_sources(4), ckpt.saved_digests(4)
+  ckpt.close()
+  base_step = load_run(gpt_workdir).step
+  assert pointer["workdir"] == os.path.abspath(gpt_workdir) and pointer["step"] == base_step
+  assert pointer["params"] == sorted(_flat(lora.without_adapters(adapted.params)))
+  saved_params = [k for k in digests if k.startswith(".params")]
+  assert saved_params and all("_lora_" in k for k in saved_params), saved_params
+  assert not any(k.startswith(".reference") for k in digests)
+  # A base that is gone, or another checkpoint in its place: one error line each.
+  os.rename(gpt_workdir, gpt_workdir + ".moved")
+  with pytest.raises(UserError, match=rf"checkpoint {base_step} of .*base \(its init_from\), "
+                                      "which is gone"):
+    load_run(workdir)
+  os.rename(gpt_workdir + ".moved", gpt_workdir)
+  digests_file = os.path.join(gpt_workdir, "checkpoints", str(base_step), "digests", "metadata")
+  with open(digests_file) as f:
+    base_digests = json.load(f)
+  base_digests[sorted(base_digests)[0]][0] += 1
+  with open(digests_file, "w") as f:
+    json.dump(base_digests, f)
+  result = run_module("bigmodel.generate", f"--workdir={workdir}", "--prompt=a")
+  assert result.returncode == 2 and result.stderr.strip().splitlines()[-1].startswith("error: ")
+  assert "has changed since" in result.stderr, result.stderr[-2000:]
 
 
 def _same_run(workdir):

@@ -97,7 +97,7 @@ def _match_and_resume(tmp_path):
   print("2 processes x 4 devices vs 1 x 8: max |loss difference|",
         assert_close(losses(two), reference))
   # Only process 0 writes metrics; checkpoints were written by both together.
-  assert [r["step"] for r in metric_lines(two)] == list(range(1, _STEPS + 1))
+  assert [r["step"] for r in metric_lines(two) if "loss" in r] == list(range(1, _STEPS + 1))
   assert sorted(os.listdir(two / "checkpoints")) == ["3", "6"]
   assert os.path.exists(two / "launch_logs" / "process_1.log")
 

@@ -29,8 +29,8 @@ file.
 
 * ``docstring_preference`` (preference): the same question as a chat prompt
   (column ``prompt``), ``chosen`` = the function's own summary, ``rejected``
-  = the summary of the function 7 rows further in the same split (another
-  function, usually of the same file's neighbourhood, with another summary).
+  = the summary of the function half the split further on (rows are in file
+  order: a function of another module, with another summary).
 
 All are deterministic for a given Python installation.
 """
@@ -223,8 +223,11 @@ def docstring_preference_rows(stdlib: str) -> dict[str, list[dict[str, object]]]
   for split, rows in docstring_rows(stdlib).items():
     splits[split] = []
     for i, row in enumerate(rows):
-      others = (rows[(i + k) % len(rows)]["target"] for k in range(7, len(rows)))
-      rejected = next((t for t in others if t != row["target"]), None)
+      # Another module's function: the pair asks which summary fits this
+      # code, not which of two neighbours' near-identical summaries does.
+      others = (rows[(i + len(rows) // 2 + k) % len(rows)] for k in range(len(rows)))
+      rejected = next((r["target"] for r in others
+                       if r["target"] != row["target"] and r["path"] != row["path"]), None)
       if rejected is not None:
         splits[split].append({
             "prompt": [{"role": "user", "content": _CHAT_QUESTION + row["text"]}],

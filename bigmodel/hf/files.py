@@ -85,9 +85,10 @@ class TensorReader:
   header is read up front, so a broken file is refused before any work.
   """
 
-  def __init__(self, directory: str):
+  def __init__(self, directory: str, weights: str = WEIGHTS):
+    """``weights``: the single file's name (a PEFT adapter's ``adapter_model.safetensors``)."""
     self.directory = directory
-    single, index = os.path.join(directory, WEIGHTS), os.path.join(directory, INDEX)
+    single, index = os.path.join(directory, weights), os.path.join(directory, INDEX)
     if os.path.isfile(index):
       weight_map = read_json(directory, INDEX).get("weight_map")
       if not isinstance(weight_map, dict):
@@ -98,12 +99,12 @@ class TensorReader:
       shards = {shard: model_file(directory, shard) for shard in set(weight_map.values())}
       self._file_of = {name: shards[shard] for name, shard in weight_map.items()}
     elif os.path.isfile(single):
-      with _open(model_file(directory, WEIGHTS)) as f:
+      with _open(model_file(directory, weights)) as f:
         self._file_of = {name: single for name in f.keys()}
     else:
       found = sorted(n for n in os.listdir(directory) if n.endswith((".bin", ".pt", ".h5")))
       hint = f" (found {', '.join(found)}: pickled or TF weights are not read)" if found else ""
-      raise UserError(f"no {WEIGHTS} or {INDEX} in {directory}{hint}")
+      raise UserError(f"no {weights} or {INDEX} in {directory}{hint}")
     for path in sorted(set(self._file_of.values())):
       if not os.path.isfile(path):
         raise UserError(f"the shard {path} listed in {INDEX} does not exist")

@@ -12,6 +12,7 @@ orbax writes from the devices, so the host never holds a second copy of the
 model. ``export_hf`` reads any run's checkpoint back into a HF directory.
 """
 import contextlib
+import dataclasses
 import functools
 import os
 import re
@@ -151,6 +152,34 @@ def _undone_on_failure(workdir: str):
     raise
 
 
+@dataclasses.dataclass
+class Imported:
+  """A HF model read and checked by ``read_hf``, not yet written.
+
+  Attributes:
+    family: The ``--family`` name.
+    hf: The model's ``config.json``.
+    config: The bigmodel config of the workdir to write.
+    rules: The name map's rules for this model (``hf`` decides heads and scales).
+    params: Flat parameters (path -> array on the devices).
+    fresh: Paths of the parameters the checkpoint lacks, initialised afresh.
+    unused: HF tensors no parameter came from.
+    tokenizer: The tokenizer files found, kept in the workdir.
+  """
+  family: str
+  hf: dict[str, Any]
+  config: ml_collections.ConfigDict
+  rules: list[Rule]
+  params: dict[str, jax.Array]
+  fresh: list[str]
+  unused: list[str]
+  tokenizer: list[str]
+
+  def summary(self) -> dict[str, Any]:
+    return {"family": self.family, "num_params": sum(x.size for x in self.params.values()),
+            "tokenizer": self.tokenizer or None, "unused": self.unused, "fresh": self.fresh}
+
+
 def import_hf(hf_dir: str, family: Optional[str], workdir: str) -> dict[str, Any]:
   """Converts the HF model in ``hf_dir`` into a bigmodel workdir.
 
@@ -159,6 +188,16 @@ def import_hf(hf_dir: str, family: Optional[str], workdir: str) -> dict[str, Any
   count, the tokenizer kept (or None), the HF tensors no parameter came from
   and the parameters no tensor came from (``Rule.fresh``: initialised afresh).
   """
+  imported = read_hf(hf_dir, family, workdir)
+  write_import(hf_dir, workdir, imported)
+  return imported.summary()
+
+
+def read_hf(hf_dir: str, family: Optional[str], workdir: str) -> Imported:
+  """``import_hf``'s reading half: the model in ``hf_dir`` read, converted and
+  checked (and ``workdir`` checked to be writable without replacing anything);
+  nothing is written. A caller may add to it (``bigmodel.hf.peft``: adapters)
+  before ``write_import``."""
   hf = read_config(hf_dir)
   family = family or family_of_config(hf)
   if family is None:
@@ -183,14 +222,32 @@ def import_hf(hf_dir: str, family: Optional[str], workdir: str) -> dict[str, Any
   else:  # A tokenizer trained later must fit the embedding.
     config.data.vocab_size = min(config.data.vocab_size, config.model.vocab_size)
   validate(config)
+  return Imported(family, hf, config, rules, flat, fresh, unused, tokenizer_names)
 
+
+def write_import(hf_dir: str, workdir: str, imported: Imported) -> None:
+  """``import_hf``'s writing half: the tokenizer, a step-0 checkpoint of
+  ``imported.params`` and the config; a failure removes what was written."""
   with _undone_on_failure(workdir):
     os.makedirs(workdir, exist_ok=True)
     copy_tokenizer_files(hf_dir, os.path.join(workdir, TOKENIZER_DIR))
-    _save_params(workdir, config, _unflatten(flat))
-    run_lib.write_config(config, run_lib.RunDir(workdir).config)
-  return {"family": family, "num_params": sum(x.size for x in flat.values()),
-          "tokenizer": tokenizer_names or None, "unused": unused, "fresh": fresh}
+    _save_params(workdir, imported.config, _unflatten(imported.params))
+    run_lib.write_config(imported.config, run_lib.RunDir(workdir).config)
+
+
+def _import_mesh() -> jax.sharding.Mesh:
+  """fsdp over every local device (``data`` would replicate the model on each)."""
+  return sharding.make_mesh(ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1)))
+
+
+def abstract_params(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  """The flat parameters (shape, dtype, sharding on the import mesh) of
+  ``config``'s model, with ``config.lora``'s adapters if it has any."""
+  mesh = _import_mesh()
+  optimizer, _ = make_optimizer(config.optim, config.train.steps)
+  model = build_model(config.model, config.lora)
+  with sharding.activate(mesh):
+    return _flatten(abstract_sharded_state(config, model, optimizer, mesh)[0].params)
 
 
 def _read_params(config: ml_collections.ConfigDict, rules: list[Rule],
@@ -198,15 +255,12 @@ def _read_params(config: ml_collections.ConfigDict, rules: list[Rule],
   """(flat parameters read through ``rules``, each moved to its devices as it is
   read; the paths of those the checkpoint lacks, initialised afresh).
 
-  The mesh is fsdp over every local device (``data`` would replicate the
-  model on each). A layer stack is filled on the devices one layer at a time
-  (a donated in-place update), so the host holds one layer's tensor at a time.
+  The mesh is ``_import_mesh``'s. A layer stack is filled on the devices one
+  layer at a time (a donated in-place update), so the host holds one layer's
+  tensor at a time.
   """
-  mesh = sharding.make_mesh(ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1)))
-  optimizer, _ = make_optimizer(config.optim, config.train.steps)
   model = build_model(config.model)
-  with sharding.activate(mesh):
-    abstract = _flatten(abstract_sharded_state(config, model, optimizer, mesh)[0].params)
+  abstract = abstract_params(config)
   dtype = jnp.dtype(config.model.param_dtype)
   flat = {}
   for path, layer, array in iter_params(rules, reader,
@@ -262,6 +316,7 @@ def export_hf(workdir: str, out: str, step: Optional[int] = None) -> dict[str, A
   if os.path.exists(out) and os.listdir(out):
     raise UserError(f"--to_hf={out} already exists and is not empty; choose a new directory")
   run = run_lib.load_run(workdir, step)
+  run_lib.refuse_quantized(run, "--to_hf")
   params, config, step = run.params, run.config.to_dict(), run.step
   model_config = ModelConfig.from_config(run.config.model)
   family, name_map = exporter(model_config)

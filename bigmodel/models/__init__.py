@@ -32,7 +32,7 @@ from typing import Any, Optional
 import flax.linen as nn
 import jax
 
-from bigmodel.models import families, lora
+from bigmodel.models import families, lora, quantization
 from bigmodel.models.bert import Bert
 from bigmodel.models.config import ModelConfig
 from bigmodel.models.families import FAMILIES, Family, family_of
@@ -63,11 +63,20 @@ def batch_logits(model: nn.Module, params: Any, batch: dict[str, jax.Array], *,
 def build_model(model_cfg, lora_cfg=None, *, training: bool = False) -> nn.Module:
   """Returns the Flax module for ``model_cfg.family`` (``config.model``), with
   LoRA adapters when ``lora_cfg`` (``config.lora``) has a rank; ``training``
-  turns their dropout on (``bigmodel.models.lora``)."""
+  turns their dropout on (``bigmodel.models.lora``). ``model.quantization``
+  (quantized training) or ``model.weight_bits`` (a weight-quantized model)
+  quantize its dense layers (``bigmodel.models.quantization``)."""
   model_config = ModelConfig.from_config(model_cfg)
   family = families.get(model_config.family)
-  return lora.with_lora(family.build(model_config), lora_cfg, family.methods, training)
+  module = family.build(model_config)
+  if lora.enabled(lora_cfg):
+    # Qwix applies one provider per model (config validation refuses both).
+    if quantization.qat_enabled(model_cfg) or quantization.weight_quantized(model_cfg):
+      raise ValueError("LoRA adapters do not combine with model.quantization / weight_bits")
+    return lora.with_lora(module, lora_cfg, family.methods, training)
+  return quantization.with_quantization(module, model_cfg, family.methods)
 
 
 __all__ = ["FAMILIES", "MODEL_FAMILIES", "Bert", "Family", "Gpt", "ModelConfig", "T5",
-           "batch_logits", "build_model", "family_of", "families", "lora", "targets_and_weights"]
+           "batch_logits", "build_model", "family_of", "families", "lora", "quantization",
+           "targets_and_weights"]

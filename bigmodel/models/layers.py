@@ -116,8 +116,13 @@ class DenseGeneral(nn.Module):
     kernel = self.param(
         "kernel", logical_init(nn.initializers.normal(self.stddev), self.kernel_axes),
         tuple(x.shape[a] for a in axis) + tuple(self.features), self.param_dtype)
-    y = jax.lax.dot_general(x.astype(self.dtype), kernel.astype(self.dtype),
-                            ((axis, tuple(range(len(axis)))), ((), ())))
+    # promote_dtype rather than astype: Qwix's PTQ model (bigmodel.models.
+    # quantization) intercepts it to pass a quantized kernel through as it is,
+    # and dequantizes it to its scales' dtype (param_dtype): the astype keeps
+    # the output in the compute dtype (a no-op for float kernels).
+    x, kernel = nn.dtypes.promote_dtype(x, kernel, dtype=self.dtype)
+    y = jax.lax.dot_general(x, kernel, ((axis, tuple(range(len(axis)))), ((), ())))
+    y = y.astype(self.dtype)
     if self.use_bias:
       bias = self.param("bias", logical_init(nn.initializers.zeros,
                                              self.kernel_axes[len(axis):]),

@@ -73,6 +73,13 @@ def check_adapters(params: Any, lora_cfg) -> None:
     kernels = sorted({name.rsplit("/", 1)[0] for name in flat if name.endswith("kernel")})
     raise UserError(f"lora.targets={lora_cfg.targets!r} matches no dense layer; layers: "
                     f"{', '.join(kernels[:12])}{' ...' if len(kernels) > 12 else ''}")
+  tables = [name for name in adapters if not name.endswith("kernel" + ADAPTER_SUFFIXES[0])]
+  if tables:
+    # A tied table's adapter would act on the logits' matmul ([D, V]) but be
+    # merged into the lookup's [V, D] table: refused rather than merged wrong.
+    raise UserError(f"lora.targets={lora_cfg.targets!r} matches "
+                    f"{tables[0][:-len(ADAPTER_SUFFIXES[0])]}: adapters go on dense "
+                    "layers' kernels, not on embedding tables")
   for name in adapters:
     a_shape = _value(flat[name]).shape  # [layers..., in, r]
     b_shape = _value(flat[name[:-1] + "b"]).shape  # [layers..., r, out]
