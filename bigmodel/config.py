@@ -98,7 +98,11 @@ def base_config() -> ml_collections.ConfigDict:
       paths="",             # Directory, file or glob; "" = the Python stdlib.
       file_pattern="*.py",  # Files picked up when `paths` is a directory.
       tfds_name="",         # A registered tfds text dataset, e.g. "lm1b".
-      text_key="text",      # Feature holding the text in a tfds dataset.
+      text_key="text",      # Field holding the text: tfds feature, JSONL/Parquet/ArrayRecord field.
+      max_bad_fraction=0.01,  # Bad records a shard may skip before the run stops.
+      # Weighted sources, a JSON list of {"name", "paths" | "tfds_name", "weight"}
+      # (bigmodel/data/mixture.py); "" = the one source above.
+      mixture="",
       data_dir="",          # ArrayRecords: "" = WORKDIR/data (files) or tfds's default dir.
       tokenizer="",         # A sentencepiece .model; "" = train one in WORKDIR.
       vocab_size=4096,      # Size of a tokenizer trained here.

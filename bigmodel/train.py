@@ -62,8 +62,8 @@ from bigmodel.optim import make_optimizer
 from bigmodel.pretrained import init_from_pretrained
 from bigmodel.run_lock import RunLock
 from bigmodel.state import abstract_sharded_state, create_sharded_state
-from bigmodel.train_hooks import (CheckpointHook, EvalHook, LogHook, MetricsHook, StepOutcome,
-                                  StepProfiler)
+from bigmodel.train_hooks import (CheckpointHook, EvalHook, LogHook, MetricsHook, SourceTokensHook,
+                                  StepOutcome, StepProfiler)
 from bigmodel.train_step import all_finite, jit_eval_step, jit_train_step
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -422,6 +422,9 @@ class Trainer:
         config.train, flops.tokens_per_batch(batch_shapes), step_flops,
         self.peak_tflops, nonfinite_at_start=int(state.opt_state.total_notfinite))
     hooks = [metrics_hook]
+    if getattr(self.datasets.train_iter, "source_names", ()):
+      hooks.append(SourceTokensHook(config.train.log_every,
+                                    self.datasets.train_iter.source_tokens))
     if self.datasets.make_eval_iter:
       def run_eval(state):
         metrics = evaluate(eval_fn, state.params, self.datasets.make_eval_iter(), self.mesh,

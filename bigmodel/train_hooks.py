@@ -100,6 +100,24 @@ class MetricsHook:
     logging.warning("%s; skipped them (train.nonfinite=skip)", message)
 
 
+class SourceTokensHook:
+  """Adds, at logging steps, each mixture source's tokens read so far
+  (``data/tokens/NAME``, this host's share of the batches) and its share of
+  them (``data/share/NAME``): the weights as the run actually saw them."""
+
+  def __init__(self, log_every: int, source_tokens: Callable[[], dict[str, int]]):
+    self.log_every, self.source_tokens = log_every, source_tokens
+
+  def __call__(self, outcome: StepOutcome) -> None:
+    if not (outcome.step % self.log_every == 0 or outcome.is_last):
+      return
+    counts = self.source_tokens()
+    total = sum(counts.values()) or 1
+    for name, tokens in counts.items():
+      outcome.record[f"data/tokens/{name}"] = tokens
+      outcome.record[f"data/share/{name}"] = tokens / total
+
+
 class EvalHook:
   """Evaluates every ``train.eval_every`` steps and at the last one."""
 

@@ -199,15 +199,21 @@ def test_the_stdlib_task_is_deterministic_and_reads_offline(task_dir, tmp_path):
   assert all(row["path"].split("/")[0] == answer for row, answer in zip(test, answers))
   assert len(set(answers[:16])) >= 4  # Shuffled: a small --limit sees several packages.
   # The next-line task: the right choice is what follows the context in its file.
-  (next_line,) = info["also"]
+  # The word-order task: the same line, its distractors the same words reordered.
+  next_line, word_order = info["also"]
   assert next_line["task"] == tasks_lib.NEXT_LINE_TASK and next_line["test"] >= 100
+  assert word_order["task"] == tasks_lib.WORD_ORDER_TASK and word_order["test"] >= 100
   import sysconfig  # pylint: disable=import-outside-toplevel
-  with open(os.path.join(again, f"{tasks_lib.NEXT_LINE_TASK}_test.jsonl")) as f:
-    rows = [json.loads(line) for line in f][:50]
-  for row in rows:
-    assert len(set(row["choices"])) == 4 and row["text"].endswith("\n")
-    with open(os.path.join(sysconfig.get_paths()["stdlib"], row["path"]), encoding="utf-8") as f:
-      assert row["text"] + row["choices"][row["answer"]] + "\n" in f.read(), row["path"]
+  for task in (tasks_lib.NEXT_LINE_TASK, tasks_lib.WORD_ORDER_TASK):
+    with open(os.path.join(again, f"{task}_test.jsonl")) as f:
+      rows = [json.loads(line) for line in f][:50]
+    for row in rows:
+      assert len(set(row["choices"])) == 4 and row["text"].endswith("\n")
+      with open(os.path.join(sysconfig.get_paths()["stdlib"], row["path"]),
+                encoding="utf-8") as f:
+        assert row["text"] + row["choices"][row["answer"]] + "\n" in f.read(), row["path"]
+      if task == tasks_lib.WORD_ORDER_TASK:
+        assert len({tuple(sorted(choice.split())) for choice in row["choices"]}) == 1
 
 
 def test_hf_backend_scores_the_export_the_same(gpt2_workdir, task_dir, tmp_path):

@@ -1,7 +1,9 @@
 """Text corpora: local text files or a tfds text dataset, as a Source.
 
 * ``data.source="files"``: local text files, one example per file (features
-  ``text`` and ``path``), prepared once per distinct file set
+  ``text`` and ``path``), and record shards (JSON lines, plain or ``.gz`` /
+  ``.zst``, Parquet, ArrayRecord: :mod:`bigmodel.data.shards`), one example
+  per record (its ``data.text_key``; ``path`` is ``FILE:INDEX``), prepared once per distinct file set
   (:func:`bigmodel.data.sources.prepare_once`) under ``data.data_dir``
   (``WORKDIR/data`` when empty). ``data.paths`` is a directory (files matching
   ``data.file_pattern``, searched recursively, hidden directories and
@@ -28,11 +30,12 @@ import hashlib
 import os
 import sys
 import sysconfig
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 from absl import logging
 import ml_collections
 
+from bigmodel.data import shards
 from bigmodel.data import sources
 from bigmodel.data.sources import Source
 from bigmodel.errors import UserError
@@ -120,7 +123,7 @@ def resolve_files(paths: str, file_pattern: str) -> list[CorpusFile]:
     except OSError as e:
       logging.warning("Skipping unreadable corpus file %s: %s", path, e)
       continue
-    if b"\0" in head:  # git's test for a binary file.
+    if b"\0" in head and not shards.shard_format(path):  # git's test for a binary file.
       print(f"warning: skipping {path}: a binary file (NUL bytes), not text",
             file=sys.stderr, flush=True)
       continue
@@ -137,10 +140,10 @@ def resolve_files(paths: str, file_pattern: str) -> list[CorpusFile]:
   return files
 
 
-def fingerprint(files: Sequence[CorpusFile]) -> str:
-  """A short hash of the file set (paths, sizes, modification times): names
-  the prepared corpus on disk."""
-  return sources.fingerprint((f.path, f.size, f.mtime_ns) for f in files)
+def fingerprint(files: Sequence[CorpusFile], header: str = "") -> str:
+  """A short hash of the file set (paths, sizes, modification times) and a
+  header of settings: names the prepared corpus on disk."""
+  return sources.fingerprint(((f.path, f.size, f.mtime_ns) for f in files), header)
 
 
 def _split_hash(relpath: str) -> int:
@@ -170,35 +173,82 @@ def assign_splits(files: Sequence[CorpusFile]
   return train, validation
 
 
-def _read_file(f: CorpusFile) -> tuple[str, dict[str, str]] | None:
-  """(key, example) of one corpus file; None (skipped) if unreadable."""
+def _read_file(f: CorpusFile) -> Iterator[tuple[str, dict[str, str]]]:
+  """The (key, example) of one plain corpus file; none if unreadable."""
   try:
     with open(f.path, "rb") as stream:
       text = stream.read().decode("utf-8", errors="replace")
   except OSError as e:
     logging.warning("Skipping unreadable corpus file %s: %s", f.path, e)
-    return None
-  return f.relpath, {"text": text, "path": f.relpath}
+    return
+  yield f.relpath, {"text": text, "path": f.relpath}
 
 
-def load_text_files(paths: str, file_pattern: str, data_dir: str) -> Source:
-  """Prepares (once per distinct file set) and opens a local file corpus."""
+@dataclasses.dataclass(frozen=True)
+class _ShardSplit:
+  """The records of one shard that belong to one split."""
+  shard: CorpusFile
+  split: str
+  text_key: str
+  max_bad_fraction: float
+  is_first: bool  # The first shard in path order.
+
+  def examples(self) -> Iterator[tuple[str, dict[str, str]]]:
+    """(``relpath:index``, example) of the shard's records in this split: a
+    record is in validation by a hash of its key (about 2%), so a corpus of
+    one shard has both splits and adding shards moves no record; the first
+    good record of the first shard always is, so that a small corpus has a
+    validation split too."""
+    first = True
+    for index, text in shards.read_texts(self.shard.path, self.text_key,
+                                         self.max_bad_fraction):
+      key = f"{self.shard.relpath}:{index}"
+      is_validation = (_split_hash(key) % 10000 < _VALIDATION_PER_10000
+                       or (self.is_first and first))
+      first = False
+      if is_validation == (self.split == "validation"):
+        yield key, {"text": text, "path": key}
+
+
+def _examples(item: CorpusFile | _ShardSplit) -> Iterator[tuple[str, dict[str, str]]]:
+  return item.examples() if isinstance(item, _ShardSplit) else _read_file(item)
+
+
+def load_text_files(paths: str, file_pattern: str, data_dir: str, *,
+                    text_key: str = "text", max_bad_fraction: float = 0.01) -> Source:
+  """Prepares (once per distinct file set) and opens a local file corpus.
+
+  Record shards (:mod:`bigmodel.data.shards`: JSON lines, Parquet,
+  ArrayRecord) give one example per record (its ``text_key``), other files
+  one example each.
+  """
   files = resolve_files(paths, file_pattern)
   root = os.path.commonpath([os.path.dirname(f.path) for f in files])
   megabytes = sum(f.size for f in files) / 1e6
+  shard_files = [f for f in files if shards.shard_format(f.path)]
+  plain_files = [f for f in files if not shards.shard_format(f.path)]
 
   def read_items():
-    train, validation = assign_splits(files)
-    return {"train": train, "validation": validation}
+    train, validation = assign_splits(plain_files)
+    return {split: items + [_ShardSplit(f, split, text_key, max_bad_fraction, i == 0)
+                            for i, f in enumerate(shard_files)]
+            for split, items in (("train", train), ("validation", validation))}
+  # Shards' records depend on text_key; plain files do not.
+  header = f"text_key={text_key}" if shard_files else ""
   name, splits = sources.prepare_once(
-      sources.BigmodelTextFiles, config_name=f"files_{fingerprint(files)}",
+      sources.BigmodelTextFiles,
+      config_name=f"files_{fingerprint(files, header)}",
       description=f"{len(files)} files in {root} ({megabytes:.1f} MB)",
       data_dir=data_dir, features=("text", "path"), read_items=read_items,
-      to_example=_read_file, disable_shuffling=False)
+      to_examples=_examples, disable_shuffling=False)
   validation = splits.get("validation")
-  logging.info("Corpus %s: %d train and %d validation files, %.1f MB", name,
-               len(splits["train"]),
-               len(validation) if validation is not None else 0, megabytes)
+  logging.info("Corpus %s: %d train and %d validation documents from %d files"
+               " (%d record shards), %.1f MB", name, len(splits["train"]),
+               len(validation) if validation is not None else 0, len(files),
+               len(shard_files), megabytes)
+  if not len(splits["train"]):
+    raise UserError(f"data.paths={paths!r}: no train documents (every record is in"
+                    " the validation split); give more data")
   return Source(name=name, train=splits["train"], validation=validation,
                 text_key="text")
 
@@ -219,4 +269,6 @@ def load_corpus(data_config: ml_collections.ConfigDict,
     return load_tfds(data_config.tfds_name, data_config.text_key,
                      data_config.data_dir or None)
   data_dir = data_config.data_dir or os.path.join(workdir, "data")
-  return load_text_files(data_config.paths, data_config.file_pattern, data_dir)
+  return load_text_files(data_config.paths, data_config.file_pattern, data_dir,
+                          text_key=data_config.text_key,
+                          max_bad_fraction=data_config.max_bad_fraction)

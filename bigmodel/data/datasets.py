@@ -1,8 +1,9 @@
 """``build_datasets``: the config's data -> tokenizer and batch iterators.
 
-Stages: a source (:mod:`bigmodel.data.corpus` for text,
-:mod:`bigmodel.data.records` for labelled examples, or the default tasks of
-:mod:`bigmodel.data.stdlib_tasks` when ``data.paths`` is empty) -> the
+Stages: a source (:mod:`bigmodel.data.corpus` for text, files or record
+shards, :mod:`bigmodel.data.records` for labelled examples, or the default
+tasks of :mod:`bigmodel.data.stdlib_tasks` when ``data.paths`` is empty; a
+weighted mixture of text corpora, :mod:`bigmodel.data.mixture`) -> the
 tokenizer (:mod:`bigmodel.data.tokenizer`) -> the task of ``data.task``
 (:mod:`bigmodel.data.registry`: transform, packing, BatchSpec) -> the one
 loader (:mod:`bigmodel.data.loader`).
@@ -39,6 +40,7 @@ import numpy as np
 from bigmodel.data import chat
 from bigmodel.data import corpus as corpus_lib
 from bigmodel.data import loader
+from bigmodel.data import mixture as mixture_lib
 from bigmodel.data import records as records_lib
 from bigmodel.data import registry
 from bigmodel.data import stdlib_tasks
@@ -135,6 +137,18 @@ def validate_data_config(config: ml_collections.ConfigDict, process_count: int) 
   if data.task == "mlm" and not 0.0 < data.mlm_probability < 1.0:
     raise UserError(f"data.mlm_probability={data.mlm_probability} must be in"
                     " (0, 1)")
+  sources = mixture_lib.parse(data.mixture)
+  if sources and registry.TASKS[data.task].reads != "text":
+    raise UserError(f"data.mixture mixes text corpora (data.task lm, mlm or span_corruption),"
+                    f" not data.task={data.task!r} records")
+  if sources and (data.source == "synthetic" or data.paths or data.tfds_name):
+    raise UserError("data.mixture names the sources: leave data.paths and data.tfds_name"
+                    " empty and data.source='files'")
+  for source in sources:
+    if source.tfds_name:
+      check_offline_tfds_name(source.tfds_name)
+  if not 0.0 <= data.max_bad_fraction <= 1.0:
+    raise UserError(f"data.max_bad_fraction={data.max_bad_fraction} must be in [0, 1]")
   if data.source == "synthetic" and data.task != "lm":
     raise UserError(f"data.source='synthetic' only makes data.task='lm'"
                     f" batches, not {data.task!r}; use a corpus (e.g. the"
@@ -184,15 +198,21 @@ def build_datasets(config: ml_collections.ConfigDict, workdir: str,
             process_index=process_index),
         make_eval_iter=None, train_spec=lm_spec(data.seq_len))
   task = registry.TASKS[data.task]
-  source = (_load_corpus(config, workdir) if task.reads == "text"
-            else _load_records(config, workdir))
+  mixture = {s.name: (_load_corpus(config, workdir, s.data_config(data)), s.weight)
+             for s in mixture_lib.parse(data.mixture)}
+  if mixture:
+    source = mixture_lib.combined_source({n: s for n, (s, _) in mixture.items()})
+  else:
+    source = (_load_corpus(config, workdir) if task.reads == "text"
+              else _load_records(config, workdir))
   if len(source.train) < host.count:
     raise UserError(f"{source.name} has {len(source.train)} train"
                     f" {'documents' if task.reads == 'text' else 'examples'},"
                     f" fewer than the {host.count} processes reading it")
   tokenizer = load_or_train_tokenizer(
       data.tokenizer, workdir, data.vocab_size,
-      lambda: _training_texts(source, task, train.seed), seed=train.seed)
+      lambda: (mixture_lib.training_texts(mixture, train.seed) if mixture
+               else _training_texts(source, task, train.seed)), seed=train.seed)
   special = tokenizer_special_ids(tokenizer, config.model.vocab_size)
   extra_ids = task.extra_ids(config)
   if extra_ids:
@@ -201,12 +221,19 @@ def build_datasets(config: ml_collections.ConfigDict, workdir: str,
     _log_compression(tokenizer, source)
   plan = task.plan(registry.Context(config, tokenizer, special, source,
                                     process_index=host.index))
+  if mixture:
+    train_iter = loader.make_mixture_train_iter(
+        [loader.MixtureComponent(name, component.train, weight, task.plan(registry.Context(
+            config, tokenizer, special, component, process_index=host.index)).train)
+         for name, (component, weight) in mixture.items()],
+        batch_size=host.batch_size, seed=train.seed, process_index=host.index,
+        process_count=host.count, num_workers=data.num_workers)
+  else:
+    train_iter = loader.make_train_iter(
+        source.train, plan.train, batch_size=host.batch_size, seed=train.seed,
+        process_index=host.index, process_count=host.count, num_workers=data.num_workers)
   result = Datasets(
-      tokenizer=tokenizer, task=data.task, special_ids=special,
-      train_iter=loader.make_train_iter(
-          source.train, plan.train, batch_size=host.batch_size,
-          seed=train.seed, process_index=host.index,
-          process_count=host.count, num_workers=data.num_workers),
+      tokenizer=tokenizer, task=data.task, special_ids=special, train_iter=train_iter,
       make_eval_iter=None, label_names=plan.label_names,
       baseline_accuracy=plan.baseline_accuracy,
       eval_baselines=plan.eval_baselines, encoder_length=plan.encoder_length,
@@ -239,9 +266,10 @@ def _num_eval_batches(config: ml_collections.ConfigDict, source: Source,
   return eval_steps
 
 
-def _load_corpus(config: ml_collections.ConfigDict,
-                 workdir: str) -> Source:
-  return corpus_lib.load_corpus(config.data, workdir)
+def _load_corpus(config: ml_collections.ConfigDict, workdir: str,
+                 data: ml_collections.ConfigDict | None = None) -> Source:
+  """The corpus of ``config.data`` (or of ``data``, one mixture source)."""
+  return corpus_lib.load_corpus(data or config.data, workdir)
 
 
 def _load_records(config: ml_collections.ConfigDict,

@@ -49,6 +49,9 @@ _READ_BUFFER = 64
 # First-fit packing fills rows better with more open rows; at least this many.
 _MIN_PACKING_BINS = 32
 PACKINGS = ("concat", "first_fit", "pad")
+# A mixture's source number in its rows, and its per-source token counts in
+# its batches (taken off by TrainIterator).
+SOURCE_KEY = "mixture_source"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -113,28 +116,40 @@ def read_options() -> grain.ReadOptions:
                            prefetch_buffer_size=_READ_BUFFER)
 
 
-def _batches(records: grain.MapDataset, stages: Stages, *, batch_size: int,
-             seed: int, drop_remainder: bool) -> grain.IterDataset:
-  """Steps 3-5 of the module docstring on (sharded, maybe shuffled) records."""
+def _examples(records: grain.MapDataset, stages: Stages) -> grain.IterDataset:
+  """Step 3 of the module docstring (and a "pad" row per example): the
+  stream of examples of (sharded, maybe shuffled) records."""
   if isinstance(stages.transform, grain.transforms.MapWithIndex):
     examples = records.map_with_index(stages.transform)
   else:
     examples = records.map(stages.transform)
-  if stages.packing == "pad":
-    examples = examples.map(_PadToRow(stages.lengths))
   stream = examples.to_iter_dataset(read_options())
   if stages.fan_out:
     stream = grain.experimental.FlatMapIterDataset(stream, _Unbatch())
+  if stages.packing == "pad":
+    stream = stream.map(_PadToRow(stages.lengths))
+  return stream
+
+
+def _rows(stream: grain.IterDataset, stages: Stages, *, batch_size: int,
+          seed: int) -> grain.IterDataset:
+  """Step 4 of the module docstring: examples -> rows of fixed lengths."""
   if stages.packing == "concat":
-    stream = grain.experimental.ConcatThenSplitIterDataset(
+    return grain.experimental.ConcatThenSplitIterDataset(
         stream, length_struct=dict(stages.lengths))
-  elif stages.packing == "first_fit":
-    stream = grain.experimental.FirstFitPackIterDataset(
+  if stages.packing == "first_fit":
+    return grain.experimental.FirstFitPackIterDataset(
         stream, length_struct=dict(stages.lengths),
         num_packing_bins=max(batch_size, _MIN_PACKING_BINS), seed=seed,
         shuffle_bins=True)
-  return stream.batch(batch_size, drop_remainder=drop_remainder).map(
-      stages.to_batch)
+  return stream
+
+
+def _batches(records: grain.MapDataset, stages: Stages, *, batch_size: int,
+             seed: int, drop_remainder: bool) -> grain.IterDataset:
+  """Steps 3-5 of the module docstring on (sharded, maybe shuffled) records."""
+  rows = _rows(_examples(records, stages), stages, batch_size=batch_size, seed=seed)
+  return rows.batch(batch_size, drop_remainder=drop_remainder).map(stages.to_batch)
 
 
 def _host_shard(records: Sequence[Mapping[str, Any]], process_index: int,
@@ -152,31 +167,51 @@ def _close_and_release(holder: list[Any]) -> None:
 class TrainIterator(Iterator[Batch]):
   """Endless train batches with a JSON-safe, exactly resumable state.
 
-  ``get_state()`` returns ``{"grain": str}``; ``set_state`` of it makes the
-  following batches exactly those that followed when it was taken. The grain
-  state is kept as a Python literal string because ConcatThenSplit's state
-  holds tuples that a JSON round trip would turn into lists, which it then
-  misreads (it silently skips a document).
+  ``get_state()`` returns ``{"grain": str}`` (and for a mixture
+  ``"source_tokens"``); ``set_state`` of it makes the following batches
+  exactly those that followed when it was taken. The grain state is kept as a
+  Python literal string because ConcatThenSplit's state holds tuples that a
+  JSON round trip would turn into lists, which it then misreads (it silently
+  skips a document).
+
+  For a mixture (``source_names``), each batch's per-source token counts are
+  taken off it and summed: :meth:`source_tokens`.
 
   The grain iterator is closed at the latest at interpreter exit, while
   modules still exist: grain's own cleanup during teardown prints tracebacks.
   """
 
-  def __init__(self, dataset: grain.IterDataset):
+  def __init__(self, dataset: grain.IterDataset, source_names: Sequence[str] = ()):
     self._holder = [iter(dataset)]
     self._finalizer = weakref.finalize(self, _close_and_release, self._holder)
+    self.source_names = tuple(source_names)
+    self._source_tokens = np.zeros(len(self.source_names), np.int64)
 
   def __iter__(self) -> TrainIterator:
     return self
 
   def __next__(self) -> Batch:
-    return next(self._holder[0])
+    batch = next(self._holder[0])
+    if self.source_names:
+      self._source_tokens += batch.pop(SOURCE_KEY)
+    return batch
 
-  def get_state(self) -> dict[str, str]:
-    return {"grain": repr(self._holder[0].get_state())}
+  def source_tokens(self) -> dict[str, int]:
+    """Real tokens (of the first packed key) this host has read per source."""
+    return dict(zip(self.source_names, self._source_tokens.tolist()))
 
-  def set_state(self, state: Mapping[str, str]) -> None:
+  def get_state(self) -> dict[str, Any]:
+    state = {"grain": repr(self._holder[0].get_state())}
+    if self.source_names:
+      state["source_tokens"] = self.source_tokens()
+    return state
+
+  def set_state(self, state: Mapping[str, Any]) -> None:
     self._holder[0].set_state(ast.literal_eval(state["grain"]))
+    counts = state.get("source_tokens", {})
+    # A source added on resume starts from 0; one removed is forgotten.
+    self._source_tokens = np.array([counts.get(name, 0) for name in self.source_names],
+                                   np.int64)
 
   def close(self) -> None:
     """Stops grain worker processes, if any; the iterator is then unusable."""
@@ -221,6 +256,78 @@ def make_train_iter(records: Sequence[Mapping[str, Any]], stages: Stages, *,
   dataset = _batches(shuffled, stages, batch_size=batch_size, seed=seed,
                      drop_remainder=True)
   return TrainIterator(in_workers(dataset, num_workers))
+
+
+@dataclasses.dataclass(frozen=True)
+class _TagSource(grain.transforms.Map):
+  """Adds ``SOURCE_KEY``: the source's number, to a row."""
+
+  number: int
+
+  def map(self, row: dict[str, Any]) -> dict[str, Any]:
+    return {**row, SOURCE_KEY: np.int32(self.number)}
+
+
+@dataclasses.dataclass(frozen=True)
+class _CountSources:
+  """Rows -> the task's batch plus ``SOURCE_KEY``: the real tokens (of the
+  first packed key) of each source in it, the tag taken off before
+  ``to_batch`` sees the rows."""
+
+  num_sources: int
+  key: str
+  to_batch: Callable[[Mapping[str, np.ndarray]], Batch]
+
+  def __call__(self, rows: Mapping[str, np.ndarray]) -> Batch:
+    tokens_per_row = (rows[f"{self.key}_segment_ids"] > 0).sum(axis=-1)
+    batch = self.to_batch({key: value for key, value in rows.items() if key != SOURCE_KEY})
+    batch[SOURCE_KEY] = np.bincount(rows[SOURCE_KEY], weights=tokens_per_row,
+                                    minlength=self.num_sources).astype(np.int64)
+    return batch
+
+
+@dataclasses.dataclass(frozen=True)
+class MixtureComponent:
+  """One source of a mixture: its name, train records, weight and stages."""
+  name: str
+  records: Sequence[Mapping[str, Any]]
+  weight: float
+  stages: Stages
+
+
+def make_mixture_train_iter(components: Sequence[MixtureComponent], *, batch_size: int,
+                            seed: int, process_index: int = 0, process_count: int = 1,
+                            num_workers: int = 0) -> TrainIterator:
+  """Endless batches of a weighted mixture of sources.
+
+  Each source is host-sharded, shuffled (seed + its position), repeated,
+  transformed and packed into rows on its own; grain's ``IterDataset.mix``
+  then draws rows by the weights (deterministically), so that the weights are
+  the sources' shares of the rows, that is of the tokens (as in Levanter;
+  mixing documents instead would favour sources of long documents), and a
+  row never mixes sources. The rows are batched with the first component's
+  ``to_batch`` (every component has the same task). The mix is keyed by
+  source name, so a resumed run may change the weights or the sources: each
+  source continues where it was.
+
+  Returns:
+    A :class:`TrainIterator` whose :meth:`~TrainIterator.source_tokens` counts
+    the tokens read from each source.
+  """
+  first = components[0].stages
+  streams, weights = {}, {}
+  for number, component in enumerate(components):
+    shuffled = _host_shard(component.records, process_index, process_count).seed(
+        seed + number).shuffle().repeat()
+    rows = _rows(_examples(shuffled, component.stages), component.stages,
+                 batch_size=batch_size, seed=seed + number)
+    streams[component.name] = rows.map(_TagSource(number))
+    weights[component.name] = component.weight
+  count = _CountSources(len(components), next(iter(first.lengths)), first.to_batch)
+  dataset = grain.IterDataset.mix(streams, weights).batch(
+      batch_size, drop_remainder=True).map(count)
+  return TrainIterator(in_workers(dataset, num_workers),
+                       source_names=[c.name for c in components])
 
 
 def make_eval_iter(records: Sequence[Mapping[str, Any]], stages: Stages, *,

@@ -241,7 +241,7 @@ def load_task_files(paths: str, kind: str, text_column: str,
       features=("text", answer_key), read_items=read_items,
       # Keep the files' order, so that evaluation runs over the validation
       # file in order.
-      to_example=lambda item: item, disable_shuffling=True)
+      to_examples=lambda item: [item], disable_shuffling=True)
   return Source(name=name, kind=kind, train=splits["train"],
                 validation=splits.get("validation"), text_key="text",
                 answer_key=answer_key)

@@ -107,7 +107,7 @@ class PreparedRecords(tfds.core.GeneratorBasedBuilder,
   Args (keyword):
     features: Names of the (text) features.
     items_by_split: split -> items; empty when only opening prepared data.
-    to_example: item -> (key, example) or None to skip it.
+    to_examples: item -> its (key, example) pairs (none to skip it).
     disable_shuffling: Keep the items' order (else tfds orders by key hash).
     description: For the dataset info.
 
@@ -127,11 +127,11 @@ class PreparedRecords(tfds.core.GeneratorBasedBuilder,
 
   def __init__(self, *, features: Sequence[str],
                items_by_split: Mapping[str, Sequence[Any]],
-               to_example: Callable[[Any], tuple[Any, dict[str, str]] | None],
+               to_examples: Callable[[Any], Iterable[tuple[Any, dict[str, str]]]],
                disable_shuffling: bool, description: str, **kwargs):
     self._features = tuple(features)
     self._items_by_split = items_by_split
-    self._to_example = to_example
+    self._to_examples = to_examples
     self._disable_shuffling = disable_shuffling
     self._description = description
     super().__init__(**kwargs)
@@ -151,9 +151,7 @@ class PreparedRecords(tfds.core.GeneratorBasedBuilder,
 
   def _generate_examples(self, items: Sequence[Any]):
     for item in items:
-      example = self._to_example(item)
-      if example is not None:
-        yield example
+      yield from self._to_examples(item)
 
 
 class BigmodelTextFiles(PreparedRecords):
@@ -167,7 +165,7 @@ class BigmodelTaskRecords(PreparedRecords):
 def prepare_once(builder_class: type[PreparedRecords], *, config_name: str,
                  description: str, data_dir: str, features: Sequence[str],
                  read_items: Callable[[], Mapping[str, Sequence[Any]]],
-                 to_example: Callable[[Any], Any], disable_shuffling: bool
+                 to_examples: Callable[[Any], Iterable[Any]], disable_shuffling: bool
                  ) -> tuple[str, dict[str, Any]]:
   """Prepares local records once per ``config_name`` and opens them.
 
@@ -180,7 +178,7 @@ def prepare_once(builder_class: type[PreparedRecords], *, config_name: str,
   def builder(items_by_split):
     return builder_class(
         features=features, items_by_split=items_by_split,
-        to_example=to_example, disable_shuffling=disable_shuffling,
+        to_examples=to_examples, disable_shuffling=disable_shuffling,
         description=description, data_dir=data_dir,
         config=tfds.core.BuilderConfig(name=config_name,
                                        description=description),
@@ -193,6 +191,10 @@ def prepare_once(builder_class: type[PreparedRecords], *, config_name: str,
     prepared = builder(read_items())
     logging.info("Preparing %s into %s", description, prepared.data_path)
     tfds.disable_progress_bar()  # Progress bars would flood the training log.
+    # Folders tfds creates on the way (builder/config/version), removed again
+    # if preparing fails (tfds removes its own half-written files).
+    path = epath.Path(prepared.data_path)
+    created = [p for p in (path, path.parent, path.parent.parent) if not p.exists()]
     try:
       with contextlib.redirect_stdout(io.StringIO()):  # tfds prints "Downloading ...".
         prepared.download_and_prepare()
@@ -200,6 +202,9 @@ def prepare_once(builder_class: type[PreparedRecords], *, config_name: str,
       # Hosts sharing data_dir race to rename their finished copy into
       # place; losing that race is fine since the copies are identical.
       if not prepared.is_prepared():
+        for folder in created:
+          if folder.exists() and not any(folder.iterdir()):
+            folder.rmdir()
         raise
     logging.info("Prepared %s in %.1f s", prepared.data_path,
                  time.perf_counter() - start)

@@ -6,7 +6,7 @@ before anything runs, an unknown task name or a local data file of an
 included task that is missing or lies outside its folder (the rule
 ``bigmodel.convert`` applies to a model directory's files).
 
-``write_stdlib_task`` writes two offline tasks, built from the running
+``write_stdlib_task`` writes three offline tasks, built from the running
 interpreter's standard library (no download), a 4-choice question per snippet
 of ``bigmodel.data.stdlib_tasks``'s ``stdlib_package`` task:
 
@@ -14,7 +14,11 @@ of ``bigmodel.data.stdlib_tasks``'s ``stdlib_package`` task:
   (a classification a small LM barely learns from raw code);
 * ``stdlib_next_line_mc``: the snippet's last line (of at least 12
   characters) after the lines before it, against the last lines of three
-  other snippets: the code LM's own skill, like HellaSwag for prose.
+  other snippets: the code LM's own skill, like HellaSwag for prose;
+* ``stdlib_word_order_mc``: the same line against its own words in three
+  other orders (lines of at least 4 words): all four choices hold the same
+  text, so only a model that has learnt how code is written beats chance
+  (what a few hundred steps of a tiny model do learn).
 
 The folder gets, for each task NAME (``stdlib_package_mc`` shown)::
 
@@ -46,6 +50,7 @@ from bigmodel.errors import UserError
 
 STDLIB_TASK = "stdlib_package_mc"
 NEXT_LINE_TASK = "stdlib_next_line_mc"
+WORD_ORDER_TASK = "stdlib_word_order_mc"
 _MIN_LINE_CHARS = 12  # A next line worth predicting (not "    )" or "else:").
 QUESTION = "Which standard library package is this code from?"
 NUM_CHOICES = 4
@@ -163,30 +168,63 @@ def stdlib_questions(stdlib: Optional[str] = None) -> dict[str, list[dict[str, A
   return questions
 
 
-def next_line_questions(stdlib: Optional[str] = None) -> dict[str, list[dict[str, Any]]]:
-  """The ``stdlib_next_line_mc`` rows: {"test": questions, "train": few-shot examples}.
+def _last_lines(rows: Sequence[dict[str, str]]) -> list[tuple[str, str, str]]:
+  """(lines before, last line of at least 12 characters, path) per snippet."""
+  cut = []
+  for row in rows:
+    lines = row["text"].rstrip("\n").split("\n")
+    last = max((i for i, line in enumerate(lines) if len(line.strip()) >= _MIN_LINE_CHARS
+                and i > 0), default=None)
+    if last is not None:
+      cut.append(("\n".join(lines[:last]) + "\n", lines[last], row["path"]))
+  return cut
+
+
+def _shuffled_words(line: str, rng: np.random.Generator) -> list[str] | None:
+  """Three distinct reorderings of the line's words (its indentation kept),
+  or None when it has fewer than 4 words (too few distinct orders)."""
+  words = line.split()
+  if len(words) < 4:
+    return None
+  indent = line[:len(line) - len(line.lstrip())]
+  seen = {" ".join(words)}
+  distractors = []
+  while len(distractors) < NUM_CHOICES - 1:
+    candidate = " ".join(words[i] for i in rng.permutation(len(words)))
+    if candidate not in seen:  # 4 words have 23 other orders: this ends.
+      seen.add(candidate)
+      distractors.append(indent + candidate)
+  return distractors
+
+
+def next_line_questions(stdlib: Optional[str] = None, *, shuffled: bool = False
+                        ) -> dict[str, list[dict[str, Any]]]:
+  """The ``stdlib_next_line_mc`` rows (``stdlib_word_order_mc`` with
+  ``shuffled``): {"test": questions, "train": few-shot examples}.
 
   ``text`` is a snippet's lines before its last line of at least 12
-  characters (ending with a newline), ``choices`` that line and the same
-  line of three other snippets of the split, ``answer`` its index.
+  characters (ending with a newline), ``choices`` that line and three
+  distractors: the same line of three other snippets of the split, or (with
+  ``shuffled``, lines of at least 4 words only) the line's own words in three
+  other orders. ``answer`` is the true line's index.
   """
   splits = stdlib_package_rows(stdlib or sysconfig.get_paths()["stdlib"])
   rng = np.random.default_rng(_SEED)
   questions = {}
   for name, split in (("test", "validation"), ("train", "train")):
-    cut = []
-    for row in splits[split]:
-      lines = row["text"].rstrip("\n").split("\n")
-      last = max((i for i, line in enumerate(lines) if len(line.strip()) >= _MIN_LINE_CHARS
-                  and i > 0), default=None)
-      if last is not None:
-        cut.append(("\n".join(lines[:last]) + "\n", lines[last], row["path"]))
+    cut = _last_lines(splits[split])
     endings = sorted({ending for _, ending, _ in cut})
     rows = []
     for context, ending, path in cut:
-      others = [e for e in endings if e != ending]
-      choices = [ending] + [others[i] for i in rng.choice(len(others), NUM_CHOICES - 1,
-                                                          replace=False)]
+      if shuffled:
+        distractors = _shuffled_words(ending, rng)
+        if distractors is None:
+          continue
+      else:
+        others = [e for e in endings if e != ending]
+        distractors = [others[i] for i in rng.choice(len(others), NUM_CHOICES - 1,
+                                                     replace=False)]
+      choices = [ending] + distractors
       choices = [choices[i] for i in rng.permutation(NUM_CHOICES)]
       rows.append({"text": context, "choices": choices, "answer": choices.index(ending),
                    "path": path})
@@ -247,14 +285,16 @@ def write_stdlib_task(folder: str, stdlib: Optional[str] = None) -> dict[str, An
 
   Returns ``stdlib_package_mc``'s {"task", "yaml", "test", "train"} (the
   name, the YAML's path, the number of questions and few-shot examples) and
-  under "also" the same of ``stdlib_next_line_mc``. Rewriting gives the same
+  under "also" the same of ``stdlib_next_line_mc`` and
+  ``stdlib_word_order_mc``. Rewriting gives the same
   files; other files in the folder are left alone.
   """
   check_task_folder(folder)
   os.makedirs(folder, exist_ok=True)
   written = []
-  for task, make_questions in ((STDLIB_TASK, stdlib_questions),
-                               (NEXT_LINE_TASK, next_line_questions)):
+  for task, make_questions in (
+      (STDLIB_TASK, stdlib_questions), (NEXT_LINE_TASK, next_line_questions),
+      (WORD_ORDER_TASK, functools.partial(next_line_questions, shuffled=True))):
     questions = make_questions(stdlib)
     config = stdlib_task_config(folder, task)
     for split, rows in questions.items():

@@ -1,0 +1,266 @@
+"""Record shards (JSON lines, .gz, .zst, Parquet, ArrayRecord) and weighted mixtures."""
+import gzip
+import json
+import os
+import signal
+import time
+
+import grain
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import zstandard
+from array_record.python import array_record_module
+
+from bigmodel.data import corpus as corpus_lib
+from bigmodel.data import loader
+from bigmodel.data import mixture as mixture_lib
+from bigmodel.data.batch_spec import BatchSpec
+from bigmodel.errors import UserError
+from commands import assert_user_error, run_train, start_train
+
+# Documents with what breaks naive readers: newlines, quotes, non-ASCII, a
+# brace at the start (ArrayRecord tells JSON from text by it), an empty one.
+_DOCS = [f"doc {i}: line one\nline \"two\" é {'x' * (i % 7)}\n" for i in range(60)]
+_DOCS += ["{not json, plain text", "", "tail"]
+
+
+def _texts(source) -> list[str]:
+  records = list(source.train) + list(source.validation or [])
+  return sorted(source.text(r) for r in records)
+
+
+def _write_jsonl(path, docs, key="text", opener=open):
+  with opener(path, "wt", encoding="utf-8") as f:
+    for doc in docs:
+      f.write(json.dumps({key: doc, "id": 0}) + "\n")
+
+
+def _write_shards(folder, fmt, docs):
+  """``docs`` in two shards of ``fmt`` in ``folder``; returns a glob of them."""
+  os.makedirs(folder)
+  halves = (docs[:len(docs) // 2], docs[len(docs) // 2:])
+  for part, half in enumerate(halves):
+    path = os.path.join(folder, f"part-{part}")
+    if fmt == "txt":
+      for i, doc in enumerate(half):
+        with open(f"{path}-{i}.txt", "w", encoding="utf-8") as f:
+          f.write(doc)
+    elif fmt == "jsonl":
+      _write_jsonl(f"{path}.jsonl", half)
+    elif fmt == "jsonl.gz":
+      _write_jsonl(f"{path}.jsonl.gz", half, opener=gzip.open)
+    elif fmt == "jsonl.zst":
+      with open(f"{path}.jsonl.zst", "wb") as raw:
+        with zstandard.ZstdCompressor().stream_writer(raw) as f:
+          f.write("".join(json.dumps({"text": d}) + "\n" for d in half).encode())
+    elif fmt == "parquet":
+      pq.write_table(pa.table({"text": half}), f"{path}.parquet", row_group_size=7)
+    elif fmt == "array_record":
+      writer = array_record_module.ArrayRecordWriter(f"{path}.array_record", "group_size:1")
+      for i, doc in enumerate(half):  # JSON records and plain-text records alike.
+        writer.write((json.dumps({"text": doc}) if i % 2 else doc).encode())
+      writer.close()
+  return os.path.join(folder, "part-*")
+
+
+def test_every_shard_format_reads_the_same_documents(tmp_path):
+  data_dir = str(tmp_path / "prepared")
+  expected = sorted(d for d in _DOCS if d)  # An empty file is still a document;
+  for fmt in ("txt", "jsonl", "jsonl.gz", "jsonl.zst", "parquet", "array_record"):
+    paths = _write_shards(str(tmp_path / fmt.replace(".", "_")), fmt, [d for d in _DOCS if d])
+    source = corpus_lib.load_text_files(paths, "*", data_dir)
+    assert _texts(source) == expected, fmt
+    if fmt != "txt":  # Records are split one by one: even one shard has both splits.
+      assert len(source.validation) >= 1 and len(source.train) > 50, fmt
+  # The text field by data.text_key.
+  _write_jsonl(str(tmp_path / "content.jsonl"), _DOCS, key="content")
+  source = corpus_lib.load_text_files(str(tmp_path / "content.jsonl"), "*", data_dir,
+                                      text_key="content")
+  assert _texts(source) == sorted(_DOCS)
+
+
+def test_bad_records_are_skipped_up_to_the_limit_then_stop_the_run(tmp_path):
+  data_dir = str(tmp_path / "prepared")
+  lines = [json.dumps({"text": d}) for d in _DOCS[:50]]
+  few = tmp_path / "few_bad.jsonl"
+  few.write_text("\n".join(lines[:25] + ["{broken", '{"text": 3}'] + lines[25:]) + "\n")
+  source = corpus_lib.load_text_files(str(few), "*", data_dir, max_bad_fraction=0.01)
+  assert _texts(source) == sorted(_DOCS[:50])  # 2 bad of 52: fewer than 10, skipped.
+  many = tmp_path / "many_bad.jsonl"
+  many.write_text("\n".join(lines + ["not json"] * 12) + "\n")
+  before = sorted(os.listdir(os.path.join(data_dir, "bigmodel_text_files")))
+  with pytest.raises(UserError, match=r"12 of 62 records .*\(the first is record 50\)"):
+    corpus_lib.load_text_files(str(many), "*", data_dir, max_bad_fraction=0.1)
+  # Nothing half-prepared is left behind, nothing there before is gone.
+  assert sorted(os.listdir(os.path.join(data_dir, "bigmodel_text_files"))) == before
+  # The same file with a looser limit prepares (a new fingerprint is not needed:
+  # the failed attempt left nothing to reuse).
+  assert len(_texts(corpus_lib.load_text_files(str(many), "*", data_dir,
+                                               max_bad_fraction=0.5))) == 50
+  with pytest.raises(UserError, match="'body' field"):
+    corpus_lib.load_text_files(str(few), "*", str(tmp_path / "other"), text_key="body")
+
+
+def test_unreadable_shards_are_user_errors(tmp_path):
+  data_dir = str(tmp_path / "prepared")
+  (tmp_path / "corrupt.jsonl.gz").write_bytes(b"this is not gzip data at all")
+  with pytest.raises(UserError, match=r"corrupt\.jsonl\.gz: cannot read it as jsonl"):
+    corpus_lib.load_text_files(str(tmp_path / "corrupt.jsonl.gz"), "*", data_dir)
+  whole = gzip.compress("".join(json.dumps({"text": d}) + "\n" for d in _DOCS).encode())
+  truncated = whole[:len(whole) // 2]
+  (tmp_path / "truncated.jsonl.gz").write_bytes(truncated)
+  with pytest.raises(UserError, match="cannot read it as jsonl"):
+    corpus_lib.load_text_files(str(tmp_path / "truncated.jsonl.gz"), "*", data_dir)
+  pq.write_table(pa.table({"body": ["a", "b"]}), str(tmp_path / "t.parquet"))
+  with pytest.raises(UserError, match=r"no column data.text_key='text' \(columns: body\)"):
+    corpus_lib.load_text_files(str(tmp_path / "t.parquet"), "*", data_dir)
+  with pytest.raises(UserError, match="matches no file"):
+    corpus_lib.load_text_files(str(tmp_path / "nothing-*.jsonl"), "*", data_dir)
+
+
+@pytest.mark.parametrize("mixture, message", [
+    ("not json", "not JSON"),
+    ("[]", "non-empty JSON list"),
+    ('[{"name": "a", "paths": "x", "weight": -1}]', "finite number >= 0"),
+    ('[{"name": "a", "paths": "x", "weight": 0}, {"name": "b", "paths": "y", "weight": 0}]',
+     "every weight is 0"),
+    ('[{"name": "a", "paths": "x", "weight": 1}, {"name": "a", "paths": "y", "weight": 1}]',
+     "repeats"),
+    ('[{"name": "a/b", "paths": "x", "weight": 1}]', "letters, digits"),
+    ('[{"name": "a", "paths": "x", "weight": 1, "wieght": 2}]', "unknown keys ['wieght']"),
+    ('[{"name": "a", "weight": 1}]', "exactly one of paths"),
+])
+def test_bad_mixtures_are_refused(mixture, message):
+  with pytest.raises(UserError, match=message.replace("[", r"\[").replace("]", r"\]")):
+    mixture_lib.parse(mixture)
+
+
+def test_a_zero_weight_leaves_its_source_out():
+  sources = mixture_lib.parse('[{"name": "a", "paths": "x", "weight": 2},'
+                              ' {"name": "b", "tfds_name": "lm1b", "weight": 0}]')
+  assert [(s.name, s.weight) for s in sources] == [("a", 2.0)]
+
+
+class _Letters(grain.transforms.Map):
+  """A record {"n": k} -> k tokens, each = the record's source letter code."""
+
+  def map(self, record):
+    return {"tokens": np.full(record["n"], record["code"], np.int32)}
+
+
+def _toy_stages():
+  spec = BatchSpec.of(tokens=((8,), np.int32), segment_ids=((8,), np.int32))
+  return loader.Stages(_Letters(), packing="concat", lengths={"tokens": 8},
+                       to_batch=lambda rows: {"tokens": rows["tokens"],
+                                              "segment_ids": rows["tokens_segment_ids"]},
+                       spec=spec)
+
+
+def _toy_mixture(weights):
+  # Sources of very different document lengths: the weights are token shares anyway.
+  sizes = {"a": 1, "b": 5, "c": 13}
+  return [loader.MixtureComponent(name, [{"n": sizes[name], "code": code}] * 7, weight,
+                                  _toy_stages())
+          for code, (name, weight) in enumerate(weights.items(), start=1)]
+
+
+def test_a_mixture_gives_its_weights_as_token_shares_and_resumes_exactly():
+  weights = {"a": 0.5, "b": 0.3, "c": 0.2}
+  iterator = loader.make_mixture_train_iter(_toy_mixture(weights), batch_size=5, seed=3)
+  batches, states = [], []
+  for _ in range(40):
+    states.append(json.loads(json.dumps(iterator.get_state())))
+    batches.append(next(iterator))
+  tokens = np.concatenate([b["tokens"].ravel() for b in batches])
+  shares = np.bincount(tokens, minlength=4)[1:] / len(tokens)
+  np.testing.assert_allclose(shares, list(weights.values()), atol=0.02)
+  counted = iterator.source_tokens()
+  assert counted == {name: int((tokens == code).sum())
+                     for code, name in enumerate(weights, start=1)}
+  assert all(len(set(row[row > 0])) == 1 for b in batches for row in b["tokens"])  # One source.
+  restored = loader.make_mixture_train_iter(_toy_mixture(weights), batch_size=5, seed=3)
+  restored.set_state(states[17])
+  for expected in batches[17:]:
+    np.testing.assert_array_equal(next(restored)["tokens"], expected["tokens"])
+  assert restored.source_tokens() == counted
+  # New weights on resume: each source continues where it was, at the new shares.
+  reweighted = loader.make_mixture_train_iter(
+      _toy_mixture({"a": 0.1, "b": 0.1, "c": 0.8}), batch_size=5, seed=3)
+  reweighted.set_state(states[-1])
+  later = np.concatenate([next(reweighted)["tokens"].ravel() for _ in range(40)])
+  assert abs((later == 3).mean() - 0.8) < 0.03
+
+
+# -- The trainer on a mixture of three formats: shares logged, kill -9 and resume exact.
+
+_RUN = ["--config=configs/gpt.py:tiny", "--config.train.steps=8", "--config.train.log_every=1",
+        "--config.train.eval_every=0", "--config.train.sample_tokens=0",
+        "--config.train.batch_size=4", "--config.model.num_layers=1",
+        "--config.model.embed_dim=32", "--config.model.num_heads=2", "--config.model.mlp_dim=64",
+        "--config.model.max_len=32", "--config.model.vocab_size=512",
+        "--config.model.dropout_rate=0.1", "--config.data.seq_len=32",
+        "--config.data.vocab_size=400", "--config.checkpoint.save_every=2",
+        "--config.train.progress=False"]
+
+
+@pytest.fixture(name="three_sources", scope="module")
+def fixture_three_sources(tmp_path_factory):
+  root = tmp_path_factory.mktemp("mix")
+  words = "def return self import class lambda yield with".split()
+  rng = np.random.default_rng(0)
+  docs = [" ".join(rng.choice(words, 60)) + f" {i}\n" for i in range(90)]
+  gz = _write_shards(str(root / "gz"), "jsonl.gz", docs[:30])
+  parquet = _write_shards(str(root / "parquet"), "parquet", docs[30:60])
+  txt = _write_shards(str(root / "txt"), "txt", docs[60:])
+  return json.dumps([{"name": "gz", "paths": gz, "weight": 0.6},
+                     {"name": "parquet", "paths": parquet, "weight": 0.3},
+                     {"name": "txt", "paths": txt, "weight": 0.1}])
+
+
+def _records(workdir):
+  by_step = {}
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    for line in f:
+      record = json.loads(line)
+      if "loss" in record:
+        by_step[record["step"]] = record
+  return by_step
+
+
+def test_a_mixture_run_logs_its_shares_and_resumes_exactly_after_kill(tmp_path, three_sources):
+  reference = tmp_path / "reference"
+  result = run_train(f"--workdir={reference}", *_RUN, f"--config.data.mixture={three_sources}")
+  assert result.returncode == 0, result.stderr[-3000:]
+  expected = _records(reference)
+  assert sorted(expected) == list(range(1, 9))
+  last = expected[8]
+  # 32 rows of one source each: the shares are the weights to a row (1/32).
+  shares = [last[f"data/share/{n}"] for n in ("gz", "parquet", "txt")]
+  np.testing.assert_allclose(shares, [0.6, 0.3, 0.1], atol=1 / 32)
+  killed = tmp_path / "killed"
+  process = start_train(f"--workdir={killed}", *_RUN, f"--config.data.mixture={three_sources}")
+  deadline = time.time() + 300
+  while not (os.path.exists(killed / "metrics.jsonl") and max(_records(killed) or [0]) >= 5):
+    assert process.poll() is None and time.time() < deadline, process.communicate()[1][-3000:]
+    time.sleep(0.05)
+  process.send_signal(signal.SIGKILL)
+  process.wait()
+  result = run_train(f"--workdir={killed}", *_RUN, f"--config.data.mixture={three_sources}")
+  assert result.returncode == 0, result.stderr[-3000:]
+  resumed = _records(killed)
+  for step in range(1, 9):
+    for key in ("loss", "data/tokens/gz", "data/tokens/parquet", "data/tokens/txt"):
+      assert resumed[step][key] == expected[step][key], (step, key)
+
+
+def test_a_bad_mixture_or_shard_is_one_error_line_before_anything_is_written(tmp_path):
+  workdir = tmp_path / "run"
+  result = run_train(f"--workdir={workdir}", *_RUN,
+                     '--config.data.mixture=[{"name": "a", "paths": "x", "weight": -1}]')
+  assert_user_error(result, "data.mixture[0].weight=-1 must be a finite number >= 0")
+  assert not workdir.exists()
+  (tmp_path / "bad.jsonl.gz").write_bytes(b"not gzip")
+  result = run_train(f"--workdir={workdir}", *_RUN, f"--config.data.paths={tmp_path}/*.gz")
+  assert_user_error(result, "bad.jsonl.gz: cannot read it as jsonl")
