@@ -103,6 +103,10 @@ def base_config() -> ml_collections.ConfigDict:
       # Weighted sources, a JSON list of {"name", "paths" | "tfds_name", "weight"}
       # (bigmodel/data/mixture.py); "" = the one source above.
       mixture="",
+      # Text tasks read token ids tokenized once (bigmodel/data/token_cache.py):
+      # "" = off, "auto" = DATA_DIR/token_cache, or a folder.
+      token_cache="",
+      cache_workers=0,        # Tokenizing processes (0 = one per CPU core).
       data_dir="",          # ArrayRecords: "" = WORKDIR/data (files) or tfds's default dir.
       tokenizer="",         # A sentencepiece .model; "" = train one in WORKDIR.
       vocab_size=4096,      # Size of a tokenizer trained here.

@@ -264,3 +264,112 @@ def test_a_bad_mixture_or_shard_is_one_error_line_before_anything_is_written(tmp
   (tmp_path / "bad.jsonl.gz").write_bytes(b"not gzip")
   result = run_train(f"--workdir={workdir}", *_RUN, f"--config.data.paths={tmp_path}/*.gz")
   assert_user_error(result, "bad.jsonl.gz: cannot read it as jsonl")
+
+
+# -- The token cache.
+
+
+def _cache_config(tokenizer, corpus, workdir_cache, task="lm", **data):
+  from bigmodel.config import base_config  # pylint: disable=import-outside-toplevel
+  config = base_config()
+  config.model.vocab_size = 512
+  config.data.update(seq_len=32, tokenizer=tokenizer, paths=corpus, task=task,
+                     token_cache=workdir_cache, cache_workers=2, **data)
+  config.train.update(batch_size=4, eval_steps=2)
+  return config
+
+
+def _first_batches(datasets, n=6):
+  train = [next(datasets.train_iter) for _ in range(n)]
+  evaluation = list(datasets.make_eval_iter())
+  datasets.train_iter.close()
+  return train + evaluation
+
+
+@pytest.fixture(name="cache_corpus", scope="module")
+def fixture_cache_corpus(tmp_path_factory):
+  root = tmp_path_factory.mktemp("cache_corpus")
+  rng = np.random.default_rng(1)
+  words = "import json def class return yield self value key".split()
+  docs = [" ".join(rng.choice(words, int(rng.integers(5, 80)))) + "\n" for i in range(120)]
+  return _write_shards(str(root / "shards"), "jsonl.gz", docs)
+
+
+@pytest.mark.parametrize("task", ["lm", "mlm", "span_corruption"])
+def test_the_token_cache_gives_the_text_pipelines_batches(tmp_path, tokenizer_file,
+                                                          cache_corpus, task, monkeypatch):
+  from bigmodel.data import build_datasets  # pylint: disable=import-outside-toplevel
+  from bigmodel.data import token_cache  # pylint: disable=import-outside-toplevel
+  monkeypatch.setattr(token_cache, "DOCUMENTS_PER_SHARD", 32)  # 4 train shards.
+  plain = _first_batches(build_datasets(
+      _cache_config(tokenizer_file, cache_corpus, "", task=task), str(tmp_path / "a")))
+  config = _cache_config(tokenizer_file, cache_corpus, str(tmp_path / "cache"), task=task)
+  cached = _first_batches(build_datasets(config, str(tmp_path / "b")))
+  assert len(plain) == len(cached) == 8
+  for want, got in zip(plain, cached):
+    assert want.keys() == got.keys()
+    for key in want:
+      np.testing.assert_array_equal(want[key], got[key], err_msg=key)
+  if task != "lm":
+    return
+  (folder,) = os.listdir(tmp_path / "cache")
+  names = sorted(os.listdir(tmp_path / "cache" / folder))
+  assert names[0] == "cache.json" and len([n for n in names if n.startswith("train-")]) == 4
+
+
+def test_the_token_cache_is_reused_and_a_new_tokenizer_gets_its_own(tmp_path, tokenizer_file,
+                                                                     cache_corpus, monkeypatch):
+  from bigmodel.data import build_datasets  # pylint: disable=import-outside-toplevel
+  from bigmodel.data import token_cache  # pylint: disable=import-outside-toplevel
+  from bigmodel.data.tokenizer import train_tokenizer  # pylint: disable=import-outside-toplevel
+  root = tmp_path / "cache"
+  build_datasets(_cache_config(tokenizer_file, cache_corpus, str(root)),
+                 str(tmp_path / "a")).train_iter.close()
+  (folder,) = os.listdir(root)
+  written = {n: os.stat(root / folder / n).st_mtime_ns for n in os.listdir(root / folder)}
+  tokenized = []
+  monkeypatch.setattr(token_cache, "_write_shard",
+                      lambda *args: tokenized.append(args) or (0, 0, 0))
+  # Reused: by the folder of caches and by the cache's own folder; nothing rewritten.
+  for cache in (root, root / folder):
+    build_datasets(_cache_config(tokenizer_file, cache_corpus, str(cache)),
+                   str(tmp_path / "b")).train_iter.close()
+  assert not tokenized
+  assert {n: os.stat(root / folder / n).st_mtime_ns for n in written} == written
+  monkeypatch.undo()
+  # Another tokenizer: its own folder beside the first, which stays.
+  other = tmp_path / "other.model"
+  other.write_bytes(train_tokenizer(["def f(x):\n  return x\n" * 50, "import os\n" * 30],
+                                    300).model_proto)
+  build_datasets(_cache_config(str(other), cache_corpus, str(root)),
+                 str(tmp_path / "c")).train_iter.close()
+  assert len(os.listdir(root)) == 2 and folder in os.listdir(root)
+  # Named directly, the first tokenizer's cache refuses the other tokenizer.
+  with pytest.raises(UserError, match="made with another tokenizer"):
+    build_datasets(_cache_config(str(other), cache_corpus, str(root / folder)),
+                   str(tmp_path / "d"))
+  with pytest.raises(UserError, match="caches text corpora"):
+    build_datasets(_cache_config(str(other), cache_corpus, str(root), task="classify"),
+                   str(tmp_path / "e"))
+
+
+def test_prepare_tokenizes_once_for_the_run_that_follows(tmp_path, cache_corpus):
+  import subprocess  # pylint: disable=import-outside-toplevel
+  import sys  # pylint: disable=import-outside-toplevel
+  from commands import ROOT  # pylint: disable=import-outside-toplevel
+  workdir = tmp_path / "run"
+  args = [f"--workdir={workdir}", *_RUN, f"--config.data.paths={cache_corpus}",
+          "--config.data.cache_workers=2", "--config.data.vocab_size=300"]
+  prepared = subprocess.run([sys.executable, "-m", "bigmodel.prepare", *args], cwd=ROOT,
+                            capture_output=True, text=True, timeout=300)
+  assert prepared.returncode == 0, prepared.stderr[-3000:]
+  assert f"token cache in {workdir}/data/token_cache" in prepared.stdout
+  (folder,) = os.listdir(workdir / "data" / "token_cache")
+  assert "cache.json" in os.listdir(workdir / "data" / "token_cache" / folder)
+  trained = run_train(*args, "--config.data.token_cache=auto", "--config.train.steps=2")
+  assert trained.returncode == 0, trained.stderr[-3000:]
+  assert "Reusing the token cache" in trained.stderr and "tokenizing" not in trained.stderr
+  refused = subprocess.run([sys.executable, "-m", "bigmodel.prepare", f"--workdir={workdir}",
+                            "--config=configs/gpt.py:tiny", "--config.data.source=synthetic"],
+                           cwd=ROOT, capture_output=True, text=True, timeout=300)
+  assert_user_error(refused, "nothing to prepare")

@@ -29,6 +29,7 @@ tasks it means no evaluation.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 from collections.abc import Callable, Iterator
@@ -44,6 +45,7 @@ from bigmodel.data import mixture as mixture_lib
 from bigmodel.data import records as records_lib
 from bigmodel.data import registry
 from bigmodel.data import stdlib_tasks
+from bigmodel.data import token_cache
 from bigmodel.data.batch_spec import Batch, BatchSpec, lm_spec
 from bigmodel.data.sources import Source, check_offline_tfds_name
 from bigmodel.data.special import SpecialIds, tokenizer_special_ids
@@ -144,6 +146,11 @@ def validate_data_config(config: ml_collections.ConfigDict, process_count: int) 
   if sources and (data.source == "synthetic" or data.paths or data.tfds_name):
     raise UserError("data.mixture names the sources: leave data.paths and data.tfds_name"
                     " empty and data.source='files'")
+  if data.token_cache and registry.TASKS[data.task].reads != "text":
+    raise UserError(f"data.token_cache caches text corpora (data.task lm, mlm or"
+                    f" span_corruption), not data.task={data.task!r} records")
+  if data.cache_workers < 0:
+    raise UserError(f"data.cache_workers={data.cache_workers} must be >= 0")
   for source in sources:
     if source.tfds_name:
       check_offline_tfds_name(source.tfds_name)
@@ -219,6 +226,15 @@ def build_datasets(config: ml_collections.ConfigDict, workdir: str,
     special.require(extra_ids, f"data.task={data.task!r}")
   if task.reads == "text":
     _log_compression(tokenizer, source)
+  if data.token_cache:
+    cache = functools.partial(
+        token_cache.cached_source, tokenizer=tokenizer,
+        root=(os.path.join(data.data_dir or os.path.join(workdir, "data"), "token_cache")
+              if data.token_cache == "auto" else data.token_cache),
+        workers=data.cache_workers, process_index=host.index, process_count=host.count)
+    mixture = {name: (cache(s), weight) for name, (s, weight) in mixture.items()}
+    source = (mixture_lib.combined_source({n: s for n, (s, _) in mixture.items()})
+              if mixture else cache(source))
   plan = task.plan(registry.Context(config, tokenizer, special, source,
                                     process_index=host.index))
   if mixture:

@@ -60,7 +60,16 @@ def example_rng(seed: int, process_index: int,
   return np.random.default_rng([seed % 2**32, process_index, index])
 
 
-def _with_bos_eos(tokenizer: Tokenizer, ids: list[int]) -> np.ndarray:
+def document_ids(tokenizer: Tokenizer, record: Mapping[str, Any] | bytes,
+                 text_key: str) -> np.ndarray:
+  """A document's token ids (int32): its text tokenized, or, for a record of
+  the token cache (:mod:`bigmodel.data.token_cache`: bytes), the ids stored."""
+  if isinstance(record, bytes):
+    return np.frombuffer(record, np.int32)
+  return np.asarray(tokenizer.encode(record_text(record, text_key)), np.int32)
+
+
+def _with_bos_eos(tokenizer: Tokenizer, ids: list[int] | np.ndarray) -> np.ndarray:
   tokens = np.empty(len(ids) + 2, dtype=np.int32)
   tokens[0], tokens[1:-1], tokens[-1] = tokenizer.bos_id, ids, tokenizer.eos_id
   return tokens
@@ -78,7 +87,7 @@ class TokenizeDocument(grain.transforms.Map):
   text_key: str
 
   def map(self, record: Mapping[str, Any]) -> dict[str, np.ndarray]:
-    ids = self.tokenizer.encode(record_text(record, self.text_key))
+    ids = document_ids(self.tokenizer, record, self.text_key)
     return {"tokens": _with_bos_eos(self.tokenizer, ids)}
 
 
@@ -116,9 +125,8 @@ class MaskDocument(grain.transforms.MapWithIndex):
 
   def map_with_index(self, index: int,
                      record: Mapping[str, Any]) -> dict[str, np.ndarray]:
-    tokens = _with_bos_eos(
-        self.tokenizer,
-        self.tokenizer.encode(record_text(record, self.text_key)))
+    tokens = _with_bos_eos(self.tokenizer,
+                           document_ids(self.tokenizer, record, self.text_key))
     inputs, chosen = mlm_mask(
         tokens, example_rng(self.seed, self.process_index, index),
         probability=self.probability, special=self.special)
@@ -157,8 +165,7 @@ class SpanCorruptDocument(grain.transforms.MapWithIndex):
 
   def map_with_index(self, index: int, record: Mapping[str, Any]
                      ) -> dict[str, list[dict[str, np.ndarray]]]:
-    tokens = np.asarray(
-        self.tokenizer.encode(record_text(record, self.text_key)), np.int32)
+    tokens = document_ids(self.tokenizer, record, self.text_key)
     rng = example_rng(self.seed, self.process_index, index)
     examples = []
     for start in range(0, len(tokens), self.lengths.raw_length):
