@@ -28,6 +28,7 @@ import fnmatch
 import glob
 import hashlib
 import os
+import posixpath
 import sys
 import sysconfig
 from collections.abc import Iterator, Sequence
@@ -35,6 +36,7 @@ from collections.abc import Iterator, Sequence
 from absl import logging
 import ml_collections
 
+from bigmodel.data import remote
 from bigmodel.data import shards
 from bigmodel.data import sources
 from bigmodel.data.sources import Source
@@ -81,11 +83,31 @@ def _walk(root: str, file_pattern: str) -> list[str]:
   return found
 
 
+def _local_names(paths: str, file_pattern: str) -> tuple[str, list[str]]:
+  """(root, file names) of a local ``data.paths`` (see :func:`resolve_files`)."""
+  if not paths:
+    root = sysconfig.get_paths()["stdlib"]
+    return root, _walk(root, file_pattern)
+  if os.path.isdir(paths):
+    return os.path.abspath(paths), _walk(paths, file_pattern)
+  if os.path.isfile(paths):
+    return os.path.abspath(os.path.dirname(paths) or "."), [paths]
+  names = [p for p in glob.glob(paths, recursive=True) if os.path.isfile(p)]
+  if not names:
+    raise UserError(
+        f"data.paths={paths!r} is not a file or directory and matches no file"
+        " as a glob; give a directory, a file, a glob, or '' for the Python"
+        " standard library")
+  return os.path.commonpath([os.path.dirname(os.path.abspath(p)) for p in names]), names
+
+
 def resolve_files(paths: str, file_pattern: str) -> list[CorpusFile]:
-  """Lists the files of a local corpus, sorted by relative path.
+  """Lists the files of a corpus, sorted by relative path.
 
   Args:
-    paths: A directory, a file, a glob, or ``""`` for the Python stdlib.
+    paths: A directory, a file, a glob, ``""`` for the Python stdlib, or a
+      URL of any of the first three in an object store
+      (:mod:`bigmodel.data.remote`).
     file_pattern: Pattern of file names picked up from directories.
 
   Returns:
@@ -94,41 +116,35 @@ def resolve_files(paths: str, file_pattern: str) -> list[CorpusFile]:
   Raises:
     UserError: if ``paths`` names nothing, or nothing readable matches.
   """
-  if not paths:
-    root = sysconfig.get_paths()["stdlib"]
-    names = _walk(root, file_pattern)
-  elif os.path.isdir(paths):
-    root = paths
-    names = _walk(root, file_pattern)
-  elif os.path.isfile(paths):
-    root = os.path.dirname(paths) or "."
-    names = [paths]
+  if remote.is_url(paths):
+    root, listed = remote.list_files(paths, file_pattern)
+    candidates = [(url, posixpath.relpath(url.split("://", 1)[1], root.split("://", 1)[1]),
+                   size, version) for url, size, version in listed]
   else:
-    names = [p for p in glob.glob(paths, recursive=True) if os.path.isfile(p)]
-    if not names:
-      raise UserError(
-          f"data.paths={paths!r} is not a file or directory and matches no file"
-          " as a glob; give a directory, a file, a glob, or '' for the Python"
-          " standard library")
-    root = os.path.commonpath([os.path.dirname(os.path.abspath(p))
-                               for p in names])
-  root = os.path.abspath(root)
+    root, names = _local_names(paths, file_pattern)
+    candidates = []
+    for name in names:
+      path = os.path.abspath(name)
+      try:
+        stat = os.stat(path)
+      except OSError as e:
+        logging.warning("Skipping unreadable corpus file %s: %s", path, e)
+        continue
+      candidates.append((path, os.path.relpath(path, root), stat.st_size, stat.st_mtime_ns))
   files = []
-  for name in names:
-    path = os.path.abspath(name)
-    try:
-      stat = os.stat(path)
-      with open(path, "rb") as f:
-        head = f.read(_BINARY_SNIFF_BYTES)
-    except OSError as e:
-      logging.warning("Skipping unreadable corpus file %s: %s", path, e)
-      continue
-    if b"\0" in head and not shards.shard_format(path):  # git's test for a binary file.
-      print(f"warning: skipping {path}: a binary file (NUL bytes), not text",
-            file=sys.stderr, flush=True)
-      continue
-    files.append(CorpusFile(path=path, relpath=os.path.relpath(path, root),
-                            size=stat.st_size, mtime_ns=stat.st_mtime_ns))
+  for path, relpath, size, version in candidates:
+    if not shards.shard_format(path):
+      try:
+        with remote.open_binary(path) as f:
+          head = f.read(_BINARY_SNIFF_BYTES)
+      except OSError as e:
+        logging.warning("Skipping unreadable corpus file %s: %s", path, e)
+        continue
+      if b"\0" in head:  # git's test for a binary file.
+        print(f"warning: skipping {path}: a binary file (NUL bytes), not text",
+              file=sys.stderr, flush=True)
+        continue
+    files.append(CorpusFile(path=path, relpath=relpath, size=size, mtime_ns=version))
   files.sort(key=lambda f: f.relpath)
   where = f"data.paths={paths!r}" if paths else "the Python standard library"
   if not files:
@@ -176,7 +192,7 @@ def assign_splits(files: Sequence[CorpusFile]
 def _read_file(f: CorpusFile) -> Iterator[tuple[str, dict[str, str]]]:
   """The (key, example) of one plain corpus file; none if unreadable."""
   try:
-    with open(f.path, "rb") as stream:
+    with remote.open_binary(f.path) as stream:
       text = stream.read().decode("utf-8", errors="replace")
   except OSError as e:
     logging.warning("Skipping unreadable corpus file %s: %s", f.path, e)
@@ -223,7 +239,7 @@ def load_text_files(paths: str, file_pattern: str, data_dir: str, *,
   one example each.
   """
   files = resolve_files(paths, file_pattern)
-  root = os.path.commonpath([os.path.dirname(f.path) for f in files])
+  root = files[0].path[:-len(files[0].relpath)].rstrip("/")  # path = root/relpath.
   megabytes = sum(f.size for f in files) / 1e6
   shard_files = [f for f in files if shards.shard_format(f.path)]
   plain_files = [f for f in files if not shards.shard_format(f.path)]

@@ -33,6 +33,7 @@ from typing import Any, BinaryIO
 
 from absl import logging
 
+from bigmodel.data import remote
 from bigmodel.errors import UserError
 
 JSONL_SUFFIXES = (".jsonl", ".ndjson")
@@ -79,7 +80,7 @@ def _text_of(value: Any, text_key: str) -> str | None:
 
 
 def _jsonl_records(path: str, text_key: str) -> Iterator[str | None]:
-  with open(path, "rb") as raw, _decompressed(path, raw) as stream:
+  with remote.open_binary(path) as raw, _decompressed(path, raw) as stream:
     for line in io.TextIOWrapper(stream, encoding="utf-8", errors="replace"):
       if not line.strip():
         continue  # Blank lines (a trailing newline) are not records.
@@ -91,7 +92,7 @@ def _jsonl_records(path: str, text_key: str) -> Iterator[str | None]:
 
 def _parquet_records(path: str, text_key: str) -> Iterator[str | None]:
   import pyarrow.parquet as pq  # pylint: disable=g-import-not-at-top
-  parquet = pq.ParquetFile(path)
+  parquet = pq.ParquetFile(remote.open_binary(path) if remote.is_url(path) else path)
   names = parquet.schema_arrow.names
   if text_key not in names:
     raise UserError(f"{path}: Parquet file has no column data.text_key={text_key!r}"
@@ -104,6 +105,9 @@ def _parquet_records(path: str, text_key: str) -> Iterator[str | None]:
 
 
 def _array_record_records(path: str, text_key: str) -> Iterator[str | None]:
+  if remote.is_url(path):
+    raise UserError(f"{path}: ArrayRecord shards are read from local paths only (the"
+                    " library has no object-store reader); copy them, or use JSONL or Parquet")
   from array_record.python import array_record_module  # pylint: disable=g-import-not-at-top
   reader = array_record_module.ArrayRecordReader(path)
   try:
@@ -152,6 +156,8 @@ def read_texts(path: str, text_key: str, max_bad_fraction: float
         yield index, text
   except UserError:
     raise
+  except (ConnectionError, PermissionError, FileNotFoundError) as e:
+    raise remote.store_error(path, e) from e
   except Exception as e:  # pylint: disable=broad-except
     # gzip.BadGzipFile, EOFError, zstandard.ZstdError, pyarrow.ArrowInvalid,
     # array_record's RuntimeError: all mean "this file is not what its name says".
