@@ -373,3 +373,36 @@ def test_prepare_tokenizes_once_for_the_run_that_follows(tmp_path, cache_corpus)
                             "--config=configs/gpt.py:tiny", "--config.data.source=synthetic"],
                            cwd=ROOT, capture_output=True, text=True, timeout=300)
   assert_user_error(refused, "nothing to prepare")
+
+
+def test_hosts_tokenize_their_own_shares_of_the_cache(tmp_path, tokenizer_file, cache_corpus,
+                                                      monkeypatch):
+  import threading  # pylint: disable=import-outside-toplevel
+  from bigmodel.data import token_cache  # pylint: disable=import-outside-toplevel
+  from bigmodel.data.tokenizer import Tokenizer  # pylint: disable=import-outside-toplevel
+  monkeypatch.setattr(token_cache, "DOCUMENTS_PER_SHARD", 16)
+  monkeypatch.setattr(token_cache, "_WAIT_SECONDS", 60.0)
+  source = corpus_lib.load_text_files(cache_corpus, "*", str(tmp_path / "data"))
+  tokenizer = Tokenizer.load(tokenizer_file)
+  written, results = {}, {}
+  real_write = token_cache._write_shard  # pylint: disable=protected-access
+
+  def write_and_note(records, text_key, tok, start, stop, path):
+    written[os.path.basename(path)] = threading.current_thread().name
+    return real_write(records, text_key, tok, start, stop, path)
+  monkeypatch.setattr(token_cache, "_write_shard", write_and_note)
+
+  def host(index):
+    results[index] = token_cache.cached_source(source, tokenizer, str(tmp_path / "cache"),
+                                               workers=1, process_index=index, process_count=2)
+  threads = [threading.Thread(target=host, args=(i,), name=f"host{i}") for i in (1, 0)]
+  for thread in threads:
+    thread.start()
+  for thread in threads:
+    thread.join()
+  train_shards = sorted(name for name in written if name.startswith("train-"))
+  assert len(train_shards) == 8  # 119 documents, 16 per shard.
+  assert [written[name] for name in train_shards] == ["host0", "host1"] * 4
+  for index in (0, 1):
+    assert [bytes(r) for r in results[index].train] == [bytes(r) for r in results[0].train]
+  assert len(results[0].train) == len(source.train)
