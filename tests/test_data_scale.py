@@ -406,3 +406,32 @@ def test_hosts_tokenize_their_own_shares_of_the_cache(tmp_path, tokenizer_file, 
   for index in (0, 1):
     assert [bytes(r) for r in results[index].train] == [bytes(r) for r in results[0].train]
   assert len(results[0].train) == len(source.train)
+
+
+@pytest.mark.parametrize("fmt", ["jsonl.gz", "jsonl.zst", "parquet"])
+def test_labelled_tasks_read_compressed_jsonl_and_parquet(tmp_path, fmt):
+  from bigmodel.data import records  # pylint: disable=import-outside-toplevel
+  rows = [{"text": f"review {i} é", "label": "good" if i % 3 else "bad"} for i in range(30)]
+  plain = tmp_path / "plain" / "train.jsonl"
+  plain.parent.mkdir()
+  plain.write_text("".join(json.dumps(r) + "\n" for r in rows))
+  other = tmp_path / "other" / f"train.{fmt}"
+  other.parent.mkdir()
+  if fmt == "parquet":
+    pq.write_table(pa.table({"text": [r["text"] for r in rows],
+                             "label": [r["label"] for r in rows], "unused": [1] * 30}),
+                   str(other), row_group_size=8)
+  elif fmt == "jsonl.gz":
+    with gzip.open(other, "wt", encoding="utf-8") as f:
+      f.write("".join(json.dumps(r) + "\n" for r in rows))
+  else:
+    with open(other, "wb") as raw, zstandard.ZstdCompressor().stream_writer(raw) as f:
+      f.write("".join(json.dumps(r) + "\n" for r in rows).encode())
+  want = records.read_task_file(str(plain), "text", "label", "classify")
+  assert records.read_task_file(str(other), "text", "label", "classify") == want
+  source = records.load_task_files(str(other.parent), "classify", "text", "label",
+                                   str(tmp_path / "data"))
+  assert len(source.train) + len(source.validation) == 30
+  if fmt == "parquet":
+    with pytest.raises(UserError, match=r"no column data.label_column='stars'"):
+      records.read_task_file(str(other), "text", "stars", "classify")

@@ -4,18 +4,20 @@ Three kinds of task read here, each example a text and an answer:
 
 * ``classify``: (text, label name);
 * ``seq2seq``: (input text, target text);
-* ``chat``: (a conversation's ``messages`` as JSON, its last reply), JSONL
-  only; every conversation is checked (``bigmodel.data.chat.check_messages``);
+* ``chat``: (a conversation's ``messages`` as JSON, its last reply), JSON
+  lines or Parquet; every conversation is checked
+  (``bigmodel.data.chat.check_messages``);
 * ``preference``: ({prompt, chosen, rejected} as JSON, the chosen reply),
-  JSONL only: the prompt (``data.text_column``) is text or chat
+  JSON lines or Parquet: the prompt (``data.text_column``) is text or chat
   ``messages``, ``chosen`` and ``rejected`` are replies.
 
 Sources, read as a :class:`bigmodel.data.sources.Source` like
 :mod:`bigmodel.data.corpus`:
 
-* local files (``data.source="files"``): ``data.paths`` is a ``.csv`` or
-  ``.jsonl`` file, or a directory holding ``train.{jsonl,csv}`` and
-  optionally ``validation.{jsonl,csv}``. Without a validation file about 10%
+* local files (``data.source="files"``): ``data.paths`` is a ``.csv``,
+  ``.jsonl`` (also ``.jsonl.gz``, ``.jsonl.zst``: :mod:`bigmodel.data.shards`)
+  or ``.parquet`` file, or a directory holding ``train.<extension>`` and
+  optionally ``validation.<extension>``. Without a validation file about 10%
   of the rows are held out by a hash of their content (duplicates land in
   one split). The columns are ``data.text_column`` and
   ``data.label_column`` / ``data.target_column``. The files are parsed and
@@ -47,6 +49,7 @@ import tensorflow_datasets as tfds
 
 from bigmodel.data import chat
 from bigmodel.data import preference
+from bigmodel.data import shards
 from bigmodel.data import sources
 from bigmodel.data.sources import Source
 from bigmodel.errors import UserError
@@ -54,7 +57,7 @@ from bigmodel.errors import UserError
 TASK_KINDS = ("classify", "seq2seq", "chat", "preference")
 # Percent of the rows held out for validation when there is no validation file.
 _HOLDOUT_PERCENT = 10
-_EXTENSIONS = (".jsonl", ".csv")
+_EXTENSIONS = (".jsonl", ".jsonl.gz", ".jsonl.zst", ".csv", ".parquet")
 
 # Long texts (IMDB reviews, source files) exceed csv's 128 KiB field default.
 csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
@@ -82,8 +85,8 @@ def resolve_task_files(paths: str) -> TaskFiles:
     _check_extension(paths)
     return TaskFiles(train=os.path.abspath(paths), validation=None)
   if not os.path.isdir(paths):
-    raise UserError(f"data.paths={paths!r} is neither a .csv/.jsonl file nor"
-                    " a directory with train.jsonl or train.csv")
+    raise UserError(f"data.paths={paths!r} is neither a task file ({', '.join(_EXTENSIONS)})"
+                    " nor a directory with a train file (train.jsonl, train.csv, ...)")
 
   def find(split: str) -> str | None:
     found = [os.path.join(paths, split + ext) for ext in _EXTENSIONS
@@ -94,14 +97,15 @@ def resolve_task_files(paths: str) -> TaskFiles:
 
   train = find("train")
   if train is None:
-    raise UserError(f"data.paths={paths!r} has no train.jsonl or train.csv")
+    raise UserError(f"data.paths={paths!r} has no train file (train.jsonl, train.csv, ...:"
+                    f" {', '.join(_EXTENSIONS)})")
   return TaskFiles(train=train, validation=find("validation"))
 
 
 def _check_extension(path: str) -> None:
   if not path.endswith(_EXTENSIONS):
-    raise UserError(f"data.paths={path!r}: task files must end in .jsonl or"
-                    " .csv")
+    raise UserError(f"data.paths={path!r}: task files end in one of"
+                    f" {', '.join(_EXTENSIONS)}")
 
 
 def _value(row: Mapping[str, Any], column: str, where: str,
@@ -116,25 +120,29 @@ def _value(row: Mapping[str, Any], column: str, where: str,
   return value if isinstance(value, str) else str(value)
 
 
-def _rows_of(path: str) -> Iterable[tuple[str, Mapping[str, Any]]]:
-  """(location, row) of every row of a CSV or JSONL file."""
-  with open(path, encoding="utf-8-sig", errors="replace", newline="") as f:
-    if path.endswith(".csv"):
+def _rows_of(path: str, columns: Mapping[str, str]
+             ) -> Iterable[tuple[str, Mapping[str, Any]]]:
+  """(location, row) of every row of a CSV, JSON-lines (maybe compressed) or
+  Parquet file (whose ``columns``, option -> column, are read)."""
+  if path.endswith(".parquet"):
+    for number, row in enumerate(shards.parquet_rows(path, columns), start=1):
+      yield f"{path} row {number}", row
+    return
+  if path.endswith(".csv"):
+    with open(path, encoding="utf-8-sig", errors="replace", newline="") as f:
       reader = csv.DictReader(f)
       for row in reader:
         yield f"{path}:{reader.line_num}", row
-      return
-    for line_number, line in enumerate(f, start=1):
-      if not line.strip():
-        continue
-      try:
-        row = json.loads(line)
-      except json.JSONDecodeError as e:
-        raise UserError(f"{path}:{line_number} is not JSON: {e}") from e
-      if not isinstance(row, dict):
-        raise UserError(f"{path}:{line_number} is a JSON"
-                        f" {type(row).__name__}, not an object")
-      yield f"{path}:{line_number}", row
+    return
+  for line_number, line in shards.jsonl_lines(path):
+    try:
+      row = json.loads(line)
+    except json.JSONDecodeError as e:
+      raise UserError(f"{path}:{line_number} is not JSON: {e}") from e
+    if not isinstance(row, dict):
+      raise UserError(f"{path}:{line_number} is a JSON"
+                      f" {type(row).__name__}, not an object")
+    yield f"{path}:{line_number}", row
 
 
 def read_task_file(path: str, text_column: str, answer_column: str,
@@ -150,12 +158,15 @@ def read_task_file(path: str, text_column: str, answer_column: str,
       "data.label_column" if kind == "classify" else "data.target_column")
   columns = [(text_option, text_column)]
   if kind in ("chat", "preference"):
-    if not path.endswith(".jsonl"):
-      raise UserError(f"{path}: {kind} examples are read from JSONL files")
+    if path.endswith(".csv"):
+      raise UserError(f"{path}: {kind} examples are read from JSONL or Parquet files")
   else:
     columns.append((answer_option, answer_column))
+  read = dict(columns)
+  if kind == "preference":  # Parquet: the pair's replies are read too.
+    read.update({f"the {side} reply": side for side in preference.SIDES})
   rows = []
-  for where, row in _rows_of(path):
+  for where, row in _rows_of(path, read):
     if not rows:  # The first row decides the columns.
       for option, column in columns:
         if column not in row:

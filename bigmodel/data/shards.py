@@ -28,7 +28,7 @@ from __future__ import annotations
 import gzip
 import io
 import json
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import Any, BinaryIO
 
 from absl import logging
@@ -79,29 +79,53 @@ def _text_of(value: Any, text_key: str) -> str | None:
   return text if isinstance(text, str) else None
 
 
-def _jsonl_records(path: str, text_key: str) -> Iterator[str | None]:
+def jsonl_lines(path: str) -> Iterator[tuple[int, str]]:
+  """(line number from 1, line) of a JSON-lines file, decompressed by its
+  name (``.gz``, ``.zst``), blank lines left out; local or a URL."""
   with remote.open_binary(path) as raw, _decompressed(path, raw) as stream:
-    for line in io.TextIOWrapper(stream, encoding="utf-8", errors="replace"):
-      if not line.strip():
-        continue  # Blank lines (a trailing newline) are not records.
-      try:
-        yield _text_of(json.loads(line), text_key)
-      except json.JSONDecodeError:
-        yield None
+    text = io.TextIOWrapper(stream, encoding="utf-8-sig", errors="replace")
+    for number, line in enumerate(text, start=1):
+      if line.strip():  # Blank lines (a trailing newline) are not records.
+        yield number, line
 
 
-def _parquet_records(path: str, text_key: str) -> Iterator[str | None]:
+def parquet_rows(path: str, columns: Mapping[str, str]) -> Iterator[dict[str, Any]]:
+  """The rows of a Parquet file as dicts of ``columns``' values, read in
+  batches of rows.
+
+  Args:
+    path: Local path or URL.
+    columns: option (e.g. ``data.text_key``) -> the column it names.
+
+  Raises:
+    UserError: a column that the file lacks, naming its option.
+  """
   import pyarrow.parquet as pq  # pylint: disable=g-import-not-at-top
   parquet = pq.ParquetFile(remote.open_binary(path) if remote.is_url(path) else path)
   names = parquet.schema_arrow.names
-  if text_key not in names:
-    raise UserError(f"{path}: Parquet file has no column data.text_key={text_key!r}"
-                    f" (columns: {', '.join(names)})")
-  for batch in parquet.iter_batches(batch_size=_PARQUET_BATCH_ROWS, columns=[text_key]):
-    for value in batch.column(0).to_pylist():
-      if isinstance(value, bytes):
-        value = value.decode("utf-8", errors="replace")
-      yield value if isinstance(value, str) else None
+  for option, column in columns.items():
+    if column not in names:
+      raise UserError(f"{path}: Parquet file has no column {option}={column!r}"
+                      f" (columns: {', '.join(names)})")
+  for batch in parquet.iter_batches(batch_size=_PARQUET_BATCH_ROWS,
+                                    columns=sorted(set(columns.values()))):
+    yield from batch.to_pylist()
+
+
+def _jsonl_records(path: str, text_key: str) -> Iterator[str | None]:
+  for _, line in jsonl_lines(path):
+    try:
+      yield _text_of(json.loads(line), text_key)
+    except json.JSONDecodeError:
+      yield None
+
+
+def _parquet_records(path: str, text_key: str) -> Iterator[str | None]:
+  for row in parquet_rows(path, {"data.text_key": text_key}):
+    value = row[text_key]
+    if isinstance(value, bytes):
+      value = value.decode("utf-8", errors="replace")
+    yield value if isinstance(value, str) else None
 
 
 def _array_record_records(path: str, text_key: str) -> Iterator[str | None]:
