@@ -113,3 +113,35 @@ def test_bad_fine_tuning_inputs(tmp_path, bert_pretrained, t5_pretrained):
   _assert_user_error(train(*common, f"--workdir={tmp_path / 'd'}", "--config.model.embed_dim=64",
                            "--config.model.head_dim=16", f"--config.init_from={bert_pretrained}"),
                      "has shape")
+
+
+def test_sequence_level_distillation_targets_are_the_teachers_outputs(
+    tmp_path, t5_pretrained, gpt_workdir):
+  from bigmodel.distill_targets import write_teacher_targets  # pylint: disable=import-outside-toplevel
+  from bigmodel.errors import UserError  # pylint: disable=import-outside-toplevel
+  from bigmodel.generation.generator import load  # pylint: disable=import-outside-toplevel
+  source = tmp_path / "train.jsonl"
+  rows = [{"text": f"def f{i}(x):\n    return x + {i}\n", "target": f"adds {i}"}
+          for i in range(12)]
+  source.write_text("".join(json.dumps(r) + "\n" for r in rows))
+  out = tmp_path / "distilled" / "train.jsonl"
+  out.parent.mkdir()
+  assert write_teacher_targets(t5_pretrained, str(source), str(out), max_new_tokens=8) == 12
+  written = [json.loads(line) for line in out.read_text().splitlines()]
+  expected = load(t5_pretrained).generate([r["text"] for r in rows], max_new_tokens=8)
+  assert [w["target"] for w in written] == expected
+  assert [(w["text"], w["original_target"]) for w in written] == [
+      (r["text"], r["target"]) for r in rows]
+  with pytest.raises(UserError, match="exists"):
+    write_teacher_targets(t5_pretrained, str(source), str(out))
+  with pytest.raises(UserError, match="decoder-only"):
+    write_teacher_targets(gpt_workdir, str(source), str(tmp_path / "gpt.jsonl"))
+  assert not (tmp_path / "gpt.jsonl").exists()
+  # The student trains on the teacher's targets like on any seq2seq file.
+  result = train("--config=configs/t5_finetune.py:tiny", f"--workdir={tmp_path / 'student'}",
+                 *_SHAPE, "--config.data.task=seq2seq", "--config.data.seq_len=64",
+                 "--config.data.target_len=16", f"--config.data.paths={out}",
+                 f"--config.data.tokenizer={t5_pretrained}/tokenizer.model",
+                 "--config.train.steps=2", "--config.train.batch_size=4",
+                 "--config.train.eval_steps=1")
+  assert result.returncode == 0, result.stderr[-3000:]
