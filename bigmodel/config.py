@@ -228,7 +228,9 @@ def base_config() -> ml_collections.ConfigDict:
 
   # rules: overrides of sharding.LOGICAL_AXIS_RULES, "LOGICAL=AXES,..." with mesh
   # axes joined by + or none, e.g. "embed=none,mlp=fsdp+tensor"; "" = the defaults.
-  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1, rules=""))
+  # In-slice sizes; dcn_*: slices along data / fsdp (multi-slice TPU, -1 = the rest).
+  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1, dcn_data=1, dcn_fsdp=1,
+                                          rules=""))
 
   c.checkpoint = ml_collections.ConfigDict(dict(
       save_every=0,       # Steps between saves; 0 = only at the end and on SIGTERM.

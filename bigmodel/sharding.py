@@ -18,6 +18,7 @@ from typing import Any, Iterator, Optional, Sequence
 import flax.linen as nn
 import jax
 import numpy as np
+from jax.experimental import mesh_utils
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
@@ -92,35 +93,91 @@ def rules_for(mesh: Mesh) -> tuple:
     return LOGICAL_AXIS_RULES
 
 
-def resolve_mesh_shape(mesh_cfg, num_devices: int) -> tuple[int, ...]:
-  """Sizes for ``MESH_AXES``; one size may be -1 (fill with the remaining devices)."""
+# Mesh axes that may also span slices (data-centre network), in MESH_AXES order.
+DCN_AXES = ("dcn_data", "dcn_fsdp")
+
+
+def dcn_shape(mesh_cfg, num_slices: int) -> tuple[int, int]:
+  """(dcn_data, dcn_fsdp): how the slices split over the data and fsdp axes.
+
+  One may be -1 (the slices left); their product must be ``num_slices``.
+  """
+  sizes = [int(mesh_cfg.get(name, 1)) for name in DCN_AXES]
+  described = ", ".join(f"mesh.{n}={s}" for n, s in zip(DCN_AXES, sizes))
+  if sizes.count(-1) > 1 or any(s == 0 or s < -1 for s in sizes):
+    raise UserError(f"{described}: sizes must be positive, at most one -1")
+  if -1 in sizes:
+    known = math.prod(s for s in sizes if s != -1)
+    if num_slices % known:
+      raise UserError(f"{described}: {known} does not divide the {num_slices} slices")
+    sizes[sizes.index(-1)] = num_slices // known
+  if math.prod(sizes) != num_slices:
+    raise UserError(f"{described} spans {math.prod(sizes)} slices but the devices are in "
+                    f"{num_slices} (by their slice_index); make the product match or use -1")
+  return sizes[0], sizes[1]
+
+
+def resolve_mesh_shape(mesh_cfg, num_devices: int, num_slices: int = 1) -> tuple[int, ...]:
+  """Global sizes for ``MESH_AXES``: the in-slice sizes (one may be -1: fill
+  with the slice's remaining devices) times the slices on ``data`` / ``fsdp``."""
   sizes = [int(mesh_cfg[name]) for name in MESH_AXES]
   described = ", ".join(f"{n}={s}" for n, s in zip(MESH_AXES, sizes))
+  dcn_data, dcn_fsdp = dcn_shape(mesh_cfg, num_slices)
+  if num_devices % num_slices:
+    raise UserError(f"{num_devices} devices do not split evenly into {num_slices} slices")
+  per_slice = num_devices // num_slices
   if sizes.count(-1) > 1:
     raise UserError(f"mesh {described}: at most one axis may be -1")
   if any(s == 0 or s < -1 for s in sizes):
     raise UserError(f"mesh {described}: sizes must be positive or -1")
   known = math.prod(s for s in sizes if s != -1)
   if -1 in sizes:
-    if num_devices % known:
-      raise UserError(f"mesh {described}: {known} does not divide the {num_devices} devices")
-    sizes[sizes.index(-1)] = num_devices // known
-  if math.prod(sizes) != num_devices:
+    if per_slice % known:
+      raise UserError(f"mesh {described}: {known} does not divide the {per_slice} devices"
+                      + (" of each slice" if num_slices > 1 else ""))
+    sizes[sizes.index(-1)] = per_slice // known
+  if math.prod(sizes) != per_slice:
     raise UserError(f"mesh {described} has {math.prod(sizes)} devices but "
-                    f"{num_devices} are available; make the product match or use -1")
-  return tuple(sizes)
+                    f"{per_slice} are available" + (" in each slice" if num_slices > 1 else "")
+                    + "; make the product match or use -1")
+  return sizes[0] * dcn_data, sizes[1] * dcn_fsdp, sizes[2]
+
+
+def num_slices(devices: Sequence[Any]) -> int:
+  """The slices ``devices`` span (their distinct ``slice_index``; 1 without one)."""
+  return len({getattr(d, "slice_index", 0) or 0 for d in devices})
+
+
+def device_array(mesh_cfg, devices: Sequence[Any]) -> np.ndarray:
+  """The devices as a [data, fsdp, tensor] array; across slices (TPU
+  multi-slice, DCN between them) by JAX's hybrid mesh: ``dcn_data`` x
+  ``dcn_fsdp`` blocks of whole slices, every tensor group and the in-slice
+  part of data and fsdp inside one slice."""
+  slices = num_slices(devices)
+  shape = resolve_mesh_shape(mesh_cfg, len(devices), slices)
+  if slices == 1:
+    return mesh_utils.create_device_mesh(shape, devices, allow_split_physical_axes=True)
+  dcn_data, dcn_fsdp = dcn_shape(mesh_cfg, slices)
+  in_slice = (shape[0] // dcn_data, shape[1] // dcn_fsdp, shape[2])
+  return mesh_utils.create_hybrid_device_mesh(in_slice, (dcn_data, dcn_fsdp, 1), devices,
+                                              allow_split_physical_axes=True)
 
 
 def make_mesh(mesh_cfg, devices: Optional[Sequence[jax.Device]] = None) -> Mesh:
-  """A (data, fsdp, tensor) mesh over ``devices`` (default: all devices).
+  """A (data, fsdp, tensor) mesh over ``devices`` (default: all devices);
+  over several slices, a hybrid mesh (``device_array``).
 
   ``mesh_cfg.rules`` (if any) become the mesh's logical-axis rules.
   """
   rules = logical_rules(mesh_cfg)  # Checked before any device work.
   devices = list(jax.devices() if devices is None else devices)
-  shape = resolve_mesh_shape(mesh_cfg, len(devices))
-  mesh = jax.make_mesh(shape, MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * 3,
-                       devices=devices)
+  if num_slices(devices) == 1:
+    shape = resolve_mesh_shape(mesh_cfg, len(devices))
+    mesh = jax.make_mesh(shape, MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * 3,
+                         devices=devices)
+  else:
+    mesh = Mesh(device_array(mesh_cfg, devices), MESH_AXES,
+                axis_types=(jax.sharding.AxisType.Auto,) * 3)
   # Equal meshes are one key: the latest config's rules win, as its run is the live one.
   _MESH_RULES[mesh] = rules
   return mesh

@@ -137,3 +137,50 @@ def test_bad_mesh_rules_are_one_error_line(rules, message):
   with pytest.raises(UserError, match=message) as error:
     validate(config)
   assert "\n" not in str(error.value)
+
+
+class _FakeDevice:
+  """What the mesh builder reads of a device: id, platform, kind and slice."""
+
+  def __init__(self, device_id: int, slice_index: int):
+    self.id, self.slice_index, self.process_index = device_id, slice_index, slice_index
+    self.platform, self.device_kind = "cpu", "cpu"
+
+  def __repr__(self):
+    return f"D{self.id}@s{self.slice_index}"
+
+
+@pytest.mark.parametrize("dcn, ici, expected_shape", [
+    ({"dcn_data": 2}, {"data": 1, "fsdp": 2, "tensor": 2}, (2, 2, 2)),
+    ({"dcn_data": -1}, {"data": -1, "fsdp": 1, "tensor": 2}, (4, 1, 2)),
+    ({"dcn_fsdp": 2}, {"data": 1, "fsdp": -1, "tensor": 2}, (1, 4, 2)),
+])
+def test_a_hybrid_mesh_puts_only_dcn_axes_across_slices(dcn, ici, expected_shape):
+  # 8 devices in 2 slices of 4, listed interleaved as a runtime might.
+  devices = [_FakeDevice(i, i % 2) for i in range(8)]
+  cfg = ml_collections.ConfigDict({**ici, **dcn})
+  array = sharding.device_array(cfg, devices)
+  assert array.shape == expected_shape
+  slice_of = np.vectorize(lambda d: d.slice_index)(array)
+  # Each tensor group, and each in-slice block of data x fsdp, is one slice ...
+  assert (slice_of == slice_of[..., :1]).all()
+  dcn_axis = 0 if "dcn_data" in dcn else 1
+  halves = np.split(slice_of, 2, axis=dcn_axis)
+  assert [np.unique(h).tolist() for h in halves] == [[0], [1]]  # ... slices along the dcn axis.
+  assert sorted(d.id for d in array.ravel()) == list(range(8))
+
+
+def test_bad_multislice_meshes_are_user_errors():
+  devices = [_FakeDevice(i, i // 4) for i in range(8)]
+  with pytest.raises(UserError, match="spans 3 slices but the devices are in 2"):
+    sharding.device_array(ml_collections.ConfigDict(
+        dict(data=-1, fsdp=1, tensor=1, dcn_data=3, dcn_fsdp=1)), devices)
+  with pytest.raises(UserError, match="has 8 devices but 4 are available in each slice"):
+    sharding.device_array(ml_collections.ConfigDict(
+        dict(data=8, fsdp=1, tensor=1, dcn_data=2, dcn_fsdp=1)), devices)
+  with pytest.raises(UserError, match="at most one -1"):
+    sharding.dcn_shape(ml_collections.ConfigDict(dict(dcn_data=-1, dcn_fsdp=-1)), 2)
+  # One slice (CPU, GPU hosts): dcn sizes other than 1 cannot be met.
+  with pytest.raises(UserError, match="spans 2 slices but the devices are in 1"):
+    sharding.resolve_mesh_shape(ml_collections.ConfigDict(
+        dict(data=-1, fsdp=1, tensor=1, dcn_data=2)), 8)
