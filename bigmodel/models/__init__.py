@@ -25,6 +25,10 @@ P     prompt length
 W     beams per prompt
 M     new tokens (generated)
 R     relative-position buckets
+U     tokens of a batch, flattened (B x L)
+X     experts (Mixture of Experts)
+A     routed assignments (U x top-k)
+Q     expert capacity (assignment slots per expert)
 ====  ==========================================================
 """
 from typing import Any, Optional

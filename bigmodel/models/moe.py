@@ -1,0 +1,156 @@
+"""Mixture-of-Experts MLP: top-k routing to X expert MLPs (building block).
+
+``MoeMlp`` replaces a dense ``layers.Mlp``: a router scores each token
+against the X experts (softmax, as Mixtral and Switch, or sigmoid, as
+DeepSeek-V3), the token goes to its top k, and its output is the gate-
+weighted sum of those experts' (gated) MLPs, plus optional always-on shared
+experts (Qwen-MoE, DeepSeek). Two ways to run the experts, equal when no
+token is dropped:
+
+* ``dropless`` (default): the U x k assignments are sorted by expert and
+  each expert multiplies exactly its tokens, through ``jax.lax.ragged_dot``
+  (grouped matmul: MegaBlocks, MaxText's sparse matmul);
+* ``capacity``: each expert takes at most Q = ceil(capacity_factor x U x k / X)
+  assignments, in token order (Switch Transformer, GShard); the rest are
+  dropped (their share is reported), and experts run as one batched matmul
+  [X, Q, D] x [X, D, F], the layout that an ``expert`` mesh axis shards
+  with all-to-all dispatch.
+
+Auxiliary losses, sown into the ``intermediates`` collection as
+``moe_load_balance`` (Switch: X * sum_x f_x * P_x, f the share of
+assignments, P the mean router probability; 1 when routing is uniform, its
+minimum for balanced use) and ``moe_router_z`` (ST-MoE: the mean squared
+log-sum-exp of the router logits), with ``moe_dropped`` (share of
+assignments dropped). Shape letters as in ``bigmodel.models``, plus
+U tokens (B x L), X experts, A assignments (U x k), Q expert capacity.
+"""
+from __future__ import annotations
+
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from bigmodel.models.layers import ACTIVATIONS, Dtype, Mlp, logical_init
+
+ROUTERS = ("softmax", "sigmoid")
+DISPATCHES = ("dropless", "capacity")
+
+
+class MoeMlp(nn.Module):
+  """Top-k mixture of (gated) MLP experts; see the module docstring."""
+  num_experts: int
+  top_k: int
+  hidden_dim: int            # F of each expert.
+  activation: str = "silu"
+  gated: bool = True         # SwiGLU experts (Mixtral, Qwen-MoE); False: Switch's plain MLP.
+  router: str = "softmax"
+  normalize_top_k: bool = True  # Gates of the chosen k sum to 1 (Mixtral; Qwen3 norm_topk_prob).
+  dispatch: str = "dropless"
+  capacity_factor: float = 1.25
+  num_shared_experts: int = 0   # Always-on experts of width hidden_dim (as one wider MLP).
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  def _kernel(self, name: str, shape: tuple[int, ...], axes: tuple) -> jax.Array:
+    kernel = self.param(name, logical_init(nn.initializers.normal(0.02), axes), shape,
+                        self.param_dtype)
+    return kernel.astype(self.dtype)
+
+  @nn.compact
+  def __call__(self, x_BxLxD: jax.Array, deterministic: bool = True) -> jax.Array:
+    del deterministic  # No dropout inside experts (as Mixtral, Qwen-MoE).
+    if self.router not in ROUTERS or self.dispatch not in DISPATCHES:
+      raise ValueError(f"router {self.router!r} / dispatch {self.dispatch!r} not in "
+                       f"{ROUTERS} / {DISPATCHES}")
+    if not 0 < self.top_k <= self.num_experts:
+      raise ValueError(f"top_k={self.top_k} must be in [1, num_experts={self.num_experts}]")
+    b, length, d = x_BxLxD.shape
+    x_UxD = x_BxLxD.reshape(b * length, d).astype(self.dtype)
+    router_DxX = self.param("router", logical_init(nn.initializers.normal(0.02),
+                                                   ("embed", None)),
+                            (d, self.num_experts), self.param_dtype)
+    logits_UxX = jnp.dot(x_UxD.astype(jnp.float32), router_DxX.astype(jnp.float32))
+    probs_UxX = (jax.nn.softmax(logits_UxX) if self.router == "softmax"
+                 else jax.nn.sigmoid(logits_UxX))
+    gates_Uxk, experts_Uxk = jax.lax.top_k(probs_UxX, self.top_k)
+    if self.normalize_top_k:
+      gates_Uxk = gates_Uxk / gates_Uxk.sum(-1, keepdims=True)
+    self._sow_losses(logits_UxX, probs_UxX, experts_Uxk)
+
+    wi_XxDxF = self._kernel("wi", (self.num_experts, d, self.hidden_dim),
+                            ("exp", "embed", "mlp"))
+    wi_lin_XxDxF = (self._kernel("wi_linear", (self.num_experts, d, self.hidden_dim),
+                                 ("exp", "embed", "mlp")) if self.gated else None)
+    wo_XxFxD = self._kernel("wo", (self.num_experts, self.hidden_dim, d),
+                            ("exp", "mlp", "embed"))
+    experts = (wi_XxDxF, wi_lin_XxDxF, wo_XxFxD)
+    if self.dispatch == "dropless":
+      y_UxD = self._dropless(x_UxD, gates_Uxk, experts_Uxk, *experts)
+    else:
+      y_UxD = self._capacity(x_UxD, gates_Uxk, experts_Uxk, *experts)
+    if self.num_shared_experts:
+      y_UxD = y_UxD + Mlp(self.hidden_dim * self.num_shared_experts, self.activation,
+                          self.gated, use_bias=False, dtype=self.dtype,
+                          param_dtype=self.param_dtype, name="shared")(x_UxD[None])[0]
+    return y_UxD.reshape(b, length, d).astype(self.dtype)
+
+  def _sow_losses(self, logits_UxX, probs_UxX, experts_Uxk) -> None:
+    num_assignments = experts_Uxk.size
+    share_X = jnp.zeros(self.num_experts).at[experts_Uxk.ravel()].add(1.0) / num_assignments
+    router_probs_X = probs_UxX.mean(0)
+    if self.router == "sigmoid":  # Probabilities per expert are independent: normalise.
+      router_probs_X = router_probs_X / router_probs_X.sum()
+    self.sow("intermediates", "moe_load_balance",
+             self.num_experts * jnp.sum(share_X * router_probs_X))
+    self.sow("intermediates", "moe_router_z",
+             jnp.mean(jax.nn.logsumexp(logits_UxX, axis=-1) ** 2))
+
+  def _expert_mlp(self, h_in, wi, wi_lin, wo, matmul):
+    act = ACTIVATIONS[self.activation]
+    h = act(matmul(h_in, wi))
+    if wi_lin is not None:
+      h = h * matmul(h_in, wi_lin)
+    return matmul(h, wo)
+
+  def _dropless(self, x_UxD, gates_Uxk, experts_Uxk, wi, wi_lin, wo) -> jax.Array:
+    """Every assignment computed: sorted by expert, grouped matmuls."""
+    u, k = experts_Uxk.shape
+    experts_A = experts_Uxk.ravel()
+    order_A = jnp.argsort(experts_A, stable=True)
+    tokens_A = order_A // k  # The token of each sorted assignment.
+    sizes_X = jnp.bincount(experts_A, length=self.num_experts).astype(jnp.int32)
+    sorted_x_AxD = x_UxD[tokens_A]
+
+    def matmul(lhs, rhs):
+      return jax.lax.ragged_dot(lhs, rhs, sizes_X, preferred_element_type=jnp.float32
+                                ).astype(self.dtype)
+    out_AxD = self._expert_mlp(sorted_x_AxD, wi, wi_lin, wo, matmul)
+    gate_A = gates_Uxk.ravel()[order_A].astype(out_AxD.dtype)
+    self.sow("intermediates", "moe_dropped", jnp.float32(0.0))
+    return jnp.zeros((u, x_UxD.shape[1]), out_AxD.dtype).at[tokens_A].add(
+        out_AxD * gate_A[:, None])
+
+  def _capacity(self, x_UxD, gates_Uxk, experts_Uxk, wi, wi_lin, wo) -> jax.Array:
+    """At most Q assignments per expert, in token order; the rest dropped."""
+    u, k = experts_Uxk.shape
+    capacity = max(1, math.ceil(self.capacity_factor * u * k / self.num_experts))
+    onehot_AxX = jax.nn.one_hot(experts_Uxk.ravel(), self.num_experts, dtype=jnp.int32)
+    slot_AxX = jnp.cumsum(onehot_AxX, axis=0) * onehot_AxX - 1  # Place in its expert's queue.
+    slot_A = slot_AxX.max(-1)
+    kept_A = slot_A < capacity
+    self.sow("intermediates", "moe_dropped", 1.0 - kept_A.mean())
+    # dispatch [A, X, Q]: 1 where assignment a sits in slot q of expert x.
+    dispatch_AxXxQ = (onehot_AxX[:, :, None] * jax.nn.one_hot(
+        jnp.where(kept_A, slot_A, capacity), capacity, dtype=jnp.int32)[:, None, :])
+    dispatch_AxXxQ = dispatch_AxXxQ.astype(self.dtype)
+    x_AxD = jnp.repeat(x_UxD, k, axis=0)
+    expert_in_XxQxD = jnp.einsum("axq,ad->xqd", dispatch_AxXxQ, x_AxD)
+
+    def matmul(lhs, rhs):
+      return jnp.einsum("xqd,xdf->xqf", lhs, rhs)
+    expert_out_XxQxD = self._expert_mlp(expert_in_XxQxD, wi, wi_lin, wo, matmul)
+    out_AxD = jnp.einsum("axq,xqd->ad", dispatch_AxXxQ, expert_out_XxQxD)
+    out_AxD = out_AxD * gates_Uxk.ravel()[:, None].astype(out_AxD.dtype)
+    return out_AxD.reshape(u, k, -1).sum(1)
