@@ -1,10 +1,10 @@
 r"""Data throughput: tokenizing, the token cache, preparing, and the data wait of a step.
 
-    python -m benchmarks.data [--workdir=/tmp/data_bench] [--workers=0] [--batches=200]
+    python -m benchmarks.data [--runs_dir=/tmp/data_bench] [--workers=0] [--batches=200]
                               [--small_steps=4]
 
 On the default corpus (the Python standard library, ``data.paths=""``) and
-the GPT ``tiny`` config, in ``WORKDIR`` (a temporary folder by default):
+the GPT ``tiny`` config, in ``RUNS_DIR`` (a temporary folder by default):
 
 1. preparing the corpus cold (a fresh workdir: ArrayRecord of the files, the
    tokenizer trained) and warm (again: everything reused), through
@@ -15,7 +15,7 @@ the GPT ``tiny`` config, in ``WORKDIR`` (a temporary folder by default):
    ``--batches`` batches from text (tokenized as read) and from the token
    cache: tokens/s of this host;
 4. with ``--small_steps`` > 0, the real trainer on the ``small`` preset
-   (GPT-2 small shape) for that many steps from the token cache: the share of
+   (GPT-2 small shape, 4 x 512 tokens) for that many steps from the token cache: the share of
    its step time spent waiting for the next batch (goodput's ``data_wait``
    over ``data_wait`` + ``step``, the first, compiling, step left out).
 
@@ -29,7 +29,7 @@ import time
 from absl import app
 from absl import flags
 
-_WORKDIR = flags.DEFINE_string("workdir", None, "Where the runs go (default: a temporary folder).")
+_RUNS_DIR = flags.DEFINE_string("runs_dir", None, "Where the runs go (default: a temporary folder).")
 _WORKERS = flags.DEFINE_integer("workers", 0, "Tokenizing processes of the parallel row "
                                 "(0: one per core).")
 _BATCHES = flags.DEFINE_integer("batches", 200, "Batches read per loader measurement.")
@@ -92,8 +92,10 @@ def _small_data_wait(workdir: str, steps: int) -> dict[str, float]:
   import configs.gpt as gpt  # pylint: disable=g-import-not-at-top
   from bigmodel import api  # pylint: disable=g-import-not-at-top
   config = gpt.get_config("small")
+  # The shape benchmarks/train_step.py and docs/performance.md use on this machine.
   config.train.update(steps=steps, eval_every=0, eval_steps=0, sample_tokens=0,
-                      progress=False, trackers="", log_every=1)
+                      progress=False, trackers="", log_every=1, batch_size=4)
+  config.data.seq_len = 512
   config.checkpoint.save_every = 10 * steps
   config.data.update(token_cache="auto", tokenizer=os.path.join(workdir, "tiny", "tokenizer.model"),
                      data_dir=os.path.join(workdir, "tiny", "data"))
@@ -114,7 +116,7 @@ def _small_data_wait(workdir: str, steps: int) -> dict[str, float]:
 
 def main(argv):
   del argv
-  root = _WORKDIR.value or tempfile.mkdtemp(prefix="data_bench_")
+  root = _RUNS_DIR.value or tempfile.mkdtemp(prefix="data_bench_")
   workers = _WORKERS.value or os.cpu_count() or 1
   rows = []
   tiny = os.path.join(root, "tiny")
@@ -136,7 +138,7 @@ def main(argv):
                f"cache {ids / 1e6:.2f} M tokens/s", f"{ids / text:.1f}x"))
   if _SMALL_STEPS.value:
     small = _small_data_wait(root, _SMALL_STEPS.value)
-    rows.append((f"small preset, {_SMALL_STEPS.value} steps from the cache",
+    rows.append((f"small preset (4 x 512), {_SMALL_STEPS.value} steps from the cache",
                  f"{small['step_seconds']:.1f} s/step",
                  f"data wait {small['data_wait_share']:.2%} of step time", "goal < 2%"))
   print(f"\nData benchmark ({os.cpu_count()} cores; runs in {root})\n")
