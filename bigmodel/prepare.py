@@ -42,6 +42,7 @@ def prepare(config, workdir: str) -> dict[str, object]:
     validation documents, the seconds it took.
   """
   from bigmodel.data import build_datasets  # pylint: disable=g-import-not-at-top
+  from bigmodel.data import token_cache  # pylint: disable=g-import-not-at-top
   if config.data.source == "synthetic":
     raise UserError("data.source='synthetic' has nothing to prepare")
   if not config.data.token_cache:
@@ -51,9 +52,8 @@ def prepare(config, workdir: str) -> dict[str, object]:
   os.makedirs(workdir, exist_ok=True)
   datasets = build_datasets(config, workdir)
   datasets.train_iter.close()
-  root = (os.path.join(config.data.data_dir or os.path.join(workdir, "data"), "token_cache")
-          if config.data.token_cache == "auto" else config.data.token_cache)
-  return {"task": config.data.task, "token_cache": root,
+  return {"task": config.data.task,
+          "token_cache": token_cache.cache_root(config.data, workdir),
           "seconds": time.perf_counter() - start}
 
 

@@ -229,8 +229,7 @@ def build_datasets(config: ml_collections.ConfigDict, workdir: str,
   if data.token_cache:
     cache = functools.partial(
         token_cache.cached_source, tokenizer=tokenizer,
-        root=(os.path.join(data.data_dir or os.path.join(workdir, "data"), "token_cache")
-              if data.token_cache == "auto" else data.token_cache),
+        root=token_cache.cache_root(data, workdir),
         workers=data.cache_workers, process_index=host.index, process_count=host.count)
     mixture = {name: (cache(s), weight) for name, (s, weight) in mixture.items()}
     source = (mixture_lib.combined_source({n: s for n, (s, _) in mixture.items()})

@@ -57,6 +57,13 @@ _INFO = "cache.json"
 _WAIT_SECONDS = 3600.0
 
 
+def cache_root(data_config, workdir: str) -> str:
+  """The folder ``data.token_cache`` names (``auto``: ``DATA_DIR/token_cache``)."""
+  if data_config.token_cache != "auto":
+    return data_config.token_cache
+  return os.path.join(data_config.data_dir or os.path.join(workdir, "data"), "token_cache")
+
+
 def tokenizer_fingerprint(tokenizer: Tokenizer) -> str:
   """A short hash of the tokenizer's serialized form (its model / files)."""
   return hashlib.sha256(pickle.dumps(tokenizer)).hexdigest()[:16]
@@ -147,7 +154,8 @@ def _tokenize_split(records: Sequence[Any], text_key: str, tokenizer: Tokenizer,
       progress.step()
 
 
-def _shard_files(folder: str, split: str, count: int) -> list[str]:
+def _shard_files(folder: str, split: str, num_documents: int) -> list[str]:
+  count = num_shards(num_documents)
   return [os.path.join(folder, _shard_name(split, i, count)) for i in range(count)]
 
 
@@ -221,8 +229,7 @@ def cached_source(source: Source, tokenizer: Tokenizer, root: str, *, workers: i
   else:
     logging.info("Reusing the token cache %s", folder)
   from grain import sources as grain_sources  # pylint: disable=g-import-not-at-top
-  opened = {split: grain_sources.ArrayRecordDataSource(_shard_files(
-      folder, split, num_shards(len(records))))
+  opened = {split: grain_sources.ArrayRecordDataSource(_shard_files(folder, split, len(records)))
             for split, records in splits.items()}
   for split, records in splits.items():
     if len(opened[split]) != len(records):
@@ -234,8 +241,8 @@ def cached_source(source: Source, tokenizer: Tokenizer, root: str, *, workers: i
 
 def _wait_for_shards(folder: str, splits: dict[str, Sequence[Any]]) -> None:
   """Returns when every shard of every split exists (other hosts' too)."""
-  paths = [p for split, records in splits.items() for p in _shard_files(
-      folder, split, num_shards(len(records)))]
+  paths = [p for split, records in splits.items()
+           for p in _shard_files(folder, split, len(records))]
   deadline = time.monotonic() + _WAIT_SECONDS
   while not all(os.path.exists(p) for p in paths):
     if time.monotonic() > deadline:
