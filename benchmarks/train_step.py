@@ -36,6 +36,7 @@ import numpy as np
 
 from bigmodel import flops
 from bigmodel import memory
+from bigmodel import objectives
 from bigmodel import plan
 from bigmodel import sharding
 from bigmodel.config import validate
@@ -65,7 +66,7 @@ def build_train_step(config, mesh):
   optimizer, schedule = make_optimizer(config.optim, config.train.steps)
   abstract_state, state_shardings = abstract_sharded_state(config, model, optimizer, mesh)
   step_fn = jit_train_step(model, optimizer, schedule, config.optim.grad_accum, mesh,
-                           state_shardings)
+                           state_shardings, objectives.for_config(config))
   return step_fn, model, optimizer, abstract_state, state_shardings
 
 

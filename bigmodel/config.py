@@ -44,6 +44,11 @@ def base_config() -> ml_collections.ConfigDict:
       attention_impl="auto",  # auto (pallas on GPU/TPU, xla on CPU) | xla | pallas | cudnn
       remat="none",           # none | full | dots_saveable | dots_with_no_batch_dims_saveable
       scan=True,              # Scan over layers: compile time flat in depth.
+      # The output projection and cross-entropy in chunks of this many positions,
+      # never holding [batch, length, vocab] logits (bigmodel/models/chunked_loss.py);
+      # 0 = full logits. Falls back to full logits for distillation, DPO and a
+      # quantized or LoRA-adapted head.
+      loss_chunk_len=0,
       # Quantized training of every dense layer (bigmodel/models/quantization.py,
       # through Qwix): none | int8 | fp8 (float8_e4m3fn). Weights per output
       # channel; activations per token unless quantize_activations=False;
@@ -91,6 +96,19 @@ def base_config() -> ml_collections.ConfigDict:
       rope_yarn_beta_slow=1.0,    # yarn.
       rope_attention_factor=0.0,  # yarn: cos/sin factor (0 = 0.1 ln(factor) + 1).
       rope_local_theta=0.0,   # Local layers' rotary base (0 = rope_theta; Gemma 3).
+      # Mixture of Experts (bigmodel/models/moe.py): every layer's MLP becomes
+      # num_experts expert MLPs (0 = dense), each token routed to its top
+      # experts_per_token (Mixtral: 8 and 2; Qwen3-MoE: 128 and 8).
+      num_experts=0,
+      experts_per_token=2,
+      moe_mlp_dim=0,          # An expert's width (0 = mlp_dim).
+      moe_router="softmax",   # softmax (Mixtral, Qwen) | sigmoid (DeepSeek-V3).
+      moe_normalize_top_k=True,   # The chosen experts' gates sum to 1.
+      moe_dispatch="dropless",    # dropless (ragged_dot) | capacity (capped, drops overflow).
+      moe_capacity_factor=1.25,   # capacity: slots per expert x tokens x k / experts.
+      moe_shared_experts=0,       # Always-on experts of moe_mlp_dim each (Qwen-MoE, DeepSeek).
+      moe_load_balance_weight=0.01,  # Switch's load-balancing loss in the training loss.
+      moe_router_z_weight=0.001,     # ST-MoE's router z-loss in the training loss.
   ))
 
   c.data = ml_collections.ConfigDict(dict(
@@ -293,7 +311,9 @@ _NON_NEGATIVE = ("model.num_kv_heads", "model.head_dim", "model.num_decoder_laye
                  "model.sliding_window", "model.sliding_window_pattern", "model.attn_softcap",
                  "model.final_softcap", "model.query_pre_attn_scalar",
                  "model.rope_original_max_len", "model.rope_attention_factor",
-                 "model.rope_local_theta",
+                 "model.rope_local_theta", "model.num_experts", "model.moe_mlp_dim",
+                 "model.moe_shared_experts", "model.moe_load_balance_weight",
+                 "model.moe_router_z_weight",
                  "optim.warmup_steps", "optim.decay_steps", "optim.eps", "optim.clip",
                  "optim.weight_decay", "optim.end_lr_fraction", "train.eval_every",
                  "train.eval_steps", "train.sample_tokens", "train.sample_temperature",
@@ -362,6 +382,9 @@ def validate(config) -> None:
                     "(the learned position table)")
   if not 0.0 <= m.dropout_rate < 1.0:
     raise UserError(f"model.dropout_rate must be in [0, 1), got {m.dropout_rate}")
+  if m.get("loss_chunk_len", 0) < 0:
+    raise UserError(f"model.loss_chunk_len must be >= 0 (0 = full logits), got "
+                    f"{m.loss_chunk_len}")
   if config.train.batch_size % config.optim.grad_accum:
     raise UserError(f"optim.grad_accum={config.optim.grad_accum} does not divide "
                     f"train.batch_size={config.train.batch_size}")

@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bigmodel.models import families, lora
+from bigmodel.models import families, lora, moe
 from bigmodel.models.config import ModelConfig
 from bigmodel.models.family import mlp_matrices
 from bigmodel.models.family import score_flops as _score_flops
@@ -46,10 +46,13 @@ KNOWN_PEAK_TFLOPS = {
 }
 
 
-def matmul_params_per_layer(c: ModelConfig) -> int:
-  """Weights touched by matmuls in one transformer layer (self-attention + MLP)."""
+def matmul_params_per_layer(c: ModelConfig, active: bool = True) -> int:
+  """Weights touched by matmuls in one transformer layer (self-attention + MLP);
+  a mixture of experts counts a token's experts, or with ``active=False`` all."""
   kv_heads = c.num_kv_heads or c.num_heads
   attn = c.embed_dim * c.head_dim * (2 * c.num_heads + 2 * kv_heads)  # q, out, k, v
+  if c.num_experts:
+    return attn + moe.layer_weights(c, active)
   return attn + mlp_matrices(c) * c.embed_dim * c.mlp_dim
 
 
@@ -171,7 +174,7 @@ def param_count(c: ModelConfig, max_len: int | None = None) -> int:
   if c.mlp_bias:
     biases += (mlp_matrices(c) - 1) * c.mlp_dim + d
   norm = d * (2 if c.norm == "layernorm" else 1)
-  per_layer = (matmul_params_per_layer(c) + biases + norm * (4 if c.post_norms else 2)
+  per_layer = (matmul_params_per_layer(c, active=False) + biases + norm * (4 if c.post_norms else 2)
                + (2 * c.head_dim if c.qk_norm else 0))
   total = c.num_layers * per_layer + c.vocab_size * d + norm
   if c.position_embedding == "learned":

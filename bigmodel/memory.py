@@ -323,7 +323,8 @@ def layer_residuals(c: ModelConfig, policy: str,
 
 
 def activation_bytes(c: ModelConfig, b: int, seq_len: int, mesh_shape: Mapping[str, int],
-                     flash: bool = False, trained_share: float = 1.0) -> tuple[int, int]:
+                     flash: bool = False, trained_share: float = 1.0,
+                     loss_chunk_len: int = 0) -> tuple[int, int]:
   """(saved residuals, peak transient beyond them) of the backward pass, per device.
 
   ``b`` is the micro-batch per device; ``trained_share`` the share of the
@@ -331,18 +332,27 @@ def activation_bytes(c: ModelConfig, b: int, seq_len: int, mesh_shape: Mapping[s
   buffers (gradients, optimizer temporaries) are not included. The backward pass first runs
   through the head (logits, final norm) while every residual is alive, then
   through the layers, by which time the head's residuals are freed; the peak
-  is the larger of the two phases.
+  is the larger of the two phases. ``loss_chunk_len``: the head runs in
+  chunks of that many positions (``bigmodel.models.chunked_loss``).
   """
   act = jnp.dtype(c.dtype).itemsize
   embed = _elements("embed", c, b, seq_len, mesh_shape)
-  logits = b * seq_len * _split(c.vocab_size, mesh_shape["tensor"]) * _F32
+  vocab = _split(c.vocab_size, mesh_shape["tensor"])
   residuals = functools.partial(layer_residual_bytes, c, b=b, seq_len=seq_len,
                                 mesh_shape=mesh_shape, flash=flash)
   saved_layers = c.num_layers * residuals(c.remat)
-  # The final layer norm's internals and output, and exp(logits) for the loss.
-  saved_head = embed * (3 * _F32 + act) + logits
-  # Backward of the head: the logits' gradient and the final activations'.
-  head_work = saved_head + logits + embed * _F32
+  if loss_chunk_len:
+    # The final norm's internals and output; the gradients of the final
+    # activations and of the head kernel, made during the forward pass; one
+    # chunk's logits, softmax and logit gradient at a time.
+    saved_head = embed * (3 * _F32 + 2 * act) + c.embed_dim * vocab * _F32
+    head_work = saved_head + 3 * b * min(loss_chunk_len, seq_len) * vocab * _F32
+  else:
+    logits = b * seq_len * vocab * _F32
+    # The final layer norm's internals and output, and exp(logits) for the loss.
+    saved_head = embed * (3 * _F32 + act) + logits
+    # Backward of the head: the logits' gradient and the final activations'.
+    head_work = saved_head + logits + embed * _F32
   # Backward of one layer: it recomputes what the policy did not save and
   # needs the score gradients (a fused kernel works in blocks: none); under
   # FSDP the layer's weights are gathered and (those that train) its weight
@@ -421,6 +431,8 @@ def estimate(config, mesh_shape: Mapping[str, int], platform: str = "gpu") -> Me
                      f"{c.family!r} has none yet")
   if c.remat not in LAYER_RESIDUALS:
     raise ValueError(f"no activation model for remat policy {c.remat!r}")
+  if c.num_experts:
+    raise ValueError("the memory model has no mixture-of-experts layers yet")
   num_params, params, opt_state, trainable = _state_sizes(config, mesh_shape)
   dp = mesh_shape["data"] * mesh_shape["fsdp"]
   grad_accum = config.optim.grad_accum
@@ -432,7 +444,7 @@ def estimate(config, mesh_shape: Mapping[str, int], platform: str = "gpu") -> Me
     c = dataclasses.replace(c, remat="none")
   saved, layer_work = activation_bytes(
       c, b, seq_len, mesh_shape, flash=uses_fused_attention(c.attention_impl, platform),
-      trained_share=trainable / params)
+      trained_share=trainable / params, loss_chunk_len=objectives.loss_chunk_len(config))
   saved += lora_residual_bytes(config, c, b, seq_len, mesh_shape)
   # Gradients and the update's temporaries cover the trainable parameters only.
   grads = trainable * (2 if grad_accum > 1 else 1)

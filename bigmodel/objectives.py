@@ -1,11 +1,14 @@
 """What a train step minimises: cross-entropy, DPO on preference pairs, or
 distillation from a teacher.
 
-An objective maps (model, params, batch) to per-unit losses and weights
-(units: tokens, examples or preference pairs) and per-unit extras averaged
-the same way (``correct`` becomes the accuracy). ``train_step`` and
-``eval_step`` normalise by the batch's total weight, so micro-batches and
-evaluation batches of any fill combine exactly.
+An objective maps (model, params, batch) to the weighted sum of its
+per-unit losses, the per-unit weights (units: tokens, examples or
+preference pairs) and per-unit extras averaged the same way (``correct``
+becomes the accuracy). ``train_step`` and ``eval_step`` normalise by the
+batch's total weight, so micro-batches and evaluation batches of any fill
+combine exactly. A sum rather than per-unit losses lets cross-entropy with
+``model.loss_chunk_len`` compute its gradient while it runs
+(``bigmodel.models.chunked_loss``).
 
 DPO (Rafailov et al., 2023): for a prompt x with a chosen reply y_w and a
 rejected one y_l, the policy's reward of a reply is beta times its log-
@@ -24,6 +27,7 @@ student's own cross-entropy (``for_evaluation``), comparable with a run
 trained without a teacher.
 """
 import dataclasses
+import re
 from typing import Any, Optional
 
 import flax
@@ -31,16 +35,29 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from bigmodel import distill
-from bigmodel.models import batch_logits, build_model, lora, targets_and_weights
+from bigmodel import distill, models
+from bigmodel.models import (batch_logits, batch_outputs, build_model, chunked_loss, lora,
+                             moe, quantization, targets_and_weights)
 
-# Losses [U], weights [U] and extras {name: [U]} of U units.
+# Modules whose kernels make the vocabulary logits: an untied head, or the
+# token embedding when tied.
+HEAD_MODULES = ("lm_head", "token_embed")
+
+# The weighted loss sum (a scalar), weights [U] and extras {name: [U]} of U units.
 Units = tuple[jax.Array, jax.Array, dict[str, jax.Array]]
 
 
+@dataclasses.dataclass(frozen=True)
 class CrossEntropy:
-  """Next-token, MLM, seq2seq or class cross-entropy (the family's targets)."""
-  train_metrics: dict[str, str] = {}  # Extras averaged into the train metrics, by name.
+  """Next-token, MLM, seq2seq or class cross-entropy (the family's targets).
+
+  ``chunk_len`` > 0: the output projection and the loss run in chunks of
+  that many positions (``bigmodel.models.chunked_loss``), never holding the
+  batch's logits; the family must have an ``output_head``.
+  """
+  chunk_len: int = dataclasses.field(default=0, kw_only=True)
+  # Extras averaged into the train metrics, by name (those the model has).
+  train_metrics = {name: name for name in moe.AUX_NAMES}
   passes = 3  # Model FLOPs of a step in forward passes: forward and backward.
 
   def model_batch_shapes(self, shapes: dict[str, tuple[int, ...]]) -> dict[str, tuple[int, ...]]:
@@ -53,12 +70,23 @@ class CrossEntropy:
   def __call__(self, model, params: Any, batch: dict[str, jax.Array],
                rng: Optional[jax.Array], reference: Any = None) -> Units:
     del reference
-    logits = batch_logits(model, params, batch, rng=rng)
     targets, weights = targets_and_weights(model, batch)
-    predictions = jnp.argmax(logits, axis=-1)
-    return (optax.softmax_cross_entropy_with_integer_labels(logits, targets), weights,
-            {"correct": (predictions == targets).astype(jnp.float32),
-             "predictions": predictions})
+    out, aux = batch_outputs(model, params, batch, rng=rng, head=not self.chunk_len)
+    if self.chunk_len:
+      loss_sum, _, predictions = chunked_loss.cross_entropy(
+          out, models.output_head(model, params), targets, weights, self.chunk_len)
+    else:
+      predictions = jnp.argmax(out, axis=-1)
+      loss_sum = weighted_sum(
+          optax.softmax_cross_entropy_with_integer_labels(out, targets), weights)
+    if aux and rng is not None:  # Training (evaluation reports cross-entropy alone).
+      c = model.config
+      penalty = (c.moe_load_balance_weight * aux["moe_load_balance"]
+                 + c.moe_router_z_weight * aux["moe_router_z"])
+      loss_sum = loss_sum + penalty * weights.sum()  # Its share of the normalised loss.
+    extras = {name: jnp.full(weights.shape, value) for name, value in aux.items()}
+    return loss_sum, weights, {"correct": (predictions == targets).astype(jnp.float32),
+                               "predictions": predictions, **extras}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -101,7 +129,8 @@ class Dpo:
     ref_chosen_B, ref_rejected_B = jax.lax.stop_gradient(
         self.reply_logps(reference_model, reference, batch, None))
     margin_B = self.beta * ((chosen_B - ref_chosen_B) - (rejected_B - ref_rejected_B))
-    return (-jax.nn.log_sigmoid(margin_B), batch["example_mask"],
+    return (weighted_sum(-jax.nn.log_sigmoid(margin_B), batch["example_mask"]),
+            batch["example_mask"],
             {"correct": (margin_B > 0).astype(jnp.float32), "reward_margin": margin_B})
 
 
@@ -133,9 +162,14 @@ class Distill(CrossEntropy):
     # T^2 keeps the soft targets' gradient scale independent of T (Hinton et al.).
     loss = self.alpha * t * t * kl + (1.0 - self.alpha) * task_loss
     predictions = jnp.argmax(logits, axis=-1)
-    return loss, weights, {"correct": (predictions == targets).astype(jnp.float32),
-                           "predictions": predictions, "distill_kl": kl,
-                           "task_loss": task_loss}
+    return weighted_sum(loss, weights), weights, {
+        "correct": (predictions == targets).astype(jnp.float32),
+        "predictions": predictions, "distill_kl": kl, "task_loss": task_loss}
+
+
+def weighted_sum(losses: jax.Array, weights: jax.Array) -> jax.Array:
+  """sum(weights x losses): a batch's share of the normalised loss."""
+  return (losses * weights).sum()
 
 
 def switch_off_adapters(params: Any) -> Any:
@@ -155,7 +189,7 @@ def for_config(config, eval_model=None) -> Any:
   if distill.enabled(config):
     return Distill(config.distill.alpha, config.distill.temperature,
                    distill.teacher_model(config))
-  return CrossEntropy()
+  return CrossEntropy(chunk_len=loss_chunk_len(config))
 
 
 def for_evaluation(config, eval_model=None) -> Any:
@@ -163,7 +197,23 @@ def for_evaluation(config, eval_model=None) -> Any:
   model's own cross-entropy (a distilled student's too: no teacher needed)."""
   if config.data.task == "preference":
     return for_config(config, eval_model)
-  return CrossEntropy()
+  return CrossEntropy(chunk_len=loss_chunk_len(config))
+
+
+def loss_chunk_len(config) -> int:
+  """``model.loss_chunk_len`` where the chunked loss applies, else 0: the
+  family has a vocabulary head that no Qwix provider (quantization, or a
+  LoRA adapter whose ``lora.targets`` match it) intercepts, since the chunked
+  loss applies that head's kernel itself."""
+  chunk_len = config.model.get("loss_chunk_len", 0)
+  if not chunk_len or config.model.get("num_classes", 0):
+    return 0
+  if quantization.qat_enabled(config.model) or quantization.weight_quantized(config.model):
+    return 0
+  if lora.enabled(config.lora) and any(
+      re.fullmatch(f".*(?:{config.lora.targets}).*", name) for name in HEAD_MODULES):
+    return 0
+  return chunk_len
 
 
 def needs_reference(config) -> bool:

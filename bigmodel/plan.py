@@ -302,6 +302,9 @@ def run(config, mesh_text: str, devices: int, device_memory_text: str, peak_text
   if not families.get(config.model.family).analytic_memory:
     raise UserError(f"bigmodel.plan models GPT decoders; model.family={config.model.family!r} "
                     "is not supported yet")
+  if config.model.get("num_experts", 0):
+    raise UserError("bigmodel.plan has no memory model of mixture-of-experts layers yet "
+                    "(model.num_experts > 0)")
   if not 0 < mfu <= 1:
     raise UserError(f"--mfu={mfu} must be in (0, 1]")
   if max_tensor < 1:

@@ -37,10 +37,11 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, model: nn.Modu
 
   def micro_loss(trainable, micro_batch, micro_rng):
     params = optim.combine(trainable, frozen)
-    losses, weights, extras = objective(model, params, micro_batch, micro_rng, state.reference)
+    loss_sum, weights, extras = objective(model, params, micro_batch, micro_rng,
+                                          state.reference)
     metrics = {name: (extras[key] * weights).sum() / total_weight
-               for key, name in objective.train_metrics.items()}
-    return (losses * weights).sum() / total_weight, metrics
+               for key, name in objective.train_metrics.items() if key in extras}
+    return loss_sum / total_weight, metrics
 
   grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
   if grad_accum == 1:
@@ -108,8 +109,8 @@ def eval_step(params: Any, batch: dict[str, jax.Array], reference: Any = None, *
   teacher-forced tokens for text-to-text), ``labels`` and ``example_mask``.
   """
   objective = objective or objectives.CrossEntropy()
-  losses, weights, extras = objective(model, params, batch, None, reference)
-  out = {"loss_sum": (losses * weights).sum(), "weight_sum": weights.sum(),
+  loss_sum, weights, extras = objective(model, params, batch, None, reference)
+  out = {"loss_sum": loss_sum, "weight_sum": weights.sum(),
          "correct_sum": (extras["correct"] * weights).sum()}
   if "reward_margin" in extras:
     out["reward_margin_sum"] = (extras["reward_margin"] * weights).sum()

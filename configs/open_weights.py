@@ -49,6 +49,10 @@ def make_config(preset: str, architecture: Mapping[str, Any],
   # layers' matmul outputs saved, attention recomputed (configs/gpt.py's
   # choice for its large shapes).
   c.model.update(dtype="bfloat16", remat="dots_with_no_batch_dims_saveable")
+  # Their 128k-262k vocabularies: the loss in chunks of 1,024 positions never
+  # holds a batch's logits (docs/performance.md: -4 GB per device for
+  # llama3_8b at 8,192 positions; the same step time on CPU).
+  c.model.loss_chunk_len = 1024
   c.data.update(vocab_size=c.model.vocab_size, seq_len=min(8192, c.model.max_len))
   c.optim.update(learning_rate=3e-4, warmup_steps=2000)
   c.train.update(steps=100000, batch_size=512, log_every=50, eval_every=2000)

@@ -3,8 +3,9 @@
 Run as a script in a subprocess so XLA_FLAGS can ask for 8 CPU devices
 before JAX starts: ``python tests/sharded_steps.py MESH [MESH ...]`` where
 MESH is ``data,fsdp,tensor`` (e.g. ``8,1,1``) or ``single`` (one device),
-optionally followed by ``@IMPL`` for the attention implementation (``2,2,2@pallas``)
-and ``#FAMILY`` for the model family (``2,2,2#t5``; default gpt).
+optionally followed by ``@IMPL`` for the attention implementation (``2,2,2@pallas``),
+``~N`` for the chunked loss in chunks of N positions (``2,2,2~8``; default full
+logits) and ``#FAMILY`` for the model family (``2,2,2#t5``; default gpt).
 """
 import json
 import os
@@ -16,7 +17,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import jax  # pylint: disable=wrong-import-position
 import numpy as np  # pylint: disable=wrong-import-position
 
-from bigmodel import sharding  # pylint: disable=wrong-import-position
+from bigmodel import objectives, sharding  # pylint: disable=wrong-import-position
 from bigmodel.models import build_model  # pylint: disable=wrong-import-position
 from bigmodel.optim import make_optimizer  # pylint: disable=wrong-import-position
 from bigmodel.state import create_sharded_state  # pylint: disable=wrong-import-position
@@ -27,9 +28,11 @@ from model_fixtures import random_family_batch, tiny_config  # pylint: disable=w
 def run(mesh_name: str, steps: int = 3) -> dict:
   """Losses and (a sample of) final parameters of ``steps`` train steps."""
   mesh_name, _, family = mesh_name.partition("#")
+  mesh_name, _, chunk_len = mesh_name.partition("~")
   mesh_name, _, impl = mesh_name.partition("@")
   family = family or "gpt"
-  config = tiny_config(family, num_heads=4, num_kv_heads=2, attention_impl=impl or "xla")
+  config = tiny_config(family, num_heads=4, num_kv_heads=2, attention_impl=impl or "xla",
+                       loss_chunk_len=int(chunk_len or 0))
   config.optim.name = "adamw"
   config.model.dropout_rate = 0.1  # Dropout masks must not depend on the mesh either.
   config.optim.grad_accum = 2
@@ -47,7 +50,7 @@ def run(mesh_name: str, steps: int = 3) -> dict:
   with sharding.activate(mesh):
     state, shardings = create_sharded_state(config, model, optimizer, mesh)
     step_fn = jit_train_step(model, optimizer, schedule, config.optim.grad_accum, mesh,
-                             shardings)
+                             shardings, objectives.for_config(config))
     for i in range(steps):
       batch = sharding.global_batch(
           random_family_batch(family, 16, config.data.seq_len, config.model.vocab_size,

@@ -189,14 +189,18 @@ def _option_values():
           "attn_softcap": 50.0, "final_softcap": 30.0, "rope_scaling": "linear",
           "rope_scaling_factor": 2.0, "rope_original_max_len": 16, "rope_low_freq_factor": 2.0,
           "rope_high_freq_factor": 8.0, "rope_yarn_beta_fast": 16.0, "rope_yarn_beta_slow": 2.0,
-          "rope_attention_factor": 1.5, "rope_local_theta": 1000.0}
+          "rope_attention_factor": 1.5, "rope_local_theta": 1000.0,
+          "num_experts": 4, "experts_per_token": 1, "moe_mlp_dim": 32, "moe_router": "sigmoid",
+          "moe_normalize_top_k": False, "moe_dispatch": "capacity", "moe_capacity_factor": 2.0,
+          "moe_shared_experts": 1, "moe_load_balance_weight": 0.1, "moe_router_z_weight": 0.0}
 
 
 def _option_needs(key):
   """The other settings an option is only valid with (validated together)."""
   needs = {"norm_scale_offset": {"norm": "rmsnorm"},
            "sliding_window_pattern": {"sliding_window": 4},
-           "rope_local_theta": {"sliding_window": 4, "position_embedding": "rope"}}.get(key, {})
+           "rope_local_theta": {"sliding_window": 4, "position_embedding": "rope"},
+           "num_experts": {"mlp_bias": False}}.get(key, {})
   return {**needs, "position_embedding": "rope"} if key.startswith("rope_") else needs
 
 

@@ -1,4 +1,5 @@
-"""The Mixture-of-Experts MLP block: routing, dropless vs capacity dispatch, auxiliary losses."""
+"""The Mixture-of-Experts MLP block (routing, dropless vs capacity dispatch, auxiliary
+losses) and decoders built with it (``model.num_experts``)."""
 import math
 
 import flax
@@ -7,8 +8,16 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from bigmodel import flops, objectives, sharding
+from bigmodel.config import validate
+from bigmodel.errors import UserError
+from bigmodel.models import ModelConfig, build_model, families
 from bigmodel.models.layers import ACTIVATIONS
 from bigmodel.models.moe import MoeMlp
+from bigmodel.optim import make_optimizer
+from bigmodel.state import create_sharded_state
+from bigmodel.train_step import jit_train_step
+from model_fixtures import random_family_batch, tiny_config, unstack_layers
 
 B, L, D, F, X = 2, 8, 16, 32, 4
 
@@ -88,3 +97,93 @@ def test_the_load_balancing_loss_is_smallest_for_uniform_routing():
   _, losses = _apply(module, skewed, x)
   assert losses["moe_load_balance"] > 1.2
   assert losses["moe_router_z"] > _apply(module, uniform, x)[1]["moe_router_z"]
+
+
+# --- In a decoder (model.num_experts): Mixtral / Qwen-MoE-style layers. ---
+
+def _moe_decoder(**overrides):
+  """A tiny Llama-shaped decoder (gated SiLU, no biases) with 4 experts, top 2."""
+  config = tiny_config("llama", num_experts=4, experts_per_token=2, **overrides)
+  return config, build_model(config.model)
+
+
+def _init(config, model):
+  optimizer, _ = make_optimizer(config.optim, 10)
+  mesh = sharding.make_mesh(config.mesh, jax.devices()[:1])
+  with sharding.activate(mesh):
+    state, _ = create_sharded_state(config, model, optimizer, mesh)
+  return jax.device_get(state.params)
+
+
+def test_the_auxiliary_losses_join_the_training_loss_not_evaluation():
+  config, model = _moe_decoder()
+  params = _init(config, model)
+  batch = random_family_batch("llama", 4, 32, 128, num_segments=2)
+  objective = objectives.for_config(config)
+  train_sum, weights, extras = objective(model, params, batch, jax.random.key(0))
+  eval_sum, _, eval_extras = objective(model, params, batch, None)
+  value = lambda extras, name: float(np.ravel(extras[name])[0])  # Per token, all equal.
+  balance, router_z = value(extras, "moe_load_balance"), value(extras, "moe_router_z")
+  np.testing.assert_allclose(value(eval_extras, "moe_load_balance"), balance, rtol=1e-6)
+  np.testing.assert_allclose(train_sum - eval_sum,
+                             (0.01 * balance + 0.001 * router_z) * weights.sum(), rtol=1e-4)
+  # A router that starts near uniform: balanced use, logits near 0 (so the
+  # z-loss is near log(4)^2).
+  assert 0.95 < balance < 1.2 and abs(router_z - math.log(4) ** 2) < 0.1
+  assert value(extras, "moe_dropped") == 0.0  # Dropless.
+  # The same model unrolled sows per layer; the averages agree.
+  unrolled_config, unrolled = _moe_decoder(scan=False)
+  unrolled_sum, _, unrolled_extras = objectives.for_config(unrolled_config)(
+      unrolled, unstack_layers(params, 2), batch, jax.random.key(0))
+  np.testing.assert_allclose(unrolled_sum, train_sum, rtol=1e-5)
+  np.testing.assert_allclose(value(unrolled_extras, "moe_router_z"), router_z, rtol=1e-5)
+
+
+def test_a_train_step_logs_the_router_and_lowers_the_loss():
+  config, model = _moe_decoder(moe_dispatch="capacity", moe_capacity_factor=1.0)
+  config.optim.update(warmup_steps=0, learning_rate=1e-2)
+  optimizer, schedule = make_optimizer(config.optim, 10)
+  mesh = sharding.make_mesh(config.mesh, jax.devices()[:1])
+  batch = random_family_batch("llama", 4, 32, 128)
+  with sharding.activate(mesh):
+    state, shardings = create_sharded_state(config, model, optimizer, mesh)
+    step = jit_train_step(model, optimizer, schedule, 1, mesh, shardings,
+                          objectives.for_config(config))
+    global_batch = sharding.global_batch(batch, mesh)
+    losses = []
+    for _ in range(4):
+      state, metrics = step(state, global_batch)
+      losses.append(float(metrics["loss"]))
+  assert {"moe_load_balance", "moe_router_z", "moe_dropped"} <= set(metrics)
+  assert 0.0 <= float(metrics["moe_dropped"]) < 0.5  # Capacity 1.0 drops some, not most.
+  assert losses[-1] < losses[0]
+  # Every expert's kernels got updates (the router spreads the tokens).
+  assert state.params["blocks"]["moe"]["wi"].shape == (2, 4, 64, 128)
+
+
+def test_flops_count_the_experts_a_token_runs():
+  """Top-1 of 4 experts as wide as the dense MLP costs the dense layer plus the router."""
+  dense = ModelConfig.from_config(tiny_config("llama").model)
+  top1 = ModelConfig.from_config(tiny_config("llama", num_experts=4, experts_per_token=1).model)
+  lengths = {"inputs": 32}
+  router = 32 * 2 * dense.embed_dim * 4 * dense.num_layers
+  assert (families.get("gpt").forward_flops(top1, lengths)
+          == families.get("gpt").forward_flops(dense, lengths) + router)
+  # Parameters count every expert.
+  model = build_model(tiny_config("llama", num_experts=4, experts_per_token=1).model)
+  shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 8), jnp.int32))
+  counted = sum(x.size for x in jax.tree_util.tree_leaves(flax.core.meta.unbox(shapes)))
+  assert flops.param_count(top1) == counted
+
+
+@pytest.mark.parametrize("overrides,message", [
+    ({"experts_per_token": 5}, "experts_per_token"),
+    ({"moe_router": "argmax"}, "moe_router"),
+    ({"moe_dispatch": "sparse"}, "moe_dispatch"),
+    ({"mlp_bias": True}, "mlp_bias=False"),
+    ({"num_experts": -1}, "num_experts"),
+])
+def test_bad_moe_settings_are_refused(overrides, message):
+  config = tiny_config("llama", **{"num_experts": 4, **overrides})
+  with pytest.raises(UserError, match=message):
+    validate(config)

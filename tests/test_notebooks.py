@@ -16,9 +16,9 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NOTEBOOKS = sorted(glob.glob(os.path.join(ROOT, "notebooks", "*.ipynb")))
 CI_PARAMETERS = {
-    "quickstart.ipynb": "TRAIN_STEPS = 24",
-    "finetune_bert.ipynb": "PRETRAIN_STEPS = 8\nFINETUNE_STEPS = 30",
-    "t5_seq2seq.ipynb": "TRAIN_STEPS = 20",
+    "quickstart.ipynb": "TRAIN_STEPS = 8",
+    "finetune_bert.ipynb": "PRETRAIN_STEPS = 4\nFINETUNE_STEPS = 8",
+    "t5_seq2seq.ipynb": "TRAIN_STEPS = 6",
 }
 
 

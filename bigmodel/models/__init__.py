@@ -36,11 +36,12 @@ from typing import Any, Optional
 import flax.linen as nn
 import jax
 
-from bigmodel.models import families, lora, quantization
+from bigmodel.models import families, lora, moe, quantization
 from bigmodel.models.bert import Bert
 from bigmodel.models.config import ModelConfig
 from bigmodel.models.families import FAMILIES, Family, family_of
 from bigmodel.models.gpt import Gpt
+from bigmodel.models.chunked_loss import OutputHead
 from bigmodel.models.t5 import T5
 
 # model.family -> Flax module class (kept for callers of the old name).
@@ -55,13 +56,31 @@ def targets_and_weights(model: nn.Module, batch: dict[str, jax.Array]) -> tuple[
 
 
 def batch_logits(model: nn.Module, params: Any, batch: dict[str, jax.Array], *,
-                 rng: Optional[jax.Array]) -> jax.Array:
+                 rng: Optional[jax.Array], head: bool = True) -> jax.Array:
   """Runs ``model`` on a batch of its family's format (see ``bigmodel.data``).
 
-  Returns float32 logits [..., V or C] matching ``targets_and_weights``.
-  Dropout is on when ``rng`` is given.
+  Returns float32 logits [..., V or C] matching ``targets_and_weights``, or
+  with ``head=False`` the hidden states [B, L, D] that ``output_head``
+  projects. Dropout is on when ``rng`` is given.
   """
-  return family_of(model).batch_logits(model, params, batch, rng=rng)
+  return family_of(model).batch_logits(model, params, batch, rng=rng, head=head)
+
+
+def batch_outputs(model: nn.Module, params: Any, batch: dict[str, jax.Array], *,
+                  rng: Optional[jax.Array], head: bool = True
+                  ) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """``batch_logits`` and the model's auxiliary values averaged over layers
+  (a mixture of experts' ``moe.AUX_NAMES``; {} for a dense model)."""
+  if not getattr(model.config, "num_experts", 0):
+    return batch_logits(model, params, batch, rng=rng, head=head), {}
+  out, variables = family_of(model).batch_logits(model, params, batch, rng=rng, head=head,
+                                                 mutable=["intermediates"])
+  return out, moe.aux_losses(variables.get("intermediates", {}))
+
+
+def output_head(model: nn.Module, params: Any) -> Optional[OutputHead]:
+  """``model``'s vocabulary projection in ``params`` (None for a classifier)."""
+  return family_of(model).output_head(model.config, params)
 
 
 def build_model(model_cfg, lora_cfg=None, *, training: bool = False) -> nn.Module:
@@ -81,6 +100,6 @@ def build_model(model_cfg, lora_cfg=None, *, training: bool = False) -> nn.Modul
   return quantization.with_quantization(module, model_cfg, family.methods)
 
 
-__all__ = ["FAMILIES", "MODEL_FAMILIES", "Bert", "Family", "Gpt", "ModelConfig", "T5",
-           "batch_logits", "build_model", "family_of", "families", "lora", "quantization",
-           "targets_and_weights"]
+__all__ = ["FAMILIES", "MODEL_FAMILIES", "Bert", "Family", "Gpt", "ModelConfig", "OutputHead",
+           "T5", "batch_logits", "batch_outputs", "build_model", "family_of", "families", "lora",
+           "moe", "output_head", "quantization", "targets_and_weights"]

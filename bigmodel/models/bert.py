@@ -45,7 +45,8 @@ class Bert(nn.Module):
   ``num_classes`` > 0 (pooled from the first token, BERT's [CLS]).
 
   Segment id 0 marks padding, never attended; packed documents attend only
-  within their own segment.
+  within their own segment. ``head=False`` (MLM) returns the transformed
+  hidden states [B, L, D] that the tied output head reads.
   """
   config: ModelConfig
 
@@ -54,7 +55,7 @@ class Bert(nn.Module):
                segment_ids_BxL: Optional[jax.Array] = None,
                positions_BxL: Optional[jax.Array] = None,
                type_ids_BxL: Optional[jax.Array] = None,
-               deterministic: bool = True) -> jax.Array:
+               deterministic: bool = True, head: bool = True) -> jax.Array:
     c = self.config
     if positions_BxL is None:
       positions_BxL = jnp.broadcast_to(jnp.arange(tokens_BxL.shape[1]), tokens_BxL.shape)
@@ -93,6 +94,8 @@ class Bert(nn.Module):
         (c.embed_dim,), ("embed", "mlp"), dtype=c.dtype, param_dtype=c.param_dtype,
         name="mlm_dense")(x_BxLxD))
     h_BxLxD = _norm(c, "mlm_ln")(h_BxLxD)
+    if not head:  # The chunked loss applies the tied embedding and bias itself.
+      return h_BxLxD
     logits_BxLxV = embed.attend(h_BxLxD) + self.param(
         "mlm_bias", logical_init(nn.initializers.zeros, ("vocab",)), (c.vocab_size,),
         c.param_dtype).astype(c.dtype)

@@ -64,6 +64,16 @@ class ModelConfig:
   rope_yarn_beta_slow: float = 1.0
   rope_attention_factor: float = 0.0
   rope_local_theta: float = 0.0
+  num_experts: int = 0
+  experts_per_token: int = 2
+  moe_mlp_dim: int = 0
+  moe_router: str = "softmax"
+  moe_normalize_top_k: bool = True
+  moe_dispatch: str = "dropless"
+  moe_capacity_factor: float = 1.25
+  moe_shared_experts: int = 0
+  moe_load_balance_weight: float = 0.01
+  moe_router_z_weight: float = 0.001
 
   @classmethod
   def from_config(cls, model_cfg) -> "ModelConfig":

@@ -21,7 +21,9 @@ import jax
 import jax.numpy as jnp
 
 from bigmodel.errors import UserError
+from bigmodel.models import moe
 from bigmodel.models.bert import Bert
+from bigmodel.models.chunked_loss import OutputHead
 from bigmodel.models.decoding import DecodeState, LocalGlobalCache, fill_slot
 from bigmodel.models.family import (Family, apply_kwargs, mlp_matrices, projection_weights,
                                     score_flops, token_spec, weights_spec)
@@ -44,6 +46,9 @@ class GptFamily(Family):
       "rope_scaling_factor": 1.0, "rope_original_max_len": 0, "rope_low_freq_factor": 1.0,
       "rope_high_freq_factor": 4.0, "rope_yarn_beta_fast": 32.0, "rope_yarn_beta_slow": 1.0,
       "rope_attention_factor": 0.0, "rope_local_theta": 0.0,
+      "num_experts": 0, "experts_per_token": 2, "moe_mlp_dim": 0, "moe_router": "softmax",
+      "moe_normalize_top_k": True, "moe_dispatch": "dropless", "moe_capacity_factor": 1.25,
+      "moe_shared_experts": 0, "moe_load_balance_weight": 0.01, "moe_router_z_weight": 0.001,
   }
 
   def validate(self, model_cfg):
@@ -64,19 +69,28 @@ class GptFamily(Family):
     if m["rope_local_theta"] and not m["sliding_window"]:
       raise UserError("model.rope_local_theta (local layers' rotary base) needs "
                       "model.sliding_window > 0")
+    if m["num_experts"]:
+      moe.validate(m)
 
   def batch_spec(self, c, batch_size, seq_len, target_len=0):
     spec = token_spec(batch_size, seq_len, "inputs", "targets", "segment_ids", "positions")
     return {**spec, "loss_mask": weights_spec(batch_size, seq_len)}
 
-  def batch_logits(self, model, params, batch, *, rng):
+  def batch_logits(self, model, params, batch, *, rng, head=True, mutable=False):
     return model.apply({"params": params}, batch["inputs"], segment_ids_BxL=batch["segment_ids"],
-                       positions_BxL=batch["positions"], **apply_kwargs(rng))
+                       positions_BxL=batch["positions"], head=head, **apply_kwargs(rng, mutable))
+
+  def output_head(self, c, params):
+    kernel_DxV = (params["token_embed"]["embedding"].T if c.tie_embeddings
+                  else params["lm_head"]["kernel"])
+    return OutputHead(kernel_DxV, softcap=c.final_softcap, dtype=c.dtype)
 
   def forward_flops(self, c, lengths):
-    # Gated MLPs have three D x F matrices; local layers count their window.
+    # Gated MLPs have three D x F matrices; local layers count their window;
+    # a mixture of experts counts the experts a token runs (active parameters).
     length, (qo_weights, kv_weights) = lengths["inputs"], projection_weights(c)
-    mlp_weights = mlp_matrices(c) * c.embed_dim * c.mlp_dim
+    mlp_weights = (moe.layer_weights(c) if c.num_experts
+                   else mlp_matrices(c) * c.embed_dim * c.mlp_dim)
     layers = sum(length * 2 * (qo_weights + kv_weights + mlp_weights)
                  + score_flops(c, length, length, causal=True, window=c.sliding_window * local)
                  for local in c.local_layers())
@@ -138,10 +152,15 @@ class BertFamily(Family):
     return {**spec, **token_spec(batch_size, seq_len, "targets"),
             "loss_mask": weights_spec(batch_size, seq_len)}
 
-  def batch_logits(self, model, params, batch, *, rng):
+  def batch_logits(self, model, params, batch, *, rng, head=True, mutable=False):
     return model.apply({"params": params}, batch["inputs"], segment_ids_BxL=batch["segment_ids"],
                        positions_BxL=batch["positions"], type_ids_BxL=batch["type_ids"],
-                       **apply_kwargs(rng))
+                       head=head, **apply_kwargs(rng, mutable))
+
+  def output_head(self, c, params):
+    if c.num_classes:
+      return None
+    return OutputHead(params["token_embed"]["embedding"].T, params["mlm_bias"], dtype=c.dtype)
 
   def targets_and_weights(self, c, batch):
     if c.num_classes:
@@ -186,10 +205,14 @@ class T5Family(Family):
                           "decoder_segment_ids", "decoder_positions"),
             "loss_mask": weights_spec(batch_size, target_len or seq_len)}
 
-  def batch_logits(self, model, params, batch, *, rng):
+  def batch_logits(self, model, params, batch, *, rng, head=True, mutable=False):
     return model.apply({"params": params}, batch["encoder_inputs"], batch["decoder_inputs"],
                        encoder_segment_ids_BxE=batch["encoder_segment_ids"],
-                       decoder_segment_ids_BxT=batch["decoder_segment_ids"], **apply_kwargs(rng))
+                       decoder_segment_ids_BxT=batch["decoder_segment_ids"], head=head,
+                       **apply_kwargs(rng, mutable))
+
+  def output_head(self, c, params):
+    return OutputHead(params["lm_head"]["kernel"], dtype=c.dtype)
 
   def targets_and_weights(self, c, batch):
     return batch["decoder_targets"], batch["loss_mask"]

@@ -12,6 +12,7 @@ import jax.numpy as jnp
 from bigmodel.errors import UserError
 from bigmodel.models.config import ModelConfig
 from bigmodel.models.decoding import DecodeState
+from bigmodel.models.chunked_loss import OutputHead
 
 Batch = Mapping[str, jax.Array]
 
@@ -40,9 +41,11 @@ def mlp_matrices(c: ModelConfig) -> int:
   return 3 if c.mlp_gated else 2
 
 
-def apply_kwargs(rng: Optional[jax.Array]) -> dict[str, Any]:
-  """Dropout is on when ``rng`` is given."""
-  return dict(deterministic=rng is None, rngs={"dropout": rng} if rng is not None else None)
+def apply_kwargs(rng: Optional[jax.Array], mutable: Any = False) -> dict[str, Any]:
+  """Dropout is on when ``rng`` is given; ``mutable`` collections (e.g.
+  ``["intermediates"]``) make ``apply`` return (output, their values)."""
+  return dict(deterministic=rng is None, rngs={"dropout": rng} if rng is not None else None,
+              mutable=mutable)
 
 
 class Family:
@@ -115,9 +118,18 @@ class Family:
     raise NotImplementedError
 
   def batch_logits(self, model: nn.Module, params: Any, batch: Batch, *,
-                   rng: Optional[jax.Array]) -> jax.Array:
-    """float32 logits [..., V or C] matching ``targets_and_weights``."""
+                   rng: Optional[jax.Array], head: bool = True, mutable: Any = False) -> Any:
+    """float32 logits [..., V or C] matching ``targets_and_weights``;
+    ``head=False``: the hidden states [B, L, D] that ``output_head`` reads;
+    with ``mutable`` collections, (that, their values) (``apply_kwargs``)."""
     raise NotImplementedError
+
+  def output_head(self, c: ModelConfig, params: Any) -> Optional[OutputHead]:
+    """The vocabulary projection of ``params`` as an ``OutputHead`` (the
+    chunked loss applies it), or None where the logits are not per token
+    over the vocabulary (a classifier)."""
+    del c, params
+    return None
 
   def targets_and_weights(self, c: ModelConfig, batch: Batch) -> tuple[jax.Array, jax.Array]:
     """Integer targets and loss weights: per token [B, L] or per example [B]."""

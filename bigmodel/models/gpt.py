@@ -6,6 +6,8 @@ RMSNorm (Gemma's ``1 + w`` scale), gated MLPs, per-projection biases, rotary
 positions with scaling, q/k norms, sliding windows on some or all layers
 (with their own rotary base), soft-capped attention and output logits, norms
 after each sublayer (Gemma 2/3) and an embedding scaled by sqrt(D) (Gemma).
+``num_experts`` > 0 puts a mixture of experts in every layer's MLP (Mixtral,
+Qwen-MoE: ``bigmodel.models.moe``).
 """
 import math
 from typing import Any, Optional
@@ -14,6 +16,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from bigmodel.models import moe
 from bigmodel.models.config import ModelConfig
 from bigmodel.models.decoding import LocalGlobalCache
 from bigmodel.models.layers import (DECODE, TRAIN, DenseGeneral, KVCache, MultiHeadAttention, Mlp,
@@ -79,9 +82,13 @@ class GptBlock(nn.Module):
     if c.post_norms:
       h_BxLxD = norm("ln_attn_out")(h_BxLxD)
     x_BxLxD = x_BxLxD + nn.Dropout(c.dropout_rate)(h_BxLxD, deterministic=deterministic)
-    h_BxLxD = Mlp(c.mlp_dim, activation=c.mlp_activation, gated=c.mlp_gated, use_bias=c.mlp_bias,
-                  dropout_rate=c.dropout_rate, out_init_stddev=out_stddev, dtype=c.dtype,
-                  param_dtype=c.param_dtype, name="mlp")(norm("ln_mlp")(x_BxLxD), deterministic)
+    if c.num_experts:  # Mixtral / Qwen-MoE: routed experts instead of one MLP.
+      mlp = moe.from_config(c)
+    else:
+      mlp = Mlp(c.mlp_dim, activation=c.mlp_activation, gated=c.mlp_gated, use_bias=c.mlp_bias,
+                dropout_rate=c.dropout_rate, out_init_stddev=out_stddev, dtype=c.dtype,
+                param_dtype=c.param_dtype, name="mlp")
+    h_BxLxD = mlp(norm("ln_mlp")(x_BxLxD), deterministic)
     if c.post_norms:
       h_BxLxD = norm("ln_mlp_out")(h_BxLxD)
     x_BxLxD = x_BxLxD + nn.Dropout(c.dropout_rate)(h_BxLxD, deterministic=deterministic)
@@ -96,7 +103,9 @@ class Gpt(nn.Module):
   H]); ``mode=DECODE`` runs one step (L = 1) against ``cache`` (that
   stack, or a ``LocalGlobalCache`` when local and global layers alternate),
   with ``kv_segment_ids_BxS`` marking the filled slots of all S keys (this
-  step's included), and returns (logits, updated cache).
+  step's included), and returns (logits, updated cache). ``head=False``
+  (training) returns the final hidden states [B, L, D] that the output head
+  reads (``bigmodel.models.chunked_loss``).
   """
   config: ModelConfig
 
@@ -107,7 +116,8 @@ class Gpt(nn.Module):
                deterministic: bool = True,
                mode: str = TRAIN,
                cache: Optional[KVCache] = None,
-               kv_segment_ids_BxS: Optional[jax.Array] = None):
+               kv_segment_ids_BxS: Optional[jax.Array] = None,
+               head: bool = True):
     c = self.config
     check_mode(mode)
     if positions_BxL is None:
@@ -138,6 +148,8 @@ class Gpt(nn.Module):
           num_layers=c.num_layers, scan=c.scan, remat=c.remat if mode == TRAIN else "none",
           name="blocks", config=c, mode=mode)
     x_BxLxD = norm_spec(c).make("ln_final", c.dtype, c.param_dtype)(x_BxLxD)
+    if not head:  # Training with the chunked loss: it applies the head itself.
+      return x_BxLxD
     if c.tie_embeddings:
       logits_BxLxV = embed.attend(x_BxLxD)
     else:

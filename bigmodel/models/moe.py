@@ -32,10 +32,68 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from typing import Any, Mapping
+
+from bigmodel.errors import UserError
 from bigmodel.models.layers import ACTIVATIONS, Dtype, Mlp, logical_init
 
 ROUTERS = ("softmax", "sigmoid")
 DISPATCHES = ("dropless", "capacity")
+# What a layer sows, by name (the training loss adds the first two, weighted
+# by model.moe_load_balance_weight and model.moe_router_z_weight).
+AUX_NAMES = ("moe_load_balance", "moe_router_z", "moe_dropped")
+
+
+def validate(m: Mapping[str, Any]) -> None:
+  """UserError (one line) for a bad ``model.num_experts`` > 0 setting (``m``: the
+  gpt family's options)."""
+  if not 1 <= m["experts_per_token"] <= m["num_experts"]:
+    raise UserError(f"model.experts_per_token={m['experts_per_token']} must be in [1, "
+                    f"model.num_experts={m['num_experts']}]")
+  if m["moe_router"] not in ROUTERS:
+    raise UserError(f"model.moe_router={m['moe_router']!r} is not one of: {', '.join(ROUTERS)}")
+  if m["moe_dispatch"] not in DISPATCHES:
+    raise UserError(f"model.moe_dispatch={m['moe_dispatch']!r} is not one of: "
+                    f"{', '.join(DISPATCHES)}")
+  if m["mlp_bias"]:
+    raise UserError("model.num_experts > 0 needs model.mlp_bias=False (experts have no biases)")
+  if m["moe_capacity_factor"] <= 0:
+    raise UserError(f"model.moe_capacity_factor must be positive, got "
+                    f"{m['moe_capacity_factor']}")
+
+
+def from_config(c, name: str = "moe") -> "MoeMlp":
+  """The MoE MLP of a ``ModelConfig`` with ``num_experts`` > 0 (its experts
+  gated like the dense MLP would be, with its activation)."""
+  return MoeMlp(num_experts=c.num_experts, top_k=c.experts_per_token,
+                hidden_dim=c.moe_mlp_dim or c.mlp_dim, activation=c.mlp_activation,
+                gated=c.mlp_gated, router=c.moe_router, normalize_top_k=c.moe_normalize_top_k,
+                dispatch=c.moe_dispatch, capacity_factor=c.moe_capacity_factor,
+                num_shared_experts=c.moe_shared_experts, dtype=c.dtype,
+                param_dtype=c.param_dtype, name=name)
+
+
+def layer_weights(c, active: bool = True) -> int:
+  """Weights of one MoE layer: the router, then with ``active`` the
+  ``experts_per_token`` experts a token runs (what FLOPs and MFU count),
+  else all experts; and the shared experts."""
+  matrices = 3 if c.mlp_gated else 2
+  experts = (c.experts_per_token if active else c.num_experts) + c.moe_shared_experts
+  return c.embed_dim * c.num_experts + experts * matrices * c.embed_dim * (c.moe_mlp_dim
+                                                                          or c.mlp_dim)
+
+
+def aux_losses(intermediates: Mapping[str, Any]) -> dict[str, jax.Array]:
+  """The sown ``AUX_NAMES`` values averaged over layers (scanned layers sow
+  one [layers] array, unrolled ones one scalar each): {name: scalar}."""
+  flat = jax.tree_util.tree_flatten_with_path(intermediates)[0]
+  out = {}
+  for name in AUX_NAMES:
+    values = [jnp.ravel(x) for path, x in flat
+              if any(getattr(p, "key", None) == name for p in path)]
+    if values:
+      out[name] = jnp.concatenate(values).mean()
+  return out
 
 
 class MoeMlp(nn.Module):

@@ -51,7 +51,8 @@ def apply_layer_stack(
   if scan:
     stack = nn.scan(
         block_cls,
-        variable_axes={"params": 0},
+        # Values a layer sows (MoE auxiliary losses) stack over layers too.
+        variable_axes={"params": 0, "intermediates": 0},
         split_rngs={"params": True, "dropout": True},
         in_axes=(nn.broadcast,) * len(args) + (0,) * len(extra),
         length=num_layers,

@@ -181,15 +181,18 @@ class T5(nn.Module):
   def decode(self, encoded_BxExD: Optional[jax.Array], tokens_BxT: jax.Array,
              encoder_segment_ids_BxE: jax.Array, segment_ids_BxT: jax.Array,
              deterministic: bool = True, mode: str = TRAIN,
-             cache: Optional[tuple[KVCache, KVCache]] = None):
+             cache: Optional[tuple[KVCache, KVCache]] = None, head: bool = True):
     """Next-token logits [B, T, V] (float32) given the encoder states.
 
     ``mode``: see ``T5Decoder``; prefill and decode return (logits, cache),
     and decode needs no ``encoded_BxExD`` (None: the cache holds its keys).
+    ``head=False`` (training): the decoder's final states [B, T, D] instead.
     """
     y_BxTxD, new_cache = self.decoder(self._embed(tokens_BxT, deterministic), encoded_BxExD,
                                       encoder_segment_ids_BxE, segment_ids_BxT, deterministic,
                                       mode=mode, cache=cache)
+    if not head:
+      return y_BxTxD
     logits_BxTxV = self.lm_head(y_BxTxD)
     logits_BxTxV = constrain(logits_BxTxV.astype(jnp.float32), ("batch", "length", "act_vocab"))
     return logits_BxTxV if mode == TRAIN else (logits_BxTxV, new_cache)
@@ -197,11 +200,11 @@ class T5(nn.Module):
   def __call__(self, encoder_tokens_BxE: jax.Array, decoder_tokens_BxT: jax.Array, *,
                encoder_segment_ids_BxE: Optional[jax.Array] = None,
                decoder_segment_ids_BxT: Optional[jax.Array] = None,
-               deterministic: bool = True) -> jax.Array:
+               deterministic: bool = True, head: bool = True) -> jax.Array:
     if encoder_segment_ids_BxE is None:
       encoder_segment_ids_BxE = jnp.ones_like(encoder_tokens_BxE)
     if decoder_segment_ids_BxT is None:
       decoder_segment_ids_BxT = jnp.ones_like(decoder_tokens_BxT)
     encoded_BxExD = self.encode(encoder_tokens_BxE, encoder_segment_ids_BxE, deterministic)
     return self.decode(encoded_BxExD, decoder_tokens_BxT, encoder_segment_ids_BxE,
-                       decoder_segment_ids_BxT, deterministic)
+                       decoder_segment_ids_BxT, deterministic, head=head)
