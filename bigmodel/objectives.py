@@ -35,9 +35,9 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from bigmodel import distill, models
+from bigmodel import distill
 from bigmodel.models import (batch_logits, batch_outputs, build_model, chunked_loss, lora,
-                             moe, quantization, targets_and_weights)
+                             moe, output_head, quantization, targets_and_weights)
 
 # Modules whose kernels make the vocabulary logits: an untied head, or the
 # token embedding when tied.
@@ -74,7 +74,7 @@ class CrossEntropy:
     out, aux = batch_outputs(model, params, batch, rng=rng, head=not self.chunk_len)
     if self.chunk_len:
       loss_sum, _, predictions = chunked_loss.cross_entropy(
-          out, models.output_head(model, params), targets, weights, self.chunk_len)
+          out, output_head(model, params), targets, weights, self.chunk_len)
     else:
       predictions = jnp.argmax(out, axis=-1)
       loss_sum = weighted_sum(

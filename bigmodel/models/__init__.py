@@ -38,10 +38,10 @@ import jax
 
 from bigmodel.models import families, lora, moe, quantization
 from bigmodel.models.bert import Bert
+from bigmodel.models.chunked_loss import OutputHead
 from bigmodel.models.config import ModelConfig
 from bigmodel.models.families import FAMILIES, Family, family_of
 from bigmodel.models.gpt import Gpt
-from bigmodel.models.chunked_loss import OutputHead
 from bigmodel.models.t5 import T5
 
 # model.family -> Flax module class (kept for callers of the old name).
