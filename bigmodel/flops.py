@@ -26,9 +26,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bigmodel.models import families, lora, moe
+from bigmodel.models import families, lora
 from bigmodel.models.config import ModelConfig
-from bigmodel.models.family import mlp_matrices
+from bigmodel.models.family import mlp_matrices, mlp_weights
 from bigmodel.models.family import score_flops as _score_flops
 
 # Dense bf16 peak TFLOP/s per chip, from vendor datasheets.
@@ -51,9 +51,7 @@ def matmul_params_per_layer(c: ModelConfig, active: bool = True) -> int:
   a mixture of experts counts a token's experts, or with ``active=False`` all."""
   kv_heads = c.num_kv_heads or c.num_heads
   attn = c.embed_dim * c.head_dim * (2 * c.num_heads + 2 * kv_heads)  # q, out, k, v
-  if c.num_experts:
-    return attn + moe.layer_weights(c, active)
-  return attn + mlp_matrices(c) * c.embed_dim * c.mlp_dim
+  return attn + mlp_weights(c, active)
 
 
 def forward_flops_per_token(c: ModelConfig, seq_len: int,

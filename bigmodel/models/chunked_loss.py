@@ -37,11 +37,8 @@ class OutputHead:
   softcap: float = flax.struct.field(pytree_node=False, default=0.0)
   dtype: Any = flax.struct.field(pytree_node=False, default=jnp.float32)
 
-  def logits(self, x_BxCxD: jax.Array) -> jax.Array:
-    """float32 logits [B, C, V] and, for the gradient, the cap's tanh."""
-    return self._logits_and_tanh(x_BxCxD)[0]
-
-  def _logits_and_tanh(self, x_BxCxD):
+  def logits_and_tanh(self, x_BxCxD: jax.Array) -> tuple[jax.Array, Optional[jax.Array]]:
+    """float32 logits [B, C, V] and, for the gradient, the cap's tanh (or None)."""
     z_BxCxV = jnp.einsum("bcd,dv->bcv", x_BxCxD.astype(self.dtype),
                          self.kernel_DxV.astype(self.dtype),
                          preferred_element_type=jnp.float32)
@@ -101,7 +98,7 @@ def _chunk_loss(head: OutputHead, x_BxCxD, targets_BxC):
   subtracts, and one exp serves the loss and the softmax (XLA:CPU is
   memory-bound over [B, C, V]: each pass costs about as much as another).
   """
-  z_BxCxV, tanh_BxCxV = head._logits_and_tanh(x_BxCxD)  # pylint: disable=protected-access
+  z_BxCxV, tanh_BxCxV = head.logits_and_tanh(x_BxCxD)
   predictions_BxC = jnp.argmax(z_BxCxV, axis=-1)
   max_BxC = jnp.take_along_axis(z_BxCxV, predictions_BxC[..., None], axis=-1)[..., 0]
   exp_BxCxV = jnp.exp(z_BxCxV - max_BxC[..., None])

@@ -25,7 +25,7 @@ from bigmodel.models import moe
 from bigmodel.models.bert import Bert
 from bigmodel.models.chunked_loss import OutputHead
 from bigmodel.models.decoding import DecodeState, LocalGlobalCache, fill_slot
-from bigmodel.models.family import (Family, apply_kwargs, mlp_matrices, projection_weights,
+from bigmodel.models.family import (Family, apply_kwargs, mlp_weights, projection_weights,
                                     score_flops, token_spec, weights_spec)
 from bigmodel.models.gpt import Gpt
 from bigmodel.models.layers import DECODE, PREFILL, pad_slots
@@ -89,9 +89,8 @@ class GptFamily(Family):
     # Gated MLPs have three D x F matrices; local layers count their window;
     # a mixture of experts counts the experts a token runs (active parameters).
     length, (qo_weights, kv_weights) = lengths["inputs"], projection_weights(c)
-    mlp_weights = (moe.layer_weights(c) if c.num_experts
-                   else mlp_matrices(c) * c.embed_dim * c.mlp_dim)
-    layers = sum(length * 2 * (qo_weights + kv_weights + mlp_weights)
+    mlp = mlp_weights(c)
+    layers = sum(length * 2 * (qo_weights + kv_weights + mlp)
                  + score_flops(c, length, length, causal=True, window=c.sliding_window * local)
                  for local in c.local_layers())
     return float(layers + length * 2 * c.embed_dim * c.vocab_size)

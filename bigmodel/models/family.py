@@ -12,6 +12,7 @@ import jax.numpy as jnp
 from bigmodel.errors import UserError
 from bigmodel.models.config import ModelConfig
 from bigmodel.models.decoding import DecodeState
+from bigmodel.models import moe
 from bigmodel.models.chunked_loss import OutputHead
 
 Batch = Mapping[str, jax.Array]
@@ -39,6 +40,14 @@ def projection_weights(c: ModelConfig) -> tuple[int, int]:
 def mlp_matrices(c: ModelConfig) -> int:
   """D x F matrices of one decoder MLP: wi and wo, plus wi_linear when gated."""
   return 3 if c.mlp_gated else 2
+
+
+def mlp_weights(c: ModelConfig, active: bool = True) -> int:
+  """Weights of one decoder layer's MLP: D x F matrices, or a mixture of
+  experts' (with ``active``, those one token runs: ``moe.layer_weights``)."""
+  if c.num_experts:
+    return moe.layer_weights(c, active)
+  return mlp_matrices(c) * c.embed_dim * c.mlp_dim
 
 
 def apply_kwargs(rng: Optional[jax.Array], mutable: Any = False) -> dict[str, Any]:

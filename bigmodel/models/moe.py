@@ -27,12 +27,11 @@ U tokens (B x L), X experts, A assignments (U x k), Q expert capacity.
 from __future__ import annotations
 
 import math
+from typing import Any, Mapping
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-
-from typing import Any, Mapping
 
 from bigmodel.errors import UserError
 from bigmodel.models.layers import ACTIVATIONS, Dtype, Mlp, logical_init
