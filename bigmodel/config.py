@@ -11,7 +11,7 @@ import ml_collections
 from bigmodel.errors import UserError
 from bigmodel import pruning, sharding
 from bigmodel.models import families, lora, quantization
-from bigmodel.models.attention import ATTENTION_IMPLS
+from bigmodel.models.attention import ATTENTION_IMPLS, CONTEXT_ATTENTION
 from bigmodel.models.layers import ACTIVATIONS
 from bigmodel.models.rope import ROPE_SCALINGS
 from bigmodel.models.stack import REMAT_POLICIES
@@ -42,6 +42,9 @@ def base_config() -> ml_collections.ConfigDict:
       dtype="float32",        # Compute dtype of activations and matmuls.
       param_dtype="float32",  # Storage dtype of parameters.
       attention_impl="auto",  # auto (pallas on GPU/TPU, xla on CPU) | xla | pallas | cudnn
+      # With mesh.context > 1 (the sequence split over devices): ring (keys and
+      # values passed between neighbours) | all_gather (every device gathers them).
+      context_attention="ring",
       remat="none",           # none | full | dots_saveable | dots_with_no_batch_dims_saveable
       scan=True,              # Scan over layers: compile time flat in depth.
       # The output projection and cross-entropy in chunks of this many positions,
@@ -247,8 +250,10 @@ def base_config() -> ml_collections.ConfigDict:
   # rules: overrides of sharding.LOGICAL_AXIS_RULES, "LOGICAL=AXES,..." with mesh
   # axes joined by + or none, e.g. "embed=none,mlp=fsdp+tensor"; "" = the defaults.
   # In-slice sizes; dcn_*: slices along data / fsdp (multi-slice TPU, -1 = the rest).
-  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1, dcn_data=1, dcn_fsdp=1,
-                                          rules=""))
+  # context: devices that split each sequence (context parallelism; attention by
+  # model.context_attention), decoder and encoder families without T5's bias.
+  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, context=1, tensor=1, dcn_data=1,
+                                          dcn_fsdp=1, rules=""))
 
   c.checkpoint = ml_collections.ConfigDict(dict(
       save_every=0,       # Steps between saves; 0 = only at the end and on SIGTERM.
@@ -296,6 +301,7 @@ _CHOICES = {
     "model.rope_scaling": ROPE_SCALINGS,
     "model.remat": tuple(REMAT_POLICIES),
     "model.attention_impl": ATTENTION_IMPLS,
+    "model.context_attention": tuple(CONTEXT_ATTENTION),
     "model.dtype": ("float32", "bfloat16", "float16"),
     "model.param_dtype": ("float32", "bfloat16"),
     "data.source": ("files", "tfds", "synthetic"),
@@ -369,6 +375,13 @@ def validate(config) -> None:
   m = config.model
   families.get(m.family).validate(m)  # Positions and the family's own options.
   sharding.logical_rules(config)  # A bad mesh.rules entry is one error line.
+  context = int(config.mesh.get("context", 1))
+  if context > 1 and not families.get(m.family).context_parallel:
+    raise UserError(f"mesh.context={context}: model.family={m.family} has no context-parallel "
+                    "attention (T5's relative position bias); use mesh.context=1")
+  if context > 1 and config.data.seq_len % context:
+    raise UserError(f"mesh.context={context} does not divide data.seq_len="
+                    f"{config.data.seq_len}")
   if not m.head_dim and m.embed_dim % m.num_heads:
     raise UserError(f"model.num_heads={m.num_heads} does not divide model.embed_dim={m.embed_dim}"
                     " (or set model.head_dim)")

@@ -38,7 +38,8 @@ gives what generation and evaluation hold: the parameters, with
 
 Shape letters as in ``bigmodel.models`` (B global batch, L sequence length, D
 width, N heads, K kv heads, H head dim, F mlp width, V vocabulary), plus b
-sequences per device per micro-batch and t the ``tensor`` mesh axis.
+sequences per device per micro-batch, t the ``tensor`` mesh axis and c the
+``context`` axis (context parallelism: L / c positions per device).
 """
 import dataclasses
 import functools
@@ -51,7 +52,8 @@ import ml_collections
 from jax.sharding import AbstractMesh, AxisType
 
 from bigmodel import distill, flops, objectives, optim, sharding
-from bigmodel.models import ModelConfig, build_model, families, lora, quantization
+from bigmodel.models import (ModelConfig, build_model, context_parallel, families, lora,
+                             quantization)
 from bigmodel.models.attention import resolve_impl
 from bigmodel.state import init_train_state
 
@@ -145,7 +147,7 @@ class MemoryEstimate:
 
 def abstract_mesh(mesh_shape: Mapping[str, int]) -> AbstractMesh:
   """A device-free mesh with the trainer's axes (``sharding.MESH_AXES``)."""
-  sizes = tuple(int(mesh_shape[a]) for a in sharding.MESH_AXES)
+  sizes = sharding.mesh_sizes(mesh_shape)
   return AbstractMesh(sizes, sharding.MESH_AXES,
                       axis_types=(AxisType.Auto,) * len(sizes))
 
@@ -210,8 +212,19 @@ def _state_bytes(key: tuple, mesh_sizes: tuple, rules: tuple) -> tuple[int, int,
 def _state_sizes(config, mesh_shape: Mapping[str, int]) -> tuple[int, int, int, int]:
   """(parameter count, parameter bytes, optimizer-state bytes, trainable
   parameter bytes) per device."""
-  return _state_bytes(_state_key(config), tuple(int(mesh_shape[a]) for a in sharding.MESH_AXES),
-                      sharding.logical_rules(config))
+  return _state_bytes(_state_key(config), sharding.mesh_sizes(mesh_shape),
+                      _rules(config, mesh_shape))
+
+
+def _rules(config, mesh_shape: Mapping[str, int]) -> tuple:
+  """The trainer's rules for ``config`` on a mesh of ``mesh_shape`` (they
+  depend on its context size)."""
+  return sharding.logical_rules({**config.mesh.to_dict(), **mesh_shape})
+
+
+def _param_shards(mesh_shape: Mapping[str, int]) -> int:
+  """Ways the parameters' model width splits: fsdp (x context, by default)."""
+  return mesh_shape["fsdp"] * mesh_shape.get("context", 1)
 
 
 def state_bytes(config, mesh_shape: Mapping[str, int]) -> tuple[int, int, int]:
@@ -233,9 +246,12 @@ def _split(size: int, ways: int) -> int:
 
 def _elements(kind: str, c: ModelConfig, b: int, seq_len: int,
               mesh_shape: Mapping[str, int]) -> int:
-  """Elements per device of one residual of ``kind`` (see ``LAYER_RESIDUALS``)."""
+  """Elements per device of one residual of ``kind`` (see ``LAYER_RESIDUALS``);
+  under context parallelism a device holds L / c of each sequence."""
   t = mesh_shape["tensor"]
-  tokens = b * seq_len
+  context = mesh_shape.get("context", 1)
+  local_len = seq_len // context
+  tokens = b * local_len
   heads = _split(c.num_heads, t)
   if kind == "embed":       # [b, L, D]: activations are replicated over tensor.
     return tokens * c.embed_dim
@@ -244,18 +260,23 @@ def _elements(kind: str, c: ModelConfig, b: int, seq_len: int,
   if kind == "kv_heads":    # [b, L, K/t, H]
     return tokens * _split(c.num_kv_heads or c.num_heads, t) * c.head_dim
   if kind == "scores":      # [b, N/t, L, L]
-    return b * heads * seq_len * seq_len
+    if context == 1:
+      return b * heads * seq_len * seq_len
+    # Context parallelism: a block's piece of queries against a ring's chunk
+    # of keys or all of them gathered.
+    kv_len = local_len if c.context_attention == "ring" else seq_len
+    return b * heads * min(local_len, context_parallel.QUERY_CHUNK) * kv_len
   if kind == "mlp":         # [b, L, F/t]
     return tokens * _split(c.mlp_dim, t)
   if kind == "token":       # [b, L]
     return tokens
   if kind == "head_token":  # [b, N/t, L]
-    return b * heads * seq_len
+    return b * heads * local_len
   if kind == "width":       # [D]
     return c.embed_dim
   if kind == "weights":     # The layer's matmul kernels, sharded like parameters.
-    return flops.matmul_params_per_layer(c) // (_split_ways(c.embed_dim, mesh_shape["fsdp"]) *
-                                      _split_ways(c.num_heads, t))
+    return flops.matmul_params_per_layer(c) // (
+        _split_ways(c.embed_dim, _param_shards(mesh_shape)) * _split_ways(c.num_heads, t))
   raise ValueError(f"unknown residual kind {kind!r}")
 
 
@@ -269,17 +290,45 @@ def layer_residual_bytes(c: ModelConfig, policy: str, b: int, seq_len: int,
 
   ``flash``: attention runs as a fused kernel (``FLASH_LAYER_RESIDUALS``).
   """
+  return residual_bytes(layer_residuals(c, policy, flash, mesh_shape.get("context", 1)),
+                        c, b, seq_len, mesh_shape)
+
+
+def residual_bytes(rows, c: ModelConfig, b: int, seq_len: int,
+                   mesh_shape: Mapping[str, int]) -> int:
+  """Bytes per device of residual table ``rows`` ((what, kind, dtype, count))."""
   act = jnp.dtype(c.dtype).itemsize
   total = 0
-  for _, kind, dtype, count in layer_residuals(c, policy, flash):
+  for _, kind, dtype, count in rows:
     if kind == "weights" and jnp.dtype(c.dtype) == jnp.dtype(c.param_dtype):
       continue  # Nothing is cast: the backward pass reads the parameters.
-    total += count * _elements(kind, c, b, seq_len, mesh_shape) * (_F32 if dtype == "f32" else act)
+    total += (count * _elements(kind, c, b, seq_len, mesh_shape)
+              * {"f32": _F32, "i32": 4}.get(dtype, act))
   return total
 
 
-def layer_residuals(c: ModelConfig, policy: str,
-                    flash: bool = False) -> tuple[tuple[str, str, str, int], ...]:
+def context_residuals(c: ModelConfig, context: int) -> tuple[tuple[str, str, str, int], ...]:
+  """What context-parallel attention over ``context`` devices saves per layer
+  beyond q, k, v and its output (no remat; measured with ``saved_residuals``).
+
+  Both ways rematerialise their blocks (no [L, L] scores are kept). The ring
+  keeps, per step, the chunk of keys and values it received and the running
+  output and log-sum-exp; the all-gather the gathered keys and values.
+  """
+  if context == 1:
+    return ()
+  if c.context_attention == "ring":
+    steps = context - 1
+    return (("ring: received key and value chunks", "kv_heads", "act", 2 * steps),
+            ("ring: running output", "q_heads", "f32", steps),
+            ("ring: running log-sum-exp", "head_token", "f32", steps),
+            ("ring: global token indices", "token", "i32", context))
+  return (("gathered keys and values", "kv_heads", "act", 2 * context),
+          ("global token indices", "token", "i32", 1 + context))
+
+
+def layer_residuals(c: ModelConfig, policy: str, flash: bool = False,
+                    context: int = 1) -> tuple[tuple[str, str, str, int], ...]:
   """The residual table of ``c``'s layers: GPT-2's, adjusted for the decoder options.
 
   Measured with ``saved_residuals`` per option: RMSNorm keeps half
@@ -290,8 +339,14 @@ def layer_residuals(c: ModelConfig, policy: str,
   and alternating local/global layers (``lax.cond`` between two attention
   calls) the untaken branch's residuals too. ``tests/test_plan.py`` checks
   GPT-2's and Llama's block exactly; the rest is within a few per cent.
+  Context-parallel attention (``context`` > 1) keeps no scores, as a fused
+  kernel, plus ``context_residuals`` without remat (with the ``dots_*``
+  policies its steps are recomputed: no dot products are saved inside).
   """
+  flash = flash or context > 1
   table = list((FLASH_LAYER_RESIDUALS if flash else LAYER_RESIDUALS)[policy])
+  if policy == "none":
+    table += context_residuals(c, context)
   adjusted = []
   for what, kind, dtype, count in table:
     if what == "norm statistics" and c.norm == "rmsnorm":
@@ -348,7 +403,7 @@ def activation_bytes(c: ModelConfig, b: int, seq_len: int, mesh_shape: Mapping[s
     saved_head = embed * (3 * _F32 + 2 * act) + c.embed_dim * vocab * _F32
     head_work = saved_head + 3 * b * min(loss_chunk_len, seq_len) * vocab * _F32
   else:
-    logits = b * seq_len * vocab * _F32
+    logits = b * (seq_len // mesh_shape.get("context", 1)) * vocab * _F32
     # The final layer norm's internals and output, and exp(logits) for the loss.
     saved_head = embed * (3 * _F32 + act) + logits
     # Backward of the head: the logits' gradient and the final activations'.
@@ -358,9 +413,14 @@ def activation_bytes(c: ModelConfig, b: int, seq_len: int, mesh_shape: Mapping[s
   # FSDP the layer's weights are gathered and (those that train) its weight
   # gradients exist unreduced.
   layer_work = residuals("none") - residuals(c.remat)
-  if not flash:
+  if mesh_shape.get("context", 1) > 1:
+    # A context-parallel block (jnp, rematerialised): its scores, masked
+    # scores, probabilities and their gradients, measured 6 at once in XLA's
+    # buffer assignment.
+    layer_work += 6 * _elements("scores", c, b, seq_len, mesh_shape) * _F32
+  elif not flash:
     layer_work += _elements("scores", c, b, seq_len, mesh_shape) * _F32
-  if mesh_shape["fsdp"] > 1:
+  if _param_shards(mesh_shape) > 1:
     layer_work += int((1 + trained_share) * flops.matmul_params_per_layer(c)
                       // _split_ways(c.num_heads, mesh_shape["tensor"])
                       * jnp.dtype(c.param_dtype).itemsize)
@@ -405,7 +465,7 @@ def inference_param_bytes(config, mesh_shape: Mapping[str, int], weight_bits: in
     model_cfg.weight_bits, model_cfg.weight_group_size = weight_bits, group_size
   boxed = quantization.abstract_boxed_params(build_model(model_cfg), config.data.seq_len)
   shardings = sharding.logical_to_shardings(
-      boxed, abstract_mesh(mesh_shape), sharding.logical_rules(config))
+      boxed, abstract_mesh(mesh_shape), _rules(config, mesh_shape))
   leaves = jax.tree_util.tree_leaves(sharding.strip_boxes(boxed))
   return sum(-(-math.prod(s.shard_shape(x.shape)) * quantization.dtype_bits(x.dtype) // 8)
              for x, s in zip(leaves, jax.tree_util.tree_leaves(shardings)))

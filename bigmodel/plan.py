@@ -10,9 +10,10 @@ activations and transient working set against ``--device_memory``, the FLOPs
 of a step and the step time at ``--mfu`` of ``--peak_tflops``, for
 ``--platform`` (gpu by default: ``attention_impl=auto`` is a fused kernel that
 keeps no [L, L] scores; cpu runs XLA attention). Then suggests
-the least model parallelism that fits: the smallest ``tensor``, then the
-smallest ``fsdp``, then the smallest ``optim.grad_accum`` (the largest
-micro-batch); when nothing fits on ``--devices``, the fewest devices that do.
+the least model parallelism that fits: the smallest ``context`` (sequences
+split over devices), then ``tensor``, then ``fsdp``, then the smallest
+``optim.grad_accum`` (the largest micro-batch); when nothing fits on
+``--devices``, the fewest devices that do.
 Overrides such as ``--config.model.remat=full`` apply as in training.
 """
 import dataclasses
@@ -109,6 +110,9 @@ def layout_problems(config, mesh_shape: dict[str, int]) -> tuple[str, ...]:
   batch, grad_accum = config.train.batch_size, config.optim.grad_accum
   dp = mesh_shape["data"] * mesh_shape["fsdp"]
   problems = []
+  context = mesh_shape.get("context", 1)
+  if config.data.seq_len % context:
+    problems.append(f"context={context} does not divide seq_len={config.data.seq_len}")
   if batch % grad_accum:
     problems.append(f"grad_accum={grad_accum} does not divide batch_size={batch}")
   elif (batch // grad_accum) % dp:
@@ -147,22 +151,30 @@ def _divisors(n: int) -> list[int]:
 
 
 def candidate_layouts(config, devices: int, max_tensor: int):
-  """(mesh, grad_accum) in the order of preference: least tensor, fsdp, grad_accum.
+  """(mesh, grad_accum) in the order of preference: least context, tensor,
+  fsdp, grad_accum.
 
   ``tensor`` must divide the heads and the MLP width (otherwise the trainer
-  replicates those dimensions and tensor parallelism buys nothing).
+  replicates those dimensions and tensor parallelism buys nothing);
+  ``context`` (splitting sequences) the sequence length, for families with
+  context-parallel attention.
   """
   c = ModelConfig.from_config(config.model)
-  batch = config.train.batch_size
-  for tensor in _divisors(devices):
-    if tensor > max_tensor or c.num_heads % tensor or c.mlp_dim % tensor:
+  batch, seq_len = config.train.batch_size, config.data.seq_len
+  splits_sequences = families.get(c.family).context_parallel
+  for context in _divisors(devices):
+    if context > 1 and (not splits_sequences or seq_len % context):
       continue
-    for fsdp in _divisors(devices // tensor):
-      mesh = dict(data=devices // (tensor * fsdp), fsdp=fsdp, tensor=tensor)
-      dp = mesh["data"] * fsdp
-      for grad_accum in _divisors(batch):
-        if (batch // grad_accum) % dp == 0:
-          yield mesh, grad_accum
+    for tensor in _divisors(devices // context):
+      if tensor > max_tensor or c.num_heads % tensor or c.mlp_dim % tensor:
+        continue
+      for fsdp in _divisors(devices // (context * tensor)):
+        mesh = dict(data=devices // (context * tensor * fsdp), fsdp=fsdp, context=context,
+                    tensor=tensor)
+        dp = mesh["data"] * fsdp
+        for grad_accum in _divisors(batch):
+          if (batch // grad_accum) % dp == 0:
+            yield mesh, grad_accum
 
 
 def suggest(config, devices: int, device_memory: float, *, peak_tflops: Optional[float] = None,

@@ -2,7 +2,7 @@
 
 Parameters and activations are annotated with logical axis names by the
 models; ``LOGICAL_AXIS_RULES`` maps those names onto the mesh axes ``data``,
-``fsdp`` and ``tensor``. ``mesh.rules`` in the config overrides some of them
+``fsdp``, ``context`` and ``tensor``. ``mesh.rules`` in the config overrides some of them
 (config data, as in MaxText and the Flax examples), e.g.
 ``--config.mesh.rules="embed=none,mlp=fsdp+tensor"``; a mesh made by
 ``make_mesh`` carries its config's rules to ``activate`` and
@@ -24,14 +24,20 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from bigmodel.errors import UserError
 
-MESH_AXES = ("data", "fsdp", "tensor")
+# context sits next to tensor: both talk every layer, so they get the
+# closest devices (create_device_mesh fills the last axes first).
+MESH_AXES = ("data", "fsdp", "context", "tensor")
 BATCH_AXES = ("data", "fsdp")
+# The mesh axis that splits sequences (context parallelism).
+CONTEXT_AXIS = "context"
 
 LOGICAL_AXIS_RULES = (
     # Activations: the batch splits over data and fsdp; tensor parallelism
     # splits heads and the mlp width (Megatron style).
     ("batch", BATCH_AXES),
-    ("length", None),
+    # Context parallelism splits the sequence; attention then runs as a ring
+    # (or an all-gather) over the context axis (models/context_parallel.py).
+    ("length", CONTEXT_AXIS),
     ("act_embed", None),
     ("act_mlp", "tensor"),
     ("act_heads", "tensor"),
@@ -77,11 +83,17 @@ def parse_rules(text: str) -> tuple[tuple[str, Any], ...]:
 
 
 def logical_rules(config_or_mesh_cfg=None) -> tuple:
-  """``LOGICAL_AXIS_RULES`` with ``mesh.rules`` overrides applied (a config or its ``mesh``)."""
+  """``LOGICAL_AXIS_RULES`` with ``mesh.rules`` overrides applied (a config or
+  its ``mesh``); with ``mesh.context`` > 1 parameters' ``embed`` dimension
+  splits over fsdp x context unless a rule names it."""
   if config_or_mesh_cfg is None:
     return LOGICAL_AXIS_RULES
   mesh_cfg = config_or_mesh_cfg.get("mesh", config_or_mesh_cfg)
   overrides = dict(parse_rules(mesh_cfg.get("rules", "")))
+  if int(mesh_cfg.get(CONTEXT_AXIS, 1)) != 1:
+    # Devices that split sequences also split the parameters, as fsdp's do
+    # (else each would hold fsdp's share whole); mesh.rules may say otherwise.
+    overrides.setdefault("embed", ("fsdp", CONTEXT_AXIS))
   return tuple((name, overrides.get(name, axes)) for name, axes in LOGICAL_AXIS_RULES)
 
 
@@ -117,10 +129,17 @@ def dcn_shape(mesh_cfg, num_slices: int) -> tuple[int, int]:
   return sizes[0], sizes[1]
 
 
+def mesh_sizes(mesh_cfg) -> tuple[int, ...]:
+  """The sizes ``mesh_cfg`` (a config's ``mesh`` or a dict) gives ``MESH_AXES``
+  (``context`` 1 when absent: configs and meshes from before it existed)."""
+  return tuple(int(mesh_cfg.get(name, 1) if name == CONTEXT_AXIS else mesh_cfg[name])
+               for name in MESH_AXES)
+
+
 def resolve_mesh_shape(mesh_cfg, num_devices: int, num_slices: int = 1) -> tuple[int, ...]:
   """Global sizes for ``MESH_AXES``: the in-slice sizes (one may be -1: fill
   with the slice's remaining devices) times the slices on ``data`` / ``fsdp``."""
-  sizes = [int(mesh_cfg[name]) for name in MESH_AXES]
+  sizes = list(mesh_sizes(mesh_cfg))
   described = ", ".join(f"{n}={s}" for n, s in zip(MESH_AXES, sizes))
   dcn_data, dcn_fsdp = dcn_shape(mesh_cfg, num_slices)
   if num_devices % num_slices:
@@ -140,7 +159,7 @@ def resolve_mesh_shape(mesh_cfg, num_devices: int, num_slices: int = 1) -> tuple
     raise UserError(f"mesh {described} has {math.prod(sizes)} devices but "
                     f"{per_slice} are available" + (" in each slice" if num_slices > 1 else "")
                     + "; make the product match or use -1")
-  return sizes[0] * dcn_data, sizes[1] * dcn_fsdp, sizes[2]
+  return (sizes[0] * dcn_data, sizes[1] * dcn_fsdp, *sizes[2:])
 
 
 def num_slices(devices: Sequence[Any]) -> int:
@@ -149,22 +168,22 @@ def num_slices(devices: Sequence[Any]) -> int:
 
 
 def device_array(mesh_cfg, devices: Sequence[Any]) -> np.ndarray:
-  """The devices as a [data, fsdp, tensor] array; across slices (TPU
+  """The devices as a [data, fsdp, context, tensor] array; across slices (TPU
   multi-slice, DCN between them) by JAX's hybrid mesh: ``dcn_data`` x
   ``dcn_fsdp`` blocks of whole slices, every tensor group and the in-slice
-  part of data and fsdp inside one slice."""
+  part of data and fsdp (and all of context) inside one slice."""
   slices = num_slices(devices)
   shape = resolve_mesh_shape(mesh_cfg, len(devices), slices)
   if slices == 1:
     return mesh_utils.create_device_mesh(shape, devices, allow_split_physical_axes=True)
   dcn_data, dcn_fsdp = dcn_shape(mesh_cfg, slices)
-  in_slice = (shape[0] // dcn_data, shape[1] // dcn_fsdp, shape[2])
-  return mesh_utils.create_hybrid_device_mesh(in_slice, (dcn_data, dcn_fsdp, 1), devices,
+  in_slice = (shape[0] // dcn_data, shape[1] // dcn_fsdp, *shape[2:])
+  return mesh_utils.create_hybrid_device_mesh(in_slice, (dcn_data, dcn_fsdp, 1, 1), devices,
                                               allow_split_physical_axes=True)
 
 
 def make_mesh(mesh_cfg, devices: Optional[Sequence[jax.Device]] = None) -> Mesh:
-  """A (data, fsdp, tensor) mesh over ``devices`` (default: all devices);
+  """A (data, fsdp, context, tensor) mesh over ``devices`` (default: all devices);
   over several slices, a hybrid mesh (``device_array``).
 
   ``mesh_cfg.rules`` (if any) become the mesh's logical-axis rules.
@@ -173,11 +192,12 @@ def make_mesh(mesh_cfg, devices: Optional[Sequence[jax.Device]] = None) -> Mesh:
   devices = list(jax.devices() if devices is None else devices)
   if num_slices(devices) == 1:
     shape = resolve_mesh_shape(mesh_cfg, len(devices))
-    mesh = jax.make_mesh(shape, MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * 3,
+    mesh = jax.make_mesh(shape, MESH_AXES,
+                         axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES),
                          devices=devices)
   else:
     mesh = Mesh(device_array(mesh_cfg, devices), MESH_AXES,
-                axis_types=(jax.sharding.AxisType.Auto,) * 3)
+                axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES))
   # Equal meshes are one key: the latest config's rules win, as its run is the live one.
   _MESH_RULES[mesh] = rules
   return mesh

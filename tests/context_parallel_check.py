@@ -36,7 +36,7 @@ def _inputs(seed: int):
 
 
 def run_case(mesh_shape, names, context_axis, batch_axes, heads_axes, *, impl, causal, window,
-             packed, softcap=0.0):
+             packed, softcap=0.0, query_chunk=cp.QUERY_CHUNK):
   mesh = jax.make_mesh(mesh_shape, names, axis_types=(jax.sharding.AxisType.Auto,) * 3)
   c = dict(zip(names, mesh_shape))[context_axis]
   q, k, v, cotangent, segments = _inputs(len(names) + c + window)
@@ -57,7 +57,8 @@ def run_case(mesh_shape, names, context_axis, batch_axes, heads_axes, *, impl, c
 
   def sharded(q, k, v, index, seg):
     return attend(q, k, v, axis=context_axis, q_index_BxT=index, kv_index_BxS=index,
-                  q_segment_ids_BxT=seg, kv_segment_ids_BxS=seg, **kwargs)
+                  q_segment_ids_BxT=seg, kv_segment_ids_BxS=seg, query_chunk=query_chunk,
+                  **kwargs)
   mapped = jax.shard_map(sharded, mesh=mesh,
                          in_specs=(token_spec, token_spec, token_spec, index_spec,
                                    None if seg is None else index_spec),
@@ -84,9 +85,11 @@ def main():
       name = f"{impl} context=4 causal={causal} window={window} packed={packed}"
       cases[name] = run_case((2, 4, 1), ("data", "context", "tensor"), "context", "data",
                              None, impl=impl, causal=causal, window=window, packed=packed)
-    name = f"{impl} context=2 fsdp=2 tensor=2 causal packed window=6 softcap"
+    # 16 queries per device in pieces of 4 (a long sequence's memory-bounded blocks).
+    name = f"{impl} context=2 fsdp=2 tensor=2 causal packed window=6 softcap query_chunk=4"
     cases[name] = run_case((2, 2, 2), ("context", "fsdp", "tensor"), "context", "fsdp",
-                           "tensor", impl=impl, causal=True, window=6, packed=True, softcap=5.0)
+                           "tensor", impl=impl, causal=True, window=6, packed=True, softcap=5.0,
+                           query_chunk=4)
   print(json.dumps(cases))
 
 

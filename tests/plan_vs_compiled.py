@@ -2,7 +2,8 @@
 
 Run as a script in a subprocess so XLA_FLAGS can ask for 8 CPU devices
 before JAX starts: ``python tests/plan_vs_compiled.py VARIANT [VARIANT ...]``
-where VARIANT is a JSON object of ``{"mesh": [data, fsdp, tensor], "remat":
+where VARIANT is a JSON object of ``{"mesh": [data, fsdp, tensor] or [data,
+fsdp, context, tensor], "context_attention": ..., "remat":
 ..., "grad_accum": ..., "batch_size": ..., "seq_len": ..., "dtype": ..., "lora": {"rank":
 ...}, "freeze": ...}`` applied to the GPT ``tiny`` preset, or to ``"config":
 "FILE:PRESET"`` (e.g. ``llama:llama3_8b``).
@@ -11,6 +12,7 @@ The step is compiled exactly as the trainer builds it
 """
 import importlib
 import json
+import math
 import os
 import sys
 
@@ -27,8 +29,10 @@ from bigmodel import memory, sharding  # pylint: disable=wrong-import-position
 def compare(variant: dict) -> dict:
   config_file, _, preset = variant.get("config", "gpt:tiny").partition(":")
   config = importlib.import_module(f"configs.{config_file}").get_config(preset)
-  data, fsdp, tensor = variant.get("mesh", (1, 1, 1))
-  config.mesh.update(data=data, fsdp=fsdp, tensor=tensor)
+  sizes = variant.get("mesh", (1, 1, 1))
+  config.mesh.update(dict(zip(("data", "fsdp", "tensor") if len(sizes) == 3
+                              else sharding.MESH_AXES, sizes)))
+  config.model.context_attention = variant.get("context_attention", "ring")
   config.model.remat = variant.get("remat", config.model.remat)
   config.data.seq_len = variant.get("seq_len", config.data.seq_len)
   config.model.dtype = variant.get("dtype", config.model.dtype)
@@ -36,7 +40,7 @@ def compare(variant: dict) -> dict:
   config.train.batch_size = variant.get("batch_size", config.train.batch_size)
   config.lora.update(variant.get("lora", {}))
   config.optim.freeze = variant.get("freeze", "")
-  mesh = sharding.make_mesh(config.mesh, jax.devices()[:data * fsdp * tensor])
+  mesh = sharding.make_mesh(config.mesh, jax.devices()[:math.prod(sizes)])
   with sharding.activate(mesh):
     compiled, _, _ = compile_step(config, mesh)
   compiled_bytes = compiled_memory(compiled)["peak"]

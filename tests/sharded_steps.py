@@ -2,8 +2,10 @@
 
 Run as a script in a subprocess so XLA_FLAGS can ask for 8 CPU devices
 before JAX starts: ``python tests/sharded_steps.py MESH [MESH ...]`` where
-MESH is ``data,fsdp,tensor`` (e.g. ``8,1,1``) or ``single`` (one device),
-optionally followed by ``@IMPL`` for the attention implementation (``2,2,2@pallas``),
+MESH is ``data,fsdp,tensor`` (e.g. ``8,1,1``), ``data,fsdp,context,tensor``
+(``1,1,4,2``: the sequence split in 4) or ``single`` (one device),
+optionally followed by ``@IMPL`` for the attention implementation (``2,2,2@pallas``)
+or the context-parallel attention (``1,1,4,2@all_gather``; default ring),
 ``~N`` for the chunked loss in chunks of N positions (``2,2,2~8``; default full
 logits) and ``#FAMILY`` for the model family (``2,2,2#t5``; default gpt).
 """
@@ -31,18 +33,21 @@ def run(mesh_name: str, steps: int = 3) -> dict:
   mesh_name, _, chunk_len = mesh_name.partition("~")
   mesh_name, _, impl = mesh_name.partition("@")
   family = family or "gpt"
-  config = tiny_config(family, num_heads=4, num_kv_heads=2, attention_impl=impl or "xla",
-                       loss_chunk_len=int(chunk_len or 0))
+  context_attention = impl if impl in ("ring", "all_gather") else "ring"
+  config = tiny_config(family, num_heads=4, num_kv_heads=2,
+                       attention_impl="xla" if impl in ("", context_attention) else impl,
+                       context_attention=context_attention, loss_chunk_len=int(chunk_len or 0))
   config.optim.name = "adamw"
   config.model.dropout_rate = 0.1  # Dropout masks must not depend on the mesh either.
   config.optim.grad_accum = 2
   if mesh_name == "single":
     devices = jax.devices()[:1]
-    config.mesh.update(data=1, fsdp=1, tensor=1)
+    config.mesh.update(data=1, fsdp=1, context=1, tensor=1)
   else:
     devices = None
-    data, fsdp, tensor = (int(x) for x in mesh_name.split(","))
-    config.mesh.update(data=data, fsdp=fsdp, tensor=tensor)
+    sizes = [int(x) for x in mesh_name.split(",")]
+    axes = ("data", "fsdp", "tensor") if len(sizes) == 3 else sharding.MESH_AXES
+    config.mesh.update(dict(zip(axes, sizes)))
   mesh = sharding.make_mesh(config.mesh, devices)
   model = build_model(config.model)
   optimizer, schedule = make_optimizer(config.optim, 100)
@@ -56,7 +61,8 @@ def run(mesh_name: str, steps: int = 3) -> dict:
           random_family_batch(family, 16, config.data.seq_len, config.model.vocab_size,
                               seed=i, num_segments=2), mesh)
       if i == 0:
-        uses_shard_map = "shard_map" in str(jax.make_jaxpr(step_fn)(state, batch))
+        jaxpr = str(jax.make_jaxpr(step_fn)(state, batch))
+        uses_shard_map = "shard_map" in jaxpr
       state, metrics = step_fn(state, batch)
       losses.append(float(metrics["loss"]))
   blocks = state.params["encoder"]["blocks"] if family == "t5" else state.params["blocks"]
@@ -67,6 +73,8 @@ def run(mesh_name: str, steps: int = 3) -> dict:
       "query_kernel_spec": str(kernel.sharding.spec),
       "num_shards": len({str(s.index) for s in kernel.addressable_shards}),
       "uses_shard_map": uses_shard_map,
+      "context": mesh.shape["context"],
+      "context_ring": "ppermute" in jaxpr,
   }
 
 

@@ -129,6 +129,34 @@ def test_gpt3_175b_does_not_fit_on_8_devices():
   assert plan.suggest(config, more.devices // 2, device_memory) is None
 
 
+def test_long_sequences_plan_context_parallelism():
+  """Past what fits one device's share (without tensor parallelism), the
+  suggestion splits sequences; each device then holds L / c positions of the
+  activations."""
+  from configs import llama  # pylint: disable=g-import-not-at-top
+  config = llama.get_config("llama3_8b")
+  config.model.remat = "full"
+  config.train.batch_size, config.optim.grad_accum = 8, 1
+  device_memory = plan.parse_bytes("139GiB")
+  config.data.seq_len = config.model.max_len = 8192
+  assert plan.suggest(config, 8, device_memory).mesh["context"] == 1
+  config.data.seq_len = config.model.max_len = 262144
+  config.train.batch_size = 2
+  long = plan.suggest(config, 8, device_memory, max_tensor=1)
+  assert long is not None and long.mesh["context"] > 1 and long.fits
+  one = plan.make_plan(config, dict(data=1, fsdp=2, context=1, tensor=1), device_memory)
+  four = plan.make_plan(config, dict(data=1, fsdp=2, context=4, tensor=1), device_memory)
+  assert not one.fits
+  assert four.memory.params == one.memory.params / 4  # embed splits over fsdp x context.
+  # Each layer's saved input (remat=full) is a quarter.
+  c = ModelConfig.from_config(config.model)
+  assert 4 * memory.layer_residual_bytes(c, "full", 2, 262144, four.mesh) == \
+      memory.layer_residual_bytes(c, "full", 2, 262144, one.mesh)
+  assert four.memory.activations < one.memory.activations / 3
+  assert "context=3 does not divide" in plan.layout_problems(
+      config, dict(data=1, fsdp=2, context=3, tensor=1))[0]
+
+
 def test_layout_problems():
   config = get_config("tiny")  # batch 16
   assert plan.layout_problems(config, dict(data=4, fsdp=2, tensor=1)) == ()
@@ -158,7 +186,10 @@ def test_plan_vs_compiled_memory():
               {"config": "llama:llama3_8b", "mesh": [1, 8, 1], "batch_size": 8,
                "seq_len": 8192, "dtype": "float32", "lora": {"rank": 16}},
               {"mesh": [2, 2, 2], "lora": {"rank": 8, "targets": "attn/|mlp/"}},
-              {"mesh": [1, 8, 1], "freeze": "token_embed|blocks/mlp"}]
+              {"mesh": [1, 8, 1], "freeze": "token_embed|blocks/mlp"},
+              # Context parallelism: llama3_8b at 32k tokens, fsdp=2 x context=4 (ring).
+              {"config": "llama:llama3_8b", "mesh": [1, 2, 4, 1], "batch_size": 2,
+               "seq_len": 32768, "dtype": "float32", "remat": "full"}]
   out = subprocess.run([sys.executable, os.path.join(_ROOT, "tests", "plan_vs_compiled.py"),
                         *map(json.dumps, variants)],
                        capture_output=True, text=True, timeout=600, check=True)
@@ -245,3 +276,40 @@ def test_bad_input_gives_one_error_line(args, fragment):
   assert result.returncode == 2, result.stderr[-2000:]
   assert lines and lines[-1].startswith("error: ") and fragment in lines[-1], lines[-1:]
   assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("strategy", ["ring", "all_gather"])
+@pytest.mark.parametrize("context", [2, 4])
+def test_context_residuals_are_what_jax_saves(strategy, context):
+  """The context-parallel attention's residuals beyond q, k, v: the planner's
+  rows against ``saved_residuals`` of the real function under ``shard_map``
+  (an abstract mesh: shapes only, no devices)."""
+  from jax._src import ad_checkpoint  # pylint: disable=g-import-not-at-top
+  from jax.sharding import AbstractMesh, AxisType, PartitionSpec as P  # pylint: disable=g-import-not-at-top
+  from bigmodel.models.attention import CONTEXT_ATTENTION  # pylint: disable=g-import-not-at-top
+  config = tiny_config("llama", num_heads=4, num_kv_heads=2, context_attention=strategy)
+  c = ModelConfig.from_config(config.model)
+  b, seq_len = 2, 16 * context
+  mesh = AbstractMesh((context,), ("context",), axis_types=(AxisType.Auto,))
+  attend = CONTEXT_ATTENTION[strategy]
+
+  def loss(q, k, v):
+    def local(q, k, v):
+      t = q.shape[1]
+      index = jnp.broadcast_to(jax.lax.axis_index("context") * t + jnp.arange(t), (b, t))
+      return attend(q, k, v, axis="context", q_index_BxT=index, kv_index_BxS=index,
+                    causal=True)
+    spec = P(None, "context", None, None)
+    return jax.shard_map(local, mesh=mesh, in_specs=(spec,) * 3, out_specs=spec,
+                         check_vma=False)(q, k, v).sum()
+
+  q = jnp.zeros((b, seq_len, c.num_heads, c.head_dim))
+  k = v = jnp.zeros((b, seq_len, c.num_kv_heads, c.head_dim))
+  with jax.sharding.use_abstract_mesh(mesh):
+    residuals = ad_checkpoint.saved_residuals(loss, q, k, v)
+  # shard_map's residuals are the devices' stacked: per device, a c-th.
+  saved = sum(aval.size * aval.dtype.itemsize for aval, source in residuals
+              if "argument" not in source) // context
+  planned = memory.residual_bytes(memory.context_residuals(c, context), c, b, seq_len,
+                                  dict(data=1, fsdp=1, context=context, tensor=1))
+  assert planned == saved

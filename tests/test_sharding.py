@@ -19,10 +19,11 @@ _HERE = os.path.dirname(os.path.abspath(__file__))
 def test_same_steps_on_one_and_eight_devices():
   """3 steps with dropout and grad accumulation on 1 device vs data / fsdp / 3-axis meshes.
 
-  The last run uses the Pallas kernel (interpreted on CPU), which must run per
-  device under shard_map rather than be gathered whole.
+  The Pallas run (interpreted on CPU) must run the kernel per device under
+  shard_map rather than gather q, k and v whole; the last run splits each
+  sequence in 4 (context parallelism: a ring of keys and values).
   """
-  meshes = ["single", "8,1,1", "1,8,1", "2,2,2", "2,2,2@pallas"]
+  meshes = ["single", "8,1,1", "1,8,1", "2,2,2", "2,2,2@pallas", "1,1,4,2"]
   out = subprocess.run([sys.executable, os.path.join(_HERE, "sharded_steps.py"), *meshes],
                        capture_output=True, text=True, timeout=600, check=True)
   results = json.loads(out.stdout.strip().splitlines()[-1])
@@ -39,15 +40,27 @@ def test_same_steps_on_one_and_eight_devices():
   assert results["2,2,2"]["query_kernel_spec"] == "P(None, 'fsdp', 'tensor', None)"
   assert results["2,2,2@pallas"]["uses_shard_map"]
   assert not results["2,2,2"]["uses_shard_map"]
+  assert results["1,1,4,2"]["context_ring"] and not results["2,2,2"]["context_ring"]
 
 
 # Llama: RMSNorm, gated MLP without biases, untied head, rotary with llama3
 # scaling, grouped-query attention: parameters the GPT-2 run does not have.
 # The 2x2x2 runs take the chunked loss (model.loss_chunk_len) over a
 # vocabulary split on the tensor axis; the single-device reference does not.
-@pytest.mark.parametrize("family", ["bert", "t5", "llama"])
+# Mistral's sliding window and BERT's bidirectional attention run context-
+# parallel: the sequence split in 4 (a ring, with the chunked loss) or 2
+# (an all-gather of keys and values).
+_FAMILY_MESHES = {
+    "bert": ["2,2,2~8", "1,8,1", "2,1,4,1"],
+    "t5": ["2,2,2~8", "1,8,1"],
+    "llama": ["2,2,2~8", "1,8,1"],
+    "mistral": ["2,1,4,1~8", "1,2,2,2@all_gather"],
+}
+
+
+@pytest.mark.parametrize("family", list(_FAMILY_MESHES))
 def test_other_families_same_steps_on_one_and_eight_devices(family):
-  meshes = [f"single#{family}", f"2,2,2~8#{family}", f"1,8,1#{family}"]
+  meshes = [f"single#{family}"] + [f"{mesh}#{family}" for mesh in _FAMILY_MESHES[family]]
   out = subprocess.run([sys.executable, os.path.join(_HERE, "sharded_steps.py"), *meshes],
                        capture_output=True, text=True, timeout=600, check=True)
   results = json.loads(out.stdout.strip().splitlines()[-1])
@@ -56,24 +69,35 @@ def test_other_families_same_steps_on_one_and_eight_devices(family):
     np.testing.assert_allclose(results[mesh]["losses"], reference["losses"], rtol=1e-5)
     for got, want in zip(results[mesh]["params"], reference["params"]):
       np.testing.assert_allclose(got, want, atol=1e-5)
-  assert results[meshes[2]]["num_shards"] == 8
+    context = results[mesh]["context"] > 1  # Attention runs per device under shard_map.
+    assert results[mesh]["uses_shard_map"] == context
+    assert results[mesh]["context_ring"] == (context and "@all_gather" not in mesh)
+  if "1,8,1" in _FAMILY_MESHES[family]:
+    assert results[f"1,8,1#{family}"]["num_shards"] == 8
 
 
 @pytest.mark.parametrize("sizes,devices,expected", [
-    ((-1, 1, 1), 8, (8, 1, 1)),
-    ((2, -1, 2), 8, (2, 2, 2)),
-    ((1, 1, 1), 1, (1, 1, 1)),
+    ((-1, 1, 1, 1), 8, (8, 1, 1, 1)),
+    ((2, -1, 1, 2), 8, (2, 2, 1, 2)),
+    ((1, 2, -1, 1), 8, (1, 2, 4, 1)),
+    ((1, 1, 1, 1), 1, (1, 1, 1, 1)),
 ])
 def test_resolve_mesh_shape(sizes, devices, expected):
   cfg = ml_collections.ConfigDict(dict(zip(sharding.MESH_AXES, sizes)))
   assert sharding.resolve_mesh_shape(cfg, devices) == expected
 
 
+def test_a_mesh_config_without_context_has_context_one():
+  """Configs saved before the context axis existed still resolve."""
+  cfg = ml_collections.ConfigDict(dict(data=2, fsdp=-1, tensor=2))
+  assert sharding.resolve_mesh_shape(cfg, 8) == (2, 2, 1, 2)
+
+
 @pytest.mark.parametrize("sizes,devices,message", [
-    ((2, 2, 1), 8, "has 4 devices but 8 are available"),
-    ((-1, -1, 1), 8, "at most one axis may be -1"),
-    ((3, -1, 1), 8, "3 does not divide the 8 devices"),
-    ((0, 1, 1), 1, "sizes must be positive"),
+    ((2, 2, 1, 1), 8, "has 4 devices but 8 are available"),
+    ((-1, -1, 1, 1), 8, "at most one axis may be -1"),
+    ((3, 1, -1, 1), 8, "3 does not divide the 8 devices"),
+    ((0, 1, 1, 1), 1, "sizes must be positive"),
 ])
 def test_bad_mesh_shapes(sizes, devices, message):
   cfg = ml_collections.ConfigDict(dict(zip(sharding.MESH_AXES, sizes)))
@@ -126,7 +150,7 @@ def test_mesh_rules_override_a_parameters_sharding():
 
 
 @pytest.mark.parametrize("rules,message", [
-    ("embed=gpu", r"names gpu; mesh axes are data, fsdp, tensor"),
+    ("embed=gpu", r"names gpu; mesh axes are data, fsdp, context, tensor"),
     ("heads=tensor+tensor", "names an axis twice"),
     ("bogus=data", r"unknown logical axis 'bogus'"),
     ("embed", r"'embed' is not LOGICAL=AXES"),
@@ -153,9 +177,10 @@ class _FakeDevice:
 
 
 @pytest.mark.parametrize("dcn, ici, expected_shape", [
-    ({"dcn_data": 2}, {"data": 1, "fsdp": 2, "tensor": 2}, (2, 2, 2)),
-    ({"dcn_data": -1}, {"data": -1, "fsdp": 1, "tensor": 2}, (4, 1, 2)),
-    ({"dcn_fsdp": 2}, {"data": 1, "fsdp": -1, "tensor": 2}, (1, 4, 2)),
+    ({"dcn_data": 2}, {"data": 1, "fsdp": 2, "tensor": 2}, (2, 2, 1, 2)),
+    ({"dcn_data": -1}, {"data": -1, "fsdp": 1, "tensor": 2}, (4, 1, 1, 2)),
+    ({"dcn_fsdp": 2}, {"data": 1, "fsdp": -1, "tensor": 2}, (1, 4, 1, 2)),
+    ({"dcn_data": 2}, {"data": 1, "fsdp": 1, "context": 2, "tensor": 2}, (2, 1, 2, 2)),
 ])
 def test_a_hybrid_mesh_puts_only_dcn_axes_across_slices(dcn, ici, expected_shape):
   # 8 devices in 2 slices of 4, listed interleaved as a runtime might.
@@ -164,8 +189,8 @@ def test_a_hybrid_mesh_puts_only_dcn_axes_across_slices(dcn, ici, expected_shape
   array = sharding.device_array(cfg, devices)
   assert array.shape == expected_shape
   slice_of = np.vectorize(lambda d: d.slice_index)(array)
-  # Each tensor group, and each in-slice block of data x fsdp, is one slice ...
-  assert (slice_of == slice_of[..., :1]).all()
+  # Each tensor group, and each in-slice block of data x fsdp x context, is one slice ...
+  assert (slice_of == slice_of[..., :1, :1]).all()
   dcn_axis = 0 if "dcn_data" in dcn else 1
   halves = np.split(slice_of, 2, axis=dcn_axis)
   assert [np.unique(h).tolist() for h in halves] == [[0], [1]]  # ... slices along the dcn axis.
@@ -186,3 +211,18 @@ def test_bad_multislice_meshes_are_user_errors():
   with pytest.raises(UserError, match="spans 2 slices but the devices are in 1"):
     sharding.resolve_mesh_shape(ml_collections.ConfigDict(
         dict(data=-1, fsdp=1, tensor=1, dcn_data=2)), 8)
+
+
+def test_bad_context_parallel_configs_are_user_errors():
+  from bigmodel.config import validate  # pylint: disable=g-import-not-at-top
+  from model_fixtures import tiny_config  # pylint: disable=g-import-not-at-top
+  t5 = tiny_config("t5")
+  t5.mesh.context = 2
+  with pytest.raises(UserError, match="model.family=t5 has no context-parallel attention"):
+    validate(t5)
+  gpt = tiny_config()
+  gpt.mesh.context, gpt.data.seq_len = 4, 30
+  with pytest.raises(UserError, match="mesh.context=4 does not divide data.seq_len=30"):
+    validate(gpt)
+  gpt.data.seq_len = 32
+  validate(gpt)

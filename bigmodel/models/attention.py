@@ -14,6 +14,12 @@ so that faster kernels plug in here without touching GPT, BERT or T5:
 Every implementation takes the same masks: causal, segment ids (packing and
 padding), an additive bias, and a causal sliding ``window`` (Mistral, Gemma's
 local layers); all but ``cudnn`` also take Gemma 2's ``softcap``.
+
+Under context parallelism (the logical ``length`` axis on a mesh axis of
+size > 1: ``mesh.context``) self-attention over the whole sequence runs per
+device under ``shard_map`` as a ring or an all-gather over that axis
+(``context_parallel``; ``model.context_attention``), whatever ``impl`` says;
+its blocks are plain jnp, without an additive bias.
 """
 import functools
 import math
@@ -24,10 +30,13 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
+from bigmodel.models import context_parallel
 from pallas_kernels import (attention_mask, attention_reference, check_window_and_softcap,
                             flash_attention)
 
 ATTENTION_IMPLS = ("auto", "xla", "pallas", "cudnn")
+CONTEXT_ATTENTION = {"ring": context_parallel.ring_attention,
+                     "all_gather": context_parallel.all_gather_attention}
 
 
 def resolve_impl(impl: str, platform: Optional[str] = None) -> str:
@@ -56,6 +65,7 @@ def dot_product_attention(
     q_segment_ids_BxT: Optional[jax.Array] = None,
     kv_segment_ids_BxS: Optional[jax.Array] = None,
     bias_BxNxTxS: Optional[jax.Array] = None,
+    context_attention: str = "ring",
 ) -> jax.Array:
   """Scaled dot-product attention of q [B, T, N, H] over k, v [B, S, K, H]
   (K divides N); returns [B, T, N, H].
@@ -66,12 +76,17 @@ def dot_product_attention(
   ``window`` or more positions back: i + S - T - j < window (0 = none).
   ``softcap`` > 0 caps the scaled scores to softcap * tanh(scores / softcap)
   (Gemma 2; not with ``cudnn``). ``bias_BxNxTxS`` ([B or 1, N, T, S]) is then
-  added. Rows that see no key return zeros.
+  added. Rows that see no key return zeros. ``context_attention`` (ring |
+  all_gather): how a sequence split over a context axis attends.
   """
   impl = resolve_impl(impl)
   kwargs = dict(causal=causal, window=window, softcap=softcap,
                 q_segment_ids_BxT=q_segment_ids_BxT, kv_segment_ids_BxS=kv_segment_ids_BxS,
                 bias_BxNxTxS=bias_BxNxTxS)
+  context_axis = _context_axis(q_BxTxNxH.shape[1], k_BxSxKxH.shape[1])
+  if context_axis is not None:
+    return _context_parallel(CONTEXT_ATTENTION[context_attention], context_axis,
+                             q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, **kwargs)
   if impl == "pallas":
     return _per_device(flash_attention, q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, **kwargs)
   if impl == "cudnn":
@@ -128,19 +143,7 @@ def _per_device(kernel, q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, *, causal, window, soft
   if mesh.empty or math.prod(mesh.shape.values()) == 1:
     return call(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, q_segment_ids_BxT=q_segment_ids_BxT,
                 kv_segment_ids_BxS=kv_segment_ids_BxS, bias_BxNxTxS=bias_BxNxTxS)
-  batch_axes, _, heads_axes, _ = nn.logical_to_mesh_axes(
-      ("batch", "length", "act_heads", "act_kv"))
-
-  def size(axes):
-    axes = (axes,) if isinstance(axes, str) else (axes or ())
-    return math.prod(mesh.shape[a] for a in axes)
-
-  if q_BxTxNxH.shape[0] % size(batch_axes):
-    batch_axes = None
-  if q_BxTxNxH.shape[2] % size(heads_axes) or k_BxSxKxH.shape[2] % size(heads_axes):
-    heads_axes = None
-  # Query heads [i*N/t, (i+1)*N/t) use kv heads [i*K/t, (i+1)*K/t): grouped-query
-  # attention stays consistent when both head counts split the same way.
+  batch_axes, heads_axes = _batch_and_head_axes(mesh, q_BxTxNxH, k_BxSxKxH)
   heads_spec = P(batch_axes, None, heads_axes, None)
   segment_spec = P(batch_axes, None)
   bias_spec = None
@@ -159,3 +162,68 @@ def _per_device(kernel, q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, *, causal, window, soft
       out_specs=heads_spec, check_vma=False)(
           q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, q_segment_ids_BxT, kv_segment_ids_BxS,
           bias_BxNxTxS)
+
+
+def _axes_size(mesh, axes) -> int:
+  axes = (axes,) if isinstance(axes, str) else (axes or ())
+  return math.prod(mesh.shape[a] for a in axes)
+
+
+def _batch_and_head_axes(mesh, q_BxTxNxH, k_BxSxKxH):
+  """The mesh axes of the ``batch`` and ``act_heads`` rules in effect, each
+  None where it does not divide the dimension (which then stays whole)."""
+  batch_axes, _, heads_axes, _ = nn.logical_to_mesh_axes(
+      ("batch", "length", "act_heads", "act_kv"))
+  if q_BxTxNxH.shape[0] % _axes_size(mesh, batch_axes):
+    batch_axes = None
+  # Query heads [i*N/t, (i+1)*N/t) use kv heads [i*K/t, (i+1)*K/t): grouped-query
+  # attention stays consistent when both head counts split the same way.
+  if (q_BxTxNxH.shape[2] % _axes_size(mesh, heads_axes)
+      or k_BxSxKxH.shape[2] % _axes_size(mesh, heads_axes)):
+    heads_axes = None
+  return batch_axes, heads_axes
+
+
+def _context_axis(q_len: int, kv_len: int) -> Optional[str]:
+  """The mesh axis the rules split ``length`` over, if attention should run
+  context-parallel: self-attention over equal lengths it divides (a decode
+  step's few queries, or a length it does not divide, run whole instead)."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty:
+    return None
+  axes = nn.logical_to_mesh_axes(("length",))[0]
+  axes = [a for a in ((axes,) if isinstance(axes, str) else axes or ()) if mesh.shape[a] > 1]
+  if len(axes) > 1:
+    raise ValueError(f"context parallelism splits the sequence over one mesh axis, not {axes}")
+  if not axes or q_len != kv_len or q_len % mesh.shape[axes[0]]:
+    return None
+  return axes[0]
+
+
+def _context_parallel(attention, axis, q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, *, causal, window,
+                      softcap, q_segment_ids_BxT, kv_segment_ids_BxS, bias_BxNxTxS):
+  """``attention`` (ring or all-gather) per device of a sequence split over
+  ``axis``, batch and heads split as the rules say (``shard_map``)."""
+  if bias_BxNxTxS is not None:
+    raise ValueError("context parallelism takes no attention bias (T5's relative positions); "
+                     "use mesh.context=1")
+  mesh = jax.sharding.get_abstract_mesh()
+  batch_axes, heads_axes = _batch_and_head_axes(mesh, q_BxTxNxH, k_BxSxKxH)
+  heads_spec = P(batch_axes, axis, heads_axes, None)
+  token_spec = P(batch_axes, axis)
+
+  def local(q, k, v, q_seg, kv_seg):
+    # Contiguous chunks: device i holds tokens [i*T/c, (i+1)*T/c).
+    b, t = q.shape[:2]
+    index_BxT = jnp.broadcast_to(jax.lax.axis_index(axis) * t + jnp.arange(t), (b, t))
+    return attention(q, k, v, axis=axis, q_index_BxT=index_BxT, kv_index_BxS=index_BxT,
+                     causal=causal, window=window, softcap=softcap,
+                     q_segment_ids_BxT=q_seg, kv_segment_ids_BxS=kv_seg)
+
+  return jax.shard_map(
+      local, mesh=mesh,
+      in_specs=(heads_spec, heads_spec, heads_spec,
+                None if q_segment_ids_BxT is None else token_spec,
+                None if kv_segment_ids_BxS is None else token_spec),
+      out_specs=heads_spec, check_vma=False)(
+          q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, q_segment_ids_BxT, kv_segment_ids_BxS)

@@ -26,7 +26,8 @@ class BertBlock(nn.Module):
     drop = lambda h: nn.Dropout(c.dropout_rate)(h, deterministic=deterministic)  # pylint: disable=g-long-lambda
     attention = MultiHeadAttention(
         num_heads=c.num_heads, head_dim=c.head_dim, num_kv_heads=c.num_kv_heads,
-        attention_impl=c.attention_impl, dtype=c.dtype, param_dtype=c.param_dtype, name="attn")
+        attention_impl=c.attention_impl, context_attention=c.context_attention, dtype=c.dtype,
+        param_dtype=c.param_dtype, name="attn")
     mlp = Mlp(c.mlp_dim, activation=c.mlp_activation, dropout_rate=c.dropout_rate,
               dtype=c.dtype, param_dtype=c.param_dtype, name="mlp")
     attend = lambda h: attention(h, q_segment_ids_BxT=segment_ids_BxL,  # pylint: disable=g-long-lambda

@@ -29,6 +29,7 @@ class ModelConfig:
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
   attention_impl: str = "auto"
+  context_attention: str = "ring"
   remat: str = "none"
   scan: bool = True
   # BERT and T5 only.

@@ -24,6 +24,7 @@ tests compare against, forward and gradients.
 """
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import jax
@@ -88,6 +89,35 @@ def _block(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, q_index_BxT, kv_index_BxS, q_seg_BxT
   return out_BxTxKxGxH.reshape(b, t, n, h), lse_BxNxT
 
 
+# Queries per piece of a block (default): a piece's scores are [B, N, C, S],
+# not [B, N, T, S], forward and backward (each piece is rematerialised alone),
+# so a long sequence's blocks never hold all their scores at once.
+QUERY_CHUNK = 512
+
+
+def _in_query_chunks(block, q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, q_index_BxT, kv_index_BxS,
+                     q_seg_BxT, kv_seg_BxS, *, query_chunk: int):
+  """``block`` (``_block`` with its options) over pieces of ``query_chunk``
+  queries in turn (whole when T is not a multiple of it); same results."""
+  b, t = q_BxTxNxH.shape[:2]
+  if t <= query_chunk or t % query_chunk:
+    return block(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, q_index_BxT, kv_index_BxS, q_seg_BxT,
+                 kv_seg_BxS)
+  pieces = t // query_chunk
+
+  def split(x_BxT):  # [B, T, ...] -> [pieces, B, C, ...]
+    return jnp.moveaxis(x_BxT.reshape(b, pieces, query_chunk, *x_BxT.shape[2:]), 1, 0)
+
+  piece = jax.checkpoint(lambda q, q_index, q_seg: block(
+      q, k_BxSxKxH, v_BxSxKxH, q_index, kv_index_BxS, q_seg, kv_seg_BxS))
+  out_PxBxCxNxH, lse_PxBxNxC = jax.lax.map(
+      lambda xs: piece(*xs),
+      (split(q_BxTxNxH), split(q_index_BxT), None if q_seg_BxT is None else split(q_seg_BxT)))
+  out_BxTxNxH = jnp.moveaxis(out_PxBxCxNxH, 0, 1).reshape(q_BxTxNxH.shape)
+  lse_BxNxT = jnp.moveaxis(lse_PxBxNxC, 0, 2).reshape(b, lse_PxBxNxC.shape[2], t)
+  return out_BxTxNxH, lse_BxNxT
+
+
 def _merge(out_a, lse_a, out_b, lse_b):
   """Two partial attentions over disjoint keys -> the attention over both."""
   lse = jnp.logaddexp(lse_a, lse_b)
@@ -104,35 +134,51 @@ def ring_attention(q_BxTxNxH: jax.Array, k_BxSxKxH: jax.Array, v_BxSxKxH: jax.Ar
                    axis: str, q_index_BxT: jax.Array, kv_index_BxS: jax.Array,
                    causal: bool = False, window: int = 0, softcap: float = 0.0,
                    q_segment_ids_BxT: Optional[jax.Array] = None,
-                   kv_segment_ids_BxS: Optional[jax.Array] = None) -> jax.Array:
+                   kv_segment_ids_BxS: Optional[jax.Array] = None,
+                   query_chunk: int = QUERY_CHUNK) -> jax.Array:
   """Attention of this device's queries to every device's keys, by a ring.
 
   Call inside ``shard_map`` over ``axis``; shapes are per device. Keys,
   values, their segment ids and global indices go to the next device c - 1
-  times; each step's partial result merges by log-sum-exp. Each step's block
-  is rematerialised in the backward pass (``jax.checkpoint``): only the
-  chunks are saved, not the [T, S] scores.
+  times; each step's partial result merges by log-sum-exp. Each step (its
+  block and the merge) is rematerialised in the backward pass
+  (``jax.checkpoint``): per step only the received chunks and the running
+  output and log-sum-exp are saved, not the [T, S] scores; and each block
+  runs ``query_chunk`` queries at a time, so even its transient scores are
+  [B, N, query_chunk, S].
 
   Returns:
     [B, T, N, H] in the queries' dtype; rows that see no key are zeros.
   """
   num_devices = jax.lax.axis_size(axis)
-  scale = q_BxTxNxH.shape[-1] ** -0.5
-  block = jax.checkpoint(lambda q, k, v, qi, ki, qs, ks: _block(
-      q, k, v, qi, ki, qs, ks, causal=causal, window=window, softcap=softcap, scale=scale))
+  block = functools.partial(_in_query_chunks, functools.partial(
+      _block, causal=causal, window=window, softcap=softcap, scale=q_BxTxNxH.shape[-1] ** -0.5),
+                            query_chunk=query_chunk)
+
+  @jax.checkpoint
+  def attend_and_merge(out, lse, q, k, v, q_index, kv_index, q_seg, kv_seg):
+    return _merge(out, lse, *block(q, k, v, q_index, kv_index, q_seg, kv_seg))
+
   kv_seg = kv_segment_ids_BxS
   q_seg = q_segment_ids_BxT if kv_seg is not None else None
   if kv_seg is not None and q_seg is None:
     q_seg = jnp.ones(q_BxTxNxH.shape[:2], kv_seg.dtype)  # Only padding keys are hidden.
-  out, lse = block(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, q_index_BxT, kv_index_BxS, q_seg, kv_seg)
+  out, lse = jax.checkpoint(block)(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, q_index_BxT, kv_index_BxS,
+                                   q_seg, kv_seg)
   shift = [(i, (i + 1) % num_devices) for i in range(num_devices)]
-  k, v, kv_index = k_BxSxKxH, v_BxSxKxH, kv_index_BxS
-  for _ in range(num_devices - 1):
-    k, v, kv_index = (jax.lax.ppermute(x, axis, shift) for x in (k, v, kv_index))
-    if kv_seg is not None:
-      kv_seg = jax.lax.ppermute(kv_seg, axis, shift)
-    out_step, lse_step = block(q_BxTxNxH, k, v, q_index_BxT, kv_index, q_seg, kv_seg)
-    out, lse = _merge(out, lse, out_step, lse_step)
+
+  def step(carry, _):
+    # A scan, not a Python loop: its backward runs the steps one after
+    # another, so one block's scores are alive at a time (XLA may schedule an
+    # unrolled loop's recomputations together).
+    out, lse, kv = carry
+    kv = jax.tree_util.tree_map(lambda x: jax.lax.ppermute(x, axis, shift), kv)
+    k, v, kv_index, kv_seg = kv
+    out, lse = attend_and_merge(out, lse, q_BxTxNxH, k, v, q_index_BxT, kv_index, q_seg, kv_seg)
+    return (out, lse, kv), None
+
+  (out, _, _), _ = jax.lax.scan(
+      step, (out, lse, (k_BxSxKxH, v_BxSxKxH, kv_index_BxS, kv_seg)), length=num_devices - 1)
   return out.astype(q_BxTxNxH.dtype)
 
 
@@ -140,16 +186,22 @@ def all_gather_attention(q_BxTxNxH: jax.Array, k_BxSxKxH: jax.Array, v_BxSxKxH: 
                          axis: str, q_index_BxT: jax.Array, kv_index_BxS: jax.Array,
                          causal: bool = False, window: int = 0, softcap: float = 0.0,
                          q_segment_ids_BxT: Optional[jax.Array] = None,
-                         kv_segment_ids_BxS: Optional[jax.Array] = None) -> jax.Array:
+                         kv_segment_ids_BxS: Optional[jax.Array] = None,
+                         query_chunk: int = QUERY_CHUNK) -> jax.Array:
   """Attention of this device's queries to every device's keys, by gathering
-  them along ``axis`` first (inside ``shard_map``; shapes per device)."""
+  them along ``axis`` first (inside ``shard_map``; shapes per device). The
+  gathered keys and values are what the backward pass keeps."""
   def gather(x):
     return jax.lax.all_gather(x, axis, axis=1, tiled=True)
   kv_seg = None if kv_segment_ids_BxS is None else gather(kv_segment_ids_BxS)
   q_seg = q_segment_ids_BxT
   if kv_seg is not None and q_seg is None:
     q_seg = jnp.ones(q_BxTxNxH.shape[:2], kv_seg.dtype)
-  out, _ = _block(q_BxTxNxH, gather(k_BxSxKxH), gather(v_BxSxKxH), q_index_BxT,
-                  gather(kv_index_BxS), q_seg, kv_seg, causal=causal, window=window,
-                  softcap=softcap, scale=q_BxTxNxH.shape[-1] ** -0.5)
+  # As in the ring, the backward pass recomputes the [T, S] scores: only the
+  # gathered keys and values are kept.
+  block = jax.checkpoint(functools.partial(_in_query_chunks, functools.partial(
+      _block, causal=causal, window=window, softcap=softcap, scale=q_BxTxNxH.shape[-1] ** -0.5),
+                                           query_chunk=query_chunk))
+  out, _ = block(q_BxTxNxH, gather(k_BxSxKxH), gather(v_BxSxKxH), q_index_BxT,
+                 gather(kv_index_BxS), q_seg, kv_seg)
   return out.astype(q_BxTxNxH.dtype)

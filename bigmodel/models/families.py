@@ -36,7 +36,7 @@ class GptFamily(Family):
   """Decoder-only causal LM (GPT-2, Llama, Qwen, Mistral, Gemma); prompts
   left-padded (every row writes the same cache slot)."""
   name, module, positions, hf_name_map = "gpt", Gpt, ("learned", "rope"), "gpt2"
-  generates = analytic_memory = True
+  generates = analytic_memory = context_parallel = True
   options = {
       "norm": "layernorm", "norm_scale_offset": 0.0, "mlp_gated": False,
       "attention_qkv_bias": True, "attention_out_bias": True, "mlp_bias": True,
@@ -134,6 +134,7 @@ class GptFamily(Family):
 class BertFamily(Family):
   """Bidirectional encoder: MLM logits [B, L, V], or class logits [B, C] (``num_classes``)."""
   name, module, hf_name_map = "bert", Bert, "bert"
+  context_parallel = True
   options = {"norm_position": "post", "type_vocab_size": 2, "num_classes": 0}
 
   def validate(self, model_cfg):

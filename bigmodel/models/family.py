@@ -73,6 +73,8 @@ class Family:
     encoder_decoder: Reads an encoder input and decodes from a start token.
     generates: Has a cached decoder (``prefill`` / ``step``).
     analytic_memory: ``bigmodel.memory`` / ``bigmodel.plan`` model its layers.
+    context_parallel: Its attention runs with the sequence split over devices
+      (``mesh.context`` > 1); not with an additive bias such as T5's.
     methods: The module's methods that batches and decoding call (LoRA
       intercepts the dense layers inside them).
   """
@@ -85,6 +87,7 @@ class Family:
   encoder_decoder: bool = False
   generates: bool = False
   analytic_memory: bool = False
+  context_parallel: bool = False
   methods: tuple[str, ...] = ("__call__",)
 
   @property

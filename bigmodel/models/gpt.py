@@ -70,8 +70,9 @@ class GptBlock(nn.Module):
         window=c.sliding_window, softcap=c.attn_softcap,
         qk_norm=norm_spec(c) if c.qk_norm else None,
         score_scale=c.query_pre_attn_scalar ** -0.5 if c.query_pre_attn_scalar else None,
-        attention_impl=c.attention_impl, out_init_stddev=out_stddev, mode=self.mode,
-        dtype=c.dtype, param_dtype=c.param_dtype, name="attn")
+        attention_impl=c.attention_impl, context_attention=c.context_attention,
+        out_init_stddev=out_stddev, mode=self.mode, dtype=c.dtype, param_dtype=c.param_dtype,
+        name="attn")
     # Decoding needs no causal or query mask: the cache's later slots are empty.
     decoding = self.mode == DECODE
     h_BxLxD, kv = attention(

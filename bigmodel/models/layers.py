@@ -278,6 +278,7 @@ class MultiHeadAttention(nn.Module):
   score_scale: Optional[float] = None
   query_init_stddev: float = 0.02
   attention_impl: str = "auto"
+  context_attention: str = "ring"     # ring | all_gather, under context parallelism.
   out_init_stddev: float = 0.02
   cross: bool = False  # Keys/values come from another sequence (kv_BxSxD).
   mode: str = TRAIN
@@ -368,7 +369,7 @@ class MultiHeadAttention(nn.Module):
           q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, impl="xla" if decoding else self.attention_impl,
           causal=causal, window=window, softcap=self.softcap,
           q_segment_ids_BxT=q_segment_ids_BxT, kv_segment_ids_BxS=kv_segment_ids_BxS,
-          bias_BxNxTxS=bias_BxNxTxS)
+          bias_BxNxTxS=bias_BxNxTxS, context_attention=self.context_attention)
 
     if not self.window or decoding:  # Decoding masks the window in the slot ids.
       out_BxTxNxH = attend(0)
