@@ -1,4 +1,5 @@
-"""Llama, Qwen2, Qwen3, Mistral, Gemma 2 and Gemma 3 through ``bigmodel.convert``.
+"""Llama, Qwen2, Qwen3, Mistral, Gemma 2, Gemma 3, Mixtral and Qwen3-MoE through
+``bigmodel.convert``.
 
 The fixtures (``tests/fixtures/hf/{llama,...}``, from
 ``tests/fixtures/make_hf_fixtures.py``) are tiny random models with every
@@ -26,11 +27,13 @@ from bigmodel.models.config import ModelConfig
 from commands import assert_user_error
 from test_convert import _FIXTURES, convert, load, logits
 
-_ARCHITECTURES = ("llama", "qwen2", "qwen3", "mistral", "gemma2", "gemma3")
+_ARCHITECTURES = ("llama", "qwen2", "qwen3", "mistral", "gemma2", "gemma3", "mixtral",
+                  "qwen3_moe")
 # Fixture -> the HF class it is.
 _CLASSES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM",
             "qwen3": "Qwen3ForCausalLM", "mistral": "MistralForCausalLM",
-            "gemma2": "Gemma2ForCausalLM", "gemma3": "Gemma3ForCausalLM"}
+            "gemma2": "Gemma2ForCausalLM", "gemma3": "Gemma3ForCausalLM",
+            "mixtral": "MixtralForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM"}
 _TOLERANCE = 1e-4
 
 
@@ -99,6 +102,12 @@ _OPTIONS = {
     "gemma3": dict(qk_norm=True, post_norms=True, attn_softcap=0.0, final_softcap=6.0,
                    sliding_window=7, sliding_window_pattern=6, rope_theta=1e6,
                    rope_scaling="linear", rope_scaling_factor=8.0, rope_local_theta=1e4),
+    # Experts: 4, two per token; Mixtral renormalises the two gates, this Qwen3-MoE not.
+    "mixtral": dict(num_experts=4, experts_per_token=2, moe_normalize_top_k=True,
+                    moe_mlp_dim=0, moe_router="softmax", moe_load_balance_weight=0.001,
+                    attention_qkv_bias=False, sliding_window=5, rope_theta=1e6),
+    "qwen3_moe": dict(num_experts=4, experts_per_token=2, moe_normalize_top_k=False,
+                      moe_mlp_dim=24, qk_norm=True, attention_qkv_bias=True, sliding_window=0),
 }
 
 
@@ -231,9 +240,14 @@ def test_bad_input_on_the_command_line_is_one_error_line(name, update, message, 
     ("mistral", {"num_local_experts": 8}, (), "num_local_experts=8: mixture-of-experts"),
     ("llama", {"rope_scaling": {"type": "longrope", "factor": 2.0}}, (),
      r"config\.json rope_scaling rope_type='longrope' is not supported"),
+    ("qwen3_moe", {"mlp_only_layers": [1]}, (),
+     r"mlp_only_layers=\[1\] is not supported \(every layer a mixture of experts"),
+    ("qwen3_moe", {"decoder_sparse_step": 2}, (), "decoder_sparse_step=2 is not supported"),
+    ("qwen3_moe", {"use_sliding_window": True, "sliding_window": 4}, (),
+     "use_sliding_window=true is not supported for qwen3_moe"),
 ], ids=["yarn_mscale", "partial_rotary", "partial_rotary_nested", "qwen_max_window_layers",
         "irregular_layer_types", "scaled_local_rope", "bidirectional", "classifier", "mixtral",
-        "legacy_rope_type"])
+        "legacy_rope_type", "dense_layers_among_experts", "sparse_step", "moe_window"])
 def test_unsupported_options_are_refused_by_name(name, update, drop, message, tmp_path):
   workdir = tmp_path / "workdir"
   with pytest.raises(UserError, match=message):
@@ -266,7 +280,11 @@ def _model(**options):
           sliding_window=16, sliding_window_pattern=2, rope_local_theta=1e4), "gemma3"),
     (dict(position_embedding="learned", norm="layernorm", mlp_gated=False, num_kv_heads=0),
      "gpt2"),
-], ids=["llama", "llama_biases", "mistral", "qwen2_windows", "qwen3", "gemma2", "gemma3", "gpt2"])
+    (dict(num_experts=4, sliding_window=16), "mixtral"),
+    (dict(num_experts=8, experts_per_token=4, qk_norm=True, moe_mlp_dim=16,
+          moe_normalize_top_k=False), "qwen3_moe"),
+], ids=["llama", "llama_biases", "mistral", "qwen2_windows", "qwen3", "gemma2", "gemma3", "gpt2",
+        "mixtral", "qwen3_moe"])
 def test_export_picks_an_architecture_that_expresses_the_model(options, family):
   name, name_map = exporter(_model(**options))
   assert name == family
@@ -278,7 +296,9 @@ def test_export_picks_an_architecture_that_expresses_the_model(options, family):
      "the closest, LlamaForCausalLM, cannot express model.norm='layernorm'"),
     (dict(sliding_window=16, sliding_window_pattern=2),
      "LlamaForCausalLM, cannot express model.sliding_window=16 with sliding_window_pattern=2"),
-], ids=["layernorm_rope", "alternating_windows"])
+    (dict(num_experts=4, moe_router="sigmoid"),
+     "MixtralForCausalLM, cannot express model.moe_router='sigmoid'"),
+], ids=["layernorm_rope", "alternating_windows", "sigmoid_router"])
 def test_export_refuses_what_no_architecture_expresses(options, message):
   with pytest.raises(UserError, match=f"^no Hugging Face architecture expresses this model .*"
                                       f"{message}$"):

@@ -1,4 +1,5 @@
-"""Llama, Qwen2, Qwen3, Mistral, Gemma 2 and Gemma 3 (text) <-> bigmodel ``gpt``.
+"""Llama, Qwen2, Qwen3, Mistral, Gemma 2, Gemma 3 (text), Mixtral and
+Qwen3-MoE <-> bigmodel ``gpt``.
 
 The six are one decoder (RMSNorm, rotary positions, a gated MLP, grouped-query
 attention) with one set of tensor names (``model.layers.{i}.self_attn.q_proj``
@@ -7,20 +8,24 @@ options only. What differs is data, one ``Architecture`` row each in
 ``ARCHITECTURES``: which projections have biases, q/k norms, Gemma's block
 (norms scaled by ``1 + w``, a norm after each sublayer too, embeddings times
 sqrt(D), soft-capped logits, ``query_pre_attn_scalar``), how the config says
-which layers slide a window, and the config class' defaults for keys a
-``config.json`` leaves out.
+which layers slide a window, how a mixture-of-experts architecture names its
+experts (``Experts``: Mixtral's ``block_sparse_moe.experts.{e}.w1``, Qwen3-MoE's
+``mlp.experts.{e}.gate_proj``, one tensor per expert), and the config class'
+defaults for keys a ``config.json`` leaves out.
 
 Rotary settings are read in both forms: transformers 5's ``rope_parameters``
 (Gemma 3: one dict per layer type) and the older ``rope_theta`` +
 ``rope_scaling`` (+ Gemma 3's ``rope_local_base_freq``); export writes
 transformers 5's. A setting bigmodel cannot reproduce exactly (another rope
-type, a partial rotary dimension, DeepSeek's yarn ``mscale``, mixture-of-experts
-MLPs, windows on an irregular set of layers) is refused by name.
+type, a partial rotary dimension, DeepSeek's yarn ``mscale``, experts in a
+dense architecture or dense layers among experts, windows on an irregular
+set of layers) is refused by name.
 
 Export picks the first architecture in ``ARCHITECTURES`` order that expresses
 the model (``for_model``), so a plain model becomes Llama, windows on every
 layer Mistral, q/k/v biases without an output bias Qwen2, q/k norms Qwen3,
-Gemma's block Gemma 2, or Gemma 3 with q/k norms or a local rotary base.
+Gemma's block Gemma 2, or Gemma 3 with q/k norms or a local rotary base;
+experts Mixtral, or Qwen3-MoE with q/k norms.
 """
 import dataclasses
 from typing import Any, ClassVar, Optional
@@ -36,6 +41,29 @@ FULL, SLIDING = "full_attention", "sliding_attention"  # HF's layer_types.
 ROPE_TYPES = {"default": "none", "linear": "linear", "llama3": "llama3", "yarn": "yarn"}
 # config.json keys of mixture-of-experts variants (Mixtral, Qwen-MoE, DeepSeek).
 MOE_KEYS = ("num_experts", "num_local_experts", "n_routed_experts")
+
+
+@dataclasses.dataclass(frozen=True)
+class Experts:
+  """How a mixture-of-experts architecture says and stores its experts.
+
+  Attributes:
+    count_keys: ``config.json``'s number of experts (the first present is
+      read; export writes the first).
+    block: The MoE block's module in each layer (router ``{block}.gate``,
+      experts ``{block}.experts.{e}.*``).
+    projections: The experts' (activated, linear, output) projection names.
+    width_key: The experts' width key ("": ``intermediate_size``).
+    normalize_key: Whether the chosen k gates are renormalised ("": always).
+    fixed: Keys that must hold these values (null allowed): every layer an
+      MoE layer.
+  """
+  count_keys: tuple[str, ...]
+  block: str
+  projections: tuple[str, str, str]
+  width_key: str = ""
+  normalize_key: str = ""
+  fixed: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,6 +93,7 @@ class Architecture:
       default all but every ``sliding_window_pattern``-th layer).
     rope_by_layer_type: ``rope_parameters`` holds one dict per layer type,
       local layers' without scaling (Gemma 3).
+    experts: A mixture-of-experts architecture's ``Experts`` (None: dense MLPs).
     defaults: The config class' values for keys a ``config.json`` may leave out.
   """
   name: str
@@ -77,6 +106,7 @@ class Architecture:
   attn_softcap: bool = False
   windows: str = "none"
   rope_by_layer_type: bool = False
+  experts: Optional[Experts] = None
   defaults: dict[str, Any] = dataclasses.field(default_factory=dict)
 
   FAMILY: ClassVar[str] = "gpt"
@@ -136,7 +166,23 @@ class Architecture:
           attn_softcap=(_optional_number(hf, "attn_logit_softcapping") if self.attn_softcap
                         else 0.0),
           final_softcap=_optional_number(hf, "final_logit_softcapping"))
+    if self.experts:
+      fields.update(self._expert_fields(hf))
     return fields
+
+  def _expert_fields(self, hf: dict[str, Any]) -> dict[str, Any]:
+    """``model.num_experts`` and the MoE options of a mixture-of-experts config."""
+    e = self.experts
+    for key, value in e.fixed.items():
+      if hf.get(key) not in (None, value):
+        raise UserError(f"config.json {key}={hf[key]!r} is not supported (every layer a "
+                        f"mixture of experts: {value!r})")
+    count_key = next((k for k in e.count_keys if hf.get(k) is not None), e.count_keys[0])
+    return dict(
+        num_experts=hf_size(hf, count_key), experts_per_token=hf_size(hf, "num_experts_per_tok"),
+        moe_mlp_dim=hf_size(hf, e.width_key) if e.width_key else 0,
+        moe_normalize_top_k=hf_bool(hf, e.normalize_key, False) if e.normalize_key else True,
+        moe_load_balance_weight=float(hf.get("router_aux_loss_coef") or 0.0))
 
   def _refuse_unsupported(self, hf: dict[str, Any]) -> None:
     """UserError for a config.json that is not this causal LM, or has options bigmodel lacks."""
@@ -145,9 +191,13 @@ class Architecture:
       raise UserError(f"config.json architectures={classes}: only {self.hf_class} converts "
                       f"(model_type {self.model_type!r})")
     for key in MOE_KEYS:
-      if hf.get(key):
+      if hf.get(key) and (self.experts is None or key not in self.experts.count_keys):
         raise UserError(f"config.json {key}={hf[key]!r}: mixture-of-experts models are not "
-                        "supported (dense MLPs only)")
+                        f"supported as {self.model_type} (dense MLPs only; Mixtral and "
+                        "Qwen3-MoE convert as such)")
+    if self.experts and self.windows == "none" and hf.get("use_sliding_window"):
+      raise UserError("config.json use_sliding_window=true is not supported for "
+                      f"{self.model_type} (no sliding window)")
     if hf.get("partial_rotary_factor") not in (None, 1, 1.0):
       raise UserError(f"config.json partial_rotary_factor={hf['partial_rotary_factor']!r} is "
                       "not supported (rotary positions on whole heads only: 1.0)")
@@ -243,7 +293,15 @@ class Architecture:
          f"sliding_window_pattern={m.sliding_window_pattern}"),
         (self.rope_by_layer_type or not local.any() or m.rope(local=True) == m.rope(),
          f"model.rope_local_theta={m.rope_local_theta}"),
+        (bool(m.num_experts) == bool(self.experts), f"model.num_experts={m.num_experts}"),
     ]
+    if self.experts and m.num_experts:
+      checks += [
+          (m.moe_router == "softmax", f"model.moe_router={m.moe_router!r}"),
+          (not m.moe_shared_experts, f"model.moe_shared_experts={m.moe_shared_experts}"),
+          (self.experts.normalize_key or m.moe_normalize_top_k,
+           f"model.moe_normalize_top_k={m.moe_normalize_top_k}"),
+      ]
     return [setting for ok, setting in checks if not ok]
 
   def hf_config(self, m: ModelConfig) -> dict[str, Any]:
@@ -284,10 +342,18 @@ class Architecture:
       hf.update(query_pre_attn_scalar=int(m.query_pre_attn_scalar or m.head_dim),
                 attn_logit_softcapping=m.attn_softcap or None,
                 final_logit_softcapping=m.final_softcap or None)
+    if self.experts:
+      e = self.experts
+      hf.update(e.fixed, num_experts_per_tok=m.experts_per_token,
+                router_aux_loss_coef=m.moe_load_balance_weight)
+      hf[e.count_keys[0]] = m.num_experts
+      hf[e.width_key or "intermediate_size"] = m.moe_mlp_dim or m.mlp_dim
+      if e.normalize_key:
+        hf[e.normalize_key] = m.moe_normalize_top_k
     return hf
 
   def rules(self, m: ModelConfig, hf: Optional[dict[str, Any]] = None) -> list[Rule]:
-    return rules(m, hf)
+    return rules(m, hf, self.experts)
 
 
 # What every architecture's config class defaults to, unless its row says otherwise.
@@ -320,6 +386,22 @@ ARCHITECTURES = {a.name: a for a in (
                  defaults={**_GEMMA_DEFAULTS, "max_position_embeddings": 131072,
                            "rope_theta": 1e6, "rope_local_base_freq": 1e4,
                            "sliding_window_pattern": 6}),
+    Architecture("mixtral", "mixtral", "MixtralForCausalLM", bias="none", windows="all",
+                 experts=Experts(("num_local_experts",), "block_sparse_moe", ("w1", "w3", "w2")),
+                 defaults={"max_position_embeddings": 131072, "num_key_value_heads": 8,
+                           "rms_norm_eps": 1e-5, "rope_theta": 1e6, "num_local_experts": 8,
+                           "num_experts_per_tok": 2, "router_aux_loss_coef": 0.001}),
+    Architecture("qwen3_moe", "qwen3_moe", "Qwen3MoeForCausalLM", qk_norm=True,
+                 # transformers 5 saves num_experts as num_local_experts.
+                 experts=Experts(("num_experts", "num_local_experts"), "mlp",
+                                 ("gate_proj", "up_proj", "down_proj"),
+                                 width_key="moe_intermediate_size",
+                                 normalize_key="norm_topk_prob",
+                                 fixed={"decoder_sparse_step": 1, "mlp_only_layers": []}),
+                 defaults={"max_position_embeddings": 32768, "num_key_value_heads": 4,
+                           "num_local_experts": 128, "num_experts_per_tok": 8,
+                           "moe_intermediate_size": 768, "norm_topk_prob": False,
+                           "router_aux_loss_coef": 0.001}),
 )}
 
 
@@ -329,7 +411,9 @@ def for_model(m: ModelConfig) -> Architecture:
   for name, unexpressed in problems.items():
     if not unexpressed:
       return ARCHITECTURES[name]
-  closest = min(problems, key=lambda name: len(problems[name]))
+  # The closest: of the same kind (experts or not), then with the fewest problems.
+  closest = min(problems, key=lambda name: (
+      bool(ARCHITECTURES[name].experts) != bool(m.num_experts), len(problems[name])))
   raise UserError(f"no Hugging Face architecture expresses this model (supported: "
                   f"{', '.join(a.hf_class for a in ARCHITECTURES.values())}); the closest, "
                   f"{ARCHITECTURES[closest].hf_class}, cannot express {problems[closest][0]}")
@@ -420,8 +504,10 @@ def _hf_activation(activation: str, gemma: bool) -> str:
   return TO_HF_ACTIVATION[activation]
 
 
-def rules(m: ModelConfig, hf: Optional[dict[str, Any]] = None) -> list[Rule]:  # pylint: disable=unused-argument
-  """Where each bigmodel parameter lives in a checkpoint of any of these architectures."""
+def rules(m: ModelConfig, hf: Optional[dict[str, Any]] = None,  # pylint: disable=unused-argument
+          experts: Optional[Experts] = None) -> list[Rule]:
+  """Where each bigmodel parameter lives in a checkpoint of any of these
+  architectures (``experts``: how a mixture-of-experts one stores them)."""
   d, f, v, h = m.embed_dim, m.mlp_dim, m.vocab_size, m.head_dim
   n, k = m.num_heads, m.num_kv_heads or m.num_heads
 
@@ -446,10 +532,25 @@ def rules(m: ModelConfig, hf: Optional[dict[str, Any]] = None) -> list[Rule]:  #
       *dense("attn/key", "self_attn.k_proj", d, k * h, qkv_bias),
       *dense("attn/value", "self_attn.v_proj", d, k * h, qkv_bias),
       *dense("attn/out", "self_attn.o_proj", n * h, d, m.attention_out_bias),
-      *dense("mlp/wi", "mlp.gate_proj", d, f, m.mlp_bias),  # The activated half.
-      *dense("mlp/wi_linear", "mlp.up_proj", d, f, m.mlp_bias),
-      *dense("mlp/wo", "mlp.down_proj", f, d, m.mlp_bias),
   ]
+  if m.num_experts:
+    x, width = m.num_experts, m.moe_mlp_dim or f
+    prefix = f"layers.{{i}}.{experts.block}"
+
+    def expert(param: str, projection: str, d_in: int, d_out: int) -> Rule:
+      return Rule(f"blocks/moe/{param}", names(f"{prefix}.experts.{{e}}.{projection}.weight"),
+                  (d_out, d_in), "linear", layers=m.num_layers, experts=x)
+    gate, up, down = experts.projections
+    result += [Rule("blocks/moe/router", names(f"{prefix}.gate.weight"), (x, d), "linear",
+                    layers=m.num_layers),
+               expert("wi", gate, d, width), expert("wi_linear", up, d, width),
+               expert("wo", down, width, d)]
+  else:
+    result += [
+        *dense("mlp/wi", "mlp.gate_proj", d, f, m.mlp_bias),  # The activated half.
+        *dense("mlp/wi_linear", "mlp.up_proj", d, f, m.mlp_bias),
+        *dense("mlp/wo", "mlp.down_proj", f, d, m.mlp_bias),
+    ]
   if m.qk_norm:
     result += [block("attn/query_norm/scale", "self_attn.q_norm.weight", (h,)),
                block("attn/key_norm/scale", "self_attn.k_norm.weight", (h,))]

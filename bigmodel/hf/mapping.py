@@ -14,6 +14,8 @@ Layouts of a HF tensor:
 bigmodel kernels are ``[in..., out...]`` (e.g. a query kernel ``[D, N, H]``),
 so after the transpose only a reshape remains. ``part`` picks one of several
 projections fused along the output axis (GPT-2's ``c_attn`` holds q, k, v).
+``experts`` stacks one HF tensor per expert (Mixtral's
+``experts.{e}.w1.weight``) into a parameter's expert axis.
 """
 import dataclasses
 from typing import Any, Iterator, Optional
@@ -37,6 +39,8 @@ class Rule:
     part: (index, count): this parameter is part ``index`` of ``count`` equal
       slices of the HF tensor's output axis.
     layers: > 0: a per-layer tensor of a stack this deep (``blocks`` in ``param``).
+    experts: > 0: the parameter stacks this many experts (its axis after the
+      layers'), one HF tensor each: ``{e}`` in ``hf`` is the expert.
     scale: bigmodel value = ``scale`` x HF value (folds a constant into a weight).
     fresh: The checkpoint may lack the tensor (a head its class has not, e.g. a
       ``BertModel``'s MLM head); then import reads nothing and the parameter
@@ -48,11 +52,12 @@ class Rule:
   layout: str = "same"
   part: tuple[int, int] = (0, 1)
   layers: int = 0
+  experts: int = 0
   scale: float = 1.0
   fresh: bool = False
 
-  def hf_names(self, layer: int) -> list[str]:
-    return [name.format(i=layer) for name in self.hf]
+  def hf_names(self, layer: int, expert: int = 0) -> list[str]:
+    return [name.format(i=layer, e=expert) for name in self.hf]
 
   def param_path(self, layer: int, scan: bool) -> str:
     """The parameter's path in an unscanned model (``blocks_3/...``) or a scanned one."""
@@ -115,15 +120,26 @@ def iter_params(rules: list[Rule], reader: TensorReader, shapes: dict[str, tuple
       continue
     stacked = rule.layers and scan
     for layer in range(max(rule.layers, 1)):
-      names = rule.hf_names(layer)
-      name = next((n for n in names if reader.has(n)), None)
-      if name is None:
-        raise UserError(f"tensor {names[0]} is missing from {reader.directory}")
       path = rule.param_path(layer, scan)
       shape = shapes[path][1:] if stacked else shapes[path]
-      array = to_param(rule, reader.get(name, rule.hf_shape), shape).astype(dtype, copy=False)
-      reader.mark_used(names)  # Aliases of a tied tensor are accounted for too.
+      if rule.experts:  # One layer's experts at a time, stacked.
+        array = np.stack([_read(rule, reader, layer, shape[1:], dtype, e)
+                          for e in range(rule.experts)])
+      else:
+        array = _read(rule, reader, layer, shape, dtype)
       yield path, layer if stacked else None, array
+
+
+def _read(rule: Rule, reader: TensorReader, layer: int, shape: tuple[int, ...], dtype: Any,
+          expert: int = 0) -> np.ndarray:
+  """One HF tensor of ``rule`` (its first present name) as a parameter of ``shape``."""
+  names = rule.hf_names(layer, expert)
+  name = next((n for n in names if reader.has(n)), None)
+  if name is None:
+    raise UserError(f"tensor {names[0]} is missing from {reader.directory}")
+  array = to_param(rule, reader.get(name, rule.hf_shape), shape).astype(dtype, copy=False)
+  reader.mark_used(names)  # Aliases of a tied tensor are accounted for too.
+  return array
 
 
 def export_tensors(rules: list[Rule], params: dict[str, np.ndarray],
@@ -137,9 +153,11 @@ def export_tensors(rules: list[Rule], params: dict[str, np.ndarray],
       param = params[rule.param_path(layer, scan)]
       if rule.layers and scan:
         param = param[layer]
-      name = rule.hf_names(layer)[0]
-      parts.setdefault(name, {})[rule.part[0]] = to_hf_part(rule, param)
-      axis_of[name] = _out_axis(rule.layout)
+      for expert in range(max(rule.experts, 1)):
+        name = rule.hf_names(layer, expert)[0]
+        parts.setdefault(name, {})[rule.part[0]] = to_hf_part(
+            rule, param[expert] if rule.experts else param)
+        axis_of[name] = _out_axis(rule.layout)
   return {name: np.concatenate([p[k] for k in sorted(p)], axis=axis_of[name])
           for name, p in parts.items()}
 
