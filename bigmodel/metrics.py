@@ -9,26 +9,25 @@ from typing import Any, Optional
 from bigmodel.errors import UserError
 
 
-def _summary_writer_class():
-  """tensorboardX's ``SummaryWriter``, imported without torch.
+def _summary_writer(logdir: str):
+  """A tensorboardX ``SummaryWriter`` on ``logdir``, tensorboardX imported on
+  first use and without torch or boto3.
 
-  tensorboardX's writer imports torch when it is installed, only to accept
-  torch tensors (which bigmodel never logs): 3.4 s of every command's start
-  on the development machine. ``import torch`` fails while it loads, and
-  works again afterwards.
+  Its writer imports torch when it is installed, only to accept torch
+  tensors (which bigmodel never logs): 3.4 s of every command's start on the
+  development machine; and boto3 (0.75 s) for its own S3 client, which
+  bigmodel does not use. Both imports fail while it loads, and work again
+  afterwards; commands that write no events never import it at all.
   """
-  blocked = "torch" not in sys.modules
-  if blocked:
-    sys.modules["torch"] = None  # type: ignore[assignment]
+  blocked = [name for name in ("torch", "boto3") if name not in sys.modules]
+  for name in blocked:
+    sys.modules[name] = None  # type: ignore[assignment]
   try:
     from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
   finally:
-    if blocked:
-      del sys.modules["torch"]
-  return SummaryWriter
-
-
-SummaryWriter = _summary_writer_class()
+    for name in blocked:
+      del sys.modules[name]
+  return SummaryWriter(logdir)
 
 
 class WandbTracker:
@@ -93,7 +92,7 @@ class MetricsWriter:
     self._wandb = (WandbTracker(workdir, wandb_config, run_config or {})
                    if "wandb" in trackers else None)
     self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a", buffering=1)
-    self._tensorboard = (SummaryWriter(os.path.join(workdir, "tensorboard"))
+    self._tensorboard = (_summary_writer(os.path.join(workdir, "tensorboard"))
                          if "tensorboard" in trackers else None)
     self._total_steps = total_steps
     self._progress = progress and sys.stderr.isatty()

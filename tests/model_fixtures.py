@@ -39,6 +39,17 @@ def tiny_config(family: str = "gpt", **model_overrides):
   return config
 
 
+def init_params(model, *inputs, seed: int = 0) -> dict:
+  """``model.init``'s parameters, jitted: an eager init dispatches op by op
+  (a tiny T5's took 28 s, jitted 2 s)."""
+  return jax.jit(model.init)(jax.random.key(seed), *inputs)["params"]
+
+
+def apply(model, params: dict, *inputs, **kwargs):
+  """``model.apply`` on ``params``, jitted (one compile per input shape)."""
+  return jax.jit(model.apply)({"params": params}, *inputs, **kwargs)
+
+
 def unstack_layers(params: dict, num_layers: int) -> dict:
   """A scanned model's parameters ([layers, ...] under ``blocks``) for the
   unrolled stack (``blocks_0``, ``blocks_1``, ...)."""

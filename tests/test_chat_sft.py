@@ -13,7 +13,7 @@ from bigmodel.data.tokenizer import SentencePieceTokenizer
 from bigmodel.errors import UserError
 from bigmodel.models import build_model
 from commands import assert_user_error, run_train
-from model_fixtures import tiny_config
+from model_fixtures import apply, init_params, tiny_config
 
 CONVERSATION = [{"role": "system", "content": "Be brief."},
                 {"role": "user", "content": "What does sum do?"},
@@ -109,8 +109,8 @@ def test_packed_conversations_never_see_each_other():
   other = tokens.at[0, :10].set((tokens[0, :10] + 7) % 128)
   segment_ids = jnp.asarray([[1] * 10 + [2] * 14])
   positions = jnp.asarray([list(range(10)) + list(range(14))])
-  params = model.init(jax.random.key(1), tokens)["params"]
-  run = lambda t: model.apply({"params": params}, t, segment_ids_BxL=segment_ids,  # pylint: disable=unnecessary-lambda-assignment
+  params = init_params(model, tokens, seed=1)
+  run = lambda t: apply(model, params, t, segment_ids_BxL=segment_ids,  # pylint: disable=unnecessary-lambda-assignment
                               positions_BxL=positions)
   np.testing.assert_allclose(run(tokens)[0, 10:], run(other)[0, 10:], atol=1e-6)
   assert float(jnp.abs(run(tokens)[0, :10] - run(other)[0, :10]).max()) > 1e-3

@@ -16,14 +16,14 @@ from bigmodel.config import validate
 from bigmodel.errors import UserError
 from bigmodel.models import ModelConfig, build_model
 from bigmodel.models.rope import RopeSpec
-from model_fixtures import CONFIG_FILES, tiny_config, unstack_layers
+from model_fixtures import CONFIG_FILES, apply, init_params, tiny_config, unstack_layers
 
 ARCHITECTURES = ("llama", "qwen", "mistral", "gemma")
 
 
 def _init(config, seq_len=32):
   model = build_model(config.model)
-  params = model.init(jax.random.key(0), jnp.zeros((1, seq_len), jnp.int32))["params"]
+  params = init_params(model, jnp.zeros((1, seq_len), jnp.int32))
   # Random norms and biases too (their initial 1s and 0s would hide a mix-up).
   leaves, treedef = jax.tree_util.tree_flatten(params)
   keys = jax.random.split(jax.random.key(1), len(leaves))
@@ -61,16 +61,16 @@ def test_a_key_beyond_the_window_never_changes_the_output():
   window = config.model.sliding_window
   model, params = _init(config)
   tokens = jax.random.randint(jax.random.key(2), (2, 32), 3, 128)
-  logits = model.apply({"params": params}, tokens)
-  changed = model.apply({"params": params}, tokens.at[:, 5].set((tokens[:, 5] + 1) % 128))
+  logits = apply(model, params, tokens)
+  changed = apply(model, params, tokens.at[:, 5].set((tokens[:, 5] + 1) % 128))
   # Query i sees keys i - window + 1 .. i: token 5 reaches positions 5 .. 5 + window - 1.
   np.testing.assert_array_equal(logits[:, 5 + window:], changed[:, 5 + window:])
   assert np.abs(np.asarray(logits[:, 5:5 + window] - changed[:, 5:5 + window])).max() > 1e-4
   # Without the window the same change reaches the end of the sequence.
   config.model.sliding_window = 0
   full = build_model(config.model)
-  far = (full.apply({"params": params}, tokens)
-         - full.apply({"params": params}, tokens.at[:, 5].set((tokens[:, 5] + 1) % 128)))
+  far = (apply(full, params, tokens)
+         - apply(full, params, tokens.at[:, 5].set((tokens[:, 5] + 1) % 128)))
   assert np.abs(np.asarray(far[:, 5 + window:])).max() > 1e-4
 
 
@@ -81,16 +81,16 @@ def test_gemma_local_and_global_layers():
   assert c.local_layers().tolist() == [True, False]
   model, params = _init(config)
   tokens = jax.random.randint(jax.random.key(3), (1, 32), 3, 128)
-  base = model.apply({"params": params}, tokens)
-  changed = model.apply({"params": params}, tokens.at[:, 0].set((tokens[0, 0] + 1) % 128))
+  base = apply(model, params, tokens)
+  changed = apply(model, params, tokens.at[:, 0].set((tokens[0, 0] + 1) % 128))
   # The global layer carries token 0 everywhere.
   assert np.abs(np.asarray(base[:, 20:] - changed[:, 20:])).max() > 1e-4
   # Both layers local: token 0 reaches at most 2 * (window - 1) positions on.
   config.model.sliding_window_pattern = 0
   both_local = build_model(config.model)
   reach = 2 * (config.model.sliding_window - 1)
-  a = both_local.apply({"params": params}, tokens)
-  b = both_local.apply({"params": params}, tokens.at[:, 0].set((tokens[0, 0] + 1) % 128))
+  a = apply(both_local, params, tokens)
+  b = apply(both_local, params, tokens.at[:, 0].set((tokens[0, 0] + 1) % 128))
   np.testing.assert_array_equal(a[:, reach + 1:], b[:, reach + 1:])
 
 
@@ -104,15 +104,15 @@ def test_scan_and_unrolled_stacks_agree_with_mixed_layers(arch):
   loop = build_model(config.model)
   loop_params = unstack_layers(params, config.model.num_layers)
   tokens = jax.random.randint(jax.random.key(4), (2, 32), 3, 128)
-  np.testing.assert_allclose(model.apply({"params": params}, tokens),
-                             loop.apply({"params": loop_params}, tokens), atol=2e-5)
+  np.testing.assert_allclose(apply(model, params, tokens),
+                             apply(loop, loop_params, tokens), atol=2e-5)
 
 
 def test_softcap_bounds_the_logits():
   config = tiny_config("gemma")
   model, params = _init(config)
   params = jax.tree_util.tree_map(lambda x: 30 * x, params)  # Huge logits before the cap.
-  logits = model.apply({"params": params}, jnp.arange(3, 35)[None])
+  logits = apply(model, params, jnp.arange(3, 35)[None])
   assert np.abs(np.asarray(logits)).max() <= config.model.final_softcap
   assert np.abs(np.asarray(logits)).max() > 0.5 * config.model.final_softcap
 
@@ -197,9 +197,10 @@ def test_cached_decoding_logits_equal_the_full_forward(arch, prompt_len, overrid
   model, params = _init(config)
   family = families.family_of(model)
   tokens = jax.random.randint(jax.random.key(5), (1, length), 3, 128)
-  want = model.apply({"params": params}, tokens)
-  logits, state = family.prefill(model, params, tokens[:, :prompt_len],
-                                 jnp.asarray([prompt_len]), length - prompt_len, 0)
+  want = apply(model, params, tokens)
+  prefill = jax.jit(functools.partial(family.prefill, model), static_argnums=(3, 4))
+  logits, state = prefill(params, tokens[:, :prompt_len], jnp.asarray([prompt_len]),
+                          length - prompt_len, 0)
   cache = state.self_cache
   assert state.kv_segment_ids_BxS.shape[1] == length
   if arch == "mistral":

@@ -10,22 +10,22 @@ from bigmodel.models.layers import RelativePositionBias
 from bigmodel.optim import make_optimizer
 from bigmodel.state import create_sharded_state
 from bigmodel.train_step import make_train_step
-from model_fixtures import random_family_batch, tiny_config
+from model_fixtures import apply, init_params, random_family_batch, tiny_config
 
 
 def _bert(**overrides):
   config = tiny_config("bert", **overrides)
   model = build_model(config.model)
-  params = model.init(jax.random.key(0), jnp.zeros((1, 32), jnp.int32))["params"]
-  return lambda tokens, **kw: model.apply({"params": params}, tokens, **kw)
+  params = init_params(model, jnp.zeros((1, 32), jnp.int32))
+  return lambda tokens, **kw: apply(model, params, tokens, **kw)
 
 
 def _t5():
   config = tiny_config("t5")
   model = build_model(config.model)
   tokens = jnp.zeros((1, 8), jnp.int32)
-  params = model.init(jax.random.key(0), tokens, tokens)["params"]
-  return lambda enc, dec, **kw: model.apply({"params": params}, enc, dec, **kw)
+  params = init_params(model, tokens, tokens)
+  return lambda enc, dec, **kw: apply(model, params, enc, dec, **kw)
 
 
 @pytest.mark.parametrize("norm_position", ["post", "pre"])

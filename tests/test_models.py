@@ -12,12 +12,12 @@ from bigmodel.models import build_model
 from bigmodel.optim import make_optimizer
 from bigmodel.state import create_sharded_state
 from bigmodel.train_step import make_train_step
-from model_fixtures import random_batch, tiny_config, unstack_layers
+from model_fixtures import apply, init_params, random_batch, tiny_config, unstack_layers
 
 
 def _init(config, seq_len=32):
   model = build_model(config.model)
-  params = model.init(jax.random.key(0), jnp.zeros((1, seq_len), jnp.int32))["params"]
+  params = init_params(model, jnp.zeros((1, seq_len), jnp.int32))
   return model, params
 
 
@@ -29,11 +29,11 @@ def test_logits_shape_and_causality(overrides):
   config = tiny_config(**overrides)
   model, params = _init(config)
   tokens = jax.random.randint(jax.random.key(1), (2, 32), 3, 128)
-  logits = model.apply({"params": params}, tokens)
+  logits = apply(model, params, tokens)
   assert logits.shape == (2, 32, 128) and logits.dtype == jnp.float32
   # Changing token 20 must leave every earlier logit unchanged and change a later one.
   changed = tokens.at[:, 20].set((tokens[:, 20] + 1) % 128)
-  logits_changed = model.apply({"params": params}, changed)
+  logits_changed = apply(model, params, changed)
   tol = 1e-2 if overrides.get("dtype") == "bfloat16" else 1e-5
   np.testing.assert_allclose(logits[:, :20], logits_changed[:, :20], atol=tol)
   assert np.abs(np.asarray(logits[:, 20:] - logits_changed[:, 20:])).max() > tol
@@ -45,8 +45,8 @@ def test_scan_and_unrolled_stacks_compute_the_same_function():
   model_loop = build_model(tiny_config(scan=False).model)
   loop_params = unstack_layers(params, config.model.num_layers)
   tokens = jax.random.randint(jax.random.key(2), (2, 32), 3, 128)
-  np.testing.assert_allclose(model_scan.apply({"params": params}, tokens),
-                             model_loop.apply({"params": loop_params}, tokens), atol=2e-5)
+  np.testing.assert_allclose(apply(model_scan, params, tokens),
+                             apply(model_loop, loop_params, tokens), atol=2e-5)
 
 
 def test_packed_documents_do_not_see_each_other():
@@ -54,7 +54,7 @@ def test_packed_documents_do_not_see_each_other():
   model, params = _init(config)
   batch = random_batch(2, 32, 128, num_segments=2)  # Documents at [0, 16) and [16, 32).
   def logits(inputs):
-    return model.apply({"params": params}, inputs, segment_ids_BxL=batch["segment_ids"],
+    return apply(model, params, inputs, segment_ids_BxL=batch["segment_ids"],
                        positions_BxL=batch["positions"])
   base = logits(batch["inputs"])
   # Rewriting the first document must not change the second document's logits.
@@ -62,7 +62,7 @@ def test_packed_documents_do_not_see_each_other():
   other[:, :16] = (other[:, :16] + 7) % 128
   np.testing.assert_allclose(base[:, 16:], logits(other)[:, 16:], atol=1e-5)
   # The second document alone (positions restarted) gives the same logits.
-  alone = model.apply({"params": params}, batch["inputs"][:, 16:])
+  alone = apply(model, params, batch["inputs"][:, 16:])
   np.testing.assert_allclose(base[:, 16:], alone, atol=1e-5)
 
 
@@ -148,7 +148,7 @@ def test_every_family_builds_inits_and_maps_its_batch_to_logits(name, overrides)
   c = ModelConfig.from_config(config.model)
   model = build_model(config.model)
   assert families.family_of(model) is family
-  params = model.init(jax.random.key(0), *family.example_inputs(c, 8))["params"]
+  params = init_params(model, *family.example_inputs(c, 8))
   spec = family.batch_spec(c, batch_size=2, seq_len=16, target_len=8)
   batch = _batch_from_spec(spec, c)
   logits = family.batch_logits(model, params, batch, rng=None)

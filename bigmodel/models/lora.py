@@ -22,7 +22,6 @@ from typing import Any
 import flax
 import flax.linen as nn
 import jax.numpy as jnp
-import qwix
 
 from bigmodel.errors import UserError
 
@@ -48,6 +47,8 @@ def with_lora(model: nn.Module, lora_cfg, methods: tuple[str, ...],
   """
   if not enabled(lora_cfg):
     return model
+  from bigmodel.models.quantization import qwix_module  # pylint: disable=g-import-not-at-top
+  qwix = qwix_module()
   rule = qwix.LoraRule(
       # Qwix full-matches module paths; the config's pattern is searched.
       module_path=f".*(?:{lora_cfg.targets}).*", rank=lora_cfg.rank, alpha=lora_cfg.alpha,

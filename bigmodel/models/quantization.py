@@ -34,6 +34,7 @@ each channel or group.
 import functools
 import json
 import os
+import sys
 from typing import Any
 
 import flax
@@ -41,8 +42,6 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-import qwix
-from qwix._src.providers.ptq import WithAux  # Not exported; PTQ's kernel node.
 
 from bigmodel.errors import UserError
 from bigmodel.models.config import ModelConfig
@@ -80,9 +79,16 @@ def describe(model_cfg) -> str:
   return f"int{bits}" + (f" (groups of {group})" if group else " (per channel)")
 
 
-def _qat_rule(model_cfg) -> qwix.QtRule:
+def qwix_module():
+  """Qwix, imported on first use: its import (flax.nnx, treescope) took a
+  second of every command's start, and most runs neither quantize nor adapt."""
+  import qwix  # pylint: disable=g-import-not-at-top
+  return qwix
+
+
+def _qat_rule(model_cfg):
   qtype = QAT_TYPES[model_cfg.quantization]
-  return qwix.QtRule(
+  return qwix_module().QtRule(
       module_path=_DENSE_PATH, op_names=("dot_general",), weight_qtype=qtype,
       act_qtype=qtype if model_cfg.get("quantize_activations", True) else None,
       bwd_qtype=qtype if model_cfg.get("quantize_gradients", False) else None)
@@ -98,9 +104,10 @@ def _out_tile(c: ModelConfig, group_size: int) -> Any:
   return {0: group_size // c.head_dim}
 
 
-def _ptq_rules(model_cfg, c: ModelConfig) -> list[qwix.QuantizationRule]:
+def _ptq_rules(model_cfg, c: ModelConfig) -> list[Any]:
   qtype, group = WEIGHT_TYPES[model_cfg.weight_bits], model_cfg.get("weight_group_size", 0)
-  rule = functools.partial(qwix.QuantizationRule, op_names=("dot_general",), weight_qtype=qtype)
+  rule = functools.partial(qwix_module().QuantizationRule, op_names=("dot_general",),
+                           weight_qtype=qtype)
   return [rule(module_path=_OUT_PATH, tile_size=_out_tile(c, group) if group else None),
           rule(module_path=_DENSE_PATH, tile_size=group or None)]
 
@@ -110,8 +117,10 @@ def with_quantization(model: nn.Module, model_cfg, methods: tuple[str, ...]) -> 
   unchanged when neither is asked for. ``methods``: those batches and decoding
   call (``Family.methods``)."""
   if qat_enabled(model_cfg):
+    qwix = qwix_module()
     return qwix.quantize_model(model, qwix.QtProvider([_qat_rule(model_cfg)]), methods=methods)
   if weight_quantized(model_cfg):
+    qwix = qwix_module()
     provider = qwix.PtqProvider(_ptq_rules(model_cfg, model.config))
     return qwix.quantize_model(model, provider, methods=methods)
   return model
@@ -189,8 +198,15 @@ def saved_weight_bits(workdir: str) -> int:
     return 0  # Unreadable: whoever loads the run reports it.
 
 
+def _loaded_class(module: str, name: str) -> Any:
+  """A Qwix class if Qwix is loaded, else None (then nothing is an instance)."""
+  return getattr(sys.modules.get(module), name, None)
+
+
 def _is_aux(x: Any) -> bool:
-  return isinstance(x, WithAux)
+  # WithAux (not exported): PTQ's kernel node.
+  aux = _loaded_class("qwix._src.providers.ptq", "WithAux")
+  return aux is not None and isinstance(x, aux)
 
 
 def abstract_boxed_params(model: nn.Module, seq_len: int) -> Any:
@@ -245,7 +261,7 @@ def quantize_params(params: Any, abstract: Any) -> Any:
       out[path] = value
       continue
     how = target.how
-    quantize = functools.partial(qwix.quantize, qtype=how.qtype,
+    quantize = functools.partial(qwix_module().quantize, qtype=how.qtype,
                                  channelwise_axes=how.channelwise_axes,
                                  tiled_axes=how.tiled_axes,
                                  calibration_method=how.calibration_method)
@@ -257,7 +273,8 @@ def quantize_params(params: Any, abstract: Any) -> Any:
 
 def is_quantized(x: Any) -> bool:
   """A leaf-level node of a parameter tree is a quantized kernel."""
-  return _is_aux(x) or isinstance(x, qwix.QArray)
+  qarray = _loaded_class("qwix", "QArray")
+  return _is_aux(x) or (qarray is not None and isinstance(x, qarray))
 
 
 def param_bytes(tree: Any, kernels_only: bool = False) -> int:
