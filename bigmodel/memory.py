@@ -219,7 +219,7 @@ def _state_sizes(config, mesh_shape: Mapping[str, int]) -> tuple[int, int, int, 
 def _rules(config, mesh_shape: Mapping[str, int]) -> tuple:
   """The trainer's rules for ``config`` on a mesh of ``mesh_shape`` (they
   depend on its context size)."""
-  return sharding.logical_rules({**config.mesh.to_dict(), **mesh_shape})
+  return sharding.logical_rules({**dict(config.mesh.items()), **mesh_shape})
 
 
 def _param_shards(mesh_shape: Mapping[str, int]) -> int:
