@@ -1,6 +1,6 @@
 r"""The longest sequence a config trains on a mesh, per the planner (no devices).
 
-    python benchmarks/longest_sequence.py --config=llama:llama3_8b \
+    python -m benchmarks.longest_sequence --preset=llama:llama3_8b \
         --devices=8 --device_memory=139GiB [--contexts=1,2,4,8] [--remat=full]
 
 For each context-parallel size c (``mesh.context``; the other devices shard
@@ -16,7 +16,9 @@ from absl import flags
 from bigmodel import plan
 from bigmodel.api import get_config
 
-_CONFIG = flags.DEFINE_string("config", "llama:llama3_8b", "Config name: FILE:PRESET of configs/.")
+# Not --config: that name is the trainer's config file flag.
+_PRESET = flags.DEFINE_string("preset", "llama:llama3_8b", "A config by name: FILE:PRESET of "
+                              "configs/ (bigmodel.api.get_config).")
 _DEVICES = flags.DEFINE_integer("devices", 8, "Devices in the mesh.")
 _MEMORY = flags.DEFINE_string("device_memory", "139GiB", "Memory per device.")
 _CONTEXTS = flags.DEFINE_list("contexts", ["1", "2", "4", "8"], "Context-parallel sizes.")
@@ -33,7 +35,7 @@ def planned(context: int, seq_len: int, device_memory: float) -> plan.Plan:
                "model.context_attention": _CONTEXT_ATTENTION.value}
   if _REMAT.value:
     overrides["model.remat"] = _REMAT.value
-  config = get_config(_CONFIG.value, overrides)
+  config = get_config(_PRESET.value, overrides)
   mesh = dict(data=1, fsdp=devices // context, context=context, tensor=1)
   return plan.make_plan(config, mesh, device_memory, platform=_PLATFORM.value)
 
@@ -62,7 +64,7 @@ def longest(context: int, device_memory: float) -> tuple[int, plan.Plan]:
 def main(argv):
   del argv
   device_memory = plan.parse_bytes(_MEMORY.value)
-  print(f"{_CONFIG.value} on {_DEVICES.value} devices of {_MEMORY.value}, "
+  print(f"{_PRESET.value} on {_DEVICES.value} devices of {_MEMORY.value}, "
         f"remat={_REMAT.value or 'preset'}, {_CONTEXT_ATTENTION.value}, {_PLATFORM.value}")
   print(f"{'context':>7} {'fsdp':>4} {'longest L':>10} {'L/device':>9} "
         f"{'params':>7} {'opt':>7} {'saved':>7} {'working':>8} {'total GiB':>9}")
