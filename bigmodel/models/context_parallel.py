@@ -12,7 +12,14 @@ T local queries, S local keys, N query heads, K kv heads, H head size):
   (``ppermute`` to the next device, c - 1 times for c devices) while each
   device attends its queries to the chunk it holds, merging the partial
   results by their log-sum-exp (the flash-attention recurrence across
-  devices). Memory per device stays at two chunks of keys and values.
+  devices). The forward pass holds two chunks of keys and values at a time;
+  for the backward pass each step keeps the chunk it received (c - 1 in
+  all, against the all-gather's c) and its running output.
+
+Both rematerialise their blocks in the backward pass and run them
+``QUERY_CHUNK`` queries at a time: no [T, S] scores are kept, and at most
+one piece's are alive. ``bigmodel.models.attention`` calls them when the
+logical ``length`` axis is split over a mesh axis (``mesh.context``).
 
 Masks are by *global* token index (``q_index_BxT``, ``kv_index_BxS``: the
 token's place in the unsharded row), so chunks may hold any tokens: with
