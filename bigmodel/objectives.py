@@ -211,7 +211,7 @@ def loss_chunk_len(config) -> int:
   if quantization.qat_enabled(config.model) or quantization.weight_quantized(config.model):
     return 0
   if lora.enabled(config.lora) and any(
-      re.fullmatch(f".*(?:{config.lora.targets}).*", name) for name in HEAD_MODULES):
+      re.fullmatch(lora.module_pattern(config.lora), name) for name in HEAD_MODULES):
     return 0
   return chunk_len
 

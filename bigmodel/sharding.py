@@ -238,18 +238,21 @@ def logical_to_shardings(abstract_tree: Any, mesh: Mesh, rules=None) -> Any:
   shardings = nn.logical_to_mesh_sharding(specs, mesh, rules)
   shapes = strip_boxes(abstract_tree)
 
-  def axis_size(axes) -> int:
-    axes = (axes,) if isinstance(axes, str) else (axes or ())
-    return math.prod(mesh.shape[a] for a in axes)
-
   def fit(sharding, leaf):
     spec = tuple(sharding.spec)
     if len(spec) > len(leaf.shape):
       return NamedSharding(mesh, P())
-    spec = [axes if dim % axis_size(axes) == 0 else None for axes, dim in zip(spec, leaf.shape)]
+    spec = [axes if dim % axes_size(mesh, axes) == 0 else None
+            for axes, dim in zip(spec, leaf.shape)]
     return NamedSharding(mesh, P(*spec))
 
   return jax.tree_util.tree_map(fit, shardings, shapes)
+
+
+def axes_size(mesh, axes) -> int:
+  """Devices along ``axes`` of ``mesh`` (an axis name, a tuple of them, or None)."""
+  axes = (axes,) if isinstance(axes, str) else (axes or ())
+  return math.prod(mesh.shape[a] for a in axes)
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:

@@ -31,6 +31,7 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from bigmodel.models import context_parallel
+from bigmodel.sharding import axes_size
 from pallas_kernels import (attention_mask, attention_reference, check_window_and_softcap,
                             flash_attention)
 
@@ -164,22 +165,17 @@ def _per_device(kernel, q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, *, causal, window, soft
           bias_BxNxTxS)
 
 
-def _axes_size(mesh, axes) -> int:
-  axes = (axes,) if isinstance(axes, str) else (axes or ())
-  return math.prod(mesh.shape[a] for a in axes)
-
-
 def _batch_and_head_axes(mesh, q_BxTxNxH, k_BxSxKxH):
   """The mesh axes of the ``batch`` and ``act_heads`` rules in effect, each
   None where it does not divide the dimension (which then stays whole)."""
   batch_axes, _, heads_axes, _ = nn.logical_to_mesh_axes(
       ("batch", "length", "act_heads", "act_kv"))
-  if q_BxTxNxH.shape[0] % _axes_size(mesh, batch_axes):
+  if q_BxTxNxH.shape[0] % axes_size(mesh, batch_axes):
     batch_axes = None
   # Query heads [i*N/t, (i+1)*N/t) use kv heads [i*K/t, (i+1)*K/t): grouped-query
   # attention stays consistent when both head counts split the same way.
-  if (q_BxTxNxH.shape[2] % _axes_size(mesh, heads_axes)
-      or k_BxSxKxH.shape[2] % _axes_size(mesh, heads_axes)):
+  if (q_BxTxNxH.shape[2] % axes_size(mesh, heads_axes)
+      or k_BxSxKxH.shape[2] % axes_size(mesh, heads_axes)):
     heads_axes = None
   return batch_axes, heads_axes
 

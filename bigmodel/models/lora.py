@@ -50,10 +50,15 @@ def with_lora(model: nn.Module, lora_cfg, methods: tuple[str, ...],
   from bigmodel.models.quantization import qwix_module  # pylint: disable=g-import-not-at-top
   qwix = qwix_module()
   rule = qwix.LoraRule(
-      # Qwix full-matches module paths; the config's pattern is searched.
-      module_path=f".*(?:{lora_cfg.targets}).*", rank=lora_cfg.rank, alpha=lora_cfg.alpha,
+      module_path=module_pattern(lora_cfg), rank=lora_cfg.rank, alpha=lora_cfg.alpha,
       dropout=lora_cfg.dropout if training else 0.0)
   return qwix.apply_lora_to_model(model, qwix.LoraProvider([rule]), methods=methods)
+
+
+def module_pattern(lora_cfg) -> str:
+  """The module paths ``lora.targets`` adapts, as a full-match regular
+  expression (Qwix full-matches module paths; the config's pattern is searched)."""
+  return f".*(?:{lora_cfg.targets}).*"
 
 
 def init_context(lora_cfg) -> Any:
