@@ -252,8 +252,10 @@ def base_config() -> ml_collections.ConfigDict:
   # In-slice sizes; dcn_*: slices along data / fsdp (multi-slice TPU, -1 = the rest).
   # context: devices that split each sequence (context parallelism; attention by
   # model.context_attention), decoder and encoder families without T5's bias.
-  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, context=1, tensor=1, dcn_data=1,
-                                          dcn_fsdp=1, rules=""))
+  # expert: devices that split each layer's experts (expert parallelism,
+  # all-to-all dispatch; model.moe_dispatch=capacity); they split the batch too.
+  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, expert=1, context=1, tensor=1,
+                                          dcn_data=1, dcn_fsdp=1, rules=""))
 
   c.checkpoint = ml_collections.ConfigDict(dict(
       save_every=0,       # Steps between saves; 0 = only at the end and on SIGTERM.
@@ -357,6 +359,23 @@ def _get(config, dotted: str):
   return value
 
 
+def _validate_expert_axis(config) -> None:
+  expert = int(config.mesh.get("expert", 1))
+  if expert == 1:
+    return
+  m = config.model
+  if expert < 1:
+    raise UserError(f"mesh.expert={expert} must be a positive size (no -1: it splits experts)")
+  if not m.get("num_experts", 0):
+    raise UserError(f"mesh.expert={expert} splits experts but model.num_experts=0 (a dense "
+                    "model); use mesh.data instead")
+  if m.num_experts % expert:
+    raise UserError(f"mesh.expert={expert} does not divide model.num_experts={m.num_experts}")
+  if m.moe_dispatch != "capacity":
+    raise UserError(f"mesh.expert={expert} sends tokens to their experts' devices in fixed-size "
+                    f"buffers: it needs model.moe_dispatch=capacity, not {m.moe_dispatch!r}")
+
+
 def validate(config) -> None:
   """Checks a resolved config; raises ``UserError`` naming the first problem.
 
@@ -382,6 +401,7 @@ def validate(config) -> None:
   if context > 1 and config.data.seq_len % context:
     raise UserError(f"mesh.context={context} does not divide data.seq_len="
                     f"{config.data.seq_len}")
+  _validate_expert_axis(config)
   if not m.head_dim and m.embed_dim % m.num_heads:
     raise UserError(f"model.num_heads={m.num_heads} does not divide model.embed_dim={m.embed_dim}"
                     " (or set model.head_dim)")

@@ -55,6 +55,7 @@ from bigmodel import distill, flops, objectives, optim, sharding
 from bigmodel.models import (ModelConfig, build_model, context_parallel, families, lora,
                              quantization)
 from bigmodel.models.attention import resolve_impl
+from bigmodel.models.family import mlp_matrices
 from bigmodel.state import init_train_state
 
 # What one GPT layer saves for the backward pass, by remat policy:
@@ -275,9 +276,47 @@ def _elements(kind: str, c: ModelConfig, b: int, seq_len: int,
   if kind == "width":       # [D]
     return c.embed_dim
   if kind == "weights":     # The layer's matmul kernels, sharded like parameters.
-    return flops.matmul_params_per_layer(c) // (
-        _split_ways(c.embed_dim, _param_shards(mesh_shape)) * _split_ways(c.num_heads, t))
+    return (gathered_layer_weights(c, mesh_shape)
+            // _split_ways(c.embed_dim, _param_shards(mesh_shape)))
+  # Mixture-of-experts layers (``moe_residuals``): U = b x L/c tokens per device.
+  k, expert_width = c.experts_per_token, _split(c.moe_mlp_dim or c.mlp_dim, t)
+  if kind == "router":      # [U, X]
+    return tokens * c.num_experts
+  if kind == "experts":     # [X]
+    return c.num_experts
+  if kind == "assignment":  # [U x k]
+    return tokens * k
+  if kind == "assignment_embed":  # [U x k, D]
+    return tokens * k * c.embed_dim
+  if kind == "assignment_mlp":    # [U x k, F/t]
+    return tokens * k * expert_width
+  if kind == "shared_mlp":  # [U, S x F/t]
+    return tokens * _split((c.moe_mlp_dim or c.mlp_dim) * c.moe_shared_experts, t)
+  # Capacity dispatch: one token group per device (moe._token_groups), X x Q
+  # slots; with mesh.expert its [X, Q, .] buffers hold e groups' slots of X/e experts.
+  slots = c.num_experts * max(1, math.ceil(c.moe_capacity_factor * tokens * k / c.num_experts))
+  if kind == "dispatch":    # [U x k, X, Q]
+    return tokens * k * slots
+  if kind == "expert_embed":  # [X, Q, D]
+    return slots * c.embed_dim
+  if kind == "expert_mlp":  # [X, Q, F/t]
+    return slots * expert_width
   raise ValueError(f"unknown residual kind {kind!r}")
+
+
+def gathered_layer_weights(c: ModelConfig, mesh_shape: Mapping[str, int]) -> int:
+  """Elements per device of one layer's matmul kernels once FSDP has gathered
+  them: the tensor axis still splits them (by heads), the expert axis a
+  mixture's experts (all of them: each device holds its share of every
+  expert, not only those a token runs). Routers are not counted."""
+  t = _split_ways(c.num_heads, mesh_shape["tensor"])
+  if not c.num_experts:
+    return flops.matmul_params_per_layer(c) // t
+  per_expert = mlp_matrices(c) * c.embed_dim * (c.moe_mlp_dim or c.mlp_dim)
+  others = (flops.matmul_params_per_layer(c, active=False) - c.embed_dim * c.num_experts
+            - c.num_experts * per_expert)
+  experts = c.num_experts * per_expert
+  return others // t + experts // (t * _split_ways(c.num_experts, mesh_shape.get("expert", 1)))
 
 
 def _split_ways(size: int, ways: int) -> int:
@@ -374,7 +413,62 @@ def layer_residuals(c: ModelConfig, policy: str, flash: bool = False,
                     ("untaken attention branch", "q_heads", "act", 1)])
   elif policy != "full" and c.post_norms:
     adjusted.append(("post-norm output", "embed", "act", 1))
+  if c.num_experts:  # The MLP's norm output is the router's input, a row of its own.
+    adjusted = [(what, kind, dtype, count - (what == "layer norm outputs"))
+                for what, kind, dtype, count in adjusted if what not in _DENSE_MLP_ROWS]
+    adjusted += moe_residuals(c, policy)
   return tuple(adjusted)
+
+
+# The rows of the dense MLP, which a mixture of experts replaces by ``moe_residuals``.
+_DENSE_MLP_ROWS = ("GELU input, internals and output", "MLP input projection",
+                   "GELU gate internals")
+
+
+def moe_residuals(c: ModelConfig, policy: str) -> tuple[tuple[str, str, str, int], ...]:
+  """What a mixture-of-experts MLP (``models.moe``) saves per layer instead of
+  the dense MLP's rows, by remat policy and ``model.moe_dispatch`` (measured
+  with ``saved_residuals``; ``tests/test_plan.py`` checks them exactly).
+
+  Dropless dispatch sorts the assignments and its grouped matmuls
+  (``ragged_dot``) are no dot products to the ``dots_*`` policies; capacity
+  dispatch keeps its [U x k, X, Q] one-hot dispatch tensor and runs experts
+  as batched einsums, which ``dots_saveable`` saves and
+  ``dots_with_no_batch_dims_saveable`` does not (the expert dimension is a
+  batch dimension).
+  """
+  if policy == "full":
+    return ()
+  capacity = c.moe_dispatch == "capacity"
+  projections = 2 if c.mlp_gated else 1
+  internals = 6 + (2 if c.mlp_gated and c.mlp_activation.startswith("gelu") else 0)
+  rows = [("router logits", "router", "f32", 1)]
+  if policy == "none":
+    rows += [("router input", "embed", "f32", 1),
+             ("routing statistics", "token", "f32", 4),
+             ("chosen experts' probabilities", "assignment", "f32", 1),
+             ("chosen experts", "assignment", "i32", 1),
+             ("gates per assignment", "assignment", "act", 1)]
+    if capacity:
+      rows += [("dispatch one-hots", "dispatch", "act", 1),
+               ("expert inputs", "expert_embed", "act", 1),
+               ("expert MLP internals", "expert_mlp", "act", internals),
+               ("outputs per assignment", "assignment_embed", "act", 1)]
+    else:
+      rows += [("sorted assignment indices", "assignment", "i32", 3),
+               ("tokens per expert", "experts", "i32", 1),
+               ("sorted inputs and outputs", "assignment_embed", "act", 2),
+               ("expert MLP internals", "assignment_mlp", "act", internals)]
+  elif policy == "dots_saveable" and capacity:
+    rows += [("expert inputs", "expert_embed", "act", 1),
+             ("expert input projections", "expert_mlp", "act", projections),
+             ("outputs per assignment", "assignment_embed", "act", 1)]
+  if c.moe_shared_experts:
+    rows += ([("shared experts' input", "embed", "act", 1),
+              ("shared experts' MLP internals", "shared_mlp", "act", internals)]
+             if policy == "none" else
+             [("shared experts' input projections", "shared_mlp", "act", projections)])
+  return tuple(rows)
 
 
 def activation_bytes(c: ModelConfig, b: int, seq_len: int, mesh_shape: Mapping[str, int],
@@ -421,8 +515,7 @@ def activation_bytes(c: ModelConfig, b: int, seq_len: int, mesh_shape: Mapping[s
   elif not flash:
     layer_work += _elements("scores", c, b, seq_len, mesh_shape) * _F32
   if _param_shards(mesh_shape) > 1:
-    layer_work += int((1 + trained_share) * flops.matmul_params_per_layer(c)
-                      // _split_ways(c.num_heads, mesh_shape["tensor"])
+    layer_work += int((1 + trained_share) * gathered_layer_weights(c, mesh_shape)
                       * jnp.dtype(c.param_dtype).itemsize)
   saved = saved_layers + saved_head
   return saved, saved_layers + max(head_work, layer_work) - saved
@@ -482,7 +575,7 @@ def estimate(config, mesh_shape: Mapping[str, int], platform: str = "gpu") -> Me
   ``mesh_shape`` maps every axis of ``sharding.MESH_AXES`` to its size;
   ``platform`` (cpu, gpu, tpu) decides what ``attention_impl=auto`` runs. The
   micro-batch per device is ``train.batch_size / optim.grad_accum / (data *
-  fsdp)``, rounded up when that does not divide (the trainer refuses such a
+  fsdp * expert)``, rounded up when that does not divide (the trainer refuses such a
   layout; ``plan`` reports it).
   """
   c = ModelConfig.from_config(config.model)
@@ -491,10 +584,8 @@ def estimate(config, mesh_shape: Mapping[str, int], platform: str = "gpu") -> Me
                      f"{c.family!r} has none yet")
   if c.remat not in LAYER_RESIDUALS:
     raise ValueError(f"no activation model for remat policy {c.remat!r}")
-  if c.num_experts:
-    raise ValueError("the memory model has no mixture-of-experts layers yet")
   num_params, params, opt_state, trainable = _state_sizes(config, mesh_shape)
-  dp = mesh_shape["data"] * mesh_shape["fsdp"]
+  dp = sharding.data_parallel_size(mesh_shape)
   grad_accum = config.optim.grad_accum
   b = -(-config.train.batch_size // (grad_accum * dp))
   seq_len = config.data.seq_len

@@ -92,7 +92,7 @@ def parse_peak(text: str) -> Optional[float]:
 
 def parse_mesh(text: str, base: ml_collections.ConfigDict) -> dict[str, int]:
   """"data=2,fsdp=4" over ``base`` (the config's mesh); sizes may be -1."""
-  sizes = {axis: int(base[axis]) for axis in sharding.MESH_AXES}
+  sizes = dict(zip(sharding.MESH_AXES, sharding.mesh_sizes(base)))
   given = {}
   for part in filter(None, (p.strip() for p in text.split(","))):
     name, _, value = part.partition("=")
@@ -108,7 +108,7 @@ def parse_mesh(text: str, base: ml_collections.ConfigDict) -> dict[str, int]:
 def layout_problems(config, mesh_shape: dict[str, int]) -> tuple[str, ...]:
   """What ``train.py`` would reject about this batch layout (empty if none)."""
   batch, grad_accum = config.train.batch_size, config.optim.grad_accum
-  dp = mesh_shape["data"] * mesh_shape["fsdp"]
+  dp = sharding.data_parallel_size(mesh_shape)
   problems = []
   context = mesh_shape.get("context", 1)
   if config.data.seq_len % context:
@@ -117,7 +117,7 @@ def layout_problems(config, mesh_shape: dict[str, int]) -> tuple[str, ...]:
     problems.append(f"grad_accum={grad_accum} does not divide batch_size={batch}")
   elif (batch // grad_accum) % dp:
     problems.append(f"micro-batch {batch // grad_accum} is not divisible by the data-parallel "
-                    f"size {dp} (data x fsdp)")
+                    f"size {dp} (data x fsdp x expert)")
   return tuple(problems)
 
 
@@ -151,30 +151,37 @@ def _divisors(n: int) -> list[int]:
 
 
 def candidate_layouts(config, devices: int, max_tensor: int):
-  """(mesh, grad_accum) in the order of preference: least context, tensor,
-  fsdp, grad_accum.
+  """(mesh, grad_accum) in the order of preference: least context, expert,
+  tensor, fsdp, grad_accum.
 
   ``tensor`` must divide the heads and the MLP width (otherwise the trainer
   replicates those dimensions and tensor parallelism buys nothing);
   ``context`` (splitting sequences) the sequence length, for families with
-  context-parallel attention.
+  context-parallel attention; ``expert`` the experts of a mixture with
+  capacity dispatch (what ``mesh.expert`` needs).
   """
   c = ModelConfig.from_config(config.model)
   batch, seq_len = config.train.batch_size, config.data.seq_len
   splits_sequences = families.get(c.family).context_parallel
+  splits_experts = c.num_experts and c.moe_dispatch == "capacity"
+  expert_width = c.moe_mlp_dim or c.mlp_dim if c.num_experts else c.mlp_dim
   for context in _divisors(devices):
     if context > 1 and (not splits_sequences or seq_len % context):
       continue
-    for tensor in _divisors(devices // context):
-      if tensor > max_tensor or c.num_heads % tensor or c.mlp_dim % tensor:
+    for expert in _divisors(devices // context):
+      if expert > 1 and (not splits_experts or c.num_experts % expert):
         continue
-      for fsdp in _divisors(devices // (context * tensor)):
-        mesh = dict(data=devices // (context * tensor * fsdp), fsdp=fsdp, context=context,
-                    tensor=tensor)
-        dp = mesh["data"] * fsdp
-        for grad_accum in _divisors(batch):
-          if (batch // grad_accum) % dp == 0:
-            yield mesh, grad_accum
+      for tensor in _divisors(devices // (context * expert)):
+        if (tensor > max_tensor or c.num_heads % tensor or c.mlp_dim % tensor
+            or expert_width % tensor):
+          continue
+        for fsdp in _divisors(devices // (context * expert * tensor)):
+          mesh = dict(data=devices // (context * expert * tensor * fsdp), fsdp=fsdp,
+                      expert=expert, context=context, tensor=tensor)
+          dp = sharding.data_parallel_size(mesh)
+          for grad_accum in _divisors(batch):
+            if (batch // grad_accum) % dp == 0:
+              yield mesh, grad_accum
 
 
 def suggest(config, devices: int, device_memory: float, *, peak_tflops: Optional[float] = None,
@@ -314,9 +321,6 @@ def run(config, mesh_text: str, devices: int, device_memory_text: str, peak_text
   if not families.get(config.model.family).analytic_memory:
     raise UserError(f"bigmodel.plan models GPT decoders; model.family={config.model.family!r} "
                     "is not supported yet")
-  if config.model.get("num_experts", 0):
-    raise UserError("bigmodel.plan has no memory model of mixture-of-experts layers yet "
-                    "(model.num_experts > 0)")
   if not 0 < mfu <= 1:
     raise UserError(f"--mfu={mfu} must be in (0, 1]")
   if max_tensor < 1:

@@ -26,10 +26,15 @@ from bigmodel.errors import UserError
 
 # context sits next to tensor: both talk every layer, so they get the
 # closest devices (create_device_mesh fills the last axes first).
-MESH_AXES = ("data", "fsdp", "context", "tensor")
-BATCH_AXES = ("data", "fsdp")
+MESH_AXES = ("data", "fsdp", "expert", "context", "tensor")
 # The mesh axis that splits sequences (context parallelism).
 CONTEXT_AXIS = "context"
+# The mesh axis that splits a layer's experts (expert parallelism). Outside
+# the expert layers its devices split the batch, as data's do (MaxText).
+EXPERT_AXIS = "expert"
+BATCH_AXES = ("data", "fsdp", EXPERT_AXIS)
+# Axes a config may leave out (1): configs saved before they existed.
+_OPTIONAL_AXES = (EXPERT_AXIS, CONTEXT_AXIS)
 
 LOGICAL_AXIS_RULES = (
     # Activations: the batch splits over data and fsdp; tensor parallelism
@@ -43,6 +48,10 @@ LOGICAL_AXIS_RULES = (
     ("act_heads", "tensor"),
     ("act_kv", None),
     ("act_vocab", "tensor"),
+    # Expert layers (models/moe.py): routed tokens in groups, one per batch
+    # shard; moving a group's expert inputs from its batch shard to the
+    # expert axis is the all-to-all of expert parallelism.
+    ("moe_group", ("data", "fsdp")),
     # Parameters: fsdp shards the model width (ZeRO-3 style, gathered per
     # layer by GSPMD), tensor shards heads, mlp and vocabulary.
     ("embed", "fsdp"),
@@ -50,6 +59,7 @@ LOGICAL_AXIS_RULES = (
     ("heads", "tensor"),
     ("kv", None),
     ("vocab", "tensor"),
+    ("exp", EXPERT_AXIS),
     ("layers", None),
 )
 
@@ -131,8 +141,9 @@ def dcn_shape(mesh_cfg, num_slices: int) -> tuple[int, int]:
 
 def mesh_sizes(mesh_cfg) -> tuple[int, ...]:
   """The sizes ``mesh_cfg`` (a config's ``mesh`` or a dict) gives ``MESH_AXES``
-  (``context`` 1 when absent: configs and meshes from before it existed)."""
-  return tuple(int(mesh_cfg.get(name, 1) if name == CONTEXT_AXIS else mesh_cfg[name])
+  (``expert`` and ``context`` 1 when absent: configs and meshes from before
+  they existed)."""
+  return tuple(int(mesh_cfg.get(name, 1) if name in _OPTIONAL_AXES else mesh_cfg[name])
                for name in MESH_AXES)
 
 
@@ -168,22 +179,24 @@ def num_slices(devices: Sequence[Any]) -> int:
 
 
 def device_array(mesh_cfg, devices: Sequence[Any]) -> np.ndarray:
-  """The devices as a [data, fsdp, context, tensor] array; across slices (TPU
-  multi-slice, DCN between them) by JAX's hybrid mesh: ``dcn_data`` x
-  ``dcn_fsdp`` blocks of whole slices, every tensor group and the in-slice
-  part of data and fsdp (and all of context) inside one slice."""
+  """The devices as a [data, fsdp, expert, context, tensor] array; across
+  slices (TPU multi-slice, DCN between them) by JAX's hybrid mesh:
+  ``dcn_data`` x ``dcn_fsdp`` blocks of whole slices, every tensor group and
+  the in-slice part of data and fsdp (and all of expert and context) inside
+  one slice."""
   slices = num_slices(devices)
   shape = resolve_mesh_shape(mesh_cfg, len(devices), slices)
   if slices == 1:
     return mesh_utils.create_device_mesh(shape, devices, allow_split_physical_axes=True)
   dcn_data, dcn_fsdp = dcn_shape(mesh_cfg, slices)
   in_slice = (shape[0] // dcn_data, shape[1] // dcn_fsdp, *shape[2:])
-  return mesh_utils.create_hybrid_device_mesh(in_slice, (dcn_data, dcn_fsdp, 1, 1), devices,
+  dcn = (dcn_data, dcn_fsdp) + (1,) * (len(MESH_AXES) - 2)
+  return mesh_utils.create_hybrid_device_mesh(in_slice, dcn, devices,
                                               allow_split_physical_axes=True)
 
 
 def make_mesh(mesh_cfg, devices: Optional[Sequence[jax.Device]] = None) -> Mesh:
-  """A (data, fsdp, context, tensor) mesh over ``devices`` (default: all devices);
+  """A (data, fsdp, expert, context, tensor) mesh over ``devices`` (default: all devices);
   over several slices, a hybrid mesh (``device_array``).
 
   ``mesh_cfg.rules`` (if any) become the mesh's logical-axis rules.
@@ -265,8 +278,10 @@ def global_batch(host_batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax
   return multihost_utils.host_local_array_to_global_array(host_batch, mesh, P(BATCH_AXES))
 
 
-def data_parallel_size(mesh: Mesh) -> int:
-  return math.prod(mesh.shape[a] for a in BATCH_AXES)
+def data_parallel_size(mesh) -> int:
+  """Ways the batch splits: the ``BATCH_AXES`` of a mesh or a {axis: size} mapping."""
+  shape = getattr(mesh, "shape", mesh)
+  return math.prod(int(shape.get(a, 1)) for a in BATCH_AXES)
 
 
 def path_name(path: tuple) -> str:

@@ -148,7 +148,8 @@ def check_batch_layout(config, mesh) -> None:
     raise UserError(
         f"train.batch_size={config.train.batch_size} (micro-batch {micro_batch} with "
         f"optim.grad_accum={config.optim.grad_accum}) is not divisible by the data-parallel "
-        f"size {dp} (mesh data={mesh.shape['data']} x fsdp={mesh.shape['fsdp']})")
+        f"size {dp} (mesh data={mesh.shape['data']} x fsdp={mesh.shape['fsdp']} x "
+        f"expert={mesh.shape['expert']})")
 
 
 _all_finite = jax.jit(all_finite)

@@ -7,13 +7,14 @@ import configs.gemma as gemma
 import configs.gpt as gpt
 import configs.llama as llama
 import configs.mistral as mistral
+import configs.mixtral as mixtral
 import configs.qwen as qwen
 import configs.t5 as t5
 
 # Families, and open-weight architectures (the gpt family with a preset
 # file's options), by the name tests pass as ``family``.
 CONFIG_FILES = {"gpt": gpt, "bert": bert, "t5": t5, "llama": llama, "qwen": qwen,
-                "mistral": mistral, "gemma": gemma}
+                "mistral": mistral, "mixtral": mixtral, "gemma": gemma}
 
 
 def family_name(name: str) -> str:

@@ -2,11 +2,12 @@
 
 Run as a script in a subprocess so XLA_FLAGS can ask for 8 CPU devices
 before JAX starts: ``python tests/plan_vs_compiled.py VARIANT [VARIANT ...]``
-where VARIANT is a JSON object of ``{"mesh": [data, fsdp, tensor] or [data,
-fsdp, context, tensor], "context_attention": ..., "remat":
-..., "grad_accum": ..., "batch_size": ..., "seq_len": ..., "dtype": ..., "lora": {"rank":
-...}, "freeze": ...}`` applied to the GPT ``tiny`` preset, or to ``"config":
-"FILE:PRESET"`` (e.g. ``llama:llama3_8b``).
+where VARIANT is a JSON object of ``{"mesh": [data, fsdp, tensor], [data,
+fsdp, context, tensor] or [data, fsdp, expert, context, tensor],
+"context_attention": ..., "remat": ..., "grad_accum": ..., "batch_size": ...,
+"seq_len": ..., "dtype": ..., "lora": {"rank": ...}, "freeze": ..., "model":
+{other model.* options}}`` applied to the GPT ``tiny`` preset, or to
+``"config": "FILE:PRESET"`` (e.g. ``llama:llama3_8b``).
 The step is compiled exactly as the trainer builds it
 (``benchmarks.train_step.compile_step``); nothing runs.
 """
@@ -30,8 +31,10 @@ def compare(variant: dict) -> dict:
   config_file, _, preset = variant.get("config", "gpt:tiny").partition(":")
   config = importlib.import_module(f"configs.{config_file}").get_config(preset)
   sizes = variant.get("mesh", (1, 1, 1))
-  config.mesh.update(dict(zip(("data", "fsdp", "tensor") if len(sizes) == 3
-                              else sharding.MESH_AXES, sizes)))
+  axes = {3: ("data", "fsdp", "tensor"), 4: ("data", "fsdp", "context", "tensor")}.get(
+      len(sizes), sharding.MESH_AXES)
+  config.mesh.update(dict(zip(axes, sizes)))
+  config.model.update(variant.get("model", {}))
   config.model.context_attention = variant.get("context_attention", "ring")
   config.model.remat = variant.get("remat", config.model.remat)
   config.data.seq_len = variant.get("seq_len", config.data.seq_len)

@@ -3,11 +3,14 @@
 Run as a script in a subprocess so XLA_FLAGS can ask for 8 CPU devices
 before JAX starts: ``python tests/sharded_steps.py MESH [MESH ...]`` where
 MESH is ``data,fsdp,tensor`` (e.g. ``8,1,1``), ``data,fsdp,context,tensor``
-(``1,1,4,2``: the sequence split in 4) or ``single`` (one device),
+(``1,1,4,2``: the sequence split in 4), ``data,fsdp,expert,context,tensor``
+(``2,1,4,1,1``: experts split in 4) or ``single`` (one device),
 optionally followed by ``@IMPL`` for the attention implementation (``2,2,2@pallas``)
 or the context-parallel attention (``1,1,4,2@all_gather``; default ring),
 ``~N`` for the chunked loss in chunks of N positions (``2,2,2~8``; default full
-logits) and ``#FAMILY`` for the model family (``2,2,2#t5``; default gpt).
+logits) and ``#FAMILY`` for the model family (``2,2,2#t5``; default gpt;
+``#moe``: a Llama-shaped decoder with 4 experts, top 2, capacity dispatch
+with room for every token, or with ``@dropless`` dropless dispatch).
 """
 import json
 import os
@@ -33,8 +36,13 @@ def run(mesh_name: str, steps: int = 3) -> dict:
   mesh_name, _, chunk_len = mesh_name.partition("~")
   mesh_name, _, impl = mesh_name.partition("@")
   family = family or "gpt"
+  moe = {}
+  if family == "moe":
+    family, moe = "llama", dict(num_experts=4, experts_per_token=2, moe_capacity_factor=4.0,
+                                moe_dispatch="dropless" if impl == "dropless" else "capacity")
+    impl = "" if impl == "dropless" else impl
   context_attention = impl if impl in ("ring", "all_gather") else "ring"
-  config = tiny_config(family, num_heads=4, num_kv_heads=2,
+  config = tiny_config(family, num_heads=4, num_kv_heads=2, **moe,
                        attention_impl="xla" if impl in ("", context_attention) else impl,
                        context_attention=context_attention, loss_chunk_len=int(chunk_len or 0))
   config.optim.name = "adamw"
@@ -46,7 +54,8 @@ def run(mesh_name: str, steps: int = 3) -> dict:
   else:
     devices = None
     sizes = [int(x) for x in mesh_name.split(",")]
-    axes = ("data", "fsdp", "tensor") if len(sizes) == 3 else sharding.MESH_AXES
+    axes = {3: ("data", "fsdp", "tensor"), 4: ("data", "fsdp", "context", "tensor")}.get(
+        len(sizes), sharding.MESH_AXES)
     config.mesh.update(dict(zip(axes, sizes)))
   mesh = sharding.make_mesh(config.mesh, devices)
   model = build_model(config.model)
@@ -63,6 +72,7 @@ def run(mesh_name: str, steps: int = 3) -> dict:
       if i == 0:
         jaxpr = str(jax.make_jaxpr(step_fn)(state, batch))
         uses_shard_map = "shard_map" in jaxpr
+        all_to_all = moe and "all-to-all" in step_fn.lower(state, batch).compile().as_text()
       state, metrics = step_fn(state, batch)
       losses.append(float(metrics["loss"]))
   blocks = state.params["encoder"]["blocks"] if family == "t5" else state.params["blocks"]
@@ -75,6 +85,9 @@ def run(mesh_name: str, steps: int = 3) -> dict:
       "uses_shard_map": uses_shard_map,
       "context": mesh.shape["context"],
       "context_ring": "ppermute" in jaxpr,
+      "expert": mesh.shape["expert"],
+      "expert_kernel_spec": str(blocks["moe"]["wi"].sharding.spec) if moe else "",
+      "all_to_all": bool(all_to_all),
   }
 
 

@@ -18,7 +18,7 @@ from bigmodel.models import ModelConfig, build_model
 from bigmodel.models.rope import RopeSpec
 from model_fixtures import CONFIG_FILES, apply, init_params, tiny_config, unstack_layers
 
-ARCHITECTURES = ("llama", "qwen", "mistral", "gemma")
+ARCHITECTURES = ("llama", "qwen", "mistral", "mixtral", "gemma")
 
 
 def _init(config, seq_len=32):
@@ -122,7 +122,8 @@ PUBLISHED_PARAMS = {
     ("llama", "llama3_1b"): 1.236, ("llama", "llama3_8b"): 8.030,
     ("llama", "llama3_70b"): 70.554, ("llama", "llama3_405b"): 405.85,
     ("qwen", "qwen3_0_6b"): 0.596, ("qwen", "qwen3_8b"): 8.191, ("qwen", "qwen2_5_7b"): 7.616,
-    ("mistral", "mistral_7b"): 7.242,
+    ("mistral", "mistral_7b"): 7.242, ("mixtral", "mixtral_8x7b"): 46.703,
+    ("qwen", "qwen3_30b_a3b"): 30.532,
     ("gemma", "gemma2_2b"): 2.614, ("gemma", "gemma3_1b"): 0.9999, ("gemma", "gemma3_12b"): 11.766,
 }
 

@@ -59,6 +59,28 @@ def test_state_is_sharded_by_the_trainers_rules():
   assert memory.state_bytes(config, dict(data=8, fsdp=1, tensor=1))[1] == params
 
 
+# Layers, batch and length distinct, to tell stacked per-layer residuals apart.
+_RESIDUAL_SHAPE = dict(num_layers=4, embed_dim=80, num_heads=5, num_kv_heads=0, mlp_dim=56,
+                       vocab_size=97, max_len=32)
+_RESIDUAL_BATCH = 3
+
+
+def _saved_layer_residual_bytes(config) -> int:
+  """Bytes of the per-layer residuals JAX saves for the backward pass of
+  ``config``'s model ([layers, ...] stacks; a batch of 3 x max_len tokens)."""
+  from jax._src import ad_checkpoint  # pylint: disable=g-import-not-at-top
+  layers, b, seq_len = config.model.num_layers, _RESIDUAL_BATCH, config.model.max_len
+  model = build_model(config.model)
+  tokens = jnp.zeros((b, seq_len), jnp.int32)
+  params = nn.unbox(jax.eval_shape(lambda: model.init(jax.random.key(0), tokens)["params"]))
+  batch = dict(inputs=tokens, segment_ids=jnp.ones((b, seq_len), jnp.int32),
+               positions=jnp.broadcast_to(jnp.arange(seq_len), (b, seq_len)))
+  residuals = ad_checkpoint.saved_residuals(
+      lambda p: batch_logits(model, p, batch, rng=None).sum(), params)
+  return sum(aval.size * aval.dtype.itemsize for aval, source in residuals
+             if "argument" not in source and aval.shape[:1] == (layers,))
+
+
 @pytest.mark.parametrize("attention_impl", ["xla", "pallas"])
 @pytest.mark.parametrize("arch,dtype", [("gpt", "float32"), ("gpt", "bfloat16"),
                                         ("llama", "bfloat16"), ("qwen", "float32"),
@@ -68,24 +90,31 @@ def test_layer_residuals_are_what_jax_saves(remat, arch, dtype, attention_impl):
   """The residual tables against what JAX saves for the real model's backward pass:
   exact for GPT-2's block and Llama's (RMSNorm, SwiGLU, rotary, grouped-query),
   within 2% with q/k norms, post-norms, soft-caps and local/global layers."""
-  ad_checkpoint = pytest.importorskip("jax._src.ad_checkpoint")
-  layers, b, seq_len = 4, 3, 32  # Distinct, to tell stacked per-layer residuals apart.
-  config = tiny_config(arch, remat=remat, dtype=dtype, num_layers=layers, embed_dim=80,
-                       num_heads=5, num_kv_heads=0, mlp_dim=56, vocab_size=97, max_len=seq_len,
-                       attention_impl=attention_impl)
-  model = build_model(config.model)
-  tokens = jnp.zeros((b, seq_len), jnp.int32)
-  params = nn.unbox(jax.eval_shape(lambda: model.init(jax.random.key(0), tokens)["params"]))
-  batch = dict(inputs=tokens, segment_ids=jnp.ones((b, seq_len), jnp.int32),
-               positions=jnp.broadcast_to(jnp.arange(seq_len), (b, seq_len)))
-  residuals = ad_checkpoint.saved_residuals(
-      lambda p: batch_logits(model, p, batch, rng=None).sum(), params)
-  saved = sum(aval.size * aval.dtype.itemsize for aval, source in residuals
-              if "argument" not in source and aval.shape[:1] == (layers,))
+  config = tiny_config(arch, remat=remat, dtype=dtype, attention_impl=attention_impl,
+                       **_RESIDUAL_SHAPE)
+  saved = _saved_layer_residual_bytes(config)
+  layers, b, seq_len = _RESIDUAL_SHAPE["num_layers"], _RESIDUAL_BATCH, _RESIDUAL_SHAPE["max_len"]
   c = ModelConfig.from_config(config.model)
   planned = layers * memory.layer_residual_bytes(c, remat, b, seq_len, _SINGLE,
                                                  flash=attention_impl == "pallas")
   assert planned == pytest.approx(saved, rel=0 if arch in ("gpt", "llama") else 0.02)
+
+
+@pytest.mark.parametrize("dispatch,dtype,shared", [("dropless", "float32", 0),
+                                                   ("capacity", "bfloat16", 0),
+                                                   ("capacity", "float32", 1),
+                                                   ("dropless", "bfloat16", 1)])
+@pytest.mark.parametrize("remat", sorted(memory.LAYER_RESIDUALS))
+def test_moe_layer_residuals_are_what_jax_saves(remat, dispatch, dtype, shared):
+  """A Llama-shaped mixture of experts (6 experts, top 2, capacity 1.5, with
+  and without a shared expert): the planner's rows against ``saved_residuals``."""
+  config = tiny_config("llama", remat=remat, dtype=dtype, num_experts=6, experts_per_token=2,
+                       moe_mlp_dim=24, moe_dispatch=dispatch, moe_capacity_factor=1.5,
+                       moe_shared_experts=shared, **_RESIDUAL_SHAPE)
+  c = ModelConfig.from_config(config.model)
+  assert _RESIDUAL_SHAPE["num_layers"] * memory.layer_residual_bytes(
+      c, remat, _RESIDUAL_BATCH, _RESIDUAL_SHAPE["max_len"], _SINGLE
+  ) == _saved_layer_residual_bytes(config)
 
 
 def test_activations_scale_with_the_micro_batch_and_remat():
@@ -189,7 +218,10 @@ def test_plan_vs_compiled_memory():
               {"mesh": [1, 8, 1], "freeze": "token_embed|blocks/mlp"},
               # Context parallelism: llama3_8b at 32k tokens, fsdp=2 x context=4 (ring).
               {"config": "llama:llama3_8b", "mesh": [1, 2, 4, 1], "batch_size": 2,
-               "seq_len": 32768, "dtype": "float32", "remat": "full"}]
+               "seq_len": 32768, "dtype": "float32", "remat": "full"},
+              # A mixture of experts split over expert=2 (capacity dispatch, all-to-all).
+              {"config": "mixtral:tiny", "mesh": [2, 2, 2, 1, 1], "batch_size": 16,
+               "model": {"moe_dispatch": "capacity"}}]
   out = subprocess.run([sys.executable, os.path.join(_ROOT, "tests", "plan_vs_compiled.py"),
                         *map(json.dumps, variants)],
                        capture_output=True, text=True, timeout=600, check=True)

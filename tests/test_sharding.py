@@ -49,12 +49,16 @@ def test_same_steps_on_one_and_eight_devices():
 # vocabulary split on the tensor axis; the single-device reference does not.
 # Mistral's sliding window and BERT's bidirectional attention run context-
 # parallel: the sequence split in 4 (a ring, with the chunked loss) or 2
-# (an all-gather of keys and values).
+# (an all-gather of keys and values). A mixture of experts (Llama-shaped, 4
+# experts, capacity with room for every token) splits its experts over 4 or
+# 2 devices (expert parallelism: all-to-all dispatch); dropless, each device
+# routes its own tokens (shard_map) to experts split over fsdp and tensor.
 _FAMILY_MESHES = {
     "bert": ["2,2,2~8", "1,8,1", "2,1,4,1"],
     "t5": ["2,2,2~8"],  # fsdp=8 alone: the other families'.
     "llama": ["2,2,2~8", "1,8,1"],
     "mistral": ["2,1,4,1~8", "1,2,2,2@all_gather"],
+    "moe": ["2,1,4,1,1", "1,2,2,1,2~8", "2,2,2@dropless"],
 }
 
 
@@ -70,34 +74,37 @@ def test_other_families_same_steps_on_one_and_eight_devices(family):
     for got, want in zip(results[mesh]["params"], reference["params"]):
       np.testing.assert_allclose(got, want, atol=1e-5)
     context = results[mesh]["context"] > 1  # Attention runs per device under shard_map.
-    assert results[mesh]["uses_shard_map"] == context
+    assert results[mesh]["uses_shard_map"] == (context or "@dropless" in mesh)
     assert results[mesh]["context_ring"] == (context and "@all_gather" not in mesh)
+    if results[mesh]["expert"] > 1:  # Each device holds its experts; tokens reach them by all-to-all.
+      assert results[mesh]["all_to_all"] and "expert" in results[mesh]["expert_kernel_spec"]
   if "1,8,1" in _FAMILY_MESHES[family]:
     assert results[f"1,8,1#{family}"]["num_shards"] == 8
 
 
 @pytest.mark.parametrize("sizes,devices,expected", [
-    ((-1, 1, 1, 1), 8, (8, 1, 1, 1)),
-    ((2, -1, 1, 2), 8, (2, 2, 1, 2)),
-    ((1, 2, -1, 1), 8, (1, 2, 4, 1)),
-    ((1, 1, 1, 1), 1, (1, 1, 1, 1)),
+    ((-1, 1, 1, 1, 1), 8, (8, 1, 1, 1, 1)),
+    ((2, -1, 1, 1, 2), 8, (2, 2, 1, 1, 2)),
+    ((1, 2, 1, -1, 1), 8, (1, 2, 1, 4, 1)),
+    ((1, 2, -1, 1, 1), 8, (1, 2, 4, 1, 1)),
+    ((1, 1, 1, 1, 1), 1, (1, 1, 1, 1, 1)),
 ])
 def test_resolve_mesh_shape(sizes, devices, expected):
   cfg = ml_collections.ConfigDict(dict(zip(sharding.MESH_AXES, sizes)))
   assert sharding.resolve_mesh_shape(cfg, devices) == expected
 
 
-def test_a_mesh_config_without_context_has_context_one():
-  """Configs saved before the context axis existed still resolve."""
+def test_a_mesh_config_without_context_or_expert_has_them_one():
+  """Configs saved before the context and expert axes existed still resolve."""
   cfg = ml_collections.ConfigDict(dict(data=2, fsdp=-1, tensor=2))
-  assert sharding.resolve_mesh_shape(cfg, 8) == (2, 2, 1, 2)
+  assert sharding.resolve_mesh_shape(cfg, 8) == (2, 2, 1, 1, 2)
 
 
 @pytest.mark.parametrize("sizes,devices,message", [
-    ((2, 2, 1, 1), 8, "has 4 devices but 8 are available"),
-    ((-1, -1, 1, 1), 8, "at most one axis may be -1"),
-    ((3, 1, -1, 1), 8, "3 does not divide the 8 devices"),
-    ((0, 1, 1, 1), 1, "sizes must be positive"),
+    ((2, 2, 1, 1, 1), 8, "has 4 devices but 8 are available"),
+    ((-1, -1, 1, 1, 1), 8, "at most one axis may be -1"),
+    ((3, 1, 1, -1, 1), 8, "3 does not divide the 8 devices"),
+    ((0, 1, 1, 1, 1), 1, "sizes must be positive"),
 ])
 def test_bad_mesh_shapes(sizes, devices, message):
   cfg = ml_collections.ConfigDict(dict(zip(sharding.MESH_AXES, sizes)))
@@ -150,7 +157,7 @@ def test_mesh_rules_override_a_parameters_sharding():
 
 
 @pytest.mark.parametrize("rules,message", [
-    ("embed=gpu", r"names gpu; mesh axes are data, fsdp, context, tensor"),
+    ("embed=gpu", r"names gpu; mesh axes are data, fsdp, expert, context, tensor"),
     ("heads=tensor+tensor", "names an axis twice"),
     ("bogus=data", r"unknown logical axis 'bogus'"),
     ("embed", r"'embed' is not LOGICAL=AXES"),
@@ -177,10 +184,11 @@ class _FakeDevice:
 
 
 @pytest.mark.parametrize("dcn, ici, expected_shape", [
-    ({"dcn_data": 2}, {"data": 1, "fsdp": 2, "tensor": 2}, (2, 2, 1, 2)),
-    ({"dcn_data": -1}, {"data": -1, "fsdp": 1, "tensor": 2}, (4, 1, 1, 2)),
-    ({"dcn_fsdp": 2}, {"data": 1, "fsdp": -1, "tensor": 2}, (1, 4, 1, 2)),
-    ({"dcn_data": 2}, {"data": 1, "fsdp": 1, "context": 2, "tensor": 2}, (2, 1, 2, 2)),
+    ({"dcn_data": 2}, {"data": 1, "fsdp": 2, "tensor": 2}, (2, 2, 1, 1, 2)),
+    ({"dcn_data": -1}, {"data": -1, "fsdp": 1, "tensor": 2}, (4, 1, 1, 1, 2)),
+    ({"dcn_fsdp": 2}, {"data": 1, "fsdp": -1, "tensor": 2}, (1, 4, 1, 1, 2)),
+    ({"dcn_data": 2}, {"data": 1, "fsdp": 1, "context": 2, "tensor": 2}, (2, 1, 1, 2, 2)),
+    ({"dcn_data": 2}, {"data": 1, "fsdp": 1, "expert": 2, "tensor": 2}, (2, 1, 2, 1, 2)),
 ])
 def test_a_hybrid_mesh_puts_only_dcn_axes_across_slices(dcn, ici, expected_shape):
   # 8 devices in 2 slices of 4, listed interleaved as a runtime might.
@@ -189,8 +197,8 @@ def test_a_hybrid_mesh_puts_only_dcn_axes_across_slices(dcn, ici, expected_shape
   array = sharding.device_array(cfg, devices)
   assert array.shape == expected_shape
   slice_of = np.vectorize(lambda d: d.slice_index)(array)
-  # Each tensor group, and each in-slice block of data x fsdp x context, is one slice ...
-  assert (slice_of == slice_of[..., :1, :1]).all()
+  # Each in-slice block of data x fsdp (all of expert, context, tensor) is one slice ...
+  assert (slice_of == slice_of[..., :1, :1, :1]).all()
   dcn_axis = 0 if "dcn_data" in dcn else 1
   halves = np.split(slice_of, 2, axis=dcn_axis)
   assert [np.unique(h).tolist() for h in halves] == [[0], [1]]  # ... slices along the dcn axis.
@@ -226,3 +234,18 @@ def test_bad_context_parallel_configs_are_user_errors():
     validate(gpt)
   gpt.data.seq_len = 32
   validate(gpt)
+
+
+@pytest.mark.parametrize("model, expert, message", [
+    ({}, 2, "model.num_experts=0"),
+    ({"num_experts": 4, "moe_dispatch": "capacity"}, 3, "does not divide model.num_experts=4"),
+    ({"num_experts": 4}, 2, "needs model.moe_dispatch=capacity"),
+    ({"num_experts": 4, "moe_dispatch": "capacity"}, -1, "must be a positive size"),
+])
+def test_bad_expert_parallel_configs_are_user_errors(model, expert, message):
+  from bigmodel.config import validate  # pylint: disable=g-import-not-at-top
+  from model_fixtures import tiny_config  # pylint: disable=g-import-not-at-top
+  config = tiny_config("llama", **model)
+  config.mesh.expert = expert
+  with pytest.raises(UserError, match=message):
+    validate(config)

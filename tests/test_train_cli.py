@@ -23,7 +23,7 @@ TINY = ["--config=configs/gpt.py:tiny"]
     (["--config.train.stepz=3"], "unknown config key --config.train.stepz; did you mean train.steps"),
     (["--config.train.steps=abc"], "--config.train.steps=abc"),
     (["--config.model.num_heads=3"], "model.num_heads=3 does not divide model.embed_dim=256"),
-    (["--config.mesh.data=3"], "mesh data=3, fsdp=1, context=1, tensor=1 has 3 devices but 1 are available"),
+    (["--config.mesh.data=3"], "mesh data=3, fsdp=1, expert=1, context=1, tensor=1 has 3 devices but 1 are available"),
     (["--config.data.paths=/nonexistent/corpus"], "/nonexistent/corpus"),
     (["--config.model.remat=sometimes"], "--config.model.remat='sometimes' is not one of"),
     (["--config.data.seq_len=512"], "exceeds model.max_len=256"),

@@ -10,11 +10,14 @@ token is dropped:
 * ``dropless`` (default): the U x k assignments are sorted by expert and
   each expert multiplies exactly its tokens, through ``jax.lax.ragged_dot``
   (grouped matmul: MegaBlocks, MaxText's sparse matmul);
-* ``capacity``: each expert takes at most Q = ceil(capacity_factor x U x k / X)
+* ``capacity``: the tokens split into G groups, one per batch shard of the
+  mesh (1 on one device); in each group an expert takes at most
+  Q = ceil(capacity_factor x T x k / X) of the group's T tokens'
   assignments, in token order (Switch Transformer, GShard); the rest are
   dropped (their share is reported), and experts run as one batched matmul
-  [X, Q, D] x [X, D, F], the layout that an ``expert`` mesh axis shards
-  with all-to-all dispatch.
+  [G, X, Q, D] x [X, D, F]. With an ``expert`` mesh axis (``mesh.expert``)
+  the experts' weights split over it and the [G, X, Q, D] inputs move from
+  their groups' devices to their experts' by all-to-all, and back.
 
 Auxiliary losses, sown into the ``intermediates`` collection as
 ``moe_load_balance`` (Switch: X * sum_x f_x * P_x, f the share of
@@ -22,19 +25,23 @@ assignments, P the mean router probability; 1 when routing is uniform, its
 minimum for balanced use) and ``moe_router_z`` (ST-MoE: the mean squared
 log-sum-exp of the router logits), with ``moe_dropped`` (share of
 assignments dropped). Shape letters as in ``bigmodel.models``, plus
-U tokens (B x L), X experts, A assignments (U x k), Q expert capacity.
+U tokens (B x L), X experts, A assignments (U x k, or T x k in a group),
+G token groups, T tokens in a group (U / G), Q expert capacity.
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, Mapping
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 
 from bigmodel.errors import UserError
-from bigmodel.models.layers import ACTIVATIONS, Dtype, Mlp, logical_init
+from bigmodel.models.layers import ACTIVATIONS, Dtype, Mlp, constrain, logical_init
+from bigmodel.sharding import axes_size
 
 ROUTERS = ("softmax", "sigmoid")
 DISPATCHES = ("dropless", "capacity")
@@ -144,9 +151,11 @@ class MoeMlp(nn.Module):
                             ("exp", "mlp", "embed"))
     experts = (wi_XxDxF, wi_lin_XxDxF, wo_XxFxD)
     if self.dispatch == "dropless":
-      y_UxD = self._dropless(x_UxD, gates_Uxk, experts_Uxk, *experts)
+      y_UxD = self._dropless(x_UxD, gates_Uxk, experts_Uxk, *experts,
+                             token_axes=_token_axes(b, length))
     else:
-      y_UxD = self._capacity(x_UxD, gates_Uxk, experts_Uxk, *experts)
+      y_UxD = self._capacity(x_UxD, gates_Uxk, experts_Uxk, *experts,
+                             groups=_token_groups(b))
     if self.num_shared_experts:
       y_UxD = y_UxD + Mlp(self.hidden_dim * self.num_shared_experts, self.activation,
                           self.gated, use_bias=False, dtype=self.dtype,
@@ -171,43 +180,131 @@ class MoeMlp(nn.Module):
       h = h * matmul(h_in, wi_lin)
     return matmul(h, wo)
 
-  def _dropless(self, x_UxD, gates_Uxk, experts_Uxk, wi, wi_lin, wo) -> jax.Array:
-    """Every assignment computed: sorted by expert, grouped matmuls."""
-    u, k = experts_Uxk.shape
-    experts_A = experts_Uxk.ravel()
-    order_A = jnp.argsort(experts_A, stable=True)
-    tokens_A = order_A // k  # The token of each sorted assignment.
-    sizes_X = jnp.bincount(experts_A, length=self.num_experts).astype(jnp.int32)
-    sorted_x_AxD = x_UxD[tokens_A]
+  def _dropless(self, x_UxD, gates_Uxk, experts_Uxk, wi, wi_lin, wo, token_axes) -> jax.Array:
+    """Every assignment computed: sorted by expert, grouped matmuls.
 
-    def matmul(lhs, rhs):
-      return jax.lax.ragged_dot(lhs, rhs, sizes_X, preferred_element_type=jnp.float32
-                                ).astype(self.dtype)
-    out_AxD = self._expert_mlp(sorted_x_AxD, wi, wi_lin, wo, matmul)
-    gate_A = gates_Uxk.ravel()[order_A].astype(out_AxD.dtype)
+    On a mesh each device sorts and runs its own tokens (``shard_map`` over
+    the ``token_axes`` that split them): XLA cannot split a sort or a grouped
+    matmul over tokens and would run every token on every device. Inside,
+    the experts' model width is gathered (rematerialised in the backward
+    pass, whose gradients reduce-scatter: FSDP), their hidden width stays
+    split over the tensor axis (the outputs summed over it: Megatron).
+    """
+    k = experts_Uxk.shape[1]
+    weights = (wi, wi_lin, wo)
+    names = (("exp", "embed", "mlp"), ("exp", "embed", "mlp"), ("exp", "mlp", "embed"))
+    specs = [_split_spec(w.shape, n) if w is not None else None
+             for w, n in zip(weights, names)] if token_axes else [None] * 3
+
+    def local(x_TxD, gates_Txk, experts_Txk, *weights):
+      if token_axes:
+        weights = [None if w is None else _gather(w, tuple(spec), ("mlp",), n)
+                   for w, spec, n in zip(weights, specs, names)]
+      experts_A = experts_Txk.ravel()
+      order_A = jnp.argsort(experts_A, stable=True)
+      tokens_A = order_A // k  # The token of each sorted assignment.
+      sizes_X = jnp.bincount(experts_A, length=self.num_experts).astype(jnp.int32)
+
+      def matmul(lhs, rhs):
+        return jax.lax.ragged_dot(lhs, rhs, sizes_X, preferred_element_type=jnp.float32
+                                  ).astype(self.dtype)
+      out_AxD = self._expert_mlp(x_TxD[tokens_A], *weights, matmul)
+      gate_A = gates_Txk.ravel()[order_A].astype(out_AxD.dtype)
+      y_TxD = jnp.zeros(x_TxD.shape, out_AxD.dtype).at[tokens_A].add(out_AxD * gate_A[:, None])
+      hidden_axes = specs[0][2] if token_axes else None
+      return jax.lax.psum(y_TxD, hidden_axes) if hidden_axes else y_TxD
+
     self.sow("intermediates", "moe_dropped", jnp.float32(0.0))
-    return jnp.zeros((u, x_UxD.shape[1]), out_AxD.dtype).at[tokens_A].add(
-        out_AxD * gate_A[:, None])
+    if not token_axes:
+      return local(x_UxD, gates_Uxk, experts_Uxk, *weights)
+    tokens = P(token_axes)
+    return jax.shard_map(
+        local, mesh=jax.sharding.get_abstract_mesh(),
+        in_specs=(tokens, tokens, tokens, *(None if s is None else P(*s) for s in specs)),
+        out_specs=tokens)(x_UxD, gates_Uxk, experts_Uxk, *weights)
 
-  def _capacity(self, x_UxD, gates_Uxk, experts_Uxk, wi, wi_lin, wo) -> jax.Array:
-    """At most Q assignments per expert, in token order; the rest dropped."""
+  def _capacity(self, x_UxD, gates_Uxk, experts_Uxk, wi, wi_lin, wo, groups) -> jax.Array:
+    """At most Q assignments per expert and token group, in token order; the
+    rest dropped. Experts split over the ``expert`` mesh axis get their
+    inputs by all-to-all (the sharding constraints below; GShard)."""
     u, k = experts_Uxk.shape
-    capacity = max(1, math.ceil(self.capacity_factor * u * k / self.num_experts))
-    onehot_AxX = jax.nn.one_hot(experts_Uxk.ravel(), self.num_experts, dtype=jnp.int32)
-    slot_AxX = jnp.cumsum(onehot_AxX, axis=0) * onehot_AxX - 1  # Place in its expert's queue.
-    slot_A = slot_AxX.max(-1)
-    kept_A = slot_A < capacity
-    self.sow("intermediates", "moe_dropped", 1.0 - kept_A.mean())
-    # dispatch [A, X, Q]: 1 where assignment a sits in slot q of expert x.
-    dispatch_AxXxQ = (onehot_AxX[:, :, None] * jax.nn.one_hot(
-        jnp.where(kept_A, slot_A, capacity), capacity, dtype=jnp.int32)[:, None, :])
-    dispatch_AxXxQ = dispatch_AxXxQ.astype(self.dtype)
-    x_AxD = jnp.repeat(x_UxD, k, axis=0)
-    expert_in_XxQxD = jnp.einsum("axq,ad->xqd", dispatch_AxXxQ, x_AxD)
+    # One group has nothing to place: no constraints (nor could 1 row split).
+    shard = constrain if groups > 1 else lambda x, axes: x
+    tokens = u // groups  # T: tokens per group.
+    capacity = max(1, math.ceil(self.capacity_factor * tokens * k / self.num_experts))
+    onehot_GxAxX = jax.nn.one_hot(experts_Uxk.reshape(groups, tokens * k), self.num_experts,
+                                  dtype=jnp.int32)
+    # Place in its expert's queue, counted within the group (no cross-device scan).
+    slot_GxA = (jnp.cumsum(onehot_GxAxX, axis=1) * onehot_GxAxX - 1).max(-1)
+    kept_GxA = slot_GxA < capacity
+    self.sow("intermediates", "moe_dropped", 1.0 - kept_GxA.mean())
+    # dispatch [G, A, X, Q]: 1 where assignment a sits in slot q of expert x.
+    dispatch_GxAxXxQ = (onehot_GxAxX[..., None] * jax.nn.one_hot(
+        jnp.where(kept_GxA, slot_GxA, capacity), capacity, dtype=jnp.int32)[:, :, None, :])
+    dispatch_GxAxXxQ = shard(dispatch_GxAxXxQ.astype(self.dtype), ("batch", None, None, None))
+    x_GxAxD = jnp.repeat(x_UxD, k, axis=0).reshape(groups, tokens * k, -1)
+    expert_in_GxXxQxD = jnp.einsum("gaxq,gad->gxqd", dispatch_GxAxXxQ, x_GxAxD)
+    # The all-to-all: from each batch shard's groups to each expert's devices.
+    expert_in_GxXxQxD = shard(expert_in_GxXxQxD, ("moe_group", "exp", None, "act_embed"))
 
     def matmul(lhs, rhs):
-      return jnp.einsum("xqd,xdf->xqf", lhs, rhs)
-    expert_out_XxQxD = self._expert_mlp(expert_in_XxQxD, wi, wi_lin, wo, matmul)
-    out_AxD = jnp.einsum("axq,xqd->ad", dispatch_AxXxQ, expert_out_XxQxD)
-    out_AxD = out_AxD * gates_Uxk.ravel()[:, None].astype(out_AxD.dtype)
+      return jnp.einsum("gxqd,xdf->gxqf", lhs, rhs)
+    expert_out_GxXxQxD = self._expert_mlp(expert_in_GxXxQxD, wi, wi_lin, wo, matmul)
+    expert_out_GxXxQxD = shard(expert_out_GxXxQxD, ("moe_group", "exp", None, "act_embed"))
+    # And back: the outputs to their tokens' batch shards.
+    expert_out_GxXxQxD = shard(expert_out_GxXxQxD, ("batch", None, None, "act_embed"))
+    out_GxAxD = jnp.einsum("gaxq,gxqd->gad", dispatch_GxAxXxQ, expert_out_GxXxQxD)
+    out_AxD = out_GxAxD.reshape(u * k, -1) * gates_Uxk.ravel()[:, None].astype(out_GxAxD.dtype)
     return out_AxD.reshape(u, k, -1).sum(1)
+
+
+def _split_spec(shape: tuple[int, ...], names: tuple[str, ...]) -> list:
+  """The mesh axes of more than one device (or None) that split each
+  dimension of a parameter of ``shape`` with logical ``names``, as
+  ``sharding.logical_to_shardings`` places it (a dimension they do not
+  divide stays whole)."""
+  mesh = jax.sharding.get_abstract_mesh()
+  spec = []
+  for dim, axes in zip(shape, nn.logical_to_mesh_axes(names)):
+    axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
+    axes = tuple(a for a in axes if mesh.shape[a] > 1)
+    spec.append(axes if axes and dim % axes_size(mesh, axes) == 0 else None)
+  return spec
+
+
+@functools.partial(jax.checkpoint, static_argnums=(1, 2, 3))
+def _gather(w: jax.Array, spec: tuple, keep: tuple, names: tuple) -> jax.Array:
+  """Inside ``shard_map``: the whole of ``w`` but the dimensions whose logical
+  name is in ``keep``, all-gathered (recomputed in the backward pass, not kept)."""
+  for dim, (axes, name) in enumerate(zip(spec, names)):
+    if axes and name not in keep:
+      w = jax.lax.all_gather(w, axes, axis=dim, tiled=True)
+  return w
+
+
+def _token_axes(batch_size: int, length: int) -> tuple[str, ...]:
+  """The mesh axes (of more than one device) that split the U = B x L tokens
+  as the rules split batch and length (those that divide them), in the
+  order that flattening [B, L] keeps; () outside a mesh."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty:
+    return ()
+  token_axes = []
+  for name, size in (("batch", batch_size), ("length", length)):
+    axes = nn.logical_to_mesh_axes((name,))[0]
+    axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
+    if size % axes_size(mesh, axes) == 0:
+      token_axes += [a for a in axes if mesh.shape[a] > 1]
+  return tuple(token_axes)
+
+
+def _token_groups(batch_size: int) -> int:
+  """G, the token groups the capacity path routes in: one per batch shard of
+  the mesh in use (so each device places its own tokens, and only the
+  experts' all-to-all crosses devices), 1 outside a mesh or when the shards
+  do not divide the batch. Capacity counts per group, as in GShard."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty:
+    return 1
+  groups = axes_size(mesh, nn.logical_to_mesh_axes(("batch",))[0])
+  return groups if batch_size % groups == 0 else 1
