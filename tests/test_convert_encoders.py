@@ -234,3 +234,10 @@ def test_a_t5_mlp_hf_cannot_express_is_refused_on_export():
                       mlp_dim=4, max_len=8, mlp_activation="gelu_exact", t5_mlp_gated=False)
   with pytest.raises(UserError, match=r"^HF T5 has no gelu_exact MLP \(feed_forward_proj: "):
     t5.hf_config(model)
+
+
+def test_a_switch_t5_is_refused_on_export():
+  model = ModelConfig(family="t5", vocab_size=8, num_layers=1, num_heads=1, embed_dim=4,
+                      mlp_dim=4, max_len=8, num_experts=4, experts_per_token=1)
+  with pytest.raises(UserError, match=r"^model.num_experts=4: HF T5 has dense MLPs only"):
+    t5.hf_config(model)

@@ -139,12 +139,19 @@ def test_the_auxiliary_losses_join_the_training_loss_not_evaluation():
   np.testing.assert_allclose(value(unrolled_extras, "moe_router_z"), router_z, rtol=1e-5)
 
 
-def test_a_train_step_logs_the_router_and_lowers_the_loss():
-  config, model = _moe_decoder(moe_dispatch="capacity", moe_capacity_factor=1.0)
+@pytest.mark.parametrize("family", ["llama", "t5"])
+def test_a_train_step_logs_the_router_and_lowers_the_loss(family):
+  """A decoder with 4 experts, top 2, and a Switch T5 (top 1, every encoder and
+  decoder MLP a mixture), both with capacity 1.0."""
+  top_k = 1 if family == "t5" else 2
+  config = tiny_config(family, num_experts=4, experts_per_token=top_k, moe_dispatch="capacity",
+                       moe_capacity_factor=1.0)
+  validate(config)
+  model = build_model(config.model)
   config.optim.update(warmup_steps=0, learning_rate=1e-2)
   optimizer, schedule = make_optimizer(config.optim, 10)
   mesh = sharding.make_mesh(config.mesh, jax.devices()[:1])
-  batch = random_family_batch("llama", 4, 32, 128)
+  batch = random_family_batch(family, 4, 32, 128)
   with sharding.activate(mesh):
     state, shardings = create_sharded_state(config, model, optimizer, mesh)
     step = jit_train_step(model, optimizer, schedule, 1, mesh, shardings,
@@ -157,8 +164,21 @@ def test_a_train_step_logs_the_router_and_lowers_the_loss():
   assert {"moe_load_balance", "moe_router_z", "moe_dropped"} <= set(metrics)
   assert 0.0 <= float(metrics["moe_dropped"]) < 0.5  # Capacity 1.0 drops some, not most.
   assert losses[-1] < losses[0]
-  # Every expert's kernels got updates (the router spreads the tokens).
-  assert state.params["blocks"]["moe"]["wi"].shape == (2, 4, 64, 128)
+  stacks = ([state.params["encoder"]["blocks"], state.params["decoder"]["blocks"]]
+            if family == "t5" else [state.params["blocks"]])
+  for blocks in stacks:  # [layers, experts, D, F] kernels where the MLP was.
+    assert blocks["moe"]["wi"].shape == (2, 4, 64, 128) and "mlp" not in blocks
+  c = ModelConfig.from_config(config.model)
+  # FLOPs count the router and the k experts a token runs, not all 4.
+  lengths = ({"encoder_inputs": 32, "decoder_inputs": 32} if family == "t5"
+             else {"inputs": 32})
+  dense = ModelConfig.from_config(tiny_config(family).model)
+  f = families.get(c.family)
+  layers = c.num_layers + (c.num_decoder_layers or c.num_layers if family == "t5" else 0)
+  tokens_per_layer = 32
+  extra = layers * tokens_per_layer * 2 * (
+      c.embed_dim * 4 + (top_k - 1) * 3 * c.embed_dim * c.mlp_dim)
+  assert f.forward_flops(c, lengths) == f.forward_flops(dense, lengths) + extra
 
 
 def test_flops_count_the_experts_a_token_runs():

@@ -71,6 +71,9 @@ def hf_config(m: ModelConfig) -> dict[str, Any]:
                     "tanh GELU)")
   if m.num_kv_heads not in (0, m.num_heads):
     raise UserError("HF T5 needs num_kv_heads = num_heads")
+  if m.num_experts:
+    raise UserError(f"model.num_experts={m.num_experts}: HF T5 has dense MLPs only (a mixture "
+                    "of experts in T5 is SwitchTransformers, which this export does not write)")
   return {
       "architectures": [ARCHITECTURE], "model_type": MODEL_TYPE,
       "is_encoder_decoder": True, "vocab_size": m.vocab_size, "d_model": m.embed_dim,

@@ -45,10 +45,7 @@ class GptFamily(Family):
       "attn_softcap": 0.0, "final_softcap": 0.0, "rope_scaling": "none",
       "rope_scaling_factor": 1.0, "rope_original_max_len": 0, "rope_low_freq_factor": 1.0,
       "rope_high_freq_factor": 4.0, "rope_yarn_beta_fast": 32.0, "rope_yarn_beta_slow": 1.0,
-      "rope_attention_factor": 0.0, "rope_local_theta": 0.0,
-      "num_experts": 0, "experts_per_token": 2, "moe_mlp_dim": 0, "moe_router": "softmax",
-      "moe_normalize_top_k": True, "moe_dispatch": "dropless", "moe_capacity_factor": 1.25,
-      "moe_shared_experts": 0, "moe_load_balance_weight": 0.01, "moe_router_z_weight": 0.001,
+      "rope_attention_factor": 0.0, "rope_local_theta": 0.0, **moe.OPTIONS,
   }
 
   def validate(self, model_cfg):
@@ -182,8 +179,10 @@ class BertFamily(Family):
 class T5Family(Family):
   """Encoder-decoder: encoder input right-padded, decoding from a start token."""
   name, module, positions, hf_name_map = "t5", T5, ("relative",), "t5"
+  # num_experts > 0: every encoder and decoder MLP a mixture of experts
+  # (Switch Transformer: top 1, capacity dispatch).
   options = {"num_decoder_layers": 0, "relative_buckets": 32, "relative_max_distance": 128,
-             "t5_mlp_gated": True}
+             "t5_mlp_gated": True, **moe.OPTIONS}
   token_keys = ("encoder_inputs", "decoder_inputs")
   encoder_decoder = generates = True
   methods = ("__call__", "encode", "decode")
@@ -193,6 +192,9 @@ class T5Family(Family):
     for key in ("relative_buckets", "relative_max_distance"):
       if model_cfg.get(key, self.options[key]) <= 0:
         raise UserError(f"model.{key} must be positive, got {model_cfg[key]}")
+    m = {**self.options, **self.options_of(model_cfg)}
+    if m["num_experts"]:
+      moe.validate(m)
 
   def example_inputs(self, c, seq_len):
     tokens = jnp.zeros((1, seq_len), jnp.int32)
@@ -222,11 +224,11 @@ class T5Family(Family):
     # positions) and the logits.
     e, t = lengths["encoder_inputs"], lengths["decoder_inputs"]
     qo_weights, kv_weights = projection_weights(c)
-    mlp_weights = (3 if c.t5_mlp_gated else 2) * c.embed_dim * c.mlp_dim  # wi(, wi_linear), wo
-    encoder = c.num_layers * (e * 2 * (qo_weights + kv_weights + mlp_weights)
+    mlp = mlp_weights(c)  # wi(, wi_linear), wo; or a token's experts and the router.
+    encoder = c.num_layers * (e * 2 * (qo_weights + kv_weights + mlp)
                               + score_flops(c, e, e, causal=False))
     decoder = (c.num_decoder_layers or c.num_layers) * (
-        t * 2 * (2 * qo_weights + kv_weights + mlp_weights)  # self q,k,v,o; cross q,o; MLP
+        t * 2 * (2 * qo_weights + kv_weights + mlp)  # self q,k,v,o; cross q,o; MLP
         + e * 2 * kv_weights                                   # cross k, v
         + score_flops(c, t, t, causal=True) + score_flops(c, t, e, causal=False))
     return float(encoder + decoder + t * 2 * c.embed_dim * c.vocab_size)

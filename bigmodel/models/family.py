@@ -38,13 +38,13 @@ def projection_weights(c: ModelConfig) -> tuple[int, int]:
 
 
 def mlp_matrices(c: ModelConfig) -> int:
-  """D x F matrices of one decoder MLP: wi and wo, plus wi_linear when gated."""
-  return 3 if c.mlp_gated else 2
+  """D x F matrices of one MLP: wi and wo, plus wi_linear when gated."""
+  return 3 if c.gated_mlp else 2
 
 
 def mlp_weights(c: ModelConfig, active: bool = True) -> int:
-  """Weights of one decoder layer's MLP: D x F matrices, or a mixture of
-  experts' (with ``active``, those one token runs: ``moe.layer_weights``)."""
+  """Weights of one layer's MLP: D x F matrices, or a mixture of experts'
+  (with ``active``, those one token runs: ``moe.layer_weights``)."""
   if c.num_experts:
     return moe.layer_weights(c, active)
   return mlp_matrices(c) * c.embed_dim * c.mlp_dim

@@ -43,6 +43,13 @@ from bigmodel.errors import UserError
 from bigmodel.models.layers import ACTIVATIONS, Dtype, Mlp, constrain, logical_init
 from bigmodel.sharding import axes_size
 
+# The model.* options of a mixture of experts, and their defaults (options of
+# every family with expert layers: gpt and t5).
+OPTIONS = {
+    "num_experts": 0, "experts_per_token": 2, "moe_mlp_dim": 0, "moe_router": "softmax",
+    "moe_normalize_top_k": True, "moe_dispatch": "dropless", "moe_capacity_factor": 1.25,
+    "moe_shared_experts": 0, "moe_load_balance_weight": 0.01, "moe_router_z_weight": 0.001,
+}
 ROUTERS = ("softmax", "sigmoid")
 DISPATCHES = ("dropless", "capacity")
 # What a layer sows, by name (the training loss adds the first two, weighted
@@ -52,7 +59,7 @@ AUX_NAMES = ("moe_load_balance", "moe_router_z", "moe_dropped")
 
 def validate(m: Mapping[str, Any]) -> None:
   """UserError (one line) for a bad ``model.num_experts`` > 0 setting (``m``: the
-  gpt family's options)."""
+  family's options)."""
   if not 1 <= m["experts_per_token"] <= m["num_experts"]:
     raise UserError(f"model.experts_per_token={m['experts_per_token']} must be in [1, "
                     f"model.num_experts={m['num_experts']}]")
@@ -61,7 +68,7 @@ def validate(m: Mapping[str, Any]) -> None:
   if m["moe_dispatch"] not in DISPATCHES:
     raise UserError(f"model.moe_dispatch={m['moe_dispatch']!r} is not one of: "
                     f"{', '.join(DISPATCHES)}")
-  if m["mlp_bias"]:
+  if m.get("mlp_bias"):
     raise UserError("model.num_experts > 0 needs model.mlp_bias=False (experts have no biases)")
   if m["moe_capacity_factor"] <= 0:
     raise UserError(f"model.moe_capacity_factor must be positive, got "
@@ -70,10 +77,10 @@ def validate(m: Mapping[str, Any]) -> None:
 
 def from_config(c, name: str = "moe") -> "MoeMlp":
   """The MoE MLP of a ``ModelConfig`` with ``num_experts`` > 0 (its experts
-  gated like the dense MLP would be, with its activation)."""
+  gated like the family's dense MLP would be, with its activation)."""
   return MoeMlp(num_experts=c.num_experts, top_k=c.experts_per_token,
                 hidden_dim=c.moe_mlp_dim or c.mlp_dim, activation=c.mlp_activation,
-                gated=c.mlp_gated, router=c.moe_router, normalize_top_k=c.moe_normalize_top_k,
+                gated=c.gated_mlp, router=c.moe_router, normalize_top_k=c.moe_normalize_top_k,
                 dispatch=c.moe_dispatch, capacity_factor=c.moe_capacity_factor,
                 num_shared_experts=c.moe_shared_experts, dtype=c.dtype,
                 param_dtype=c.param_dtype, name=name)
@@ -83,7 +90,7 @@ def layer_weights(c, active: bool = True) -> int:
   """Weights of one MoE layer: the router, then with ``active`` the
   ``experts_per_token`` experts a token runs (what FLOPs and MFU count),
   else all experts; and the shared experts."""
-  matrices = 3 if c.mlp_gated else 2
+  matrices = 3 if c.gated_mlp else 2
   experts = (c.experts_per_token if active else c.num_experts) + c.moe_shared_experts
   return c.embed_dim * c.num_experts + experts * matrices * c.embed_dim * (c.moe_mlp_dim
                                                                           or c.mlp_dim)

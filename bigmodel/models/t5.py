@@ -3,7 +3,9 @@
 RMSNorm without bias, pre-norm blocks, a gated-GELU MLP (``t5_mlp_gated=False``:
 original T5's ungated one), no biases in dense layers, unscaled attention
 scores (the scale is folded into the query initialisation), a shared input
-embedding and an untied output projection.
+embedding and an untied output projection. ``num_experts`` > 0 makes every
+encoder and decoder MLP a mixture of experts (``models/moe.py``; Switch
+Transformer routes each token to its top 1 with a capacity).
 """
 from typing import Optional
 
@@ -11,6 +13,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from bigmodel.models import moe
 from bigmodel.models.config import ModelConfig
 from bigmodel.models.layers import (DECODE, TRAIN, DenseGeneral, KVCache, MultiHeadAttention, Mlp,
                                     RelativePositionBias, check_mode, constrain, make_embed,
@@ -32,7 +35,10 @@ def _attention(c: ModelConfig, name: str, mode: str = TRAIN,
       param_dtype=c.param_dtype, name=name)
 
 
-def _mlp(c: ModelConfig) -> Mlp:
+def _mlp(c: ModelConfig) -> nn.Module:
+  """The dense MLP, or with ``num_experts`` > 0 a mixture of experts (Switch)."""
+  if c.num_experts:
+    return moe.from_config(c)
   return Mlp(c.mlp_dim, activation=c.mlp_activation, gated=c.t5_mlp_gated, use_bias=False,
              dropout_rate=c.dropout_rate, dtype=c.dtype, param_dtype=c.param_dtype, name="mlp")
 
