@@ -252,10 +252,14 @@ def base_config() -> ml_collections.ConfigDict:
   # In-slice sizes; dcn_*: slices along data / fsdp (multi-slice TPU, -1 = the rest).
   # context: devices that split each sequence (context parallelism; attention by
   # model.context_attention), decoder and encoder families without T5's bias.
-  # expert: devices that split each layer's experts (expert parallelism,
-  # all-to-all dispatch; model.moe_dispatch=capacity); they split the batch too.
+  # context_balance: a causal decoder's training rows reordered so each of
+  # those devices holds an early and a late chunk (even causal work; the ring
+  # skips wholly masked blocks). expert: devices that split each layer's
+  # experts (expert parallelism, all-to-all dispatch; model.moe_dispatch=
+  # capacity); they split the batch too.
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, expert=1, context=1, tensor=1,
-                                          dcn_data=1, dcn_fsdp=1, rules=""))
+                                          dcn_data=1, dcn_fsdp=1, rules="",
+                                          context_balance=True))
 
   c.checkpoint = ml_collections.ConfigDict(dict(
       save_every=0,       # Steps between saves; 0 = only at the end and on SIGTERM.
@@ -401,6 +405,11 @@ def validate(config) -> None:
   if context > 1 and config.data.seq_len % context:
     raise UserError(f"mesh.context={context} does not divide data.seq_len="
                     f"{config.data.seq_len}")
+  if (context > 1 and config.mesh.get("context_balance", True)
+      and families.get(m.family).is_causal_lm and config.data.seq_len % (2 * context)):
+    raise UserError(f"mesh.context_balance gives each of the mesh.context={context} devices two "
+                    f"chunks: data.seq_len={config.data.seq_len} must be a multiple of "
+                    f"{2 * context} (or set mesh.context_balance=False)")
   _validate_expert_axis(config)
   if not m.head_dim and m.embed_dim % m.num_heads:
     raise UserError(f"model.num_heads={m.num_heads} does not divide model.embed_dim={m.embed_dim}"

@@ -26,6 +26,7 @@ from absl import app
 from absl import flags
 import ml_collections
 
+from bigmodel import comms
 from bigmodel import flops
 from bigmodel import memory
 from bigmodel import sharding
@@ -53,6 +54,17 @@ class Plan:
   step_seconds: Optional[float]      # At the given MFU; None without a peak.
   problems: tuple[str, ...]          # Why the trainer would refuse this layout.
   attention: str                     # The attention implementation it runs.
+  dcn: dict[str, int] = dataclasses.field(default_factory=dict)  # Slices along data / fsdp.
+  collectives: tuple[comms.Collective, ...] = ()
+  # Seconds on the wire per step, {"ici": ..., "dcn": ...}; None without bandwidths.
+  comm_seconds: Optional[dict[str, float]] = None
+
+  @property
+  def bound_seconds(self) -> Optional[float]:
+    """The step's lower bound: compute and each network fully overlapped."""
+    if self.step_seconds is None or self.comm_seconds is None:
+      return None
+    return max(self.step_seconds, *self.comm_seconds.values())
 
   @property
   def fits(self) -> bool:
@@ -60,17 +72,18 @@ class Plan:
                                   or self.memory.total <= self.device_memory)
 
 
-def parse_bytes(text: str) -> float:
-  """"95GB", "80GiB", "1.5e11" -> bytes (GB = 1e9, GiB = 2**30)."""
+def parse_bytes(text: str, flag: str = "--device_memory") -> float:
+  """"95GB", "80GiB", "1.5e11" -> bytes (GB = 1e9, GiB = 2**30); ``flag``
+  names the option in the error."""
   match = re.fullmatch(r"\s*([0-9.]+(?:[eE][0-9]+)?)\s*([A-Za-z]*)\s*", text)
   if not match or match.group(2).upper() not in _UNITS:
-    raise UserError(f"--device_memory={text!r}: expected a size such as 95GB or 80GiB")
+    raise UserError(f"{flag}={text!r}: expected a size such as 95GB or 80GiB")
   try:
     value = float(match.group(1)) * _UNITS[match.group(2).upper()]
   except ValueError:
-    raise UserError(f"--device_memory={text!r}: expected a size such as 95GB or 80GiB") from None
+    raise UserError(f"{flag}={text!r}: expected a size such as 95GB or 80GiB") from None
   if value <= 0:
-    raise UserError(f"--device_memory={text!r} must be positive")
+    raise UserError(f"{flag}={text!r} must be positive")
   return value
 
 
@@ -121,10 +134,21 @@ def layout_problems(config, mesh_shape: dict[str, int]) -> tuple[str, ...]:
   return tuple(problems)
 
 
+@dataclasses.dataclass(frozen=True)
+class Network:
+  """What the step's collectives are priced with: slices and bandwidths
+  (bytes/s per device; None: bytes only)."""
+  slices: int = 1
+  ici_bandwidth: Optional[float] = None
+  dcn_bandwidth: Optional[float] = None
+
+
 def make_plan(config, mesh_shape: dict[str, int], device_memory: Optional[float] = None,
               peak_tflops: Optional[float] = None, mfu: float = 0.5,
-              platform: str = "gpu") -> Plan:
-  """The plan of ``config`` (its batch and ``optim.grad_accum``) on ``mesh_shape``.
+              platform: str = "gpu", dcn: Optional[dict[str, int]] = None,
+              network: Network = Network()) -> Plan:
+  """The plan of ``config`` (its batch and ``optim.grad_accum``) on ``mesh_shape``
+  (global sizes), ``dcn`` the slices along ``data`` and ``fsdp``.
 
   ``platform`` (cpu, gpu, tpu) decides what ``model.attention_impl=auto`` runs.
   """
@@ -135,13 +159,21 @@ def make_plan(config, mesh_shape: dict[str, int], device_memory: Optional[float]
   step_seconds = None
   if peak_tflops:
     step_seconds = step_flops / devices / (peak_tflops * 1e12 * mfu)
+  estimate = memory.estimate(config, mesh_shape, platform)
+  collectives = tuple(comms.step_collectives(config, mesh_shape, estimate, dcn))
+  comm_seconds = None
+  if network.ici_bandwidth:
+    comm_seconds = {"ici": sum(x.ici_bytes for x in collectives) / network.ici_bandwidth,
+                    "dcn": (sum(x.dcn_bytes for x in collectives) / network.dcn_bandwidth
+                            if network.dcn_bandwidth else 0.0)}
   return Plan(mesh=dict(mesh_shape), devices=devices, grad_accum=config.optim.grad_accum,
-              memory=memory.estimate(config, mesh_shape, platform), device_memory=device_memory,
+              memory=estimate, device_memory=device_memory,
               flops_per_step=step_flops,
               recompute_flops_per_step=flops.recompute_flops_per_token(
                   c, config.data.seq_len) * tokens,
               step_seconds=step_seconds, problems=layout_problems(config, mesh_shape),
-              attention=resolve_impl(c.attention_impl, platform))
+              attention=resolve_impl(c.attention_impl, platform), dcn=dict(dcn or {}),
+              collectives=collectives, comm_seconds=comm_seconds)
 
 
 def _divisors(n: int) -> list[int]:
@@ -184,15 +216,43 @@ def candidate_layouts(config, devices: int, max_tensor: int):
               yield mesh, grad_accum
 
 
+def _slice_placements(mesh: dict[str, int], slices: int):
+  """How ``slices`` can split over the mesh's data and fsdp axes, data first
+  (one gradient all-reduce per step crosses slices, not every layer's FSDP
+  gathers); none when neither axis divides into them."""
+  if slices == 1:
+    yield {}
+    return
+  for axis in sharding.DCN_AXES:
+    axis = axis.removeprefix("dcn_")
+    if mesh[axis] % slices == 0:
+      yield {axis: slices}
+
+
 def suggest(config, devices: int, device_memory: float, *, peak_tflops: Optional[float] = None,
-            mfu: float = 0.5, max_tensor: int = 8, platform: str = "gpu") -> Optional[Plan]:
-  """The first layout of ``candidate_layouts`` that fits, or None."""
+            mfu: float = 0.5, max_tensor: int = 8, platform: str = "gpu",
+            network: Network = Network()) -> Optional[Plan]:
+  """The first layout of ``candidate_layouts`` that fits (on several slices,
+  with the slices on data before fsdp), or None. With a peak and an ICI
+  bandwidth the layouts are priced instead: of each mesh's first fitting
+  grad_accum, the one with the shortest ``bound_seconds`` (compute, ICI and
+  DCN time overlapped; the first of equals)."""
+  best, priced_meshes = None, set()
   for mesh, grad_accum in candidate_layouts(config, devices, max_tensor):
-    trial = _with_grad_accum(config, grad_accum)
-    plan = make_plan(trial, mesh, device_memory, peak_tflops, mfu, platform)
-    if plan.fits:
-      return plan
-  return None
+    for dcn in _slice_placements(mesh, network.slices):
+      key = (tuple(mesh.items()), tuple(dcn.items()))
+      if key in priced_meshes:
+        continue
+      plan = make_plan(_with_grad_accum(config, grad_accum), mesh, device_memory, peak_tflops,
+                       mfu, platform, dcn, network)
+      if not plan.fits:
+        continue
+      if plan.bound_seconds is None:
+        return plan
+      priced_meshes.add(key)
+      if best is None or plan.bound_seconds < best.bound_seconds:
+        best = plan
+  return best
 
 
 def fewest_devices(config, devices: int, device_memory: float, **kwargs) -> Optional[Plan]:
@@ -221,7 +281,8 @@ def _gib(num_bytes: float) -> str:
 
 
 def _describe_layout(plan: Plan) -> str:
-  mesh = ", ".join(f"{k}={v}" for k, v in plan.mesh.items())
+  mesh = ", ".join(f"{k}={v}" + (f" ({plan.dcn[k]} slices)" if k in plan.dcn else "")
+                   for k, v in plan.mesh.items())
   return f"mesh {mesh}, optim.grad_accum={plan.grad_accum}"
 
 
@@ -261,21 +322,58 @@ def format_plan(config, plan: Plan, suggestion: Optional[Plan], mfu: float,
     lines.append(f"step time          {plan.step_seconds:.3f} s at {mfu:.0%} MFU of "
                  f"{peak_tflops:g} TFLOP/s ({tokens / plan.step_seconds:,.0f} tokens/s; "
                  f"{config.train.steps} steps in {plan.step_seconds * config.train.steps / 3600:.1f} h)")
+  lines += _format_collectives(plan)
   if plan.device_memory:
     lines.append("")
     if suggestion is None:
       lines.append("suggestion: nothing fits (even on 2^24 times the devices)")
-    elif plan.fits and suggestion.mesh == plan.mesh and suggestion.grad_accum == plan.grad_accum:
-      lines.append("suggestion: this layout is already the least model parallelism that fits")
+    elif (plan.fits and suggestion.mesh == plan.mesh and suggestion.dcn == plan.dcn
+          and suggestion.grad_accum == plan.grad_accum):
+      lines.append("suggestion: this layout is already " + (
+          "the fastest priced layout that fits" if suggestion.bound_seconds is not None
+          else "the least model parallelism that fits"))
     else:
       where = (f"needs at least {suggestion.devices} devices: " if searched_devices
                else "")
+      priced = (f", step >= {suggestion.bound_seconds:.3f} s"
+                if suggestion.bound_seconds is not None else "")
       lines.append(f"suggestion: {where}{_describe_layout(suggestion)} -> "
                    f"{suggestion.memory.total / 2**30:.2f} GiB per device, "
-                   f"{suggestion.memory.micro_batch} sequence(s) per device per micro-batch")
-      flags_text = " ".join(f"--config.mesh.{k}={v}" for k, v in suggestion.mesh.items())
-      lines.append(f"  {flags_text} --config.optim.grad_accum={suggestion.grad_accum}")
+                   f"{suggestion.memory.micro_batch} sequence(s) per device per micro-batch"
+                   f"{priced}")
+      lines.append(f"  {' '.join(_mesh_flags(suggestion))} "
+                   f"--config.optim.grad_accum={suggestion.grad_accum}")
   return "\n".join(lines)
+
+
+def _mesh_flags(plan: Plan) -> list[str]:
+  """The trainer's flags for ``plan``'s mesh: in-slice sizes, then the slices."""
+  flags_text = [f"--config.mesh.{k}={v // plan.dcn.get(k, 1)}" for k, v in plan.mesh.items()]
+  return flags_text + [f"--config.mesh.dcn_{k}={v}" for k, v in plan.dcn.items()]
+
+
+def _format_collectives(plan: Plan) -> list[str]:
+  """The communication section: each collective's bytes per device per step
+  within and across slices, with seconds when bandwidths were given."""
+  if not plan.collectives:
+    return []
+  priced = plan.comm_seconds is not None
+  lines = ["", "communication per device per step  over            ICI GB     DCN GB"
+           + ("  (* crosses slices)" if plan.dcn else "")]
+  for x in plan.collectives:
+    lines.append(f"  {x.what:32} {','.join(x.axes):12} {x.ici_bytes / 1e9:9.3f}  "
+                 f"{x.dcn_bytes / 1e9:9.3f}" + ("  *" if x.crosses_slices else ""))
+  ici = sum(x.ici_bytes for x in plan.collectives)
+  dcn = sum(x.dcn_bytes for x in plan.collectives)
+  lines.append(f"  {'total':32} {'':12} {ici / 1e9:9.3f}  {dcn / 1e9:9.3f}")
+  if priced:
+    bound = plan.bound_seconds
+    lines.append(f"on the wire        ICI {plan.comm_seconds['ici']:.3f} s, DCN "
+                 f"{plan.comm_seconds['dcn']:.3f} s per step"
+                 + (f"; step >= {bound:.3f} s overlapped ("
+                    f"{'compute' if bound == plan.step_seconds else 'communication'}-bound)"
+                    if bound is not None else ""))
+  return lines
 
 
 def plan_to_dict(plan: Optional[Plan]) -> Optional[dict[str, Any]]:
@@ -307,11 +405,15 @@ def inference_params(config, mesh_shape: dict[str, int], weight_bits: int,
 
 def run(config, mesh_text: str, devices: int, device_memory_text: str, peak_text: str,
         mfu: float, max_tensor: int, output_format: str, platform: str = "gpu",
-        weight_bits: int = 0, group_size: int = 0) -> str:
+        weight_bits: int = 0, group_size: int = 0, slices: int = 1,
+        ici_bandwidth_text: str = "", dcn_bandwidth_text: str = "") -> str:
   """The whole command, returning its output; raises ``UserError`` for bad input.
 
   ``weight_bits`` (8 or 4; 0: none): also report the parameter bytes per
   device that generation and evaluation hold for the model quantized so.
+  ``slices``: the devices form that many slices (``mesh.dcn_*`` place them;
+  all on data unless the config says otherwise); the bandwidths (bytes/s
+  per device, e.g. 400GB) price the step's collectives.
   """
   validate(config)
   try:
@@ -327,17 +429,33 @@ def run(config, mesh_text: str, devices: int, device_memory_text: str, peak_text
     raise UserError(f"--max_tensor={max_tensor} must be positive")
   if devices < 0:
     raise UserError(f"--devices={devices} must be positive")
+  if slices < 1:
+    raise UserError(f"--slices={slices} must be positive")
+  network = Network(slices, parse_bytes(ici_bandwidth_text, "--ici_bandwidth")
+                    if ici_bandwidth_text else None,
+                    parse_bytes(dcn_bandwidth_text, "--dcn_bandwidth")
+                    if dcn_bandwidth_text else None)
+  if slices > 1 and network.ici_bandwidth and not network.dcn_bandwidth:
+    raise UserError("--slices > 1 with --ici_bandwidth needs --dcn_bandwidth too (the "
+                    "network between slices)")
   sizes = parse_mesh(mesh_text, config.mesh)
-  if not devices:  # The mesh's own product; an open (-1) axis gets 1.
-    devices = math.prod(s for s in sizes.values() if s > 0)
+  if not devices:  # The mesh's own product (times the slices); an open (-1) axis gets 1.
+    devices = math.prod(s for s in sizes.values() if s > 0) * slices
+  dcn_cfg = {k: int(config.mesh.get(k, 1)) for k in sharding.DCN_AXES}
+  if slices > 1 and math.prod(dcn_cfg.values()) == 1:
+    dcn_cfg["dcn_data"] = -1  # The usual layout: data parallel across slices.
+  mesh_cfg = ml_collections.ConfigDict({**sizes, **dcn_cfg})
   mesh_shape = dict(zip(sharding.MESH_AXES, sharding.resolve_mesh_shape(
-      ml_collections.ConfigDict(sizes), devices)))
+      mesh_cfg, devices, slices)))
+  dcn = {axis.removeprefix("dcn_"): n for axis, n in zip(
+      sharding.DCN_AXES, sharding.dcn_shape(mesh_cfg, slices)) if n > 1}
   device_memory = parse_bytes(device_memory_text) if device_memory_text else None
   peak_tflops = parse_peak(peak_text)
-  plan = make_plan(config, mesh_shape, device_memory, peak_tflops, mfu, platform)
+  plan = make_plan(config, mesh_shape, device_memory, peak_tflops, mfu, platform, dcn, network)
   suggestion, searched_devices = None, False
   if device_memory:
-    kwargs = dict(peak_tflops=peak_tflops, mfu=mfu, max_tensor=max_tensor, platform=platform)
+    kwargs = dict(peak_tflops=peak_tflops, mfu=mfu, max_tensor=max_tensor, platform=platform,
+                  network=network)
     suggestion = suggest(config, devices, device_memory, **kwargs)
     if suggestion is None:
       suggestion, searched_devices = fewest_devices(config, devices * 2, device_memory,
@@ -379,6 +497,11 @@ def _define_flags():
                        "(bigmodel.quantize); 0: no report.")
   flags.DEFINE_integer("group_size", 0, "With --weight_bits: inputs per scale (0 = per "
                        "output channel).")
+  flags.DEFINE_integer("slices", 1, "Slices the devices form (multi-slice TPU, or hosts "
+                       "joined by the data-centre network); --devices counts all of them.")
+  flags.DEFINE_string("ici_bandwidth", "", "Bytes/s per device within a slice (e.g. 400GB; "
+                      "NVLink, ICI): prices the step's collectives.")
+  flags.DEFINE_string("dcn_bandwidth", "", "Bytes/s per device between slices (e.g. 12.5GB).")
   return config
 
 
@@ -391,7 +514,8 @@ def main(argv, config_flag=None):
   f = flags.FLAGS
   with user_errors_exit():
     print(run(config_flag.value, f.mesh, f.devices, f.device_memory, f.peak_tflops, f.mfu,
-              f.max_tensor, f.format, f.platform, f.weight_bits, f.group_size))
+              f.max_tensor, f.format, f.platform, f.weight_bits, f.group_size, f.slices,
+              f.ici_bandwidth, f.dcn_bandwidth))
 
 
 if __name__ == "__main__":

@@ -57,7 +57,7 @@ from bigmodel.generation.generator import Generator
 from bigmodel.goodput import Timeline
 from bigmodel.lm_eval import training as lm_eval_tasks
 from bigmodel.metrics import MetricsWriter, WandbTracker
-from bigmodel.models import ModelConfig, build_model, families
+from bigmodel.models import ModelConfig, build_model, context_parallel, families
 from bigmodel.optim import make_optimizer
 from bigmodel.pretrained import init_from_pretrained
 from bigmodel.run_lock import RunLock
@@ -150,6 +150,18 @@ def check_batch_layout(config, mesh) -> None:
         f"optim.grad_accum={config.optim.grad_accum}) is not divisible by the data-parallel "
         f"size {dp} (mesh data={mesh.shape['data']} x fsdp={mesh.shape['fsdp']} x "
         f"expert={mesh.shape['expert']})")
+
+
+def _training_rows(config) -> Callable[[dict], dict]:
+  """What the trainer does to each host batch before it goes to the devices:
+  a causal decoder's rows in the causal-balanced order when its sequences
+  split over a context axis (``mesh.context_balance``; evaluation keeps their
+  order: the masks compare positions, so both are exact)."""
+  context = int(config.mesh.get("context", 1))
+  if (context == 1 or not config.mesh.get("context_balance", True)
+      or not families.get(config.model.family).is_causal_lm):
+    return lambda batch: batch
+  return lambda batch: context_parallel.balance_rows(batch, context, config.data.seq_len)
 
 
 _all_finite = jax.jit(all_finite)
@@ -320,7 +332,8 @@ class Trainer:
         eval_fn = jit_eval_step(self.eval_model, mesh, state_shardings.params,
                                 objectives.for_evaluation(config, self.eval_model),
                                 state_shardings.reference)
-        next_batch = lambda: sharding.global_batch(next(self.datasets.train_iter), mesh)  # noqa: E731
+        rows = _training_rows(config)
+        next_batch = lambda: sharding.global_batch(rows(next(self.datasets.train_iter)), mesh)  # noqa: E731
         first_batch = next_batch()
         hooks, log = self._hooks(state, first_batch, eval_fn, writer)
         profiler = StepProfiler(profile_steps(config.train.profile_steps, config.train.steps),

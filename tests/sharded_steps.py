@@ -10,7 +10,11 @@ or the context-parallel attention (``1,1,4,2@all_gather``; default ring),
 ``~N`` for the chunked loss in chunks of N positions (``2,2,2~8``; default full
 logits) and ``#FAMILY`` for the model family (``2,2,2#t5``; default gpt;
 ``#moe``: a Llama-shaped decoder with 4 experts, top 2, capacity dispatch
-with room for every token, or with ``@dropless`` dropless dispatch).
+with room for every token, or with ``@dropless`` dropless dispatch). A
+causal decoder whose sequences split over a context axis gets its rows in
+the causal-balanced order, as the trainer gives them; ``%`` after the
+mesh (``single%``, ``1,1,4,2%``) turns dropout off, whose masks follow the
+rows' order.
 """
 import json
 import os
@@ -23,7 +27,7 @@ import jax  # pylint: disable=wrong-import-position
 import numpy as np  # pylint: disable=wrong-import-position
 
 from bigmodel import objectives, sharding  # pylint: disable=wrong-import-position
-from bigmodel.models import build_model  # pylint: disable=wrong-import-position
+from bigmodel.models import build_model, context_parallel, families  # pylint: disable=wrong-import-position
 from bigmodel.optim import make_optimizer  # pylint: disable=wrong-import-position
 from bigmodel.state import create_sharded_state  # pylint: disable=wrong-import-position
 from bigmodel.train_step import jit_train_step  # pylint: disable=wrong-import-position
@@ -35,6 +39,7 @@ def run(mesh_name: str, steps: int = 3) -> dict:
   mesh_name, _, family = mesh_name.partition("#")
   mesh_name, _, chunk_len = mesh_name.partition("~")
   mesh_name, _, impl = mesh_name.partition("@")
+  mesh_name, no_dropout, _ = mesh_name.partition("%")
   family = family or "gpt"
   moe = {}
   if family == "moe":
@@ -46,7 +51,10 @@ def run(mesh_name: str, steps: int = 3) -> dict:
                        attention_impl="xla" if impl in ("", context_attention) else impl,
                        context_attention=context_attention, loss_chunk_len=int(chunk_len or 0))
   config.optim.name = "adamw"
-  config.model.dropout_rate = 0.1  # Dropout masks must not depend on the mesh either.
+  # Dropout masks must not depend on the mesh either; but a row in the
+  # causal-balanced order drops other tokens than in its own order (``%``:
+  # no dropout, for those runs and their reference).
+  config.model.dropout_rate = 0.0 if no_dropout else 0.1
   config.optim.grad_accum = 2
   if mesh_name == "single":
     devices = jax.devices()[:1]
@@ -58,6 +66,7 @@ def run(mesh_name: str, steps: int = 3) -> dict:
         len(sizes), sharding.MESH_AXES)
     config.mesh.update(dict(zip(axes, sizes)))
   mesh = sharding.make_mesh(config.mesh, devices)
+  balanced = mesh.shape["context"] > 1 and families.get(config.model.family).is_causal_lm
   model = build_model(config.model)
   optimizer, schedule = make_optimizer(config.optim, 100)
   losses = []
@@ -66,9 +75,11 @@ def run(mesh_name: str, steps: int = 3) -> dict:
     step_fn = jit_train_step(model, optimizer, schedule, config.optim.grad_accum, mesh,
                              shardings, objectives.for_config(config))
     for i in range(steps):
-      batch = sharding.global_batch(
-          random_family_batch(family, 16, config.data.seq_len, config.model.vocab_size,
-                              seed=i, num_segments=2), mesh)
+      rows = random_family_batch(family, 16, config.data.seq_len, config.model.vocab_size,
+                                 seed=i, num_segments=2)
+      if balanced:  # As the trainer feeds a context-parallel causal decoder.
+        rows = context_parallel.balance_rows(rows, mesh.shape["context"], config.data.seq_len)
+      batch = sharding.global_batch(rows, mesh)
       if i == 0:
         jaxpr = str(jax.make_jaxpr(step_fn)(state, batch))
         uses_shard_map = "shard_map" in jaxpr
@@ -85,6 +96,7 @@ def run(mesh_name: str, steps: int = 3) -> dict:
       "uses_shard_map": uses_shard_map,
       "context": mesh.shape["context"],
       "context_ring": "ppermute" in jaxpr,
+      "balanced": balanced,
       "expert": mesh.shape["expert"],
       "expert_kernel_spec": str(blocks["moe"]["wi"].sharding.spec) if moe else "",
       "all_to_all": bool(all_to_all),

@@ -41,3 +41,34 @@ def test_the_balanced_order_evens_out_causal_work(devices):
     assert len({int(sum(t + 1 for t in tokens)) for tokens in contiguous}) == devices
   with pytest.raises(ValueError, match="multiple of"):
     balanced_order(30, 4)
+
+
+def test_the_trainer_feeds_context_parallel_causal_decoders_balanced_rows():
+  from bigmodel.train import _training_rows  # pylint: disable=g-import-not-at-top
+  from model_fixtures import random_family_batch, tiny_config  # pylint: disable=g-import-not-at-top
+  config = tiny_config("llama")
+  config.mesh.context = 2
+  rows = random_family_batch("llama", 2, 32, 128, num_segments=2)
+  rows["example_weight"] = np.ones(2, np.float32)  # Not [B, L]: left as it is.
+  balanced = _training_rows(config)(rows)
+  order = balanced_order(32, 2)
+  for key in ("inputs", "targets", "segment_ids", "positions", "loss_mask"):
+    np.testing.assert_array_equal(balanced[key], rows[key][:, order])
+  np.testing.assert_array_equal(balanced["example_weight"], rows["example_weight"])
+  config.mesh.context_balance = False
+  assert _training_rows(config)(rows) is rows
+  bert = tiny_config("bert")  # Bidirectional: nothing to balance.
+  bert.mesh.context = 2
+  assert _training_rows(bert)(rows) is rows
+
+
+def test_a_length_the_balanced_order_cannot_split_is_a_user_error():
+  from bigmodel.config import validate  # pylint: disable=g-import-not-at-top
+  from bigmodel.errors import UserError  # pylint: disable=g-import-not-at-top
+  from model_fixtures import tiny_config  # pylint: disable=g-import-not-at-top
+  config = tiny_config("llama")
+  config.mesh.context, config.data.seq_len = 4, 36  # 4 divides 36, 2 x 4 does not.
+  with pytest.raises(UserError, match="must be a multiple of 8 .or set mesh.context_balance"):
+    validate(config)
+  config.mesh.context_balance = False
+  validate(config)

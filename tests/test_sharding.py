@@ -21,15 +21,17 @@ def test_same_steps_on_one_and_eight_devices():
 
   The Pallas run (interpreted on CPU) must run the kernel per device under
   shard_map rather than gather q, k and v whole; the last run splits each
-  sequence in 4 (context parallelism: a ring of keys and values).
+  sequence in 4 (context parallelism: a ring of keys and values), its rows
+  in the causal-balanced order, so without dropout, against a reference
+  without it.
   """
-  meshes = ["single", "8,1,1", "1,8,1", "2,2,2", "2,2,2@pallas", "1,1,4,2"]
+  meshes = ["single", "8,1,1", "1,8,1", "2,2,2", "2,2,2@pallas", "single%", "1,1,4,2%"]
   out = subprocess.run([sys.executable, os.path.join(_HERE, "sharded_steps.py"), *meshes],
                        capture_output=True, text=True, timeout=600, check=True)
   results = json.loads(out.stdout.strip().splitlines()[-1])
-  reference = results["single"]
-  assert reference["num_shards"] == 1
+  assert results["single"]["num_shards"] == 1
   for mesh in meshes[1:]:
+    reference = results["single%" if "%" in mesh else "single"]
     np.testing.assert_allclose(results[mesh]["losses"], reference["losses"], rtol=1e-5)
     for got, want in zip(results[mesh]["params"], reference["params"]):
       np.testing.assert_allclose(got, want, atol=1e-5)
@@ -40,7 +42,8 @@ def test_same_steps_on_one_and_eight_devices():
   assert results["2,2,2"]["query_kernel_spec"] == "P(None, 'fsdp', 'tensor', None)"
   assert results["2,2,2@pallas"]["uses_shard_map"]
   assert not results["2,2,2"]["uses_shard_map"]
-  assert results["1,1,4,2"]["context_ring"] and not results["2,2,2"]["context_ring"]
+  assert results["1,1,4,2%"]["context_ring"] and not results["2,2,2"]["context_ring"]
+  assert results["1,1,4,2%"]["balanced"]  # Rows reordered; the losses are the same.
 
 
 # Llama: RMSNorm, gated MLP without biases, untied head, rotary with llama3
@@ -57,19 +60,22 @@ _FAMILY_MESHES = {
     "bert": ["2,2,2~8", "1,8,1", "2,1,4,1"],
     "t5": ["2,2,2~8"],  # fsdp=8 alone: the other families'.
     "llama": ["2,2,2~8", "1,8,1"],
-    "mistral": ["2,1,4,1~8", "1,2,2,2@all_gather"],
+    "mistral": ["2,1,4,1%~8", "1,2,2,2%@all_gather"],  # Balanced rows: no dropout.
     "moe": ["2,1,4,1,1", "1,2,2,1,2~8", "2,2,2@dropless"],
 }
 
 
 @pytest.mark.parametrize("family", list(_FAMILY_MESHES))
 def test_other_families_same_steps_on_one_and_eight_devices(family):
-  meshes = [f"single#{family}"] + [f"{mesh}#{family}" for mesh in _FAMILY_MESHES[family]]
+  references = [f"single#{family}"] + [f"single%#{family}"] * any(
+      "%" in mesh for mesh in _FAMILY_MESHES[family])
+  meshes = references + [f"{mesh}#{family}" for mesh in _FAMILY_MESHES[family]]
   out = subprocess.run([sys.executable, os.path.join(_HERE, "sharded_steps.py"), *meshes],
                        capture_output=True, text=True, timeout=600, check=True)
   results = json.loads(out.stdout.strip().splitlines()[-1])
-  reference = results[meshes[0]]
-  for mesh in meshes[1:]:
+  for mesh in meshes[len(references):]:
+    reference = results[f"single{'%' if '%' in mesh else ''}#{family}"]
+    assert results[mesh]["balanced"] == (results[mesh]["context"] > 1 and family != "bert")
     np.testing.assert_allclose(results[mesh]["losses"], reference["losses"], rtol=1e-5)
     for got, want in zip(results[mesh]["params"], reference["params"]):
       np.testing.assert_allclose(got, want, atol=1e-5)

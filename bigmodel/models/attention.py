@@ -67,6 +67,7 @@ def dot_product_attention(
     kv_segment_ids_BxS: Optional[jax.Array] = None,
     bias_BxNxTxS: Optional[jax.Array] = None,
     context_attention: str = "ring",
+    positions_BxT: Optional[jax.Array] = None,
 ) -> jax.Array:
   """Scaled dot-product attention of q [B, T, N, H] over k, v [B, S, K, H]
   (K divides N); returns [B, T, N, H].
@@ -78,7 +79,11 @@ def dot_product_attention(
   ``softcap`` > 0 caps the scaled scores to softcap * tanh(scores / softcap)
   (Gemma 2; not with ``cudnn``). ``bias_BxNxTxS`` ([B or 1, N, T, S]) is then
   added. Rows that see no key return zeros. ``context_attention`` (ring |
-  all_gather): how a sequence split over a context axis attends.
+  all_gather): how a sequence split over a context axis attends;
+  ``positions_BxT`` (self-attention: the tokens' positions in their
+  sequence) are then what its masks compare, so a row's tokens may come in
+  any order (the trainer's causal-balanced order), else their order is
+  their place.
   """
   impl = resolve_impl(impl)
   kwargs = dict(causal=causal, window=window, softcap=softcap,
@@ -87,7 +92,8 @@ def dot_product_attention(
   context_axis = _context_axis(q_BxTxNxH.shape[1], k_BxSxKxH.shape[1])
   if context_axis is not None:
     return _context_parallel(CONTEXT_ATTENTION[context_attention], context_axis,
-                             q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, **kwargs)
+                             q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, positions_BxT=positions_BxT,
+                             **kwargs)
   if impl == "pallas":
     return _per_device(flash_attention, q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, **kwargs)
   if impl == "cudnn":
@@ -197,9 +203,12 @@ def _context_axis(q_len: int, kv_len: int) -> Optional[str]:
 
 
 def _context_parallel(attention, axis, q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, *, causal, window,
-                      softcap, q_segment_ids_BxT, kv_segment_ids_BxS, bias_BxNxTxS):
+                      softcap, q_segment_ids_BxT, kv_segment_ids_BxS, bias_BxNxTxS,
+                      positions_BxT):
   """``attention`` (ring or all-gather) per device of a sequence split over
-  ``axis``, batch and heads split as the rules say (``shard_map``)."""
+  ``axis``, batch and heads split as the rules say (``shard_map``); masks by
+  ``positions_BxT`` when given (within a segment they order the tokens as
+  their places would), else by each token's place in the row."""
   if bias_BxNxTxS is not None:
     raise ValueError("context parallelism takes no attention bias (T5's relative positions); "
                      "use mesh.context=1")
@@ -208,10 +217,11 @@ def _context_parallel(attention, axis, q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, *, causa
   heads_spec = P(batch_axes, axis, heads_axes, None)
   token_spec = P(batch_axes, axis)
 
-  def local(q, k, v, q_seg, kv_seg):
-    # Contiguous chunks: device i holds tokens [i*T/c, (i+1)*T/c).
+  def local(q, k, v, q_seg, kv_seg, positions):
+    # Without positions, contiguous chunks: device i holds places [i*T/c, (i+1)*T/c).
     b, t = q.shape[:2]
-    index_BxT = jnp.broadcast_to(jax.lax.axis_index(axis) * t + jnp.arange(t), (b, t))
+    index_BxT = (positions if positions is not None else
+                 jnp.broadcast_to(jax.lax.axis_index(axis) * t + jnp.arange(t), (b, t)))
     return attention(q, k, v, axis=axis, q_index_BxT=index_BxT, kv_index_BxS=index_BxT,
                      causal=causal, window=window, softcap=softcap,
                      q_segment_ids_BxT=q_seg, kv_segment_ids_BxS=kv_seg)
@@ -220,6 +230,7 @@ def _context_parallel(attention, axis, q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, *, causa
       local, mesh=mesh,
       in_specs=(heads_spec, heads_spec, heads_spec,
                 None if q_segment_ids_BxT is None else token_spec,
-                None if kv_segment_ids_BxS is None else token_spec),
+                None if kv_segment_ids_BxS is None else token_spec,
+                None if positions_BxT is None else token_spec),
       out_specs=heads_spec, check_vma=False)(
-          q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, q_segment_ids_BxT, kv_segment_ids_BxS)
+          q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, q_segment_ids_BxT, kv_segment_ids_BxS, positions_BxT)

@@ -58,6 +58,18 @@ def balanced_order(length: int, num_devices: int) -> np.ndarray:
                          for i in range(num_devices)])
 
 
+def balance_rows(batch: dict[str, np.ndarray], num_devices: int,
+                 length: int) -> dict[str, np.ndarray]:
+  """``batch`` with every [B, length, ...] array's tokens in
+  :func:`balanced_order` for ``num_devices`` (others unchanged). The model
+  reads their positions, so its outputs and a token-summed loss are the
+  same; split over the context axis each device then holds an early and a
+  late chunk."""
+  order = balanced_order(length, num_devices)
+  return {k: v[:, order] if v.ndim > 1 and v.shape[1] == length else v
+          for k, v in batch.items()}
+
+
 def _block(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, q_index_BxT, kv_index_BxS, q_seg_BxT, kv_seg_BxS,
            *, causal: bool, window: int, softcap: float, scale: float):
   """Attention of the local queries to one chunk of keys: (out [B, T, N, H]
@@ -125,6 +137,43 @@ def _in_query_chunks(block, q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, q_index_BxT, kv_ind
   return out_BxTxNxH, lse_BxNxT
 
 
+def _skipping_masked_quarters(block, *, causal: bool, window: int):
+  """``block`` run as four quarters: each half of the queries against each
+  half of the keys, a quarter whose indices allow no visible pair (every key
+  after every query, or, with a window, every key too far back) skipped by
+  ``lax.cond``. With :func:`balanced_order` a device's chunk is one early and
+  one late half of the sequence, so on every ring step some quarters are
+  wholly masked on every device alike: the causal work per device halves and
+  stays even. Same results as ``block`` (merged by log-sum-exp)."""
+  if not causal:
+    return block
+
+  def quarters(q, k, v, q_index, kv_index, q_seg, kv_seg):
+    t, s = q.shape[1], k.shape[1]
+    if t % 2 or s % 2:
+      return block(q, k, v, q_index, kv_index, q_seg, kv_seg)
+    halves = lambda x, n: (None, None) if x is None else (x[:, :n // 2], x[:, n // 2:])  # pylint: disable=g-long-lambda
+    outs, lses = [], []
+    for q_h, q_index_h, q_seg_h in zip(halves(q, t), halves(q_index, t), halves(q_seg, t)):
+      out = lse = None
+      for k_h, v_h, kv_index_h, kv_seg_h in zip(halves(k, s), halves(v, s), halves(kv_index, s),
+                                                halves(kv_seg, s)):
+        visible = jnp.max(q_index_h) >= jnp.min(kv_index_h)
+        if window:
+          visible &= jnp.min(q_index_h) - jnp.max(kv_index_h) < window
+        b, tq, n = q_h.shape[0], q_h.shape[1], q_h.shape[2]
+        part = jax.lax.cond(
+            visible, block,
+            lambda *_: (jnp.zeros(q_h.shape, jnp.float32),  # pylint: disable=g-long-lambda
+                        jnp.full((b, n, tq), _MASK_VALUE, jnp.float32)),
+            q_h, k_h, v_h, q_index_h, kv_index_h, q_seg_h, kv_seg_h)
+        out, lse = part if out is None else _merge(out, lse, *part)
+      outs.append(out)
+      lses.append(lse)
+    return jnp.concatenate(outs, axis=1), jnp.concatenate(lses, axis=2)
+  return quarters
+
+
 def _merge(out_a, lse_a, out_b, lse_b):
   """Two partial attentions over disjoint keys -> the attention over both."""
   lse = jnp.logaddexp(lse_a, lse_b)
@@ -152,15 +201,17 @@ def ring_attention(q_BxTxNxH: jax.Array, k_BxSxKxH: jax.Array, v_BxSxKxH: jax.Ar
   (``jax.checkpoint``): per step only the received chunks and the running
   output and log-sum-exp are saved, not the [T, S] scores; and each block
   runs ``query_chunk`` queries at a time, so even its transient scores are
-  [B, N, query_chunk, S].
+  [B, N, query_chunk, S]. Causal blocks run as quarters, the wholly masked
+  ones skipped (``_skipping_masked_quarters``).
 
   Returns:
     [B, T, N, H] in the queries' dtype; rows that see no key are zeros.
   """
   num_devices = jax.lax.axis_size(axis)
-  block = functools.partial(_in_query_chunks, functools.partial(
+  block = _skipping_masked_quarters(functools.partial(_in_query_chunks, functools.partial(
       _block, causal=causal, window=window, softcap=softcap, scale=q_BxTxNxH.shape[-1] ** -0.5),
-                            query_chunk=query_chunk)
+                                                      query_chunk=query_chunk),
+                                    causal=causal, window=window)
 
   @jax.checkpoint
   def attend_and_merge(out, lse, q, k, v, q_index, kv_index, q_seg, kv_seg):

@@ -369,7 +369,8 @@ class MultiHeadAttention(nn.Module):
           q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, impl="xla" if decoding else self.attention_impl,
           causal=causal, window=window, softcap=self.softcap,
           q_segment_ids_BxT=q_segment_ids_BxT, kv_segment_ids_BxS=kv_segment_ids_BxS,
-          bias_BxNxTxS=bias_BxNxTxS, context_attention=self.context_attention)
+          bias_BxNxTxS=bias_BxNxTxS, context_attention=self.context_attention,
+          positions_BxT=None if self.cross else q_positions_BxT)
 
     if not self.window or decoding:  # Decoding masks the window in the slot ids.
       out_BxTxNxH = attend(0)
