@@ -251,7 +251,7 @@ def base_config() -> ml_collections.ConfigDict:
   # axes joined by + or none, e.g. "embed=none,mlp=fsdp+tensor"; "" = the defaults.
   # In-slice sizes; dcn_*: slices along data / fsdp (multi-slice TPU, -1 = the rest).
   # context: devices that split each sequence (context parallelism; attention by
-  # model.context_attention), decoder and encoder families without T5's bias.
+  # model.context_attention); every family (T5's bias is built per block).
   # context_balance: a causal decoder's training rows reordered so each of
   # those devices holds an early and a late chunk (even causal work; the ring
   # skips wholly masked blocks). expert: devices that split each layer's
@@ -401,7 +401,7 @@ def validate(config) -> None:
   context = int(config.mesh.get("context", 1))
   if context > 1 and not families.get(m.family).context_parallel:
     raise UserError(f"mesh.context={context}: model.family={m.family} has no context-parallel "
-                    "attention (T5's relative position bias); use mesh.context=1")
+                    "attention; use mesh.context=1")
   if context > 1 and config.data.seq_len % context:
     raise UserError(f"mesh.context={context} does not divide data.seq_len="
                     f"{config.data.seq_len}")

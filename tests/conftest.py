@@ -6,6 +6,16 @@ import pytest
 
 # Tests import their shared fixtures (model_fixtures.py) as plain modules.
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+# One persistent XLA compilation cache for the session: both xdist workers and
+# every command, notebook and script the tests start (they inherit the
+# environment) reuse what another has compiled; the same tiny models compile
+# again and again across the suite (a DPO run and its resume: 63 s -> 47 s
+# cold, 35 s warm). Set before JAX is imported; a clean clone starts empty.
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
+                      os.path.join(_ROOT, ".pytest_cache", "jax_compilation_cache"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 from commands import run_train  # pylint: disable=wrong-import-position
 
 

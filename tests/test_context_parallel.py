@@ -72,3 +72,20 @@ def test_a_length_the_balanced_order_cannot_split_is_a_user_error():
     validate(config)
   config.mesh.context_balance = False
   validate(config)
+
+
+@pytest.mark.parametrize("bidirectional", [True, False])
+def test_a_relative_bias_built_per_block_equals_the_whole_one(bidirectional):
+  """T5's bias as context-parallel blocks build it (from any query and key
+  indices) equals the module's whole [1, N, T, S] bias, block by block."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from bigmodel.models.layers import RelativePositionBias  # pylint: disable=g-import-not-at-top
+  module = RelativePositionBias(32, 128, num_heads=3, bidirectional=bidirectional)
+  params = module.init(jax.random.key(0), 4, 4)
+  whole = np.asarray(module.apply(params, 200, 200))  # Distances past max_distance too.
+  per_block = module.apply(params, 0, 0, per_block=True)
+  q_index = jnp.asarray([[150, 151, 20, 3]])  # Any tokens, e.g. a balanced device's.
+  kv_index = jnp.asarray([[0, 7, 199, 150, 64]])
+  block = np.asarray(per_block.block(q_index, kv_index))
+  np.testing.assert_allclose(block[0], whole[0][:, q_index[0]][:, :, kv_index[0]], rtol=1e-6)

@@ -195,12 +195,13 @@ def _option_values():
           "moe_shared_experts": 1, "moe_load_balance_weight": 0.1, "moe_router_z_weight": 0.0}
 
 
-def _option_needs(key):
+def _option_needs(key, family="gpt"):
   """The other settings an option is only valid with (validated together)."""
   needs = {"norm_scale_offset": {"norm": "rmsnorm"},
            "sliding_window_pattern": {"sliding_window": 4},
            "rope_local_theta": {"sliding_window": 4, "position_embedding": "rope"},
-           "num_experts": {"mlp_bias": False}}.get(key, {})
+           # Experts have no biases: the gpt family's MLP bias off (T5 has none).
+           "num_experts": {"mlp_bias": False} if family == "gpt" else {}}.get(key, {})
   return {**needs, "position_embedding": "rope"} if key.startswith("rope_") else needs
 
 
@@ -209,7 +210,7 @@ def test_family_options_apply_only_to_their_family(name):
   family = families.get(name)
   values = _option_values()
   for key in family.options:
-    config = _family_config(name, **{key: values[key], **_option_needs(key)})
+    config = _family_config(name, **{key: values[key], **_option_needs(key, name)})
     validate(config)  # Its own options are accepted.
     assert family.options_of(config.model)[key] == values[key]
   foreign = {k for f in families.FAMILIES.values() for k in f.options} - set(family.options)

@@ -19,7 +19,8 @@ Under context parallelism (the logical ``length`` axis on a mesh axis of
 size > 1: ``mesh.context``) self-attention over the whole sequence runs per
 device under ``shard_map`` as a ring or an all-gather over that axis
 (``context_parallel``; ``model.context_attention``), whatever ``impl`` says;
-its blocks are plain jnp, without an additive bias.
+its blocks are plain jnp, and take T5's relative bias as a ``RelativeBias``
+that each block builds from its token indices (no [T, S] bias at once).
 """
 import functools
 import math
@@ -31,6 +32,7 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from bigmodel.models import context_parallel
+from bigmodel.models.relative_bias import RelativeBias
 from bigmodel.sharding import axes_size
 from pallas_kernels import (attention_mask, attention_reference, check_window_and_softcap,
                             flash_attention)
@@ -83,15 +85,19 @@ def dot_product_attention(
   ``positions_BxT`` (self-attention: the tokens' positions in their
   sequence) are then what its masks compare, so a row's tokens may come in
   any order (the trainer's causal-balanced order), else their order is
-  their place.
+  their place. ``bias_BxNxTxS`` may be a ``RelativeBias`` (T5's, built
+  per block under context parallelism).
   """
   impl = resolve_impl(impl)
+  axis = context_axis(q_BxTxNxH.shape[1], k_BxSxKxH.shape[1])
+  if isinstance(bias_BxNxTxS, RelativeBias) and axis is None:  # Whole, as the others take it.
+    t, s = q_BxTxNxH.shape[1], k_BxSxKxH.shape[1]
+    bias_BxNxTxS = bias_BxNxTxS.block(jnp.arange(s - t, s)[None], jnp.arange(s)[None])
   kwargs = dict(causal=causal, window=window, softcap=softcap,
                 q_segment_ids_BxT=q_segment_ids_BxT, kv_segment_ids_BxS=kv_segment_ids_BxS,
                 bias_BxNxTxS=bias_BxNxTxS)
-  context_axis = _context_axis(q_BxTxNxH.shape[1], k_BxSxKxH.shape[1])
-  if context_axis is not None:
-    return _context_parallel(CONTEXT_ATTENTION[context_attention], context_axis,
+  if axis is not None:
+    return _context_parallel(CONTEXT_ATTENTION[context_attention], axis,
                              q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, positions_BxT=positions_BxT,
                              **kwargs)
   if impl == "pallas":
@@ -186,7 +192,7 @@ def _batch_and_head_axes(mesh, q_BxTxNxH, k_BxSxKxH):
   return batch_axes, heads_axes
 
 
-def _context_axis(q_len: int, kv_len: int) -> Optional[str]:
+def context_axis(q_len: int, kv_len: int) -> Optional[str]:
   """The mesh axis the rules split ``length`` over, if attention should run
   context-parallel: self-attention over equal lengths it divides (a decode
   step's few queries, or a length it does not divide, run whole instead)."""
@@ -209,28 +215,33 @@ def _context_parallel(attention, axis, q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, *, causa
   ``axis``, batch and heads split as the rules say (``shard_map``); masks by
   ``positions_BxT`` when given (within a segment they order the tokens as
   their places would), else by each token's place in the row."""
-  if bias_BxNxTxS is not None:
-    raise ValueError("context parallelism takes no attention bias (T5's relative positions); "
-                     "use mesh.context=1")
+  if bias_BxNxTxS is not None and not isinstance(bias_BxNxTxS, RelativeBias):
+    raise ValueError("context-parallel attention builds its bias per block: pass a "
+                     "RelativeBias, not a [B, N, T, S] array")
   mesh = jax.sharding.get_abstract_mesh()
   batch_axes, heads_axes = _batch_and_head_axes(mesh, q_BxTxNxH, k_BxSxKxH)
   heads_spec = P(batch_axes, axis, heads_axes, None)
   token_spec = P(batch_axes, axis)
+  # The bias table [R, N] splits its heads as the heads do.
+  bias_spec = None if bias_BxNxTxS is None else bias_BxNxTxS.replace(
+      table_RxN=P(None, heads_axes))
 
-  def local(q, k, v, q_seg, kv_seg, positions):
+  def local(q, k, v, q_seg, kv_seg, positions, bias):
     # Without positions, contiguous chunks: device i holds places [i*T/c, (i+1)*T/c).
     b, t = q.shape[:2]
     index_BxT = (positions if positions is not None else
                  jnp.broadcast_to(jax.lax.axis_index(axis) * t + jnp.arange(t), (b, t)))
     return attention(q, k, v, axis=axis, q_index_BxT=index_BxT, kv_index_BxS=index_BxT,
                      causal=causal, window=window, softcap=softcap,
-                     q_segment_ids_BxT=q_seg, kv_segment_ids_BxS=kv_seg)
+                     q_segment_ids_BxT=q_seg, kv_segment_ids_BxS=kv_seg,
+                     bias_fn=None if bias is None else bias.block)
 
   return jax.shard_map(
       local, mesh=mesh,
       in_specs=(heads_spec, heads_spec, heads_spec,
                 None if q_segment_ids_BxT is None else token_spec,
                 None if kv_segment_ids_BxS is None else token_spec,
-                None if positions_BxT is None else token_spec),
+                None if positions_BxT is None else token_spec, bias_spec),
       out_specs=heads_spec, check_vma=False)(
-          q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, q_segment_ids_BxT, kv_segment_ids_BxS, positions_BxT)
+          q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, q_segment_ids_BxT, kv_segment_ids_BxS, positions_BxT,
+          bias_BxNxTxS)

@@ -71,10 +71,11 @@ def balance_rows(batch: dict[str, np.ndarray], num_devices: int,
 
 
 def _block(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, q_index_BxT, kv_index_BxS, q_seg_BxT, kv_seg_BxS,
-           *, causal: bool, window: int, softcap: float, scale: float):
+           *, causal: bool, window: int, softcap: float, scale: float, bias_fn=None):
   """Attention of the local queries to one chunk of keys: (out [B, T, N, H]
   float32, normalised over this chunk only; lse [B, N, T], the log-sum-exp of
-  the visible scores, ``_MASK_VALUE`` where none is visible)."""
+  the visible scores, ``_MASK_VALUE`` where none is visible). ``bias_fn``
+  (query indices, key indices) -> [B, N, T, S] is added to the scores."""
   b, t, n, h = q_BxTxNxH.shape
   kv_heads = k_BxSxKxH.shape[2]
   group = n // kv_heads
@@ -84,6 +85,8 @@ def _block(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, q_index_BxT, kv_index_BxS, q_seg_BxT
   scores_BxNxTxS = scores_BxKxGxTxS.reshape(b, n, t, -1)
   if softcap:
     scores_BxNxTxS = softcap * jnp.tanh(scores_BxNxTxS / softcap)
+  if bias_fn is not None:
+    scores_BxNxTxS = scores_BxNxTxS + bias_fn(q_index_BxT, kv_index_BxS)
   visible_BxTxS = jnp.ones((b, t, k_BxSxKxH.shape[1]), bool)
   if causal:
     distance_BxTxS = q_index_BxT[:, :, None] - kv_index_BxS[:, None, :]
@@ -191,7 +194,7 @@ def ring_attention(q_BxTxNxH: jax.Array, k_BxSxKxH: jax.Array, v_BxSxKxH: jax.Ar
                    causal: bool = False, window: int = 0, softcap: float = 0.0,
                    q_segment_ids_BxT: Optional[jax.Array] = None,
                    kv_segment_ids_BxS: Optional[jax.Array] = None,
-                   query_chunk: int = QUERY_CHUNK) -> jax.Array:
+                   query_chunk: int = QUERY_CHUNK, bias_fn=None) -> jax.Array:
   """Attention of this device's queries to every device's keys, by a ring.
 
   Call inside ``shard_map`` over ``axis``; shapes are per device. Keys,
@@ -204,14 +207,16 @@ def ring_attention(q_BxTxNxH: jax.Array, k_BxSxKxH: jax.Array, v_BxSxKxH: jax.Ar
   [B, N, query_chunk, S]. Causal blocks run as quarters, the wholly masked
   ones skipped (``_skipping_masked_quarters``).
 
+  ``bias_fn`` (global query indices, key indices) -> [B, N, T, S]: an
+  additive bias each block builds for itself (T5's relative positions).
+
   Returns:
     [B, T, N, H] in the queries' dtype; rows that see no key are zeros.
   """
   num_devices = jax.lax.axis_size(axis)
   block = _skipping_masked_quarters(functools.partial(_in_query_chunks, functools.partial(
-      _block, causal=causal, window=window, softcap=softcap, scale=q_BxTxNxH.shape[-1] ** -0.5),
-                                                      query_chunk=query_chunk),
-                                    causal=causal, window=window)
+      _block, causal=causal, window=window, softcap=softcap, scale=q_BxTxNxH.shape[-1] ** -0.5,
+      bias_fn=bias_fn), query_chunk=query_chunk), causal=causal, window=window)
 
   @jax.checkpoint
   def attend_and_merge(out, lse, q, k, v, q_index, kv_index, q_seg, kv_seg):
@@ -245,7 +250,7 @@ def all_gather_attention(q_BxTxNxH: jax.Array, k_BxSxKxH: jax.Array, v_BxSxKxH: 
                          causal: bool = False, window: int = 0, softcap: float = 0.0,
                          q_segment_ids_BxT: Optional[jax.Array] = None,
                          kv_segment_ids_BxS: Optional[jax.Array] = None,
-                         query_chunk: int = QUERY_CHUNK) -> jax.Array:
+                         query_chunk: int = QUERY_CHUNK, bias_fn=None) -> jax.Array:
   """Attention of this device's queries to every device's keys, by gathering
   them along ``axis`` first (inside ``shard_map``; shapes per device). The
   gathered keys and values are what the backward pass keeps."""
@@ -258,8 +263,8 @@ def all_gather_attention(q_BxTxNxH: jax.Array, k_BxSxKxH: jax.Array, v_BxSxKxH: 
   # As in the ring, the backward pass recomputes the [T, S] scores: only the
   # gathered keys and values are kept.
   block = jax.checkpoint(functools.partial(_in_query_chunks, functools.partial(
-      _block, causal=causal, window=window, softcap=softcap, scale=q_BxTxNxH.shape[-1] ** -0.5),
-                                           query_chunk=query_chunk))
+      _block, causal=causal, window=window, softcap=softcap, scale=q_BxTxNxH.shape[-1] ** -0.5,
+      bias_fn=bias_fn), query_chunk=query_chunk))
   out, _ = block(q_BxTxNxH, gather(k_BxSxKxH), gather(v_BxSxKxH), q_index_BxT,
                  gather(kv_index_BxS), q_seg, kv_seg)
   return out.astype(q_BxTxNxH.dtype)

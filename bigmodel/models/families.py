@@ -184,7 +184,7 @@ class T5Family(Family):
   options = {"num_decoder_layers": 0, "relative_buckets": 32, "relative_max_distance": 128,
              "t5_mlp_gated": True, **moe.OPTIONS}
   token_keys = ("encoder_inputs", "decoder_inputs")
-  encoder_decoder = generates = True
+  encoder_decoder = generates = context_parallel = True
   methods = ("__call__", "encode", "decode")
 
   def validate(self, model_cfg):

@@ -74,7 +74,8 @@ class Family:
     generates: Has a cached decoder (``prefill`` / ``step``).
     analytic_memory: ``bigmodel.memory`` / ``bigmodel.plan`` model its layers.
     context_parallel: Its attention runs with the sequence split over devices
-      (``mesh.context`` > 1); not with an additive bias such as T5's.
+      (``mesh.context`` > 1): masks and biases the blocks can build from
+      token indices (T5's relative bias is one).
     methods: The module's methods that batches and decoding call (LoRA
       intercepts the dense layers inside them).
   """

@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from bigmodel.models.attention import dot_product_attention
+from bigmodel.models.relative_bias import RelativeBias, relative_bucket
 from bigmodel.models.rope import RopeSpec, apply_rope
 
 Dtype = Any
@@ -427,27 +428,20 @@ class RelativePositionBias(nn.Module):
 
   def bucket(self, relative_TxS: jax.Array) -> jax.Array:
     """Bucket ids for relative positions (key position - query position)."""
-    num_buckets, bucket_TxS = self.num_buckets, jnp.zeros_like(relative_TxS)
-    if self.bidirectional:
-      num_buckets //= 2
-      bucket_TxS += (relative_TxS > 0).astype(jnp.int32) * num_buckets
-      distance_TxS = jnp.abs(relative_TxS)
-    else:
-      distance_TxS = jnp.maximum(-relative_TxS, 0)
-    max_exact = num_buckets // 2
-    log_ratio = (jnp.log(jnp.maximum(distance_TxS, 1).astype(jnp.float32) / max_exact)
-                 / jnp.log(self.max_distance / max_exact))
-    large_TxS = max_exact + (log_ratio * (num_buckets - max_exact)).astype(jnp.int32)
-    large_TxS = jnp.minimum(large_TxS, num_buckets - 1)
-    return bucket_TxS + jnp.where(distance_TxS < max_exact, distance_TxS, large_TxS)
+    return relative_bucket(relative_TxS, self.num_buckets, self.max_distance,
+                           self.bidirectional)
 
   @nn.compact
-  def __call__(self, q_len: int, kv_len: int, q_offset: int = 0) -> jax.Array:
-    """Bias [1, N, T, S]; ``q_offset`` places the queries later (decoding)."""
-    relative_TxS = (jnp.arange(kv_len)[None, :]
-                    - (jnp.arange(q_len)[:, None] + q_offset))
+  def __call__(self, q_len: int, kv_len: int, q_offset: int = 0, per_block: bool = False):
+    """Bias [1, N, T, S]; ``q_offset`` places the queries later (decoding).
+    ``per_block``: instead, a ``RelativeBias`` that context-parallel attention
+    builds per block (never [T, S] at once)."""
     table_RxN = self.param(
         "rel_embedding", logical_init(nn.initializers.normal(1.0), (None, "heads")),
         (self.num_buckets, self.num_heads), self.param_dtype)
+    if per_block:
+      return RelativeBias(table_RxN, self.num_buckets, self.max_distance, self.bidirectional)
+    relative_TxS = (jnp.arange(kv_len)[None, :]
+                    - (jnp.arange(q_len)[:, None] + q_offset))
     bias_TxSxN = jnp.take(table_RxN, self.bucket(relative_TxS), axis=0)
     return jnp.transpose(bias_TxSxN, (2, 0, 1))[None].astype(self.dtype)

@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from bigmodel.models import moe
+from bigmodel.models.attention import context_axis
 from bigmodel.models.config import ModelConfig
 from bigmodel.models.layers import (DECODE, TRAIN, DenseGeneral, KVCache, MultiHeadAttention, Mlp,
                                     RelativePositionBias, check_mode, constrain, make_embed,
@@ -113,7 +114,9 @@ class T5Encoder(nn.Module):
   def __call__(self, x_BxExD, segment_ids_BxE, deterministic: bool):
     c = self.config
     seq_len = x_BxExD.shape[1]
-    bias_1xNxExE = _relative_bias(c, bidirectional=True, name="relative_bias")(seq_len, seq_len)
+    # Split over a context axis, attention builds each block's bias itself.
+    bias_1xNxExE = _relative_bias(c, bidirectional=True, name="relative_bias")(
+        seq_len, seq_len, per_block=context_axis(seq_len, seq_len) is not None)
     x_BxExD, _ = apply_layer_stack(T5EncoderBlock, x_BxExD, bias_1xNxExE, segment_ids_BxE,
                                    deterministic, num_layers=c.num_layers, scan=c.scan,
                                    remat=c.remat, name="blocks", config=c)
@@ -142,7 +145,9 @@ class T5Decoder(nn.Module):
       q_len, kv_len = y_BxTxD.shape[1], cache[0].k_BxSxKxH.shape[-3]
       bias_1xNxTxS = relative_bias(q_len, kv_len, cache[0].index[0])
     else:
-      bias_1xNxTxS = relative_bias(y_BxTxD.shape[1], y_BxTxD.shape[1])
+      length = y_BxTxD.shape[1]
+      bias_1xNxTxS = relative_bias(length, length,
+                                   per_block=context_axis(length, length) is not None)
     # Decoding computes no gradients: remat would only cost compile time.
     y_BxTxD, layer_caches = apply_layer_stack(
         T5DecoderBlock, y_BxTxD, encoded_BxExD, bias_1xNxTxS, segment_ids_BxT,
