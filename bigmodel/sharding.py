@@ -264,8 +264,15 @@ def logical_to_shardings(abstract_tree: Any, mesh: Mesh, rules=None) -> Any:
 
 def axes_size(mesh, axes) -> int:
   """Devices along ``axes`` of ``mesh`` (an axis name, a tuple of them, or None)."""
-  axes = (axes,) if isinstance(axes, str) else (axes or ())
-  return math.prod(mesh.shape[a] for a in axes)
+  return math.prod(mesh.shape[a] for a in split_axes(mesh, axes, keep_single=True))
+
+
+def split_axes(mesh, axes, keep_single: bool = False) -> tuple[str, ...]:
+  """``axes`` (an axis name, a tuple of them, or None: what the logical rules
+  map a name to) as a tuple of the axes of ``mesh`` with more than one
+  device (all of them with ``keep_single``)."""
+  axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
+  return axes if keep_single else tuple(a for a in axes if mesh.shape[a] > 1)
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:

@@ -48,17 +48,17 @@ def test_same_steps_on_one_and_eight_devices():
 
 # Llama: RMSNorm, gated MLP without biases, untied head, rotary with llama3
 # scaling, grouped-query attention: parameters the GPT-2 run does not have.
-# The 2x2x2 runs take the chunked loss (model.loss_chunk_len) over a
-# vocabulary split on the tensor axis; the single-device reference does not.
-# Mistral's sliding window and BERT's bidirectional attention run context-
-# parallel: the sequence split in 4 (a ring, with the chunked loss) or 2
-# (an all-gather of keys and values). A mixture of experts (Llama-shaped, 4
+# The 8-device runs with ~8 take the chunked loss (model.loss_chunk_len) over
+# a vocabulary split on the tensor axis; the single-device reference does not.
+# Mistral's sliding window, BERT's bidirectional attention and T5's relative
+# bias run context-parallel: the sequence split in 4 (a ring, with the
+# chunked loss) or 2 (a ring, or an all-gather of keys and values). A mixture of experts (Llama-shaped, 4
 # experts, capacity with room for every token) splits its experts over 4 or
 # 2 devices (expert parallelism: all-to-all dispatch); dropless, each device
 # routes its own tokens (shard_map) to experts split over fsdp and tensor.
 _FAMILY_MESHES = {
-    "bert": ["2,2,2~8", "1,8,1", "2,1,4,1"],
-    "t5": ["2,2,2~8", "2,1,4,1"],  # fsdp=8 alone: the other families'.
+    "bert": ["2,1,2,2~8", "1,8,1"],
+    "t5": ["1,2,2,2~8"],  # fsdp=8 alone: the other families'.
     "llama": ["2,2,2~8", "1,8,1"],
     "mistral": ["2,1,4,1%~8", "1,2,2,2%@all_gather"],  # Balanced rows: no dropout.
     "moe": ["2,1,4,1,1", "1,2,2,1,2~8", "2,2,2@dropless"],

@@ -33,7 +33,7 @@ from jax.sharding import PartitionSpec as P
 
 from bigmodel.models import context_parallel
 from bigmodel.models.relative_bias import RelativeBias
-from bigmodel.sharding import axes_size
+from bigmodel.sharding import axes_size, split_axes
 from pallas_kernels import (attention_mask, attention_reference, check_window_and_softcap,
                             flash_attention)
 
@@ -199,8 +199,7 @@ def context_axis(q_len: int, kv_len: int) -> Optional[str]:
   mesh = jax.sharding.get_abstract_mesh()
   if mesh.empty:
     return None
-  axes = nn.logical_to_mesh_axes(("length",))[0]
-  axes = [a for a in ((axes,) if isinstance(axes, str) else axes or ()) if mesh.shape[a] > 1]
+  axes = split_axes(mesh, nn.logical_to_mesh_axes(("length",))[0])
   if len(axes) > 1:
     raise ValueError(f"context parallelism splits the sequence over one mesh axis, not {axes}")
   if not axes or q_len != kv_len or q_len % mesh.shape[axes[0]]:

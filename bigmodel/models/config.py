@@ -76,11 +76,6 @@ class ModelConfig:
   moe_load_balance_weight: float = 0.01
   moe_router_z_weight: float = 0.001
 
-  @property
-  def gated_mlp(self) -> bool:
-    """Whether MLPs (and experts) are gated: T5's own option, or the decoders'."""
-    return self.t5_mlp_gated if self.family == "t5" else self.mlp_gated
-
   @classmethod
   def from_config(cls, model_cfg) -> "ModelConfig":
     """Builds from ``config.model`` (a ConfigDict); dtype names become dtypes."""

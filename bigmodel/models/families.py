@@ -224,7 +224,8 @@ class T5Family(Family):
     # positions) and the logits.
     e, t = lengths["encoder_inputs"], lengths["decoder_inputs"]
     qo_weights, kv_weights = projection_weights(c)
-    mlp = mlp_weights(c)  # wi(, wi_linear), wo; or a token's experts and the router.
+    # wi(, wi_linear), wo; or a token's experts and the router.
+    mlp = mlp_weights(c, gated=c.t5_mlp_gated)
     encoder = c.num_layers * (e * 2 * (qo_weights + kv_weights + mlp)
                               + score_flops(c, e, e, causal=False))
     decoder = (c.num_decoder_layers or c.num_layers) * (

@@ -37,17 +37,18 @@ def projection_weights(c: ModelConfig) -> tuple[int, int]:
   return 2 * c.embed_dim * c.num_heads * c.head_dim, 2 * c.embed_dim * kv_heads * c.head_dim
 
 
-def mlp_matrices(c: ModelConfig) -> int:
-  """D x F matrices of one MLP: wi and wo, plus wi_linear when gated."""
-  return 3 if c.gated_mlp else 2
+def mlp_matrices(c: ModelConfig, gated: Optional[bool] = None) -> int:
+  """D x F matrices of one MLP: wi and wo, plus wi_linear when ``gated``
+  (None: the decoders' ``model.mlp_gated``; T5 passes its own option)."""
+  return 3 if (c.mlp_gated if gated is None else gated) else 2
 
 
-def mlp_weights(c: ModelConfig, active: bool = True) -> int:
+def mlp_weights(c: ModelConfig, active: bool = True, gated: Optional[bool] = None) -> int:
   """Weights of one layer's MLP: D x F matrices, or a mixture of experts'
   (with ``active``, those one token runs: ``moe.layer_weights``)."""
   if c.num_experts:
-    return moe.layer_weights(c, active)
-  return mlp_matrices(c) * c.embed_dim * c.mlp_dim
+    return moe.layer_weights(c, mlp_matrices(c, gated), active)
+  return mlp_matrices(c, gated) * c.embed_dim * c.mlp_dim
 
 
 def apply_kwargs(rng: Optional[jax.Array], mutable: Any = False) -> dict[str, Any]:

@@ -84,7 +84,7 @@ class GptBlock(nn.Module):
       h_BxLxD = norm("ln_attn_out")(h_BxLxD)
     x_BxLxD = x_BxLxD + nn.Dropout(c.dropout_rate)(h_BxLxD, deterministic=deterministic)
     if c.num_experts:  # Mixtral / Qwen-MoE: routed experts instead of one MLP.
-      mlp = moe.from_config(c)
+      mlp = moe.from_config(c, gated=c.mlp_gated)
     else:
       mlp = Mlp(c.mlp_dim, activation=c.mlp_activation, gated=c.mlp_gated, use_bias=c.mlp_bias,
                 dropout_rate=c.dropout_rate, out_init_stddev=out_stddev, dtype=c.dtype,

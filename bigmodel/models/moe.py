@@ -41,7 +41,7 @@ from jax.sharding import PartitionSpec as P
 
 from bigmodel.errors import UserError
 from bigmodel.models.layers import ACTIVATIONS, Dtype, Mlp, constrain, logical_init
-from bigmodel.sharding import axes_size
+from bigmodel.sharding import axes_size, split_axes
 
 # The model.* options of a mixture of experts, and their defaults (options of
 # every family with expert layers: gpt and t5).
@@ -75,22 +75,22 @@ def validate(m: Mapping[str, Any]) -> None:
                     f"{m['moe_capacity_factor']}")
 
 
-def from_config(c, name: str = "moe") -> "MoeMlp":
-  """The MoE MLP of a ``ModelConfig`` with ``num_experts`` > 0 (its experts
-  gated like the family's dense MLP would be, with its activation)."""
+def from_config(c, gated: bool, name: str = "moe") -> "MoeMlp":
+  """The MoE MLP of a ``ModelConfig`` with ``num_experts`` > 0, its experts
+  ``gated`` as the family's dense MLP would be, with its activation."""
   return MoeMlp(num_experts=c.num_experts, top_k=c.experts_per_token,
                 hidden_dim=c.moe_mlp_dim or c.mlp_dim, activation=c.mlp_activation,
-                gated=c.gated_mlp, router=c.moe_router, normalize_top_k=c.moe_normalize_top_k,
+                gated=gated, router=c.moe_router, normalize_top_k=c.moe_normalize_top_k,
                 dispatch=c.moe_dispatch, capacity_factor=c.moe_capacity_factor,
                 num_shared_experts=c.moe_shared_experts, dtype=c.dtype,
                 param_dtype=c.param_dtype, name=name)
 
 
-def layer_weights(c, active: bool = True) -> int:
-  """Weights of one MoE layer: the router, then with ``active`` the
-  ``experts_per_token`` experts a token runs (what FLOPs and MFU count),
-  else all experts; and the shared experts."""
-  matrices = 3 if c.gated_mlp else 2
+def layer_weights(c, matrices: int, active: bool = True) -> int:
+  """Weights of one MoE layer of experts with ``matrices`` D x F matrices
+  each: the router, then with ``active`` the ``experts_per_token`` experts a
+  token runs (what FLOPs and MFU count), else all experts; and the shared
+  experts."""
   experts = (c.experts_per_token if active else c.num_experts) + c.moe_shared_experts
   return c.embed_dim * c.num_experts + experts * matrices * c.embed_dim * (c.moe_mlp_dim
                                                                           or c.mlp_dim)
@@ -218,7 +218,7 @@ class MoeMlp(nn.Module):
       out_AxD = self._expert_mlp(x_TxD[tokens_A], *weights, matmul)
       gate_A = gates_Txk.ravel()[order_A].astype(out_AxD.dtype)
       y_TxD = jnp.zeros(x_TxD.shape, out_AxD.dtype).at[tokens_A].add(out_AxD * gate_A[:, None])
-      hidden_axes = specs[0][2] if token_axes else None
+      hidden_axes = specs[0][2] if token_axes else None  # wi's mlp dimension: tensor.
       return jax.lax.psum(y_TxD, hidden_axes) if hidden_axes else y_TxD
 
     self.sow("intermediates", "moe_dropped", jnp.float32(0.0))
@@ -273,8 +273,7 @@ def _split_spec(shape: tuple[int, ...], names: tuple[str, ...]) -> list:
   mesh = jax.sharding.get_abstract_mesh()
   spec = []
   for dim, axes in zip(shape, nn.logical_to_mesh_axes(names)):
-    axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
-    axes = tuple(a for a in axes if mesh.shape[a] > 1)
+    axes = split_axes(mesh, axes)
     spec.append(axes if axes and dim % axes_size(mesh, axes) == 0 else None)
   return spec
 
@@ -298,10 +297,9 @@ def _token_axes(batch_size: int, length: int) -> tuple[str, ...]:
     return ()
   token_axes = []
   for name, size in (("batch", batch_size), ("length", length)):
-    axes = nn.logical_to_mesh_axes((name,))[0]
-    axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
+    axes = split_axes(mesh, nn.logical_to_mesh_axes((name,))[0])
     if size % axes_size(mesh, axes) == 0:
-      token_axes += [a for a in axes if mesh.shape[a] > 1]
+      token_axes += axes
   return tuple(token_axes)
 
 

@@ -39,7 +39,7 @@ def _attention(c: ModelConfig, name: str, mode: str = TRAIN,
 def _mlp(c: ModelConfig) -> nn.Module:
   """The dense MLP, or with ``num_experts`` > 0 a mixture of experts (Switch)."""
   if c.num_experts:
-    return moe.from_config(c)
+    return moe.from_config(c, gated=c.t5_mlp_gated)
   return Mlp(c.mlp_dim, activation=c.mlp_activation, gated=c.t5_mlp_gated, use_bias=False,
              dropout_rate=c.dropout_rate, dtype=c.dtype, param_dtype=c.param_dtype, name="mlp")
 
