@@ -35,11 +35,12 @@ Shape letters as in ``bigmodel.memory``.
 """
 import dataclasses
 import math
-from typing import Mapping, Optional
+from typing import Mapping
 
 import jax.numpy as jnp
 
-from bigmodel.memory import MemoryEstimate, gathered_layer_weights
+from bigmodel.activations import gathered_layer_weights, split
+from bigmodel.memory import MemoryEstimate
 from bigmodel.models import ModelConfig
 
 
@@ -56,12 +57,6 @@ class Collective:
   @property
   def crosses_slices(self) -> bool:
     return self.dcn_bytes > 0
-
-  def seconds(self, ici_bandwidth: float, dcn_bandwidth: Optional[float]) -> float:
-    """Time on the wire at the given bytes/s per device (DCN: needed when it
-    crosses slices)."""
-    dcn = self.dcn_bytes / dcn_bandwidth if self.dcn_bytes and dcn_bandwidth else 0.0
-    return self.ici_bytes / ici_bandwidth + dcn
 
 
 def _split(wire_factor: float, payload: float, n_ici: int, n_dcn: int) -> tuple[float, float]:
@@ -101,8 +96,7 @@ def step_collectives(config, mesh_shape: Mapping[str, int], estimate: MemoryEsti
 
   add("gradient all-reduce", ("data", "expert"), 2, trainable, 1, dcn_data)
   layer = gathered_layer_weights(c, mesh_shape) * param
-  table = c.vocab_size * c.embed_dim * (1 if c.tie_embeddings else 2) // (
-      t if c.vocab_size % t == 0 else 1) * param
+  table = split(c.vocab_size, t) * c.embed_dim * (1 if c.tie_embeddings else 2) * param
   per_step = accum * (c.num_layers * layer + table)
   add("FSDP gathers (forward, backward)", ("fsdp", "context"), 1, per_step, 2,
       dcn_fsdp)
@@ -113,8 +107,7 @@ def step_collectives(config, mesh_shape: Mapping[str, int], estimate: MemoryEsti
   add("tensor-parallel all-reduces", ("tensor",), 2, activations,
       accum * c.num_layers * 2 * (forward_passes + 1))
   if context > 1:
-    kv_chunk = 2 * tokens * (c.num_kv_heads or c.num_heads) * c.head_dim * act // (
-        t if (c.num_kv_heads or c.num_heads) % t == 0 else 1)
+    kv_chunk = 2 * tokens * split(c.num_kv_heads or c.num_heads, t) * c.head_dim * act
     if c.context_attention == "ring":  # c - 1 passes, forward, recomputed, and gradients.
       add("context ring passes", ("context",), context / (context - 1), kv_chunk,
           accum * c.num_layers * 3 * (context - 1))

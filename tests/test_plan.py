@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from bigmodel import memory, plan
+from bigmodel import activations, memory, plan
 from bigmodel.models import ModelConfig, batch_logits, build_model
 from configs.gpt import get_config
 from model_fixtures import tiny_config
@@ -85,7 +85,7 @@ def _saved_layer_residual_bytes(config) -> int:
 @pytest.mark.parametrize("arch,dtype", [("gpt", "float32"), ("gpt", "bfloat16"),
                                         ("llama", "bfloat16"), ("qwen", "float32"),
                                         ("gemma", "float32")])
-@pytest.mark.parametrize("remat", sorted(memory.LAYER_RESIDUALS))
+@pytest.mark.parametrize("remat", sorted(activations.LAYER_RESIDUALS))
 def test_layer_residuals_are_what_jax_saves(remat, arch, dtype, attention_impl):
   """The residual tables against what JAX saves for the real model's backward pass:
   exact for GPT-2's block and Llama's (RMSNorm, SwiGLU, rotary, grouped-query),
@@ -95,7 +95,7 @@ def test_layer_residuals_are_what_jax_saves(remat, arch, dtype, attention_impl):
   saved = _saved_layer_residual_bytes(config)
   layers, b, seq_len = _RESIDUAL_SHAPE["num_layers"], _RESIDUAL_BATCH, _RESIDUAL_SHAPE["max_len"]
   c = ModelConfig.from_config(config.model)
-  planned = layers * memory.layer_residual_bytes(c, remat, b, seq_len, _SINGLE,
+  planned = layers * activations.layer_residual_bytes(c, remat, b, seq_len, _SINGLE,
                                                  flash=attention_impl == "pallas")
   assert planned == pytest.approx(saved, rel=0 if arch in ("gpt", "llama") else 0.02)
 
@@ -104,7 +104,7 @@ def test_layer_residuals_are_what_jax_saves(remat, arch, dtype, attention_impl):
                                                    ("capacity", "bfloat16", 0),
                                                    ("capacity", "float32", 1),
                                                    ("dropless", "bfloat16", 1)])
-@pytest.mark.parametrize("remat", sorted(memory.LAYER_RESIDUALS))
+@pytest.mark.parametrize("remat", sorted(activations.LAYER_RESIDUALS))
 def test_moe_layer_residuals_are_what_jax_saves(remat, dispatch, dtype, shared):
   """A Llama-shaped mixture of experts (6 experts, top 2, capacity 1.5, with
   and without a shared expert): the planner's rows against ``saved_residuals``."""
@@ -112,7 +112,7 @@ def test_moe_layer_residuals_are_what_jax_saves(remat, dispatch, dtype, shared):
                        moe_mlp_dim=24, moe_dispatch=dispatch, moe_capacity_factor=1.5,
                        moe_shared_experts=shared, **_RESIDUAL_SHAPE)
   c = ModelConfig.from_config(config.model)
-  assert _RESIDUAL_SHAPE["num_layers"] * memory.layer_residual_bytes(
+  assert _RESIDUAL_SHAPE["num_layers"] * activations.layer_residual_bytes(
       c, remat, _RESIDUAL_BATCH, _RESIDUAL_SHAPE["max_len"], _SINGLE
   ) == _saved_layer_residual_bytes(config)
 
@@ -179,8 +179,8 @@ def test_long_sequences_plan_context_parallelism():
   assert four.memory.params == one.memory.params / 4  # embed splits over fsdp x context.
   # Each layer's saved input (remat=full) is a quarter.
   c = ModelConfig.from_config(config.model)
-  assert 4 * memory.layer_residual_bytes(c, "full", 2, 262144, four.mesh) == \
-      memory.layer_residual_bytes(c, "full", 2, 262144, one.mesh)
+  assert 4 * activations.layer_residual_bytes(c, "full", 2, 262144, four.mesh) == \
+      activations.layer_residual_bytes(c, "full", 2, 262144, one.mesh)
   assert four.memory.activations < one.memory.activations / 3
   assert "context=3 does not divide" in plan.layout_problems(
       config, dict(data=1, fsdp=2, context=3, tensor=1))[0]
@@ -342,6 +342,6 @@ def test_context_residuals_are_what_jax_saves(strategy, context):
   # shard_map's residuals are the devices' stacked: per device, a c-th.
   saved = sum(aval.size * aval.dtype.itemsize for aval, source in residuals
               if "argument" not in source) // context
-  planned = memory.residual_bytes(memory.context_residuals(c, context), c, b, seq_len,
+  planned = activations.residual_bytes(activations.context_residuals(c, context), c, b, seq_len,
                                   dict(data=1, fsdp=1, context=context, tensor=1))
   assert planned == saved
