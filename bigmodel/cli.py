@@ -18,6 +18,7 @@ import ml_collections
 from ml_collections.config_flags import config_flags
 
 from bigmodel import console
+from bigmodel import storage
 from bigmodel.errors import UserError, fail
 
 
@@ -164,6 +165,8 @@ def check_output_file(path: str, flag: Optional[str] = None) -> None:
   """
   if not path:
     raise UserError(f"{flag or 'the output path'} is empty; give a file's path")
+  if storage.is_url(path):
+    return  # An object store answers at the upload (one error line naming the URL).
   if os.path.isdir(path):
     raise UserError(f"{_label(path, flag)} is a folder; give the path of a file")
   _check_parent(path, flag)

@@ -32,6 +32,7 @@ from bigmodel import cli
 from bigmodel import objectives
 from bigmodel import sharding
 from bigmodel import run as run_lib
+from bigmodel import storage
 from bigmodel import train_step
 from bigmodel.data import build_datasets
 from bigmodel.errors import UserError, fail, user_errors_exit
@@ -89,7 +90,7 @@ def evaluate_run(workdir: str, split: str = "validation", step: Optional[int] = 
   if eval_steps is not None:
     config.train.eval_steps = eval_steps
   try:
-    datasets = build_datasets(config, workdir)
+    datasets = build_datasets(config, run.local_dir)
   except OSError as e:
     # The data is prepared (or the tokenizer trained) under the workdir when
     # missing there: a read-only or full workdir fails here.
@@ -139,7 +140,9 @@ def define_flags() -> None:
 
 
 def default_out(workdir: str, split: str, step: int) -> str:
-  return os.path.join(workdir, f"eval_{split}_step{step}.json")
+  name = f"eval_{split}_step{step}.json"
+  return f"{workdir.rstrip('/')}/{name}" if storage.is_url(workdir) else os.path.join(workdir,
+                                                                                      name)
 
 
 def check_output(out: Optional[str], workdir: str) -> None:
@@ -157,12 +160,16 @@ def check_output(out: Optional[str], workdir: str) -> None:
 
 
 def write_record(record: dict[str, Any], out: str) -> None:
-  """Writes ``record`` as JSON to ``out``, atomically, leaving no temporary file."""
+  """Writes ``record`` as JSON to ``out`` (a path or a URL), atomically, leaving
+  no temporary file."""
+  text = json.dumps(record, indent=2, sort_keys=True) + "\n"
+  if storage.is_url(out):  # One upload: readers see the old object or the new one.
+    storage.write_bytes(out, text.encode())
+    return
   tmp = f"{out}.tmp.{os.getpid()}"
   try:
     with open(tmp, "x") as f:  # "x": never truncates a file that is someone else's.
-      json.dump(record, f, indent=2, sort_keys=True)
-      f.write("\n")
+      f.write(text)
     os.replace(tmp, out)
   except BaseException:
     with contextlib.suppress(OSError):

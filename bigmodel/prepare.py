@@ -24,6 +24,8 @@ from absl import flags
 from ml_collections import config_flags
 
 from bigmodel import cli
+from bigmodel import remote_workdir
+from bigmodel import storage
 from bigmodel.config import validate
 from bigmodel.errors import UserError, fail, user_errors_exit
 
@@ -49,9 +51,19 @@ def prepare(config, workdir: str) -> dict[str, object]:
     config.data.token_cache = "auto"
   validate(config)
   start = time.perf_counter()
-  os.makedirs(workdir, exist_ok=True)
-  datasets = build_datasets(config, workdir)
-  datasets.train_iter.close()
+  remote, lock = None, None
+  if storage.is_url(workdir):  # Prepared in its mirror; the tokenizer goes up.
+    remote, lock, _ = remote_workdir.open_for_training(workdir, process_count=1)
+    workdir = remote.local
+  try:
+    os.makedirs(workdir, exist_ok=True)
+    datasets = build_datasets(config, workdir)
+    datasets.train_iter.close()
+    if remote:
+      remote.push()
+  finally:
+    if lock:
+      lock.release()
   return {"task": config.data.task,
           "token_cache": token_cache.cache_root(config.data, workdir),
           "seconds": time.perf_counter() - start}

@@ -32,7 +32,9 @@ from typing import Any, Optional
 import jax
 import ml_collections
 
+from bigmodel import remote_workdir
 from bigmodel import sharding
+from bigmodel import storage
 from bigmodel.checkpoint import Checkpointer
 from bigmodel.config import config_from_dict
 from bigmodel.errors import UserError
@@ -119,6 +121,8 @@ class LoadedRun:
     tokenizer: The run's tokenizer; None for synthetic data.
     bases: The checkpoint's base sources (see :func:`base_source`): [] if it
       holds every array itself.
+    local_dir: The run's files on this machine: ``workdir``, or a URL's local
+      mirror (``bigmodel.remote_workdir``).
   """
   workdir: str
   config: ml_collections.ConfigDict
@@ -128,6 +132,7 @@ class LoadedRun:
   params: Any
   tokenizer: Any
   bases: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+  local_dir: str = ""
 
 
 def _saved_config(ckpt: Checkpointer, step: Optional[int]) -> tuple[ml_collections.ConfigDict, int]:
@@ -146,14 +151,17 @@ def saved_config(workdir: str, step: Optional[int] = None) -> tuple[ml_collectio
                                                                       int]:
   """(the config saved with checkpoint ``step`` of the run in ``workdir``
   (default: the latest), that step); reads no array."""
-  ckpt = _open(workdir)
+  ckpt = _open(workdir, step)
   try:
     return _saved_config(ckpt, step)
   finally:
     ckpt.close()
 
 
-def _open(workdir: str) -> Checkpointer:
+def _open(workdir: str, step: Optional[int] = None) -> Checkpointer:
+  """A read-only Checkpointer of the run ``workdir``; a URL is read through its
+  local mirror (``bigmodel.remote_workdir``), checkpoint ``step`` copied down."""
+  workdir = remote_workdir.readable(workdir, step)
   if not os.path.isdir(workdir):
     raise UserError(f"workdir {workdir} does not exist")
   if not os.path.isdir(RunDir(workdir).checkpoints):
@@ -185,12 +193,13 @@ def base_source(workdir: str, step: int, role: str, params_paths: list[str],
     fingerprint (a hash of the base checkpoint's array digests) lets a later
     load check that the base is still the same checkpoint.
   """
-  ckpt = _open(workdir)
+  ckpt = _open(workdir, step)
   try:
     fingerprint = _fingerprint(ckpt.saved_digests(step))
   finally:
     ckpt.close()
-  return dict(workdir=os.path.abspath(workdir), step=step, role=role, fingerprint=fingerprint,
+  where = workdir if storage.is_url(workdir) else os.path.abspath(workdir)
+  return dict(workdir=where, step=step, role=role, fingerprint=fingerprint,
               params=sorted(params_paths), reference=sorted(reference_paths))
 
 
@@ -199,11 +208,15 @@ def _source_params(source: dict[str, Any], mesh, where: str) -> dict[str, Any]:
   was (same fingerprint); ``where`` names the checkpoint that points to it."""
   what = (f"{where} holds only the arrays its run changed; the others are in checkpoint "
           f"{source['step']} of {source['workdir']} (its {source['role']}), which")
-  ckpt_dir = RunDir(source["workdir"]).checkpoints
-  if not os.path.isdir(os.path.join(ckpt_dir, str(source["step"]))):
+  try:
+    ckpt = _open(source["workdir"], source["step"])
+  except UserError:
+    ckpt = None
+  if ckpt is None or source["step"] not in ckpt.all_steps():
+    if ckpt is not None:
+      ckpt.close()
     raise UserError(f"{what} is gone: restore it there, or load an export of this run "
                     "(bigmodel.export) made while it existed")
-  ckpt = _open(source["workdir"])
   try:
     fingerprint = _fingerprint(ckpt.saved_digests(source["step"]))
   finally:
@@ -304,7 +317,7 @@ def restore_params(workdir: str, mesh, step: Optional[int] = None,
       these are the parameters runs start from or train against
       (``init_from``, a teacher, a reference), which its integers cannot be.
   """
-  ckpt = _open(workdir)
+  ckpt = _open(workdir, step)
   try:
     config, step = _saved_config(ckpt, step)
     bits = config.model.get("weight_bits", 0)
@@ -368,7 +381,7 @@ def load_run(workdir: str, step: Optional[int] = None,
     UserError: a missing workdir, checkpoint or step.
   """
   from bigmodel.models import build_model  # pylint: disable=g-import-not-at-top
-  ckpt = _open(workdir)
+  ckpt = _open(workdir, step)
   try:
     config, step = _saved_config(ckpt, step)
     mesh = mesh if mesh is not None else run_mesh(config.mesh)
@@ -376,6 +389,7 @@ def load_run(workdir: str, step: Optional[int] = None,
     bases = ckpt.base_sources(step)
   finally:
     ckpt.close()
+  local = os.path.dirname(ckpt.directory)  # The workdir, or a URL's mirror.
   return LoadedRun(workdir=workdir, config=config, step=step, mesh=mesh,
                    model=build_model(config.model, config.lora), params=params,
-                   tokenizer=find_tokenizer(config, workdir), bases=bases)
+                   tokenizer=find_tokenizer(config, local), bases=bases, local_dir=local)

@@ -57,16 +57,51 @@ class RunLock:
     self._thread: Optional[threading.Thread] = None
     self._owner = {"host": socket.gethostname(), "pid": os.getpid(), "started": time.time()}
 
+  # The lock file's storage: RemoteRunLock (bigmodel.remote_workdir) keeps it
+  # in an object store instead.
+  def _create(self, text: str) -> bool:
+    """Writes the lock if there is none; False if one exists."""
+    try:
+      fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666)
+    except FileExistsError:
+      return False
+    except OSError as e:
+      raise UserError(f"cannot write to the workdir {os.path.dirname(self.path)}: "
+                      f"{e.strerror or e}") from None
+    with os.fdopen(fd, "w") as f:
+      f.write(text)
+    return True
+
+  def _read(self) -> tuple[Optional[str], float]:
+    """(the lock's text, seconds since it was last touched); (None, 0) if gone."""
+    age = 0.0
+    try:
+      age = time.time() - os.stat(self.path).st_mtime
+      with open(self.path) as f:
+        return f.read(), age
+    except FileNotFoundError:
+      return None, 0.0
+    except (OSError, UnicodeDecodeError):
+      return "", age
+
+  def _touch(self) -> None:
+    os.utime(self.path)
+
+  def _remove(self) -> None:
+    try:
+      os.remove(self.path)
+    except FileNotFoundError:
+      pass
+
   def _stale_reason(self) -> Optional[str]:
     """Why the existing lock may be taken over, or None if its owner is alive."""
-    try:
-      with open(self.path) as f:
-        owner = json.load(f)
-      age = time.time() - os.stat(self.path).st_mtime
-    except FileNotFoundError:
+    text, age = self._read()
+    if text is None:
       return "gone"
-    except (OSError, ValueError):
-      owner, age = {}, time.time() - os.stat(self.path).st_mtime
+    try:
+      owner = json.loads(text)
+    except ValueError:
+      owner = {}
     if not isinstance(owner, dict):
       owner = {}
     if owner.get("host") == self._owner["host"] and isinstance(owner.get("pid"), int):
@@ -87,21 +122,10 @@ class RunLock:
     """
     replaced = None
     for _ in range(3):  # Another starter may win the race for a stale lock.
-      try:
-        fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666)
-      except FileExistsError:
-        replaced = self._stale_reason()
-        try:
-          os.remove(self.path)
-        except FileNotFoundError:
-          pass
-        continue
-      except OSError as e:
-        raise UserError(f"cannot write to the workdir {os.path.dirname(self.path)}: "
-                        f"{e.strerror or e}") from None
-      with os.fdopen(fd, "w") as f:
-        json.dump(self._owner, f)
-      break
+      if self._create(json.dumps(self._owner)):
+        break
+      replaced = self._stale_reason()
+      self._remove()
     else:
       raise UserError(f"could not take the lock {self.path}: other runs keep taking it")
     self._thread = threading.Thread(target=self._heartbeat, name="bigmodel-run-lock",
@@ -112,18 +136,18 @@ class RunLock:
   def _heartbeat(self) -> None:
     while not self._stop.wait(HEARTBEAT_SECONDS):
       try:
-        os.utime(self.path)
-      except OSError:
+        self._touch()
+      except Exception:  # pylint: disable=broad-except
         pass  # Keep training; a starter may then take the lock over after STALE_SECONDS.
 
   def release(self) -> None:
     self._stop.set()
     if self._thread is not None:
       self._thread.join(timeout=5)
+    text, _ = self._read()
     try:
-      with open(self.path) as f:
-        mine = json.load(f) == self._owner
-    except (OSError, ValueError):
+      mine = text is not None and json.loads(text) == self._owner
+    except ValueError:
       mine = False
     if mine:
-      os.remove(self.path)
+      self._remove()

@@ -45,8 +45,10 @@ from bigmodel import distributed  # Also defines the multi-process flags.
 from bigmodel import flops
 from bigmodel import objectives
 from bigmodel import optim
+from bigmodel import remote_workdir
 from bigmodel import resume
 from bigmodel import sharding
+from bigmodel import storage
 from bigmodel import run as run_lib
 from bigmodel.checkpoint import CheckpointWriteError, check_resumable
 from bigmodel.config import profile_steps, tracker_names, validate
@@ -63,7 +65,7 @@ from bigmodel.pretrained import init_from_pretrained
 from bigmodel.run_lock import RunLock
 from bigmodel.state import abstract_sharded_state, create_sharded_state
 from bigmodel.train_hooks import (CheckpointHook, EvalHook, LogHook, MetricsHook, SourceTokensHook,
-                                  StepOutcome, StepProfiler)
+                                  StepOutcome, StepProfiler, SyncHook)
 from bigmodel.train_step import all_finite, jit_eval_step, jit_train_step
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -183,7 +185,21 @@ class Trainer:
     self._start_time = time.time()  # The session's start, for bigmodel.goodput.
     validate(config)
     validate_data_config(config, jax.process_count())
-    check_resumable(run_lib.RunDir(workdir).checkpoints)  # Before the lock or a log is written.
+    # A workdir in an object store: the run works in its local mirror
+    # (bigmodel.remote_workdir), after taking the store's lock and copying it down.
+    self.remote, self._remote_lock, self._pushing = None, None, False
+    if storage.is_url(workdir):
+      self.remote, self._remote_lock, stale = remote_workdir.open_for_training(
+          workdir, jax.process_count())
+      if stale:
+        print(f"took over the workdir lock: {stale}", flush=True)
+      print(f"workdir {self.remote.url}, mirrored in {self.remote.local}", flush=True)
+      workdir = self.remote.local
+    try:
+      check_resumable(run_lib.RunDir(workdir).checkpoints)  # Before the lock or a log is written.
+    except BaseException:
+      self._release()
+      raise
     if "wandb" in tracker_names(config.train.trackers):
       WandbTracker.load()
     if config.lm_eval.every:  # Unknown tasks or unreadable task files: before any write.
@@ -232,14 +248,19 @@ class Trainer:
     logging.info("peak %.1f TFLOP/s per device (%s)", self.peak_tflops, peak_source)
 
   def _release(self) -> None:
-    self.stop.restore()
-    if self.checkpointer is not None:
+    if hasattr(self, "stop"):
+      self.stop.restore()
+    if getattr(self, "checkpointer", None) is not None:
       self.checkpointer.close()
-    if self._log_file is not None:
+    if getattr(self, "_log_file", None) is not None:
       logging_std.getLogger().removeHandler(self._log_file)
       self._log_file.close()
-    if self._lock is not None:
+    if self._pushing:  # The last checkpoint, metrics and log lines, up to the store.
+      self.remote.push()
+    if getattr(self, "_lock", None) is not None:
       self._lock.release()
+    if self._remote_lock is not None:
+      self._remote_lock.release()
 
   def _check_saved_config(self) -> list[str]:
     """Compares the newest checkpoint's config with this one (see ``bigmodel.resume``)."""
@@ -303,6 +324,7 @@ class Trainer:
     """
     config, mesh = self.config, self.mesh
     writer, profiler = None, None
+    self._pushing = self.remote is not None  # From here on, what the run writes goes up.
     try:
       with sharding.activate(mesh):
         restore_start = time.perf_counter()
@@ -458,7 +480,10 @@ class Trainer:
     if self.on_metrics and self.is_writer:
       sinks.append(self.on_metrics)
     log = LogHook(sinks)
-    return hooks + [log, CheckpointHook(self._save)], log
+    hooks += [log, CheckpointHook(self._save)]
+    if self.remote:
+      hooks.append(SyncHook(self.remote.push))
+    return hooks, log
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:

@@ -162,6 +162,20 @@ class CheckpointHook:
       self.save(outcome.state, outcome.step, outcome.record)
 
 
+class SyncHook:
+  """Copies the run up to its object-store workdir (``push``) at every logged
+  and every saved step (``bigmodel.remote_workdir``)."""
+
+  timeline_category = "checkpoint"
+
+  def __init__(self, push: Callable[[], None]):
+    self.push = push
+
+  def __call__(self, outcome: StepOutcome) -> None:
+    if outcome.record or outcome.save:
+      self.push()
+
+
 # Where a profiled step's time goes: compute (dispatch until the step's results
 # are ready: the profiled steps wait for them), data wait, host (the hooks:
 # metrics, logging), and evaluation and saving when the step has them.

@@ -6,32 +6,46 @@ to bad input (exit 2, one ``error:`` line last, no traceback); ``flip_a_stored_b
 damages a checkpoint as a failing disk would.
 """
 import os
+import socket
 import subprocess
 import sys
-from typing import Sequence
+from typing import Optional, Sequence
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# A very small GPT run of 8 steps, saved every 2 (with dropout, so that resuming
+# must restore its keys): the resume tests' run.
+TINY_RESUMABLE_RUN = [
+    "--config=configs/gpt.py:tiny", "--config.train.steps=8", "--config.train.log_every=1",
+    "--config.train.eval_every=0", "--config.train.sample_tokens=0",
+    "--config.train.batch_size=4", "--config.model.num_layers=1", "--config.model.embed_dim=32",
+    "--config.model.num_heads=2", "--config.model.mlp_dim=64", "--config.model.max_len=32",
+    "--config.model.vocab_size=512", "--config.model.dropout_rate=0.1",
+    "--config.data.seq_len=32", "--config.data.vocab_size=400",
+    "--config.checkpoint.save_every=2", "--config.train.progress=False"]
 
 
-def _env(devices: int) -> dict:
-  return dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+def _env(devices: int, env: Optional[dict] = None) -> dict:
+  return dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+              **(env or {}))
 
 
-def run_train(*args, devices: int = 1, wrapper: Sequence[str] = (),
-              timeout: int = 600) -> subprocess.CompletedProcess:
-  """Runs the trainer with ``args`` on ``devices`` CPU devices, to the end.
+def run_train(*args, devices: int = 1, wrapper: Sequence[str] = (), timeout: int = 600,
+              env: Optional[dict] = None, module: str = "bigmodel.train"
+              ) -> subprocess.CompletedProcess:
+  """Runs the trainer (or another ``module``) with ``args`` on ``devices`` CPU
+  devices, to the end; ``env`` adds environment variables.
 
   ``wrapper`` goes before the Python command (e.g. a shell that sets ulimits).
   """
-  return subprocess.run([*wrapper, sys.executable, "-m", "bigmodel.train", *args], cwd=ROOT,
-                        env=_env(devices), capture_output=True, text=True, timeout=timeout)
+  return subprocess.run([*wrapper, sys.executable, "-m", module, *args], cwd=ROOT,
+                        env=_env(devices, env), capture_output=True, text=True, timeout=timeout)
 
 
-def start_train(*args, devices: int = 1) -> subprocess.Popen:
+def start_train(*args, devices: int = 1, env: Optional[dict] = None) -> subprocess.Popen:
   """Starts the trainer with ``args`` in the background (text pipes)."""
   return subprocess.Popen([sys.executable, "-m", "bigmodel.train", *args], cwd=ROOT,
-                          env=_env(devices), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                          text=True)
+                          env=_env(devices, env), stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True)
 
 
 def assert_user_error(result: subprocess.CompletedProcess, fragment: str) -> None:
@@ -54,3 +68,10 @@ def flip_a_stored_bit(state_dir) -> None:
     byte = f.read(1)
     f.seek(-1, os.SEEK_CUR)
     f.write(bytes([byte[0] ^ 0x10]))
+
+
+def free_port() -> int:
+  """A TCP port on 127.0.0.1 that nothing listens on now."""
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]

@@ -16,7 +16,7 @@ _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
                       os.path.join(_ROOT, ".pytest_cache", "jax_compilation_cache"))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
-from commands import run_train  # pylint: disable=wrong-import-position
+from commands import free_port, run_train  # pylint: disable=wrong-import-position
 
 
 # A GPT run trained 2 steps on part of the stdlib, shared by test_generate.py
@@ -50,3 +50,36 @@ def fixture_gpt_workdir(tmp_path_factory):
   assert result.returncode == 0, result.stderr[-3000:]
   assert "----- sample -----" in result.stdout
   return workdir
+
+
+@pytest.fixture(name="object_stores", scope="session")
+def fixture_object_stores():
+  """moto's S3 server and gcp-storage-emulator, in threads of this process on
+  127.0.0.1 (one pair per test process: fsspec caches its clients with their
+  endpoints), with a ``runs`` bucket in each; sets, and yields, the
+  environment that points clients (and the commands the tests start) at them.
+  Nothing reaches a real cloud: fake credentials, no GCE metadata lookup."""
+  import fsspec  # pylint: disable=import-outside-toplevel
+  from gcp_storage_emulator.server import create_server  # pylint: disable=import-outside-toplevel
+  from moto.server import ThreadedMotoServer  # pylint: disable=import-outside-toplevel
+  s3_port, gcs_port = free_port(), free_port()
+  s3 = ThreadedMotoServer(ip_address="127.0.0.1", port=s3_port, verbose=False)
+  s3.start()
+  gcs = create_server("127.0.0.1", gcs_port, in_memory=True, default_bucket="runs")
+  gcs.start()
+  env = {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test",
+         "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": f"http://127.0.0.1:{s3_port}",
+         "STORAGE_EMULATOR_HOST": f"http://127.0.0.1:{gcs_port}",
+         # gcsfs: no GCE metadata server lookup, no gRPC bucket-type probe.
+         "NO_GCE_CHECK": "true", "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false"}
+  saved = {key: os.environ.get(key) for key in env}
+  os.environ.update(env)
+  fsspec.filesystem("s3").mkdir("runs")
+  yield env
+  for key, value in saved.items():
+    if value is None:
+      os.environ.pop(key, None)
+    else:
+      os.environ[key] = value
+  s3.stop()
+  gcs.stop()

@@ -18,7 +18,7 @@ from bigmodel.data import loader
 from bigmodel.data import mixture as mixture_lib
 from bigmodel.data.batch_spec import BatchSpec
 from bigmodel.errors import UserError
-from commands import assert_user_error, run_train, start_train
+from commands import TINY_RESUMABLE_RUN, assert_user_error, run_train, start_train
 
 # Documents with what breaks naive readers: newlines, quotes, non-ASCII, a
 # brace at the start (ArrayRecord tells JSON from text by it), an empty one.
@@ -195,14 +195,7 @@ def test_a_mixture_gives_its_weights_as_token_shares_and_resumes_exactly():
 
 # -- The trainer on a mixture of three formats: shares logged, kill -9 and resume exact.
 
-_RUN = ["--config=configs/gpt.py:tiny", "--config.train.steps=8", "--config.train.log_every=1",
-        "--config.train.eval_every=0", "--config.train.sample_tokens=0",
-        "--config.train.batch_size=4", "--config.model.num_layers=1",
-        "--config.model.embed_dim=32", "--config.model.num_heads=2", "--config.model.mlp_dim=64",
-        "--config.model.max_len=32", "--config.model.vocab_size=512",
-        "--config.model.dropout_rate=0.1", "--config.data.seq_len=32",
-        "--config.data.vocab_size=400", "--config.checkpoint.save_every=2",
-        "--config.train.progress=False"]
+_RUN = TINY_RESUMABLE_RUN
 
 
 @pytest.fixture(name="three_sources", scope="module")

@@ -1,12 +1,7 @@
-"""Corpora in object stores (gs://, s3://), against emulators the tests start on 127.0.0.1.
-
-moto's S3 server and gcp-storage-emulator run in threads of this process;
-nothing reaches a real cloud (fake credentials, endpoints on 127.0.0.1, the
-GCE metadata check off).
-"""
+"""Corpora in object stores (gs://, s3://), against emulators the tests start on 127.0.0.1
+(conftest's ``object_stores``)."""
 import json
 import os
-import socket
 import time
 
 import fsspec
@@ -14,36 +9,16 @@ import pytest
 
 from bigmodel.data import corpus as corpus_lib
 from bigmodel.errors import UserError
-from commands import assert_user_error, run_train
+from commands import assert_user_error, free_port, run_train
 
 _DOCS = [f"object {i}: def f():\n    return {i} * \"é\"\n" for i in range(40)]
 
 
-def _free_port() -> int:
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
-
-
 @pytest.fixture(name="stores", scope="module")
-def fixture_stores():
-  """Starts both emulators, fills a bucket in each; yields the environment that
-  points clients at them."""
-  from gcp_storage_emulator.server import create_server  # pylint: disable=import-outside-toplevel
-  from moto.server import ThreadedMotoServer  # pylint: disable=import-outside-toplevel
-  s3_port, gcs_port = _free_port(), _free_port()
-  s3 = ThreadedMotoServer(ip_address="127.0.0.1", port=s3_port, verbose=False)
-  s3.start()
-  gcs = create_server("127.0.0.1", gcs_port, in_memory=True, default_bucket="corpora")
-  gcs.start()
-  env = {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test",
-         "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": f"http://127.0.0.1:{s3_port}",
-         "STORAGE_EMULATOR_HOST": f"http://127.0.0.1:{gcs_port}",
-         # gcsfs: no GCE metadata server lookup, no gRPC bucket-type probe.
-         "NO_GCE_CHECK": "true", "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false"}
-  saved = {key: os.environ.get(key) for key in env}
-  os.environ.update(env)
+def fixture_stores(object_stores):
+  """Both emulators with a ``corpora`` bucket of JSONL shards and text files."""
   fsspec.filesystem("s3").mkdir("corpora")
+  fsspec.filesystem("gs").mkdir("corpora")
   for scheme in ("s3", "gs"):
     with fsspec.open(f"{scheme}://corpora/web/part-0.jsonl", "w") as f:
       f.write("".join(json.dumps({"text": d}) + "\n" for d in _DOCS[:20]))
@@ -52,14 +27,7 @@ def fixture_stores():
     for i, doc in enumerate(_DOCS[:6]):
       with fsspec.open(f"{scheme}://corpora/notes/n{i}.txt", "w") as f:
         f.write(doc)
-  yield env
-  for key, value in saved.items():
-    if value is None:
-      os.environ.pop(key, None)
-    else:
-      os.environ[key] = value
-  s3.stop()
-  gcs.stop()
+  return object_stores
 
 
 @pytest.mark.parametrize("scheme", ["s3", "gs"])
@@ -89,7 +57,7 @@ def test_missing_objects_and_an_unreachable_store_are_one_error(stores, tmp_path
     corpus_lib.resolve_files("s3://corpora/none-*.jsonl", "*")
   with pytest.raises(UserError, match="gs://no-such-bucket/x.jsonl"):
     corpus_lib.resolve_files("gs://no-such-bucket/x.jsonl", "*")
-  port = _free_port()  # Nothing listens there.
+  port = free_port()  # Nothing listens there.
   saved = os.environ["AWS_ENDPOINT_URL"]
   os.environ["AWS_ENDPOINT_URL"] = f"http://127.0.0.1:{port}"
   fsspec.config.conf.clear()

@@ -36,6 +36,7 @@ from collections.abc import Iterator, Sequence
 from absl import logging
 import ml_collections
 
+from bigmodel import storage
 from bigmodel.data import remote
 from bigmodel.data import shards
 from bigmodel.data import sources
@@ -116,7 +117,7 @@ def resolve_files(paths: str, file_pattern: str) -> list[CorpusFile]:
   Raises:
     UserError: if ``paths`` names nothing, or nothing readable matches.
   """
-  if remote.is_url(paths):
+  if storage.is_url(paths):
     root, listed = remote.list_files(paths, file_pattern)
     candidates = [(url, posixpath.relpath(url.split("://", 1)[1], root.split("://", 1)[1]),
                    size, version) for url, size, version in listed]
@@ -135,7 +136,7 @@ def resolve_files(paths: str, file_pattern: str) -> list[CorpusFile]:
   for path, relpath, size, version in candidates:
     if not shards.shard_format(path):
       try:
-        with remote.open_binary(path) as f:
+        with storage.open_binary(path) as f:
           head = f.read(_BINARY_SNIFF_BYTES)
       except OSError as e:
         logging.warning("Skipping unreadable corpus file %s: %s", path, e)
@@ -192,7 +193,7 @@ def assign_splits(files: Sequence[CorpusFile]
 def _read_file(f: CorpusFile) -> Iterator[tuple[str, dict[str, str]]]:
   """The (key, example) of one plain corpus file; none if unreadable."""
   try:
-    with remote.open_binary(f.path) as stream:
+    with storage.open_binary(f.path) as stream:
       text = stream.read().decode("utf-8", errors="replace")
   except OSError as e:
     logging.warning("Skipping unreadable corpus file %s: %s", f.path, e)

@@ -33,7 +33,7 @@ from typing import Any, BinaryIO
 
 from absl import logging
 
-from bigmodel.data import remote
+from bigmodel import storage
 from bigmodel.errors import UserError
 
 JSONL_SUFFIXES = (".jsonl", ".ndjson")
@@ -82,7 +82,7 @@ def _text_of(value: Any, text_key: str) -> str | None:
 def jsonl_lines(path: str) -> Iterator[tuple[int, str]]:
   """(line number from 1, line) of a JSON-lines file, decompressed by its
   name (``.gz``, ``.zst``), blank lines left out; local or a URL."""
-  with remote.open_binary(path) as raw, _decompressed(path, raw) as stream:
+  with storage.open_binary(path) as raw, _decompressed(path, raw) as stream:
     text = io.TextIOWrapper(stream, encoding="utf-8-sig", errors="replace")
     for number, line in enumerate(text, start=1):
       if line.strip():  # Blank lines (a trailing newline) are not records.
@@ -101,7 +101,7 @@ def parquet_rows(path: str, columns: Mapping[str, str]) -> Iterator[dict[str, An
     UserError: a column that the file lacks, naming its option.
   """
   import pyarrow.parquet as pq  # pylint: disable=g-import-not-at-top
-  parquet = pq.ParquetFile(remote.open_binary(path) if remote.is_url(path) else path)
+  parquet = pq.ParquetFile(storage.open_binary(path) if storage.is_url(path) else path)
   names = parquet.schema_arrow.names
   for option, column in columns.items():
     if column not in names:
@@ -129,7 +129,7 @@ def _parquet_records(path: str, text_key: str) -> Iterator[str | None]:
 
 
 def _array_record_records(path: str, text_key: str) -> Iterator[str | None]:
-  if remote.is_url(path):
+  if storage.is_url(path):
     raise UserError(f"{path}: ArrayRecord shards are read from local paths only (the"
                     " library has no object-store reader); copy them, or use JSONL or Parquet")
   from array_record.python import array_record_module  # pylint: disable=g-import-not-at-top
@@ -181,7 +181,7 @@ def read_texts(path: str, text_key: str, max_bad_fraction: float
   except UserError:
     raise
   except (ConnectionError, PermissionError, FileNotFoundError) as e:
-    raise remote.store_error(path, e) from e
+    raise storage.store_error(path, e) from e
   except Exception as e:  # pylint: disable=broad-except
     # gzip.BadGzipFile, EOFError, zstandard.ZstdError, pyarrow.ArrowInvalid,
     # array_record's RuntimeError: all mean "this file is not what its name says".

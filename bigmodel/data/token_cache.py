@@ -16,7 +16,10 @@ a fingerprint of the files) and with the tokenizer (a hash of its
 serialized form), so later runs, other hosts and ``python -m
 bigmodel.prepare`` reuse it, and a changed tokenizer never reads stale ids.
 ``data.token_cache`` may also name one such folder directly; one made with
-another tokenizer or corpus is then refused.
+another tokenizer or corpus is then refused. It may be a URL (``gs://``,
+``s3://``, any fsspec store): the shards are made locally, uploaded, and
+copied down by every later run and host (``$BIGMODEL_CACHE/token_caches``);
+``cache.json`` goes up last.
 
 On several hosts each tokenizes the shards ``i::n`` and then waits for the
 others' (every shard file appears by an atomic rename); process 0 writes
@@ -27,6 +30,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
+import functools
 import hashlib
 import json
 import math
@@ -41,6 +45,7 @@ from typing import Any
 from absl import logging
 import numpy as np
 
+from bigmodel import storage
 from bigmodel.data.sources import Source, record_text
 from bigmodel.data.tokenizer import Tokenizer
 from bigmodel.errors import UserError
@@ -159,20 +164,31 @@ def _shard_files(folder: str, split: str, num_documents: int) -> list[str]:
   return [os.path.join(folder, _shard_name(split, i, count)) for i in range(count)]
 
 
-def _check_info(folder: str, expected: dict[str, Any]) -> dict[str, Any] | None:
-  """The folder's ``cache.json`` if it matches ``expected``; None if absent.
-
-  Raises:
-    UserError: a cache of another corpus or tokenizer.
-  """
+def _read_info(folder: str) -> str | None:
+  """The local folder's ``cache.json`` text; None if absent."""
   path = os.path.join(folder, _INFO)
   if not os.path.exists(path):
     return None
   try:
     with open(path, encoding="utf-8") as f:
-      info = json.load(f)
-  except (OSError, ValueError) as e:
+      return f.read()
+  except OSError as e:
     raise UserError(f"{path}: not a readable token cache description ({e})") from e
+
+
+def _check_info(text: str | None, expected: dict[str, Any], folder: str) -> dict[str, Any] | None:
+  """The description ``text`` of the cache in ``folder`` if it matches
+  ``expected``; None if there is none.
+
+  Raises:
+    UserError: a cache of another corpus or tokenizer.
+  """
+  if text is None:
+    return None
+  try:
+    info = json.loads(text)
+  except ValueError as e:
+    raise UserError(f"{folder}/{_INFO}: not a readable token cache description ({e})") from e
   for key in ("format", "corpus", "tokenizer"):
     if info.get(key) != expected[key]:
       raise UserError(
@@ -199,35 +215,31 @@ def cached_source(source: Source, tokenizer: Tokenizer, root: str, *, workers: i
   """
   expected = {"format": FORMAT_VERSION, "corpus": source.name,
               "tokenizer": tokenizer_fingerprint(tokenizer)}
-  if os.path.exists(os.path.join(root, _INFO)):
-    folder = root
-  else:
-    digest = hashlib.sha256(source.name.encode()).hexdigest()[:16]
-    folder = os.path.join(root, f"{digest}-{expected['tokenizer']}")
-  info = _check_info(folder, expected)
   splits = {"train": source.train}
   if source.validation is not None:
     splits["validation"] = source.validation
-  if info is None:
-    os.makedirs(folder, exist_ok=True)
-    workers = workers or os.cpu_count() or 1
-    total = sum(num_shards(len(r)) for r in splits.values())
-    progress = _Progress(source.name, math.ceil(total / process_count))
-    start = time.perf_counter()
-    for split, records in splits.items():
-      _tokenize_split(records, source.text_key, tokenizer, folder, split, workers,
-                      process_index, process_count, progress)
-    _wait_for_shards(folder, splits)
-    if process_index == 0:
-      info = {**expected, "documents": {s: len(r) for s, r in splits.items()}}
-      tmp = os.path.join(folder, f"{_INFO}.tmp.{os.getpid()}")
-      with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(info, f, indent=1)
-      os.replace(tmp, os.path.join(folder, _INFO))
-    logging.info("Tokenized %s into %s in %.1f s", source.name, folder,
-                 time.perf_counter() - start)
+  fill = functools.partial(_fill, name=source.name, splits=splits, text_key=source.text_key,
+                           tokenizer=tokenizer, workers=workers or os.cpu_count() or 1,
+                           process_index=process_index, process_count=process_count)
+  digest = hashlib.sha256(source.name.encode()).hexdigest()[:16]
+  name = f"{digest}-{expected['tokenizer']}"
+  if storage.is_url(root):
+    folder = _remote_cache(root, name, expected, splits, fill, process_index, process_count)
   else:
-    logging.info("Reusing the token cache %s", folder)
+    folder = root if os.path.exists(os.path.join(root, _INFO)) else os.path.join(root, name)
+    if _check_info(_read_info(folder), expected, folder) is None:
+      start = time.perf_counter()
+      fill(folder)
+      _wait_for(lambda path: os.path.exists(os.path.join(folder, path)), splits)
+      if process_index == 0:
+        tmp = os.path.join(folder, f"{_INFO}.tmp.{os.getpid()}")
+        with open(tmp, "w", encoding="utf-8") as f:
+          f.write(_info_text(expected, splits))
+        os.replace(tmp, os.path.join(folder, _INFO))
+      logging.info("Tokenized %s into %s in %.1f s", source.name, folder,
+                   time.perf_counter() - start)
+    else:
+      logging.info("Reusing the token cache %s", folder)
   from grain import sources as grain_sources  # pylint: disable=g-import-not-at-top
   opened = {split: grain_sources.ArrayRecordDataSource(_shard_files(folder, split, len(records)))
             for split, records in splits.items()}
@@ -239,14 +251,89 @@ def cached_source(source: Source, tokenizer: Tokenizer, root: str, *, workers: i
                 validation=opened.get("validation"), text_key=source.text_key)
 
 
-def _wait_for_shards(folder: str, splits: dict[str, Sequence[Any]]) -> None:
-  """Returns when every shard of every split exists (other hosts' too)."""
-  paths = [p for split, records in splits.items()
-           for p in _shard_files(folder, split, len(records))]
+def _info_text(expected: dict[str, Any], splits: dict[str, Sequence[Any]]) -> str:
+  return json.dumps({**expected, "documents": {s: len(r) for s, r in splits.items()}}, indent=1)
+
+
+def _names(splits: dict[str, Sequence[Any]], process_index: int = 0,
+           process_count: int = 1) -> list[str]:
+  """The shard file names of every split (``process_index::process_count`` of each)."""
+  return [os.path.basename(path) for split, records in splits.items()
+          for path in _shard_files("", split, len(records))[process_index::process_count]]
+
+
+def _fill(folder: str, *, name: str, splits: dict[str, Sequence[Any]], text_key: str,
+          tokenizer: Tokenizer, workers: int, process_index: int, process_count: int) -> None:
+  """Tokenizes this host's shards that ``folder`` lacks."""
+  os.makedirs(folder, exist_ok=True)
+  total = sum(num_shards(len(r)) for r in splits.values())
+  progress = _Progress(name, math.ceil(total / process_count))
+  for split, records in splits.items():
+    _tokenize_split(records, text_key, tokenizer, folder, split, workers, process_index,
+                    process_count, progress)
+
+
+def _remote_cache(root: str, name: str, expected: dict[str, Any],
+                  splits: dict[str, Sequence[Any]], fill, process_index: int,
+                  process_count: int) -> str:
+  """The token cache under the URL ``root``, copied into a local folder.
+
+  Shards are made locally (this host's share), uploaded, and the others'
+  copied down once they are all up; ``cache.json`` goes up last, from
+  process 0, so a cache without it is unfinished (its shards are reused).
+  Returns the local folder.
+  """
+  fs, key = storage.filesystem(root)
+  scheme = root.split("://", 1)[0]
+  try:
+    if not fs.exists(f"{key.rstrip('/')}/{_INFO}"):
+      key = f"{key.rstrip('/')}/{name}"
+    url = f"{scheme}://{key}"
+    info_text = fs.cat_file(f"{key}/{_INFO}").decode() if fs.exists(f"{key}/{_INFO}") else None
+  except Exception as e:  # pylint: disable=broad-except
+    raise storage.store_error(root, e) from e
+  local = storage.local_copy_dir("token_caches", url)
+  os.makedirs(local, exist_ok=True)
+  present = lambda path: os.path.exists(os.path.join(local, path))  # noqa: E731
+
+  def request(what, fn, *args):
+    try:
+      return fn(*args)
+    except Exception as e:  # pylint: disable=broad-except
+      raise storage.store_error(f"{url}/{what}", e) from e
+
+  if _check_info(info_text, expected, url) is None:
+    start = time.perf_counter()
+    mine = _names(splits, process_index, process_count)
+    missing = [n for n in mine if not request(n, fs.exists, f"{key}/{n}")]
+    for shard in missing:
+      if not present(shard):
+        fill(local)
+        break
+    for shard in missing:
+      request(shard, fs.put_file, os.path.join(local, shard), f"{key}/{shard}")
+    _wait_for(lambda path: request(path, fs.exists, f"{key}/{path}"), splits)
+    if process_index == 0:
+      request(_INFO, fs.pipe_file, f"{key}/{_INFO}", _info_text(expected, splits).encode())
+    logging.info("Tokenized %s into %s in %.1f s", expected["corpus"], url,
+                 time.perf_counter() - start)
+  else:
+    logging.info("Reusing the token cache %s", url)
+  for shard in _names(splits):
+    if not present(shard):
+      target = os.path.join(local, shard)
+      request(shard, fs.get_file, f"{key}/{shard}", f"{target}.tmp.{os.getpid()}")
+      os.replace(f"{target}.tmp.{os.getpid()}", target)
+  return local
+
+
+def _wait_for(exists, splits: dict[str, Sequence[Any]]) -> None:
+  """Returns when ``exists(name)`` for every shard of every split (other hosts' too)."""
+  names = _names(splits)
   deadline = time.monotonic() + _WAIT_SECONDS
-  while not all(os.path.exists(p) for p in paths):
+  while not all(exists(n) for n in names):
     if time.monotonic() > deadline:
-      missing = [p for p in paths if not os.path.exists(p)]
+      missing = [n for n in names if not exists(n)]
       raise UserError(f"waited {_WAIT_SECONDS:.0f} s for other hosts' token cache shards,"
                       f" {len(missing)} still missing (e.g. {missing[0]})")
     time.sleep(1.0)

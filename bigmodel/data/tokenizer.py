@@ -47,6 +47,7 @@ from absl import logging
 import numpy as np
 import sentencepiece as spm
 
+from bigmodel import storage
 from bigmodel.errors import UserError
 
 # The ids of tokenizers trained here (train_tokenizer).
@@ -210,13 +211,16 @@ class SentencePieceTokenizer(Tokenizer):
 
   @classmethod
   def load(cls, path: str) -> SentencePieceTokenizer:
-    """Loads a ``.model`` file; UserError if missing or not a model."""
-    if not os.path.isfile(path):
-      raise UserError(f"tokenizer file {path!r} does not exist; set"
-                      " data.tokenizer to a sentencepiece .model file or ''"
-                      " to train one")
-    with open(path, "rb") as f:
-      model_proto = f.read()
+    """Loads a ``.model`` file (a local path or a URL); UserError if missing or
+    not a model."""
+    missing = UserError(f"tokenizer file {path!r} does not exist; set data.tokenizer to a "
+                        "sentencepiece .model file or '' to train one")
+    if not storage.is_url(path) and not os.path.isfile(path):
+      raise missing
+    try:
+      model_proto = storage.read_bytes(path)
+    except UserError as e:
+      raise missing if "no such bucket" in str(e) else e
     try:
       return cls(model_proto, where=path)
     except RuntimeError as e:  # sentencepiece's "failed to parse" error.
