@@ -56,8 +56,12 @@ def _remote_text(url: str) -> str:
 def test_a_run_in_an_object_store_resumes_exactly_after_kill_9_on_another_machine(
     object_stores, scheme, corpus, reference, tmp_path):
   del object_stores
+  # Workdir, corpus and token cache all in the store.
+  fsspec.filesystem(scheme).put(f"{corpus}/", "runs/corpus/", recursive=True)
   url = f"{scheme}://runs/killed"
-  process = start_train(f"--workdir={url}", *_RUN, f"--config.data.paths={corpus}",
+  remote_data = [f"--config.data.paths={scheme}://runs/corpus",
+                 f"--config.data.token_cache={scheme}://runs/token_cache_killed"]
+  process = start_train(f"--workdir={url}", *_RUN, *remote_data,
                         env={storage.CACHE_ENV: str(tmp_path / "host_a")})
   deadline = time.time() + 300
   while max(_by_step(_remote_text(f"{url}/metrics.jsonl")) or [0]) < 5:
@@ -66,11 +70,12 @@ def test_a_run_in_an_object_store_resumes_exactly_after_kill_9_on_another_machin
   process.send_signal(signal.SIGKILL)
   process.wait()
   # A fresh mirror: everything the resumed run knows comes from the store.
-  result = run_train(f"--workdir={url}", *_RUN, f"--config.data.paths={corpus}",
+  result = run_train(f"--workdir={url}", *_RUN, *remote_data,
                      env={storage.CACHE_ENV: str(tmp_path / "host_b")})
   assert result.returncode == 0, result.stderr[-3000:]
   assert "took over the workdir lock" in result.stdout  # The killed run's, on this host.
   assert "resuming from the checkpoint at step" in result.stdout
+  assert "Reusing the token cache" in result.stderr and "tokenizing" not in result.stderr
   resumed = _by_step(_remote_text(f"{url}/metrics.jsonl"))
   assert sorted(resumed) == list(range(1, 9))
   for step in range(1, 9):
