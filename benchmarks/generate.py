@@ -55,7 +55,7 @@ def bench(preset, batch, new_tokens, repeats, baseline):
   sampling = Sampling()
   loop = jax.jit(functools.partial(
       sample_loop, CachedDecoder(model), num_new=new_tokens, static_key=sampling.static_key(),
-      eos_id=-1, pad_id=0, start_id=1, num_valid_ids=config.model.vocab_size))
+      stop_ids=(), pad_id=0, start_id=1, num_valid_ids=config.model.vocab_size))
   run = lambda n: loop(params, prompt_BxP, lengths_B, jnp.int32(n), jax.random.key(0),  # pylint: disable=g-long-lambda
                        sampling.values())
   first_s = _median_s(lambda: run(1), repeats)
