@@ -168,8 +168,9 @@ def base_config() -> ml_collections.ConfigDict:
   ))
 
   # DPO (data.task=preference; bigmodel/objectives.py): the reward is beta
-  # times the log-probability ratio to the starting model.
-  c.dpo = ml_collections.ConfigDict(dict(beta=0.1))
+  # times the log-probability ratio to the starting model; sft_weight > 0 adds
+  # the chosen reply's per-token NLL to each pair's loss (RPO).
+  c.dpo = ml_collections.ConfigDict(dict(beta=0.1, sft_weight=0.0))
 
   # Magnitude pruning (bigmodel/pruning.py, docs/compression.md): masks kept in
   # the optimizer state hold the pruned weights at exactly zero.
@@ -435,6 +436,8 @@ def validate(config) -> None:
   pruning.validate(config.prune, config.train.steps)
   if config.dpo.beta <= 0:
     raise UserError(f"dpo.beta must be positive, got {config.dpo.beta}")
+  if not config.dpo.sft_weight >= 0:
+    raise UserError(f"dpo.sft_weight must be >= 0, got {config.dpo.sft_weight}")
   if config.optim.freeze:
     try:
       re.compile(config.optim.freeze)

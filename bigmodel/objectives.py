@@ -14,7 +14,9 @@ DPO (Rafailov et al., 2023): for a prompt x with a chosen reply y_w and a
 rejected one y_l, the policy's reward of a reply is beta times its log-
 probability ratio to the frozen reference model's,
 r(y) = beta (log pi(y | x) - log pi_ref(y | x)), and the loss is
--log sigmoid(r(y_w) - r(y_l)). The reference is the starting model: with
+-log sigmoid(r(y_w) - r(y_l)), plus ``dpo.sft_weight`` times the chosen
+reply's per-token negative log-likelihood (RPO, Pang et al., 2024: it keeps
+the chosen replies likely while their margin grows). The reference is the starting model: with
 LoRA the same parameters with the adapters switched off (their B zero),
 otherwise a frozen copy of the starting parameters kept in the train state
 (``TrainState.reference``). Both replies and the reference run in the same
@@ -100,7 +102,11 @@ class Dpo:
   # The model the reference runs as: the training model without dropout
   # (Qwix applies LoRA dropout whenever an adapter runs). None: ``model``.
   reference_model: Any = None
-  train_metrics = {"correct": "preference_accuracy", "reward_margin": "reward_margin"}
+  # Weight of the chosen reply's per-token negative log-likelihood added to
+  # each pair's loss (RPO; Pang et al., 2024): 0 = plain DPO.
+  sft_weight: float = 0.0
+  train_metrics = {"correct": "preference_accuracy", "reward_margin": "reward_margin",
+                   "chosen_nll": "chosen_nll"}
   passes = 4  # The policy's forward and backward, the reference's forward.
 
   def model_batch_shapes(self, shapes: dict[str, tuple[int, ...]]) -> dict[str, tuple[int, ...]]:
@@ -129,9 +135,11 @@ class Dpo:
     ref_chosen_B, ref_rejected_B = jax.lax.stop_gradient(
         self.reply_logps(reference_model, reference, batch, None))
     margin_B = self.beta * ((chosen_B - ref_chosen_B) - (rejected_B - ref_rejected_B))
-    return (weighted_sum(-jax.nn.log_sigmoid(margin_B), batch["example_mask"]),
-            batch["example_mask"],
-            {"correct": (margin_B > 0).astype(jnp.float32), "reward_margin": margin_B})
+    chosen_nll_B = -chosen_B / jnp.maximum(batch["chosen_loss_mask"].sum(axis=-1), 1.0)
+    loss_B = -jax.nn.log_sigmoid(margin_B) + self.sft_weight * chosen_nll_B
+    return (weighted_sum(loss_B, batch["example_mask"]), batch["example_mask"],
+            {"correct": (margin_B > 0).astype(jnp.float32), "reward_margin": margin_B,
+             "chosen_nll": chosen_nll_B})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -185,7 +193,8 @@ def for_config(config, eval_model=None) -> Any:
   (its reference runs as ``eval_model``, the run's model without dropout),
   distillation with ``distill.teacher``, else cross-entropy."""
   if config.data.task == "preference":
-    return Dpo(config.dpo.beta, eval_model or build_model(config.model, config.lora))
+    return Dpo(config.dpo.beta, eval_model or build_model(config.model, config.lora),
+               config.dpo.get("sft_weight", 0.0))
   if distill.enabled(config):
     return Distill(config.distill.alpha, config.distill.temperature,
                    distill.teacher_model(config))

@@ -81,6 +81,32 @@ def test_policy_equal_to_reference_gives_log_2_and_a_step_prefers_the_chosen(lor
       assert np.asarray(got).tobytes() == want.tobytes()
 
 
+def test_sft_weight_adds_the_chosen_replies_per_token_nll():
+  """RPO: each pair's loss is DPO's plus sft_weight times the chosen reply's
+  mean token NLL; the NLL is logged, and a negative weight is refused."""
+  from bigmodel.config import validate  # pylint: disable=import-outside-toplevel
+  config = tiny_config("llama")
+  config.data.task = "preference"
+  mesh = sharding.make_mesh(config.mesh, jax.devices()[:1])
+  batch = _pairs_batch()
+  batch["chosen_loss_mask"][0, 20:] = 0.0  # Replies of different lengths.
+  with sharding.activate(mesh):
+    model, _, _, state, _ = _state(config, mesh)
+    plain = objectives.for_config(config)
+    config.dpo.sft_weight = 0.5
+    rpo = objectives.for_config(config)
+    chosen_B, _ = plain.reply_logps(model, state.params, batch, None)
+    plain_sum, _, _ = plain(model, state.params, batch, None, state.reference)
+    rpo_sum, _, extras = rpo(model, state.params, batch, None, state.reference)
+  nll_B = -np.asarray(chosen_B) / batch["chosen_loss_mask"].sum(axis=-1)
+  assert nll_B[0] != nll_B[1]
+  np.testing.assert_allclose(extras["chosen_nll"], nll_B, rtol=1e-5)
+  np.testing.assert_allclose(rpo_sum, plain_sum + 0.5 * nll_B.sum(), rtol=1e-5)
+  config.dpo.sft_weight = -1.0
+  with pytest.raises(UserError, match="dpo.sft_weight must be >= 0"):
+    validate(config)
+
+
 @pytest.fixture(name="tokenizer", scope="module")
 def fixture_tokenizer(tokenizer_file):
   return SentencePieceTokenizer.load(tokenizer_file)
