@@ -185,21 +185,8 @@ class Trainer:
     self._start_time = time.time()  # The session's start, for bigmodel.goodput.
     validate(config)
     validate_data_config(config, jax.process_count())
-    # A workdir in an object store: the run works in its local mirror
-    # (bigmodel.remote_workdir), after taking the store's lock and copying it down.
-    self.remote, self._remote_lock, self._pushing = None, None, False
-    if storage.is_url(workdir):
-      self.remote, self._remote_lock, stale = remote_workdir.open_for_training(
-          workdir, jax.process_count())
-      if stale:
-        print(f"took over the workdir lock: {stale}", flush=True)
-      print(f"workdir {self.remote.url}, mirrored in {self.remote.local}", flush=True)
-      workdir = self.remote.local
-    try:
+    if not storage.is_url(workdir):  # A URL's checkpoints are checked once copied down.
       check_resumable(run_lib.RunDir(workdir).checkpoints)  # Before the lock or a log is written.
-    except BaseException:
-      self._release()
-      raise
     if "wandb" in tracker_names(config.train.trackers):
       WandbTracker.load()
     if config.lm_eval.every:  # Unknown tasks or unreadable task files: before any write.
@@ -223,9 +210,20 @@ class Trainer:
     self._lock: Optional[RunLock] = None
     self._log_file = None
     self.checkpointer = None
+    self.remote, self._remote_lock, self._pushing = None, None, False
     # The base sources the checkpoints save instead of their arrays (bigmodel.run.base_source).
     self.bases: list[dict] = []
     try:
+      if storage.is_url(workdir):
+        # A workdir in an object store: the run works in its local mirror
+        # (bigmodel.remote_workdir), after taking the store's lock and copying it down.
+        self.remote, self._remote_lock, stale = remote_workdir.open_for_training(
+            workdir, jax.process_count())
+        if stale:
+          print(f"took over the workdir lock: {stale}", flush=True)
+        print(f"workdir {self.remote.url}, mirrored in {self.remote.local}", flush=True)
+        self.workdir = workdir = self.remote.local
+        check_resumable(run_lib.RunDir(workdir).checkpoints)
       if self.is_writer:  # On several processes only the coordinator takes the lock.
         make_workdir(workdir)
         self._lock = RunLock(workdir)
@@ -248,16 +246,15 @@ class Trainer:
     logging.info("peak %.1f TFLOP/s per device (%s)", self.peak_tflops, peak_source)
 
   def _release(self) -> None:
-    if hasattr(self, "stop"):
-      self.stop.restore()
-    if getattr(self, "checkpointer", None) is not None:
+    self.stop.restore()
+    if self.checkpointer is not None:
       self.checkpointer.close()
-    if getattr(self, "_log_file", None) is not None:
+    if self._log_file is not None:
       logging_std.getLogger().removeHandler(self._log_file)
       self._log_file.close()
     if self._pushing:  # The last checkpoint, metrics and log lines, up to the store.
       self.remote.push()
-    if getattr(self, "_lock", None) is not None:
+    if self._lock is not None:
       self._lock.release()
     if self._remote_lock is not None:
       self._remote_lock.release()
