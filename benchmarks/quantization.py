@@ -4,17 +4,19 @@ r"""Quantization: bytes, eval loss and decode speed as float32, bf16, int8, int4
         [--config.train.steps=300] [--qat_steps=300] [--out_dir=D] \
         [--group_size=128] [--eval_steps=16] [--new_tokens=64] [--repeats=5]
 
-Trains ``--config`` (e.g. the tiny GPT on the default offline data, the
-Python standard library) in ``D/float``, or takes the trained run ``--workdir=W``
-(instead of ``--config``),
-then writes its bf16 copy (``model.param_dtype`` bfloat16) and its int8 and
-int4 (``--group_size``) weight-quantized copies with ``bigmodel.quantize`` and
+Trains ``--config`` (any family's: e.g. ``configs/gpt.py:tiny``,
+``configs/bert.py:tiny`` (MLM) or ``configs/t5.py:tiny`` (span corruption), on
+the default offline data, the Python standard library) in ``D/float``, or
+takes the trained run ``--workdir=W`` (instead of ``--config``), then writes
+its bf16 copy (``model.param_dtype`` bfloat16) and its int8 and int4
+(``--group_size``) weight-quantized copies with ``bigmodel.quantize`` and
 reports, for each: parameter bytes (all, and the dense kernels alone, with
 their ratio to float32), the eval loss ``bigmodel.evaluate`` computes
 (``evaluate.evaluate_run`` on ``--eval_steps`` validation batches) and, for
-families that generate, decode tokens/s (greedy, ``--decode_batch`` rows of a
-16-token prompt, ``--new_tokens`` new tokens without stopping at EOS; the
-median of ``--repeats`` runs after a compile run, through
+families that generate (the decoders and T5; BERT shows ``n/a``), decode
+tokens/s (greedy, ``--decode_batch`` rows of a 16-token prompt,
+``--new_tokens`` new tokens without stopping at EOS; the median of
+``--repeats`` runs after a compile run, through
 ``Generator.generate_ids``). Then trains the same config with int8
 quantized training for ``--qat_steps`` (in ``D/qat_int8``; a float run of as
 many steps, if the float run has another length) and compares their eval
@@ -113,7 +115,7 @@ def _table(rows: list[dict]) -> str:
   lines = [f"{'format':22} {'params MiB':>10} {'kernels MiB':>11} {'kernels vs f32':>14} "
            f"{'eval loss':>9} {'vs float':>8} {'decode tok/s':>12}"]
   for r in rows:
-    tok_s = f"{r['tok_s']:12.0f}" if r["tok_s"] else f"{'-':>12}"
+    tok_s = f"{r['tok_s']:12.0f}" if r["tok_s"] else f"{'n/a':>12}"
     lines.append(f"{r['name']:22} {r['params'] / 2**20:10.3f} {r['kernels'] / 2**20:11.3f} "
                  f"{base['kernels'] / r['kernels']:13.2f}x {r['loss']:9.4f} "
                  f"{(r['loss'] / base['loss'] - 1) * 100:+7.2f}% {tok_s}")

@@ -15,8 +15,10 @@ import importlib
 def get_config(preset: str = "tiny"):
   arch, _, name = (preset or "tiny").rpartition(":")
   c = importlib.import_module(f"configs.{arch or 'gpt'}").get_config(name)
-  if name == "tiny":  # Half the tiny preset's depth and width.
+  if name == "tiny":  # Half the tiny preset's depth (T5's decoder's too) and width.
     c.model.update(num_layers=max(1, c.model.num_layers // 2), embed_dim=c.model.embed_dim // 2,
                    mlp_dim=c.model.mlp_dim // 2)
+    if c.model.get("num_decoder_layers", 0) > 0:
+      c.model.num_decoder_layers = max(1, c.model.num_decoder_layers // 2)
   c.distill.update(alpha=0.5, temperature=2.0)
   return c
