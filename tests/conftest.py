@@ -16,6 +16,12 @@ _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
                       os.path.join(_ROOT, ".pytest_cache", "jax_compilation_cache"))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+# A size limit turns on the cache's file lock (jax._src.lru_cache): without one
+# JAX writes an entry in place, unlocked, and another process can read it
+# half-written (suspected, not shown, in one SIGABRT of tests/sharded_steps.py
+# in a full run). 4 GiB is far above what the suite writes (~120 MB): nothing
+# is evicted.
+os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(4 << 30))
 from commands import free_port, run_train  # pylint: disable=wrong-import-position
 
 
