@@ -100,13 +100,7 @@ class RemoteWorkdir:
     return posixpath.join(self.root, rel.replace(os.sep, "/"))
 
   def _request(self, what: str, fn, *args, **kwargs):
-    """``fn(*args)``; a failure is one UserError naming the URL."""
-    try:
-      return fn(*args, **kwargs)
-    except UserError:
-      raise
-    except Exception as e:  # pylint: disable=broad-except
-      raise storage.store_error(f"{self.url} ({what})", e) from e
+    return storage.request(f"{self.url} ({what})", fn, *args, **kwargs)
 
   def listing(self) -> dict[str, dict[str, Any]]:
     """{relative path: info} of every object under the workdir ([] if none yet)."""
@@ -210,12 +204,9 @@ class RemoteRunLock(RunLock):
     self._text = ""
 
   def _create(self, text: str) -> bool:
-    try:
-      if self._fs.exists(self._key):
-        return False
-      self._fs.pipe_file(self._key, text.encode())
-    except Exception as e:  # pylint: disable=broad-except
-      raise storage.store_error(self.path, e) from e
+    if storage.request(self.path, self._fs.exists, self._key):
+      return False
+    storage.request(self.path, self._fs.pipe_file, self._key, text.encode())
     self._text = text
     return True
 

@@ -61,6 +61,17 @@ def store_error(url: str, error: Exception) -> UserError:
   return UserError(f"{url}: cannot reach the object store ({type(error).__name__}: {message})")
 
 
+def request(url: str, fn, *args, **kwargs):
+  """``fn(*args, **kwargs)``: a request to the store, whose failure becomes one
+  UserError naming ``url``."""
+  try:
+    return fn(*args, **kwargs)
+  except UserError:
+    raise
+  except Exception as e:  # pylint: disable=broad-except
+    raise store_error(url, e) from e
+
+
 def local_copy_dir(kind: str, url: str) -> str:
   """The local folder that holds a copy of ``url``'s ``kind`` of content
   (``$BIGMODEL_CACHE/KIND/<hash of the URL>``, default ``~/.cache/bigmodel``)."""
@@ -81,10 +92,7 @@ def open_binary(path: str) -> BinaryIO:
   if not is_url(path):
     return open(path, "rb")
   fs, inner = filesystem(path)
-  try:
-    return fs.open(inner, "rb")
-  except Exception as e:  # pylint: disable=broad-except
-    raise store_error(path, e) from e
+  return request(path, fs.open, inner, "rb")
 
 
 def read_bytes(path: str) -> bytes:
@@ -96,7 +104,4 @@ def read_bytes(path: str) -> bytes:
 def write_bytes(url: str, data: bytes) -> None:
   """Writes an object in one upload."""
   fs, inner = filesystem(url)
-  try:
-    fs.pipe_file(inner, data)
-  except Exception as e:  # pylint: disable=broad-except
-    raise store_error(url, e) from e
+  request(url, fs.pipe_file, inner, data)

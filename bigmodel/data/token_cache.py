@@ -284,23 +284,15 @@ def _remote_cache(root: str, name: str, expected: dict[str, Any],
   Returns the local folder.
   """
   fs, key = storage.filesystem(root)
-  scheme = root.split("://", 1)[0]
-  try:
-    if not fs.exists(f"{key.rstrip('/')}/{_INFO}"):
-      key = f"{key.rstrip('/')}/{name}"
-    url = f"{scheme}://{key}"
-    info_text = fs.cat_file(f"{key}/{_INFO}").decode() if fs.exists(f"{key}/{_INFO}") else None
-  except Exception as e:  # pylint: disable=broad-except
-    raise storage.store_error(root, e) from e
+  if not storage.request(root, fs.exists, f"{key.rstrip('/')}/{_INFO}"):
+    key = f"{key.rstrip('/')}/{name}"
+  url = f"{root.split('://', 1)[0]}://{key}"
+  request = lambda what, fn, *args: storage.request(f"{url}/{what}", fn, *args)  # noqa: E731
+  info_text = (request(_INFO, fs.cat_file, f"{key}/{_INFO}").decode()
+               if request(_INFO, fs.exists, f"{key}/{_INFO}") else None)
   local = storage.local_copy_dir("token_caches", url)
   os.makedirs(local, exist_ok=True)
   present = lambda path: os.path.exists(os.path.join(local, path))  # noqa: E731
-
-  def request(what, fn, *args):
-    try:
-      return fn(*args)
-    except Exception as e:  # pylint: disable=broad-except
-      raise storage.store_error(f"{url}/{what}", e) from e
 
   if _check_info(info_text, expected, url) is None:
     start = time.perf_counter()
