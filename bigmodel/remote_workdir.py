@@ -119,10 +119,12 @@ class RemoteWorkdir:
         steps.append(int(name[:-len(COMPLETE)]))
     return sorted(steps)
 
-  def pull(self, steps: Optional[list[int]] = None) -> None:
+  def pull(self, steps: Optional[list[int]] = None,
+           listing: Optional[dict[str, Any]] = None) -> None:
     """Makes the mirror what the store holds: its files and the checkpoints
-    ``steps`` (default: every complete one); drops the mirror's other steps."""
-    listing = self.listing()
+    ``steps`` (default: every complete one); drops the mirror's other steps.
+    ``listing``: the store's, if the caller has just read it."""
+    listing = self.listing() if listing is None else listing
     remote_steps = self.complete_steps(listing)
     wanted = remote_steps if steps is None else [s for s in steps if s in remote_steps]
     os.makedirs(os.path.join(self.local, CHECKPOINTS), exist_ok=True)
@@ -261,8 +263,9 @@ def readable(workdir: str, step: Optional[int] = None) -> str:
   if not storage.is_url(workdir):
     return workdir
   remote = RemoteWorkdir(workdir, mirror_path(workdir, "read"))
-  steps = remote.complete_steps()
+  listing = remote.listing()
+  steps = remote.complete_steps(listing)
   if not steps:
     raise UserError(f"no checkpoints in {remote.url}/{CHECKPOINTS}")
-  remote.pull([steps[-1] if step is None else step])
+  remote.pull([steps[-1] if step is None else step], listing)
   return remote.local

@@ -213,14 +213,10 @@ class SentencePieceTokenizer(Tokenizer):
   def load(cls, path: str) -> SentencePieceTokenizer:
     """Loads a ``.model`` file (a local path or a URL); UserError if missing or
     not a model."""
-    missing = UserError(f"tokenizer file {path!r} does not exist; set data.tokenizer to a "
-                        "sentencepiece .model file or '' to train one")
     if not storage.is_url(path) and not os.path.isfile(path):
-      raise missing
-    try:
-      model_proto = storage.read_bytes(path)
-    except UserError as e:
-      raise missing if "no such bucket" in str(e) else e
+      raise UserError(f"tokenizer file {path!r} does not exist; set data.tokenizer to a "
+                      "sentencepiece .model file or '' to train one")
+    model_proto = storage.read_bytes(path)  # A missing object: the store's one-line error.
     try:
       return cls(model_proto, where=path)
     except RuntimeError as e:  # sentencepiece's "failed to parse" error.
