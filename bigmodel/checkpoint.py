@@ -19,12 +19,12 @@ of its digests, and the paths it provides in ``params`` and in
 ``reference``). Restoring such a checkpoint here gives those places as
 ``None``; ``bigmodel.run`` fills them from the sources.
 """
-import glob
 import os
 import shutil
 from typing import Any, Callable, Optional
 
 from absl import logging
+from etils import epath
 import jax
 import jax.numpy as jnp
 from jax.experimental import multihost_utils
@@ -33,6 +33,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers
 
+from bigmodel import storage
 from bigmodel.errors import UserError
 from bigmodel.sharding import path_name
 
@@ -162,22 +163,24 @@ def without_base(state: Any, bases: list[dict[str, Any]]) -> Any:
 
 def _params_only(directory: str, step: int) -> bool:
   """Whether checkpoint ``step`` in ``directory`` is parameters-only (``save_params``)."""
-  return os.path.isdir(os.path.join(directory, str(step), "params_only"))
+  return (epath.Path(directory) / str(step) / "params_only").exists()
 
 
 def check_resumable(directory: str, step: Optional[int] = None) -> None:
-  """UserError if checkpoint ``step`` (default: the newest) in ``directory`` is
-  parameters-only: training cannot resume from it. Reads no array."""
+  """UserError if checkpoint ``step`` (default: the newest) in ``directory`` (a
+  folder or a ``gs://`` URL) is parameters-only: training cannot resume from
+  it. Reads no array."""
   if step is None:
-    steps = [int(n) for n in os.listdir(directory) if n.isdigit()] if os.path.isdir(
-        directory) else []
+    folder = epath.Path(directory)
+    steps = [int(p.name) for p in folder.iterdir() if p.name.isdigit()] if folder.exists() else []
     if not steps:
       return
     step = max(steps)
   if _params_only(directory, step):
     # bigmodel.quantize's output is parameters-only too, but no run starts from it.
     from bigmodel.models.quantization import saved_weight_bits  # pylint: disable=g-import-not-at-top
-    bits = saved_weight_bits(os.path.dirname(os.path.abspath(directory)))
+    bits = saved_weight_bits("" if storage.is_url(directory)
+                             else os.path.dirname(os.path.abspath(directory)))
     if bits:
       raise UserError(
           f"the checkpoint at step {step} in {directory} holds int{bits} weight-quantized "
@@ -193,7 +196,9 @@ class Checkpointer:
   """Saves and restores a run's checkpoints.
 
   Args:
-    directory: Where the checkpoints live (``bigmodel.run``: WORKDIR/checkpoints).
+    directory: Where the checkpoints live (``bigmodel.run``: WORKDIR/checkpoints):
+      a folder, or a ``gs://`` URL that orbax (tensorstore) writes to itself,
+      from every process of the run (``bigmodel.remote_workdir``).
     unusable_directory: Where unusable checkpoints are moved when an older one
       is used (never deleted).
     keep: How many of the latest checkpoints to keep.
@@ -208,7 +213,11 @@ class Checkpointer:
                save_concurrent_gb: Optional[float] = None):
     if keep < 1:  # LatestN(0) would delete every checkpoint, the newest included.
       raise UserError(f"checkpoint.keep={keep} must be >= 1")
-    self.directory = os.path.abspath(directory)
+    if storage.is_url(directory):
+      storage.share_gcs_endpoint()
+      self.directory = directory
+    else:
+      self.directory = os.path.abspath(directory)
     self.unusable_directory = unusable_directory
     self._pending_step = -1  # The step of the save in flight, for its error message.
     policies = [checkpoint_managers.LatestN(n=keep)]
@@ -254,8 +263,8 @@ class Checkpointer:
     self._pending_step = step
     saveable = _to_saveable(without_base(state, list(bases)))
     needed = _state_nbytes(saveable) + _SPACE_MARGIN_BYTES
-    free = shutil.disk_usage(self.directory).free
-    if free < needed:
+    free = self._free_bytes()
+    if free is not None and free < needed:
       raise CheckpointWriteError(
           f"not enough free space to save the checkpoint at step {step} in {self.directory}: "
           f"{free / 2**20:.1f} MiB free, about {needed / 2**20:.1f} MiB needed; the earlier "
@@ -270,20 +279,27 @@ class Checkpointer:
     except Exception as e:  # pylint: disable=broad-except
       self._write_failed(step, e)
 
+  def _free_bytes(self) -> Optional[int]:
+    """Free space where the checkpoints go; None for an object store (no such limit)."""
+    return None if storage.is_url(self.directory) else shutil.disk_usage(self.directory).free
+
   def _write_failed(self, step: int, error: Exception) -> None:
     """Removes the partial save and raises one clear ``CheckpointWriteError``."""
-    for tmp in glob.glob(os.path.join(self.directory, f"{step}.orbax-checkpoint-tmp*")):
-      shutil.rmtree(tmp, ignore_errors=True)
+    # A bucket's unfinished save has no temporary name (orbax marks a finished
+    # one with commit_success.txt instead): the next writer's start-up drops it.
+    for tmp in epath.Path(self.directory).glob(f"{step}.orbax-checkpoint-tmp*"):
+      tmp.rmtree(missing_ok=True)
     reason = " ".join(str(error).split())
     for known in ("No space left on device", "File too large", "Disk quota exceeded",
                   "Read-only file system", "Permission denied"):
       if known in reason:
         reason = known
         break
-    free = shutil.disk_usage(self.directory).free
+    free = self._free_bytes()
+    space = "" if free is None else f" ({free / 2**20:.1f} MiB free)"
     raise CheckpointWriteError(
-        f"writing the checkpoint at step {step} to {self.directory} failed: {reason[:300]} "
-        f"({free / 2**20:.1f} MiB free); the earlier checkpoints are intact") from None
+        f"writing the checkpoint at step {step} to {self.directory} failed: {reason[:300]}"
+        f"{space}; the earlier checkpoints are intact") from None
 
   def is_saving(self) -> bool:
     """True while an async save is still being written."""
@@ -304,7 +320,7 @@ class Checkpointer:
     self._manager.close()
 
   def _has_item(self, step: int, name: str) -> bool:
-    return os.path.isdir(os.path.join(self.directory, str(step), name))
+    return (epath.Path(self.directory) / str(step) / name).exists()
 
   def base_sources(self, step: int) -> list[dict[str, Any]]:
     """The base sources of checkpoint ``step``; [] when it holds every array."""
@@ -425,14 +441,20 @@ class Checkpointer:
 
   def _move_aside(self, step: int) -> None:
     if jax.process_index() == 0:
-      target = self.unusable_directory
-      os.makedirs(target, exist_ok=True)
+      target = epath.Path(self.unusable_directory)
       # The same step may be set aside again after a later run saves it anew:
       # every copy gets its own name, so setting aside never fails.
       name, n = str(step), 1
-      while os.path.lexists(os.path.join(target, name)):
+      while (target / name).exists():
         name, n = f"{step}.{n}", n + 1
-      shutil.move(os.path.join(self.directory, str(step)), os.path.join(target, name))
+      source = os.path.join(self.directory, str(step))
+      if storage.is_url(self.directory):  # A bucket has no folders to rename.
+        fs, path = storage.filesystem(source)
+        storage.request(source, fs.mv, path, storage.filesystem(str(target / name))[1],
+                        recursive=True)
+      else:
+        target.mkdir(parents=True, exist_ok=True)
+        shutil.move(source, str(target / name))
     if jax.process_count() > 1:
       multihost_utils.sync_global_devices(f"bigmodel_move_aside_{step}")
     self._manager.reload()

@@ -53,7 +53,7 @@ def prepare(config, workdir: str) -> dict[str, object]:
   start = time.perf_counter()
   remote, lock = None, None
   if storage.is_url(workdir):  # Prepared in its mirror; the tokenizer goes up.
-    remote, lock, _ = remote_workdir.open_for_training(workdir, process_count=1)
+    remote, lock, _ = remote_workdir.open_for_training(workdir)
     workdir = remote.local
   try:
     os.makedirs(workdir, exist_ok=True)

@@ -2,36 +2,40 @@
 
 ``--workdir=gs://bucket/runs/a`` keeps the whole run in the bucket: config,
 ``metrics.jsonl``, TensorBoard events, ``train.log``, the tokenizer, the
-checkpoints and the lock. The trainer itself works in a local **mirror** of
-the URL (``$BIGMODEL_CACHE/workdirs/<hash of the URL>``, by default under
-``~/.cache/bigmodel``) and the mirror is synchronised with the store:
+checkpoints and the lock. The trainer writes its files in a local **mirror**
+of the URL (``$BIGMODEL_CACHE/workdirs/<hash of the URL>``, by default under
+``~/.cache/bigmodel``; one per process), synchronised with the store:
 
 * at start-up (:meth:`RemoteWorkdir.pull`) the store is the truth: its files
-  and its complete checkpoints are copied down, and anything of the mirror's
-  that the store does not have (a checkpoint that a killed run never
-  uploaded) is dropped, so any machine resumes exactly where the store says;
+  are copied down, so any machine resumes exactly where the store says;
 * while training (:meth:`RemoteWorkdir.push`, at every logged step and after
-  every checkpoint) changed files go up, each checkpoint's files go up before
-  its ``checkpoints/STEP.complete`` marker (a step without its marker is not a
+  every checkpoint) changed files go up: process 0's, and each other
+  process's own ``train.process_N.log``.
+
+Checkpoints take one of two routes:
+
+* ``gs://``: **orbax writes them to the bucket itself** (tensorstore's GCS
+  driver, from every process of a multi-host run; a save is finished when
+  orbax's ``commit_success.txt`` is up), and restores read them from there.
+  Any number of processes.
+* any other store: orbax 0.12's array writer reaches only ``gs://`` natively
+  and treats every other URL as a local path, so checkpoints are saved in the
+  mirror and copied up: each step's files before its
+  ``checkpoints/STEP.complete`` marker (a step without its marker is not a
   checkpoint yet: a kill -9 during an upload leaves the previous one as the
   latest), and the steps that orbax's retention deleted in the mirror are
-  deleted in the store, marker first.
+  deleted in the store, marker first. A pull copies the complete steps down
+  and drops the mirror's others. One process: each host's mirror would hold
+  only its own shards of a checkpoint.
 
-Why a mirror rather than orbax writing to the URL itself: orbax 0.12's array
-writer (tensorstore) reaches only ``gs://`` natively and treats every other
-URL as a local path; the mirror serves every fsspec store the same way, keeps
-the trainer's atomic renames, ``O_EXCL`` lock and append-only logs unchanged,
-and never makes a step wait on the store for more than an upload of what
-changed. The cost is local disk: the mirror holds the kept checkpoints
-(``checkpoint.keep``). Prepared data (``WORKDIR/data``) stays in the mirror;
-it is a cache of the sources and is rebuilt from them elsewhere.
-
-One process per run: a multi-process run refuses a URL workdir (each host's
-mirror would hold only its own shards of a checkpoint).
+The mirror keeps the trainer's atomic renames, ``O_EXCL`` lock and
+append-only logs unchanged and never makes a step wait on the store for more
+than an upload of what changed. Prepared data (``WORKDIR/data``) stays in the
+mirror; it is a cache of the sources and is rebuilt from them elsewhere.
 
 Readers (``evaluate``, ``generate``, ``export``, ``init_from``, the Python API)
-copy down the config, the tokenizer and the checkpoint they read
-(:func:`readable`) and never write to the store.
+copy down the config and the tokenizer (and, off ``gs://``, the checkpoint
+they read) (:func:`readable`) and never write to the store.
 """
 from __future__ import annotations
 
@@ -50,13 +54,21 @@ from bigmodel.run_lock import LOCK_FILE, RunLock
 
 COMPLETE = ".complete"  # checkpoints/STEP.complete: the step's files are all up.
 CHECKPOINTS = "checkpoints"
+_UNUSABLE = "checkpoints_unusable"
 # Never synchronised: the lock has its own object, prepared data is a local cache.
 _LOCAL_ONLY = (LOCK_FILE, "data")
 
 
+def orbax_writes(url: str) -> bool:
+  """Whether orbax reads and writes the checkpoints of the workdir ``url`` in
+  the store itself (``gs://``: tensorstore's GCS driver) rather than in the mirror."""
+  return url.startswith("gs://")
+
+
 def mirror_path(url: str, role: str = "train") -> str:
-  """The local mirror of the workdir ``url``: the trainer's, or readers' (``role``
-  "read": a reader never touches a live trainer's mirror)."""
+  """The local mirror of the workdir ``url``: the trainer's, another process's
+  of the same run (``role`` "process1", ...) or readers' ("read": a reader
+  never touches a live trainer's mirror)."""
   return storage.local_copy_dir("workdirs" if role == "train" else f"workdirs-{role}", url)
 
 
@@ -86,12 +98,24 @@ def _step_files(local_step: str) -> list[str]:
 
 
 class RemoteWorkdir:
-  """The object-store workdir ``url`` and its local mirror ``local``."""
+  """The object-store workdir ``url`` and its local mirror ``local``.
 
-  def __init__(self, url: str, local: Optional[str] = None):
+  ``process_index``: the run's process that owns this mirror; process 0
+  pushes every file, another process only its own log.
+  """
+
+  def __init__(self, url: str, local: Optional[str] = None, process_index: int = 0):
     self.url = url.rstrip("/")
     self.local = local or mirror_path(self.url)
     self.fs, self.root = storage.filesystem(self.url)
+    self.orbax_writes = orbax_writes(self.url)
+    # The workdir whose checkpoints/ the Checkpointer uses (bigmodel.run.RunDir).
+    self.checkpoint_root = self.url if self.orbax_writes else self.local
+    if process_index:
+      from bigmodel.run import RunDir  # pylint: disable=g-import-not-at-top
+      self._only = os.path.basename(RunDir(self.local).log(process_index))
+    else:
+      self._only = None
     self._pushed: dict[str, tuple[int, int]] = {}  # What the store holds of the mirror.
     self._remote_steps: set[int] = set()
 
@@ -103,9 +127,23 @@ class RemoteWorkdir:
     return storage.request(f"{self.url} ({what})", fn, *args, **kwargs)
 
   def listing(self) -> dict[str, dict[str, Any]]:
-    """{relative path: info} of every object under the workdir ([] if none yet)."""
-    found = self._request("list", self.fs.find, self.root, detail=True)
+    """{relative path: info} of every object under the workdir that the mirror
+    synchronises ({} if none yet). Checkpoints that orbax writes to the store
+    itself are left out (a large run's are many thousands of objects)."""
     prefix = self.root.rstrip("/") + "/"
+    if self.orbax_writes:
+      self.fs.invalidate_cache(self.root)  # Other hosts write here too.
+      top = self._request("list", self.fs.find, self.root, maxdepth=1, withdirs=True,
+                          detail=True)
+      found = {}
+      for info in top.values():
+        name = info["name"].rstrip("/")
+        if name[len(prefix):] in ("", CHECKPOINTS, _UNUSABLE):
+          continue  # The workdir itself; what orbax keeps.
+        found.update(self._request("list", self.fs.find, name, detail=True)
+                     if info.get("type") == "directory" else {name: info})
+    else:
+      found = self._request("list", self.fs.find, self.root, detail=True)
     return {info["name"][len(prefix):]: info for info in found.values()
             if info.get("type") == "file" and info["name"].startswith(prefix)}
 
@@ -125,14 +163,20 @@ class RemoteWorkdir:
     ``steps`` (default: every complete one); drops the mirror's other steps.
     ``listing``: the store's, if the caller has just read it."""
     listing = self.listing() if listing is None else listing
-    remote_steps = self.complete_steps(listing)
-    wanted = remote_steps if steps is None else [s for s in steps if s in remote_steps]
-    os.makedirs(os.path.join(self.local, CHECKPOINTS), exist_ok=True)
-    for rel, info in listing.items():
+    os.makedirs(self.local, exist_ok=True)
+    for rel in listing:
       top = rel.split("/", 1)[0]
       if top in _LOCAL_ONLY or top == CHECKPOINTS:
         continue
       self._download(rel)
+    self._pushed = _local_files(self.local)
+    if not self.orbax_writes:
+      self._pull_checkpoints(steps, listing)
+
+  def _pull_checkpoints(self, steps: Optional[list[int]], listing: dict[str, Any]) -> None:
+    remote_steps = self.complete_steps(listing)
+    wanted = remote_steps if steps is None else [s for s in steps if s in remote_steps]
+    os.makedirs(os.path.join(self.local, CHECKPOINTS), exist_ok=True)
     ckpt_dir = os.path.join(self.local, CHECKPOINTS)
     for name in os.listdir(ckpt_dir):
       if not (_is_step(name) and int(name) in wanted):
@@ -142,7 +186,6 @@ class RemoteWorkdir:
       if not os.path.isdir(os.path.join(ckpt_dir, str(step))):
         self._download_step(step, listing)
     self._remote_steps = set(remote_steps)
-    self._pushed = _local_files(self.local)
 
   def _download(self, rel: str) -> None:
     target = os.path.join(self.local, *rel.split("/"))
@@ -164,12 +207,19 @@ class RemoteWorkdir:
     logging.info("copied checkpoint %d down from %s", step, self.url)
 
   def push(self) -> None:
-    """Uploads what changed in the mirror; mirrors checkpoint saves and deletions."""
+    """Uploads what changed in the mirror; mirrors checkpoint saves and deletions
+    (checkpoints that orbax does not write to the store itself)."""
     for rel, stamp in _local_files(self.local).items():
+      if self._only not in (None, rel):
+        continue  # Another process's mirror: its log only.
       if self._pushed.get(rel) != stamp:
         self._request(f"write {rel}", self.fs.put_file, os.path.join(self.local, rel),
                       self.key(rel))
         self._pushed[rel] = stamp
+    if not self.orbax_writes and self._only is None:
+      self._push_checkpoints()
+
+  def _push_checkpoints(self) -> None:
     ckpt_dir = os.path.join(self.local, CHECKPOINTS)
     local_steps = {int(n) for n in os.listdir(ckpt_dir) if _is_step(n)} if os.path.isdir(
         ckpt_dir) else set()
@@ -230,42 +280,55 @@ class RemoteRunLock(RunLock):
       pass
 
 
-def open_for_training(url: str, process_count: int) -> tuple[RemoteWorkdir, RemoteRunLock,
-                                                              Optional[str]]:
-  """Takes the store's lock and pulls the workdir ``url`` into its mirror.
+def open_for_training(url: str, process_index: int = 0, process_count: int = 1
+                      ) -> tuple[RemoteWorkdir, Optional[RemoteRunLock], Optional[str]]:
+  """Takes the store's lock (process 0) and pulls the workdir ``url`` into this
+  process's mirror.
 
   Returns:
-    (the workdir, its lock, why an earlier lock was stale or None).
+    (the workdir, its lock (None off process 0), why an earlier lock was stale
+    or None).
 
   Raises:
-    UserError: several processes, the store unreachable or denied, or
-      another live run holding the lock.
+    UserError: several processes on a store whose checkpoints go through the
+      mirror, the store unreachable or denied, or another live run holding
+      the lock.
   """
-  if process_count > 1:
-    raise UserError(f"--workdir={url}: a workdir in an object store serves one process; "
-                    f"this run has {process_count} (use a shared file system, e.g. a "
-                    "gcsfuse mount, on several hosts)")
-  remote = RemoteWorkdir(url)
+  role = f"process{process_index}" if process_index else "train"
+  remote = RemoteWorkdir(url, mirror_path(url, role), process_index)
+  if process_count > 1 and not remote.orbax_writes:
+    raise UserError(f"--workdir={url}: this run has {process_count} processes, and only a "
+                    "gs:// workdir serves several (orbax writes its checkpoints there from "
+                    "every process); use gs:// or a shared file system (e.g. a gcsfuse mount)")
   remote.listing()  # Reachable, before any write.
-  lock = RemoteRunLock(remote)
-  stale = lock.acquire()
+  lock, stale = None, None
+  if process_index == 0:
+    lock = RemoteRunLock(remote)
+    stale = lock.acquire()
   try:
     remote.pull()
   except BaseException:
-    lock.release()
+    if lock:
+      lock.release()
     raise
   return remote, lock, stale
 
 
-def readable(workdir: str, step: Optional[int] = None) -> str:
-  """A local path holding the run ``workdir`` (itself, if local): for a URL,
-  its mirror with the files and checkpoint ``step`` (default: the latest)."""
+def readable(workdir: str, step: Optional[int] = None) -> tuple[str, str]:
+  """(a local folder holding the files of the run ``workdir``, the workdir
+  whose ``checkpoints/`` to read): the workdir itself twice if local; for a
+  URL, its mirror with the files, and the URL itself if orbax reads its
+  checkpoints there, else the mirror with checkpoint ``step`` (default: the
+  latest) copied down."""
   if not storage.is_url(workdir):
-    return workdir
+    return workdir, workdir
   remote = RemoteWorkdir(workdir, mirror_path(workdir, "read"))
   listing = remote.listing()
+  if remote.orbax_writes:
+    remote.pull(listing=listing)
+    return remote.local, remote.checkpoint_root
   steps = remote.complete_steps(listing)
   if not steps:
     raise UserError(f"no checkpoints in {remote.url}/{CHECKPOINTS}")
   remote.pull([steps[-1] if step is None else step], listing)
-  return remote.local
+  return remote.local, remote.checkpoint_root

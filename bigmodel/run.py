@@ -29,6 +29,7 @@ import os
 import sys
 from typing import Any, Optional
 
+from etils import epath
 import jax
 import ml_collections
 
@@ -42,10 +43,12 @@ from bigmodel.errors import UserError
 
 @dataclasses.dataclass(frozen=True)
 class RunDir:
-  """The paths of a workdir's contents."""
+  """The paths of a workdir's contents (a folder, or a URL's objects)."""
   path: str
 
   def _join(self, name: str) -> str:
+    if storage.is_url(self.path):
+      return f"{self.path.rstrip('/')}/{name}"
     return os.path.join(self.path, name)
 
   @property
@@ -78,6 +81,8 @@ class RunDir:
 
   @property
   def checkpoints(self) -> str:
+    if storage.is_url(self.path):
+      return self._join("checkpoints")
     return os.path.join(os.path.abspath(self.path), "checkpoints")
 
   @property
@@ -158,15 +163,23 @@ def saved_config(workdir: str, step: Optional[int] = None) -> tuple[ml_collectio
     ckpt.close()
 
 
+def _open_with_files(workdir: str, step: Optional[int] = None) -> tuple[Checkpointer, str]:
+  """(a read-only Checkpointer of the run ``workdir``, the folder of its other
+  files). A URL's files are read from a local mirror (``bigmodel.remote_workdir``)
+  and so are its checkpoints (``step`` copied down), except a ``gs://`` run's,
+  which orbax reads from the bucket."""
+  local, checkpoint_root = remote_workdir.readable(workdir, step)
+  if not os.path.isdir(local):
+    raise UserError(f"workdir {local} does not exist")
+  checkpoints = RunDir(checkpoint_root).checkpoints
+  if not storage.request(checkpoints, epath.Path(checkpoints).exists):
+    raise UserError(f"no checkpoints in {checkpoints}")
+  return checkpointer(checkpoint_root, keep=1, read_only=True), local
+
+
 def _open(workdir: str, step: Optional[int] = None) -> Checkpointer:
-  """A read-only Checkpointer of the run ``workdir``; a URL is read through its
-  local mirror (``bigmodel.remote_workdir``), checkpoint ``step`` copied down."""
-  workdir = remote_workdir.readable(workdir, step)
-  if not os.path.isdir(workdir):
-    raise UserError(f"workdir {workdir} does not exist")
-  if not os.path.isdir(RunDir(workdir).checkpoints):
-    raise UserError(f"no checkpoints in {RunDir(workdir).checkpoints}")
-  return checkpointer(workdir, keep=1, read_only=True)
+  """A read-only Checkpointer of the run ``workdir`` (see :func:`_open_with_files`)."""
+  return _open_with_files(workdir, step)[0]
 
 
 def _fingerprint(digests: Optional[dict[str, list[int]]]) -> Optional[str]:
@@ -381,7 +394,7 @@ def load_run(workdir: str, step: Optional[int] = None,
     UserError: a missing workdir, checkpoint or step.
   """
   from bigmodel.models import build_model  # pylint: disable=g-import-not-at-top
-  ckpt = _open(workdir, step)
+  ckpt, local = _open_with_files(workdir, step)  # local: the workdir, or a URL's mirror.
   try:
     config, step = _saved_config(ckpt, step)
     mesh = mesh if mesh is not None else run_mesh(config.mesh)
@@ -389,7 +402,6 @@ def load_run(workdir: str, step: Optional[int] = None,
     bases = ckpt.base_sources(step)
   finally:
     ckpt.close()
-  local = os.path.dirname(ckpt.directory)  # The workdir, or a URL's mirror.
   return LoadedRun(workdir=workdir, config=config, step=step, mesh=mesh,
                    model=build_model(config.model, config.lora), params=params,
                    tokenizer=find_tokenizer(config, local), bases=bases, local_dir=local)

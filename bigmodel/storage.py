@@ -51,6 +51,16 @@ def filesystem(url: str) -> tuple[Any, str]:
     raise UserError(f"{url}: {e}") from e
 
 
+def share_gcs_endpoint() -> None:
+  """Points tensorstore's GCS driver (orbax's arrays in ``gs://``) at the
+  endpoint that gcsfs uses (orbax's metadata, bigmodel's files): with
+  ``STORAGE_EMULATOR_HOST`` set (an emulator, a private endpoint) both would
+  otherwise go to different places. An explicit ``TENSORSTORE_GCS_HTTP_URL`` wins."""
+  host = os.environ.get("STORAGE_EMULATOR_HOST")
+  if host:
+    os.environ.setdefault("TENSORSTORE_GCS_HTTP_URL", host if "://" in host else f"http://{host}")
+
+
 def store_error(url: str, error: Exception) -> UserError:
   """The one-line error of a failed request to the store."""
   if isinstance(error, FileNotFoundError):

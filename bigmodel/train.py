@@ -218,12 +218,12 @@ class Trainer:
         # A workdir in an object store: the run works in its local mirror
         # (bigmodel.remote_workdir), after taking the store's lock and copying it down.
         self.remote, self._remote_lock, stale = remote_workdir.open_for_training(
-            workdir, jax.process_count())
+            workdir, jax.process_index(), jax.process_count())
         if stale:
           print(f"took over the workdir lock: {stale}", flush=True)
         print(f"workdir {self.remote.url}, mirrored in {self.remote.local}", flush=True)
         self.workdir = workdir = self.remote.local
-        check_resumable(run_lib.RunDir(workdir).checkpoints)
+        check_resumable(run_lib.RunDir(self.remote.checkpoint_root).checkpoints)
       if self.is_writer:  # On several processes only the coordinator takes the lock.
         make_workdir(workdir)
         self._lock = RunLock(workdir)
@@ -233,7 +233,8 @@ class Trainer:
       self._log_file = console.add_log_file(run_lib.RunDir(workdir).log(jax.process_index()))
       if jax.process_count() > 1:
         multihost_utils.sync_global_devices("bigmodel_workdir_locked")
-      self.checkpointer = run_lib.checkpointer(workdir, keep=config.checkpoint.keep,
+      self.checkpointer = run_lib.checkpointer(self.remote.checkpoint_root if self.remote
+                                               else workdir, keep=config.checkpoint.keep,
                                                keep_best=config.checkpoint.keep_best,
                                                async_save=config.checkpoint.async_save)
       self.data_changes = self._check_saved_config()

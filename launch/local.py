@@ -7,9 +7,10 @@ Each process gets ``--devices_per_process`` simulated CPU devices (XLA_FLAGS)
 and the flags ``--coordinator_address=127.0.0.1:PORT --num_processes=N
 --process_id=I`` appended to the command (PORT: a free loopback port). Process
 0's output streams here; the others write to ``WORKDIR/launch_logs/process_I.log``
-(``--workdir=`` read from the command) or a temporary directory. If one process
-fails or dies, the others are killed at once, its log's tail is printed, and
-the launcher exits with its status: a launch never hangs on a dead process.
+(``--workdir=`` read from the command, unless it is a URL) or a temporary
+directory. If one process fails or dies, the others are killed at once, its
+log's tail is printed, and the launcher exits with its status: a launch never
+hangs on a dead process.
 SIGINT / SIGTERM are passed on to every process.
 
 Exit status: 0 when every process exited 0; otherwise the first failure's
@@ -118,7 +119,8 @@ def check_program(program: str, env: dict[str, str]) -> None:
 
 def default_log_dir(command: Sequence[str]) -> str:
   for arg in command:
-    if arg.startswith("--workdir="):
+    # A URL workdir (gs://...) is no folder here; each process's train log goes up to it.
+    if arg.startswith("--workdir=") and "://" not in arg:
       return os.path.join(arg.split("=", 1)[1], "launch_logs")
   return tempfile.mkdtemp(prefix="bigmodel_launch_")
 

@@ -3,13 +3,14 @@ launch/local.py against 1 process x 8 devices, resume across process counts,
 and no hung runs when a process fails or dies."""
 import json
 import os
-import shutil
 import signal
 import socket
 import subprocess
 import sys
 import textwrap
 import time
+
+import fsspec
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _LAUNCHER = os.path.join(_ROOT, "launch", "local.py")
@@ -33,19 +34,20 @@ _RUN_ARGS = [
 _TOLERANCE = 2e-5
 
 
-def start_single(workdir, *extra):
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
+def start_single(workdir, *extra, env=None):
+  env = dict(os.environ, **(env or {}), XLA_FLAGS="--xla_force_host_platform_device_count=8",
              JAX_PLATFORMS="cpu")
   return subprocess.Popen(
       [sys.executable, "-m", "bigmodel.train", f"--workdir={workdir}", *_RUN_ARGS, *extra],
       cwd=_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-def start_launch(workdir, *extra):
+def start_launch(workdir, *extra, env=None):
   return subprocess.Popen(
       [sys.executable, _LAUNCHER, "--num_processes=2", "--devices_per_process=4", "--",
        sys.executable, "-m", "bigmodel.train", f"--workdir={workdir}", *_RUN_ARGS, *extra],
-      cwd=_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+      cwd=_ROOT, env=dict(os.environ, **(env or {})), stdout=subprocess.PIPE,
+      stderr=subprocess.PIPE, text=True)
 
 
 def finish(process, timeout=400):
@@ -55,7 +57,7 @@ def finish(process, timeout=400):
 
 
 def metric_lines(workdir):
-  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+  with fsspec.open(f"{workdir}/metrics.jsonl", "r") as f:  # A folder or a URL.
     return [json.loads(line) for line in f]
 
 
@@ -72,15 +74,19 @@ def assert_close(got, want):
 
 
 def rewind_to_step_3(source, target):
-  """A copy of a finished run as if it had stopped after saving step 3."""
-  shutil.copytree(source, target)
-  shutil.rmtree(os.path.join(target, "checkpoints", str(_STEPS)))
+  """A copy of a finished run (a folder or a URL) as if it had stopped after
+  saving step 3."""
+  fs, source_path = fsspec.core.url_to_fs(str(source))
+  target_path = fsspec.core.url_to_fs(str(target))[1]
+  fs.copy(source_path, target_path, recursive=True)
+  fs.rm(f"{target_path}/checkpoints/{_STEPS}", recursive=True)
   kept = [r for r in metric_lines(target) if r["step"] <= 3]
-  with open(os.path.join(target, "metrics.jsonl"), "w") as f:
-    f.writelines(json.dumps(r) + "\n" for r in kept)
+  fs.pipe_file(f"{target_path}/metrics.jsonl",
+               "".join(json.dumps(r) + "\n" for r in kept).encode())
 
 
-def test_two_processes_match_one_and_resume_across_process_counts(tmp_path):
+def test_two_processes_match_one_and_resume_across_process_counts(object_stores, tmp_path):
+  del object_stores
   try:
     _match_and_resume(tmp_path)
   finally:
@@ -88,9 +94,11 @@ def test_two_processes_match_one_and_resume_across_process_counts(tmp_path):
 
 
 def _match_and_resume(tmp_path):
-  one, two = tmp_path / "one", tmp_path / "two"
-  runs = [start_single(one), start_launch(two)]  # Side by side: half the wall time.
-  for run in runs:
+  # The 2-process run keeps its workdir in gs:// (the emulator): orbax writes
+  # the checkpoints there from both processes; each has its own mirror.
+  one, two = tmp_path / "one", f"gs://runs/two_processes_{tmp_path.name}"
+  runs = [start_single(one), start_launch(two, env={"BIGMODEL_CACHE": str(tmp_path / "a")})]
+  for run in runs:  # Side by side: half the wall time.
     finish(run)
   reference = losses(one)
   assert sorted(reference) == list(range(1, _STEPS + 1))
@@ -98,15 +106,26 @@ def _match_and_resume(tmp_path):
         assert_close(losses(two), reference))
   # Only process 0 writes metrics; checkpoints were written by both together.
   assert [r["step"] for r in metric_lines(two) if "loss" in r] == list(range(1, _STEPS + 1))
-  assert sorted(os.listdir(two / "checkpoints")) == ["3", "6"]
-  assert os.path.exists(two / "launch_logs" / "process_1.log")
+  gcs = fsspec.filesystem("gs")
+  gcs.invalidate_cache()
+  root = two[len("gs://"):]
+  assert sorted(p.rsplit("/", 1)[1] for p in gcs.ls(f"{root}/checkpoints")) == ["3", "6"]
+  for step in (3, 6):  # orbax's mark of a finished save in a bucket.
+    assert gcs.exists(f"{root}/checkpoints/{step}/commit_success.txt")
+  # Each process's arrays, from its own host (OCDBT keeps them apart).
+  assert gcs.exists(f"{root}/checkpoints/6/state/ocdbt.process_1")
+  assert "train.process_1.log" in [p.rsplit("/", 1)[1] for p in gcs.ls(root)]
 
-  two_to_one, one_to_two = tmp_path / "two_to_one", tmp_path / "one_to_two"
+  # 2 -> 1 process from the bucket (a fresh mirror), 1 -> 2 on a local disk.
+  two_to_one, one_to_two = f"{two}_to_one", tmp_path / "one_to_two"
   rewind_to_step_3(two, two_to_one)
   rewind_to_step_3(one, one_to_two)
-  outputs = [finish(run) for run in [start_single(two_to_one), start_launch(one_to_two)]]
+  outputs = [finish(run) for run in [
+      start_single(two_to_one, env={"BIGMODEL_CACHE": str(tmp_path / "b")}),
+      start_launch(one_to_two)]]
   for output in outputs:
     assert "resuming from the checkpoint at step 3" in output
+  assert os.path.exists(one_to_two / "launch_logs" / "process_1.log")
   print("resumed 2 -> 1 and 1 -> 2 processes: max |loss difference|",
         assert_close(losses(two_to_one), reference), assert_close(losses(one_to_two), reference))
 

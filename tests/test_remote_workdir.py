@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from bigmodel import remote_workdir
+from bigmodel import run as run_lib
 from bigmodel import storage
 from bigmodel.errors import UserError
 from commands import TINY_RESUMABLE_RUN, assert_user_error, run_train, start_train
@@ -85,9 +86,14 @@ def test_a_run_in_an_object_store_resumes_exactly_after_kill_9_on_another_machin
   assert {"config.json", "tokenizer.model", "train.log"} <= names
   assert any(n.startswith("tensorboard/events.out.tfevents") for n in names)
   assert "run.lock" not in names and not any(n.startswith("data/") for n in names)
-  # checkpoint.keep=2: the two newest steps, each complete (marker and files).
+  # checkpoint.keep=2: the two newest steps, each complete: written by orbax
+  # itself in gs:// (its commit_success.txt), copied up with a marker in s3://.
   steps = sorted({n.split("/")[1] for n in names if n.startswith("checkpoints/")})
-  assert steps == ["6", "6.complete", "8", "8.complete"]
+  if scheme == "gs":
+    assert steps == ["6", "8"]
+    assert {"checkpoints/6/commit_success.txt", "checkpoints/8/commit_success.txt"} <= names
+  else:
+    assert steps == ["6", "6.complete", "8", "8.complete"]
   if scheme == "gs":  # A reader elsewhere: its record goes into the store.
     result = run_train(f"--workdir={url}", module="bigmodel.evaluate",
                        env={storage.CACHE_ENV: str(tmp_path / "host_c")})
@@ -158,11 +164,26 @@ def test_a_live_run_holds_the_store_lock_and_bad_workdirs_are_one_error(object_s
   with pytest.raises(UserError, match=r"another run is training in this workdir \(pid 1 on "
                      r"another-host.*lock: gs://runs/held/run.lock"):
     remote_workdir.open_for_training("gs://runs/held", process_count=1)
-  with pytest.raises(UserError, match="serves one process; this run has 2"):
-    remote_workdir.open_for_training("gs://runs/new", process_count=2)
+  with pytest.raises(UserError, match="this run has 2 processes, and only a gs:// workdir"):
+    remote_workdir.open_for_training("s3://runs/new", process_count=2)
   assert not (tmp_path / "cache").exists()  # Refused before anything was written.
   with pytest.raises(UserError, match="no checkpoints in gs://runs/held/checkpoints"):
-    remote_workdir.readable("gs://runs/held")
+    run_lib.saved_config("gs://runs/held")
+  with pytest.raises(UserError, match="no checkpoints in s3://runs/held/checkpoints"):
+    remote_workdir.readable("s3://runs/held")
+  # Another process of a multi-process gs:// run: process 0 holds the lock;
+  # this one has its own mirror and sends up only its own log.
+  remote, lock, _ = remote_workdir.open_for_training("gs://runs/held", process_index=1,
+                                                     process_count=2)
+  assert lock is None and remote.local != remote_workdir.mirror_path("gs://runs/held")
+  assert remote.checkpoint_root == "gs://runs/held"
+  for name in ("train.process_1.log", "metrics.jsonl", "tokenizer.model"):
+    _write(os.path.join(remote.local, name))
+  remote.push()
+  fs = fsspec.filesystem("gs")
+  fs.invalidate_cache()
+  assert sorted(p.rsplit("/", 1)[1] for p in fs.ls("runs/held")) == ["run.lock",
+                                                                    "train.process_1.log"]
 
 
 def test_the_trainer_refuses_an_unreachable_store_before_writing(object_stores, corpus,
