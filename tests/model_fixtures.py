@@ -51,6 +51,13 @@ def apply(model, params: dict, *inputs, **kwargs):
   return jax.jit(model.apply)({"params": params}, *inputs, **kwargs)
 
 
+def jit_objective(objective, model, params: dict, batch: dict, rng=None, *reference):
+  """``objective(model, params, batch, rng, *reference)``, jitted: op by op, a
+  tiny T5's or MoE decoder's loss took a minute or two on a loaded 2-core CPU."""
+  return jax.jit(lambda p, b, r, *ref: objective(model, p, b, r, *ref))(
+      params, batch, rng, *reference)
+
+
 def unstack_layers(params: dict, num_layers: int) -> dict:
   """A scanned model's parameters ([layers, ...] under ``blocks``) for the
   unrolled stack (``blocks_0``, ``blocks_1``, ...)."""

@@ -19,6 +19,7 @@ from safetensors.numpy import load_file, save_file
 
 from bigmodel.run import load_run
 from commands import assert_user_error, flip_a_stored_bit, run_train
+from model_fixtures import apply
 from bigmodel.errors import UserError
 from bigmodel.hf.interop import export_hf, import_hf
 from bigmodel.hf.tokenizer import HfTokenizer
@@ -43,12 +44,11 @@ def logits(workdir, reference):
   """The converted model's logits on the fixture's inputs."""
   params, config = load(workdir)
   model = build_model(ml_collections.ConfigDict(config["model"]))
-  variables = {"params": params}
   if config["model"]["family"] == "t5":
-    return model.apply(variables, reference["input_ids"], reference["decoder_input_ids"])
+    return apply(model, params, reference["input_ids"], reference["decoder_input_ids"])
   if config["model"]["family"] == "bert":
-    return model.apply(variables, reference["input_ids"], type_ids_BxL=reference["token_type_ids"])
-  return model.apply(variables, reference["input_ids"])
+    return apply(model, params, reference["input_ids"], type_ids_BxL=reference["token_type_ids"])
+  return apply(model, params, reference["input_ids"])
 
 
 @pytest.fixture(name="imported", scope="module")

@@ -16,7 +16,7 @@ from bigmodel.optim import make_optimizer
 from bigmodel.train_step import jit_train_step
 from bigmodel.state import create_sharded_state
 from commands import assert_user_error, run_train
-from model_fixtures import random_family_batch, tiny_config
+from model_fixtures import jit_objective, random_family_batch, tiny_config
 
 
 @pytest.mark.parametrize("family", ["gpt", "bert", "t5"])
@@ -30,7 +30,8 @@ def test_kl_is_zero_for_the_teachers_own_weights_and_a_step_lowers_it(family):
   batch = random_family_batch(family, 4, config.data.seq_len, config.model.vocab_size, seed=0)
   with sharding.activate(mesh):
     state, shardings = create_sharded_state(config, model, optimizer, mesh)
-    _, weights, extras = objective(model, state.params, batch, None, state.params)
+    _, weights, extras = jit_objective(objective, model, state.params, batch, None,
+                                       state.params)
     assert float(jax.numpy.abs(extras["distill_kl"] * weights).max()) < 1e-6
     # Another teacher (its weights perturbed): training on the KL alone moves
     # the student towards it.

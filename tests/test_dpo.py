@@ -20,7 +20,7 @@ from bigmodel.optim import make_optimizer
 from bigmodel.state import create_sharded_state
 from bigmodel.train_step import jit_train_step
 from commands import ROOT, assert_user_error, run_train
-from model_fixtures import random_batch, tiny_config
+from model_fixtures import jit_objective, random_batch, tiny_config
 
 
 def _pairs_batch(batch_size=4, seq_len=32, vocab_size=128, seed=0):
@@ -60,7 +60,8 @@ def test_policy_equal_to_reference_gives_log_2_and_a_step_prefers_the_chosen(lor
     model, optimizer, schedule, state, shardings = _state(config, mesh)
     assert (state.reference is None) == bool(lora_rank)
     objective = objectives.for_config(config)
-    loss_sum, weights, extras = objective(model, state.params, batch, None, state.reference)
+    loss_sum, weights, extras = jit_objective(objective, model, state.params, batch, None,
+                                              state.reference)
     np.testing.assert_allclose(loss_sum, np.log(2.0) * weights.sum(), rtol=1e-6)
     np.testing.assert_allclose(extras["reward_margin"], 0.0, atol=1e-6)
     step = jit_train_step(model, optimizer, schedule, 1, mesh, shardings, objective)

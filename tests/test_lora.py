@@ -20,7 +20,7 @@ from bigmodel.run import load_run
 from bigmodel.state import create_sharded_state
 from bigmodel.train_step import jit_train_step
 from commands import ROOT, run_train
-from model_fixtures import random_family_batch, tiny_config
+from model_fixtures import apply, init_params, random_family_batch, tiny_config
 
 
 def _flat(tree):
@@ -60,8 +60,8 @@ def test_fresh_adapters_leave_the_model_unchanged(family):
   batch = random_family_batch(family, 2, config.data.seq_len, config.model.vocab_size, seed=0)
   from bigmodel.models import batch_logits  # pylint: disable=g-import-not-at-top
   from bigmodel.models.families import family_of  # pylint: disable=g-import-not-at-top
-  params = sharding.strip_boxes(adapted.init(
-      jax.random.key(0), *family_of(adapted).example_inputs(adapted.config, 8))["params"])
+  params = sharding.strip_boxes(init_params(
+      adapted, *family_of(adapted).example_inputs(adapted.config, 8)))
   adapters = sorted(n for n in _flat(params) if lora.is_adapter(n))
   kernels = {n.rsplit("_lora_", 1)[0] for n in adapters}
   assert all(n.split("/")[-2] in ("query", "value", "wo") for n in kernels), kernels
@@ -70,8 +70,9 @@ def test_fresh_adapters_leave_the_model_unchanged(family):
   assert len(adapters) == 2 * len(kernels) > 0
   b = [x for n, x in _flat(params).items() if n.endswith("_lora_b")]
   assert all(not np.asarray(x).any() for x in b)
-  want = batch_logits(base, lora.without_adapters(params), batch, rng=None)
-  got = batch_logits(adapted, params, batch, rng=None)
+  logits = lambda model, p: jax.jit(lambda p: batch_logits(model, p, batch, rng=None))(p)  # noqa: E731
+  want = logits(base, lora.without_adapters(params))
+  got = logits(adapted, params)
   np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
 
 
@@ -93,10 +94,10 @@ def test_lora_trains_only_adapters_and_merges_exactly():
   merged = lora.merge(state.params, lora.scale(config.lora))
   assert not any(lora.is_adapter(n) for n in _flat(merged))
   plain = build_model(config.model)
-  want = model.apply({"params": state.params}, batch["inputs"])
-  got = plain.apply({"params": merged}, batch["inputs"])
-  assert float(jnp.abs(want - plain.apply({"params": lora.without_adapters(state.params)},
-                                          batch["inputs"])).max()) > 1e-3  # Adapters act.
+  want = apply(model, state.params, batch["inputs"])
+  got = apply(plain, merged, batch["inputs"])
+  assert float(jnp.abs(want - apply(plain, lora.without_adapters(state.params),
+                                    batch["inputs"])).max()) > 1e-3  # Adapters act.
   np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=2e-5)
 
 
@@ -168,9 +169,8 @@ def test_lora_run_from_a_trained_run_then_merged_export(gpt_workdir, tmp_path):
   for name, value in _flat(lora.without_adapters(adapted.params)).items():
     assert np.asarray(value).tobytes() == np.asarray(_flat(base.params)[name]).tobytes(), name
   tokens = jnp.asarray(random_family_batch("gpt", 2, 32, 400, seed=3)["inputs"])
-  want = adapted.model.apply({"params": adapted.params}, tokens)
-  np.testing.assert_allclose(merged.model.apply({"params": merged.params}, tokens), want,
-                             atol=2e-5)
+  want = apply(adapted.model, adapted.params, tokens)
+  np.testing.assert_allclose(apply(merged.model, merged.params, tokens), want, atol=2e-5)
 
   out = str(tmp_path / "export")
   result = run_module("bigmodel.export", f"--workdir={workdir}", f"--out={out}", "--merge_lora")

@@ -17,7 +17,7 @@ from bigmodel.models.moe import MoeMlp
 from bigmodel.optim import make_optimizer
 from bigmodel.state import create_sharded_state
 from bigmodel.train_step import jit_train_step
-from model_fixtures import random_family_batch, tiny_config, unstack_layers
+from model_fixtures import jit_objective, random_family_batch, tiny_config, unstack_layers
 
 B, L, D, F, X = 2, 8, 16, 32, 4
 
@@ -120,8 +120,8 @@ def test_the_auxiliary_losses_join_the_training_loss_not_evaluation():
   params = _init(config, model)
   batch = random_family_batch("llama", 4, 32, 128, num_segments=2)
   objective = objectives.for_config(config)
-  train_sum, weights, extras = objective(model, params, batch, jax.random.key(0))
-  eval_sum, _, eval_extras = objective(model, params, batch, None)
+  train_sum, weights, extras = jit_objective(objective, model, params, batch, jax.random.key(0))
+  eval_sum, _, eval_extras = jit_objective(objective, model, params, batch)
   value = lambda extras, name: float(np.ravel(extras[name])[0])  # Per token, all equal.
   balance, router_z = value(extras, "moe_load_balance"), value(extras, "moe_router_z")
   np.testing.assert_allclose(value(eval_extras, "moe_load_balance"), balance, rtol=1e-6)
@@ -133,8 +133,9 @@ def test_the_auxiliary_losses_join_the_training_loss_not_evaluation():
   assert value(extras, "moe_dropped") == 0.0  # Dropless.
   # The same model unrolled sows per layer; the averages agree.
   unrolled_config, unrolled = _moe_decoder(scan=False)
-  unrolled_sum, _, unrolled_extras = objectives.for_config(unrolled_config)(
-      unrolled, unstack_layers(params, 2), batch, jax.random.key(0))
+  unrolled_sum, _, unrolled_extras = jit_objective(
+      objectives.for_config(unrolled_config), unrolled, unstack_layers(params, 2), batch,
+      jax.random.key(0))
   np.testing.assert_allclose(unrolled_sum, train_sum, rtol=1e-5)
   np.testing.assert_allclose(value(unrolled_extras, "moe_router_z"), router_z, rtol=1e-5)
 
