@@ -22,7 +22,8 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 # in a full run). 4 GiB is far above what the suite writes (~120 MB): nothing
 # is evicted.
 os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(4 << 30))
-from commands import free_port, run_train  # pylint: disable=wrong-import-position
+from commands import TEST_XLA_FLAGS, free_port, run_train  # pylint: disable=wrong-import-position
+os.environ.setdefault("XLA_FLAGS", TEST_XLA_FLAGS)  # Before JAX is imported.
 
 
 # A GPT run trained 2 steps on part of the stdlib, shared by test_generate.py

@@ -315,7 +315,7 @@ def test_dispatch_passes_window_and_softcap():
 
 _SHARDED_CHECK = textwrap.dedent("""
     import os
-    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
+    os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4"
     import functools, jax, ml_collections, numpy as np
     from bigmodel import sharding
     from bigmodel.models.attention import dot_product_attention

@@ -12,6 +12,8 @@ import time
 
 import fsspec
 
+from commands import xla_flags
+
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _LAUNCHER = os.path.join(_ROOT, "launch", "local.py")
 
@@ -35,8 +37,7 @@ _TOLERANCE = 2e-5
 
 
 def start_single(workdir, *extra, env=None):
-  env = dict(os.environ, **(env or {}), XLA_FLAGS="--xla_force_host_platform_device_count=8",
-             JAX_PLATFORMS="cpu")
+  env = dict(os.environ, **(env or {}), XLA_FLAGS=xla_flags(8), JAX_PLATFORMS="cpu")
   return subprocess.Popen(
       [sys.executable, "-m", "bigmodel.train", f"--workdir={workdir}", *_RUN_ARGS, *extra],
       cwd=_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

@@ -21,7 +21,7 @@ from bigmodel.errors import UserError
 from bigmodel.models import build_model
 from bigmodel.optim import make_optimizer
 from bigmodel.state import TrainState, abstract_sharded_state
-from commands import ROOT, run_train
+from commands import ROOT, run_train, xla_flags
 from model_fixtures import tiny_config
 
 _STEPS = 10
@@ -235,7 +235,7 @@ def test_pruning_gathers_nothing_on_eight_devices():
   check, the sparsity) and of magnitude's per-layer counts [L] (bisection)."""
   result = subprocess.run([sys.executable, "-c", _COLLECTIVES], cwd=ROOT, capture_output=True,
                           text=True, timeout=300, env=dict(
-                              os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8"))
+                              os.environ, XLA_FLAGS=xla_flags(8)))
   assert result.returncode == 0, result.stderr[-3000:]
   ops = {line.split(" ", 1)[0]: ast.literal_eval(line.split(" ", 1)[1])
          for line in result.stdout.splitlines()}

@@ -22,10 +22,10 @@ from bigmodel.config import validate
 from bigmodel.errors import UserError
 from bigmodel.models import ModelConfig, batch_logits, build_model, quantization
 from bigmodel.models.layers import DenseGeneral
-from commands import ROOT, assert_user_error
+from commands import ROOT, assert_user_error, xla_flags
 from model_fixtures import random_batch, tiny_config
 
-_ONE_DEVICE = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
+_ONE_DEVICE = dict(os.environ, XLA_FLAGS=xla_flags(1))
 # Qwix's symmetric int8 bound (numerics.get_symmetric_bound): scale = absmax / 127.5.
 _INT8_BOUND = 127.5
 
