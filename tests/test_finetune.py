@@ -42,11 +42,14 @@ def fixture_bert_pretrained(tmp_path_factory):
 
 def test_bert_pretrain_then_classify_beats_the_majority_baseline(tmp_path, bert_pretrained):
   workdir = str(tmp_path / "classify")
+  # 300 steps: at 200 the accuracy sat near the bar (+0.095 over the majority
+  # with the suite's XLA flags, whose code generation rounds differently);
+  # at 300 it is +0.23 (0.413 vs 0.180).
   result = train("--config=configs/bert_classify.py:tiny", f"--workdir={workdir}", *_SHAPE,
                  "--config.model.norm_position=pre", "--config.model.dropout_rate=0.0",
                  "--config.data.seq_len=64", f"--config.init_from={bert_pretrained}",
                  f"--config.data.tokenizer={bert_pretrained}/tokenizer.model",
-                 "--config.train.steps=200", "--config.train.eval_every=0",
+                 "--config.train.steps=300", "--config.train.eval_every=0",
                  "--config.optim.learning_rate=3e-3", "--config.optim.warmup_steps=10")
   assert result.returncode == 0, result.stderr[-3000:]
   assert "fresh: classifier/bias, classifier/kernel, pooler/bias, pooler/kernel" in result.stdout

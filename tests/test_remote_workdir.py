@@ -155,6 +155,32 @@ def test_push_uploads_a_checkpoint_before_its_marker_and_mirrors_retention(objec
   assert sorted(os.listdir(local / "checkpoints")) == ["4"]
 
 
+def test_an_unusable_checkpoint_in_a_bucket_is_set_aside_under_its_own_name(object_stores):
+  """orbax writes gs:// checkpoints to the bucket itself; setting one aside
+  (bigmodel.checkpoint: an older one was restored instead) moves its objects,
+  and a step set aside twice keeps both copies."""
+  del object_stores
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  from bigmodel.checkpoint import Checkpointer  # pylint: disable=import-outside-toplevel
+  from bigmodel.config import base_config  # pylint: disable=import-outside-toplevel
+  ckpt = Checkpointer("gs://runs/aside/checkpoints", "gs://runs/aside/checkpoints_unusable",
+                      keep=3, async_save=False)
+  config = base_config()
+  for step in (1, 2):
+    ckpt.save_params(step, {"w": jnp.full((4,), float(step))}, config)
+  fs = fsspec.filesystem("gs")
+  set_aside = lambda: sorted(p.rsplit("/", 1)[1] for p in fs.ls("runs/aside/checkpoints_unusable"))  # noqa: E731
+  ckpt._move_aside(2)  # pylint: disable=protected-access
+  fs.invalidate_cache()
+  assert ckpt.all_steps() == [1] and set_aside() == ["2"]
+  assert fs.exists("runs/aside/checkpoints_unusable/2/commit_success.txt")
+  ckpt.save_params(2, {"w": jnp.full((4,), 5.0)}, config)  # Saved anew, set aside again.
+  ckpt._move_aside(2)  # pylint: disable=protected-access
+  fs.invalidate_cache()
+  assert ckpt.all_steps() == [1] and set_aside() == ["2", "2.1"]
+  ckpt.close()
+
+
 def test_a_live_run_holds_the_store_lock_and_bad_workdirs_are_one_error(object_stores,
                                                                        tmp_path, monkeypatch):
   del object_stores
