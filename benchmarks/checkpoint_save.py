@@ -1,14 +1,24 @@
 r"""How long a checkpoint save takes, and how much an async save slows the steps around it.
 
-    python benchmarks/checkpoint_save.py [--preset=small] [--batch_size=1] [--seq_len=256]
+    python benchmarks/checkpoint_save.py [--preset=small] [--batch_size=1] [--seq_len=256] [--store=s3]
 
 Trains on synthetic tokens; times steps with no save nearby, the steps that
 overlap an async save, the time ``save()`` blocks the loop (device-to-host
 copy), the time until the save is durable, and a synchronous save for
 comparison. Prints a table of medians.
+
+``--store=s3`` also times copying each checkpoint up to an ``s3://`` workdir
+(``bigmodel.remote_workdir``; a moto S3 server that this script starts on
+127.0.0.1): in the loop (push and wait, what the trainer did before the copy
+moved to a background thread) and in the background (how long ``push()``
+blocks the loop, the steps that overlap the copy, the time until it is up).
 """
 import argparse
+import contextlib
+import os
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 
@@ -31,6 +41,7 @@ def main():
   parser.add_argument("--seq_len", type=int, default=256)
   parser.add_argument("--steps_between_saves", type=int, default=6)
   parser.add_argument("--saves", type=int, default=3)
+  parser.add_argument("--store", choices=["", "s3"], default="")
   args = parser.parse_args()
 
   config = get_config(args.preset)
@@ -60,7 +71,14 @@ def main():
       return state, time.perf_counter() - start
 
     quiet, overlapped, blocking, durable, sync_saves = [], [], [], [], []
-    with tempfile.TemporaryDirectory() as async_dir, tempfile.TemporaryDirectory() as sync_dir:
+    upload = {"in_loop": [], "push": [], "overlapped": [], "until_up": []}
+    with tempfile.TemporaryDirectory() as async_dir, tempfile.TemporaryDirectory() as sync_dir, (
+        _s3_server() if args.store else contextlib.nullcontext()):
+      if args.store:
+        from bigmodel.remote_workdir import RemoteWorkdir  # pylint: disable=g-import-not-at-top
+        # Two workdirs with the same mirror: each copies every checkpoint up once.
+        in_loop, background = (RemoteWorkdir(f"s3://bench/{name}", local=sync_dir)
+                               for name in ("in_loop", "background"))
       async_ckpt = run_lib.checkpointer(async_dir, keep=1, async_save=True)
       sync_ckpt = run_lib.checkpointer(sync_dir, keep=1, async_save=False)
       step = 1
@@ -82,6 +100,20 @@ def main():
         sync_ckpt.save(step, state, {}, config)
         sync_ckpt.wait()
         sync_saves.append(time.perf_counter() - start)
+        if args.store:
+          start = time.perf_counter()
+          in_loop.push()
+          in_loop.wait()
+          upload["in_loop"].append(time.perf_counter() - start)
+          start = time.perf_counter()
+          background.push()
+          upload["push"].append(time.perf_counter() - start)
+          while background.uploading():
+            state, seconds = timed_step(state)
+            upload["overlapped"].append(seconds)
+            step += 1
+          background.wait()
+          upload["until_up"].append(time.perf_counter() - start)
       async_ckpt.close()
       sync_ckpt.close()
 
@@ -96,12 +128,54 @@ def main():
       ("async save: until durable", median(durable)),
       ("synchronous save, until durable", median(sync_saves)),
   ]
+  if args.store:
+    rows += [
+        (f"copy up to {args.store}, in the loop", median(upload["in_loop"])),
+        ("background copy: push() blocked", median(upload["push"])),
+        ("step, overlapping a background copy",
+         median(upload["overlapped"]) if upload["overlapped"] else float("nan")),
+        ("background copy: until up", median(upload["until_up"])),
+    ]
   print(f"{'what':36s} {'median s':>9s}")
   for name, seconds in rows:
     print(f"{name:36s} {seconds:9.3f}")
   if overlapped:
     print(f"slowdown of overlapped steps: {median(overlapped) / median(quiet):.2f}x "
           f"({len(overlapped)} steps overlapped {args.saves} saves)")
+  if upload["overlapped"]:
+    print(f"slowdown of steps overlapping a copy up: "
+          f"{median(upload['overlapped']) / median(quiet):.2f}x "
+          f"({len(upload['overlapped'])} steps overlapped {args.saves} copies)")
+
+
+@contextlib.contextmanager
+def _s3_server():
+  """A moto S3 server in its own process on 127.0.0.1 (as a remote store
+  would be), with a ``bench`` bucket; points this process's clients at it."""
+  sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                  "tests"))
+  from commands import free_port  # pylint: disable=g-import-not-at-top
+  import fsspec  # pylint: disable=g-import-not-at-top
+  port = free_port()
+  server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p",
+                             str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  os.environ.update({"AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench",
+                     "AWS_DEFAULT_REGION": "us-east-1",
+                     "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}"})
+  try:
+    deadline = time.time() + 60
+    while True:
+      try:
+        fsspec.filesystem("s3", skip_instance_cache=True).mkdir("bench")
+        break
+      except Exception:  # pylint: disable=broad-except
+        if time.time() > deadline:
+          raise
+        time.sleep(0.5)
+    yield
+  finally:
+    server.terminate()
+    server.wait()
 
 
 if __name__ == "__main__":

@@ -60,7 +60,7 @@ def prepare(config, workdir: str) -> dict[str, object]:
     datasets = build_datasets(config, workdir)
     datasets.train_iter.close()
     if remote:
-      remote.push()
+      remote.flush()
   finally:
     if lock:
       lock.release()

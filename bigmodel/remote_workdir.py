@@ -24,13 +24,16 @@ Checkpoints take one of two routes:
   ``checkpoints/STEP.complete`` marker (a step without its marker is not a
   checkpoint yet: a kill -9 during an upload leaves the previous one as the
   latest), and the steps that orbax's retention deleted in the mirror are
-  deleted in the store, marker first. A pull copies the complete steps down
-  and drops the mirror's others. One process: each host's mirror would hold
-  only its own shards of a checkpoint.
+  deleted in the store, marker first. The copy runs in a background thread
+  while training goes on; the next save waits for it (:meth:`RemoteWorkdir.wait`),
+  as orbax's async saves wait for the previous one, so retention never deletes
+  a step that is going up. A pull copies the complete steps down and drops
+  the mirror's others. One process: each host's mirror would hold only its
+  own shards of a checkpoint.
 
 The mirror keeps the trainer's atomic renames, ``O_EXCL`` lock and
 append-only logs unchanged and never makes a step wait on the store for more
-than an upload of what changed. Prepared data (``WORKDIR/data``) stays in the
+than an upload of the small files that changed. Prepared data (``WORKDIR/data``) stays in the
 mirror; it is a cache of the sources and is rebuilt from them elsewhere.
 
 Readers (``evaluate``, ``generate``, ``export``, ``init_from``, the Python API)
@@ -43,6 +46,7 @@ import json
 import os
 import posixpath
 import shutil
+import threading
 import time
 from typing import Any, Optional
 
@@ -117,7 +121,9 @@ class RemoteWorkdir:
     else:
       self._only = None
     self._pushed: dict[str, tuple[int, int]] = {}  # What the store holds of the mirror.
-    self._remote_steps: set[int] = set()
+    self._remote_steps: set[int] = set()  # Only the upload thread changes it while it runs.
+    self._upload: Optional[threading.Thread] = None
+    self._upload_error: Optional[BaseException] = None
 
   def key(self, rel: str) -> str:
     """The store's path (no scheme) of the workdir's file ``rel``."""
@@ -207,8 +213,11 @@ class RemoteWorkdir:
     logging.info("copied checkpoint %d down from %s", step, self.url)
 
   def push(self) -> None:
-    """Uploads what changed in the mirror; mirrors checkpoint saves and deletions
-    (checkpoints that orbax does not write to the store itself)."""
+    """Uploads the files that changed in the mirror, and starts copying its new
+    checkpoints up (and its deletions) in the background, unless a copy is
+    still running (the next push takes what this one left). Raises the last
+    background copy's error, if it failed."""
+    self._raise_upload_error()
     for rel, stamp in _local_files(self.local).items():
       if self._only not in (None, rel):
         continue  # Another process's mirror: its log only.
@@ -216,13 +225,49 @@ class RemoteWorkdir:
         self._request(f"write {rel}", self.fs.put_file, os.path.join(self.local, rel),
                       self.key(rel))
         self._pushed[rel] = stamp
-    if not self.orbax_writes and self._only is None:
+    if self.orbax_writes or self._only is not None or self.uploading():
+      return
+    if self._local_steps() != self._remote_steps:
+      self._upload = threading.Thread(target=self._upload_checkpoints,
+                                      name="bigmodel-checkpoint-upload", daemon=True)
+      self._upload.start()
+
+  def flush(self) -> None:
+    """Sends everything up: the running copy, then what changed since, and
+    waits for it (a run's end)."""
+    self.wait()
+    self.push()
+    self.wait()
+
+  def uploading(self) -> bool:
+    """Whether a background checkpoint copy is running."""
+    return self._upload is not None and self._upload.is_alive()
+
+  def wait(self) -> None:
+    """Waits for the background checkpoint copy; raises its error, if any."""
+    if self._upload is not None:
+      self._upload.join()
+    self._raise_upload_error()
+
+  def _raise_upload_error(self) -> None:
+    error, self._upload_error = self._upload_error, None
+    if error is not None:
+      raise error
+
+  def _upload_checkpoints(self) -> None:
+    try:
       self._push_checkpoints()
+    except BaseException as e:  # pylint: disable=broad-except
+      self._upload_error = e  # Raised by the trainer's next push or wait.
+
+  def _local_steps(self) -> set[int]:
+    ckpt_dir = os.path.join(self.local, CHECKPOINTS)
+    return {int(n) for n in os.listdir(ckpt_dir) if _is_step(n)} if os.path.isdir(
+        ckpt_dir) else set()
 
   def _push_checkpoints(self) -> None:
     ckpt_dir = os.path.join(self.local, CHECKPOINTS)
-    local_steps = {int(n) for n in os.listdir(ckpt_dir) if _is_step(n)} if os.path.isdir(
-        ckpt_dir) else set()
+    local_steps = self._local_steps()
     for step in sorted(local_steps - self._remote_steps):
       local_step = os.path.join(ckpt_dir, str(step))
       for rel in _step_files(local_step):
@@ -244,10 +289,13 @@ class RemoteWorkdir:
 class RemoteRunLock(RunLock):
   """:class:`~bigmodel.run_lock.RunLock` kept as the object ``URL/run.lock``.
 
-  An object store has no exclusive create that fsspec exposes for every
-  store, so two runs started within the same second may both see no lock;
-  the heartbeat and staleness rules are the shared file system's.
+  The lock is created by a conditional write that fails if the object exists
+  (GCS ``ifGenerationMatch=0``, S3 ``If-None-Match: *``; fsspec's
+  ``mode="create"``), so of two runs started at once exactly one gets it. A
+  store without conditional writes gets fsspec's check-then-write instead.
   """
+
+  confirm_seconds = 3.0  # Two requests of another starter, with room to spare.
 
   def __init__(self, remote: RemoteWorkdir):
     super().__init__(remote.local)
@@ -256,9 +304,12 @@ class RemoteRunLock(RunLock):
     self._text = ""
 
   def _create(self, text: str) -> bool:
-    if storage.request(self.path, self._fs.exists, self._key):
+    try:
+      self._fs.pipe_file(self._key, text.encode(), mode="create")
+    except FileExistsError:
       return False
-    storage.request(self.path, self._fs.pipe_file, self._key, text.encode())
+    except Exception as e:  # pylint: disable=broad-except
+      raise storage.store_error(self.path, e) from e
     self._text = text
     return True
 

@@ -13,8 +13,18 @@ systems and on NFS v3+). A dead owner must not hold it forever:
   owner touches the file every ``HEARTBEAT_SECONDS`` and a lock untouched for
   ``STALE_SECONDS`` is stale.
 
-A stale lock is replaced (and the replacement says so). Only the coordinator
-process (process 0) of a multi-process run takes the lock.
+A stale lock is replaced (and the replacement says so). Two starters may
+both find it stale: each removes it and creates its own, and the one whose
+removal came second would delete the other's new lock. So a starter that
+replaced a stale lock reads it again a moment later and gives up
+if it is no longer its own.
+
+The heartbeat also checks that the lock is still this run's: a run paused
+for longer than ``STALE_SECONDS`` (a suspended VM, a network partition) may
+find another run holding it. It then stops touching it and sets
+:attr:`RunLock.lost`; the trainer stops before its next write
+(``train_hooks.LockHook``). Only the coordinator process (process 0) of a
+multi-process run takes the lock.
 """
 from __future__ import annotations
 
@@ -42,6 +52,15 @@ def _pid_running(pid: int) -> bool:
   return True
 
 
+def _parse_owner(text: str) -> dict:
+  """A lock's owner (host, pid, started); {} if the text is not one."""
+  try:
+    owner = json.loads(text)
+  except ValueError:
+    return {}
+  return owner if isinstance(owner, dict) else {}
+
+
 def _describe(owner: dict) -> str:
   started = owner.get("started")
   when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(started)) if started else "?"
@@ -51,11 +70,16 @@ def _describe(owner: dict) -> str:
 class RunLock:
   """Holds ``WORKDIR/run.lock`` from :meth:`acquire` until :meth:`release`."""
 
+  # Longer than another starter's removal and creation of the lock take, so
+  # that a lost race for a stale lock shows in the read-back.
+  confirm_seconds = 0.5
+
   def __init__(self, workdir: str):
     self.path = os.path.join(workdir, LOCK_FILE)
     self._stop = threading.Event()
     self._thread: Optional[threading.Thread] = None
     self._owner = {"host": socket.gethostname(), "pid": os.getpid(), "started": time.time()}
+    self.lost: Optional[str] = None  # Set by the heartbeat: who holds the lock now.
 
   # The lock file's storage: RemoteRunLock (bigmodel.remote_workdir) keeps it
   # in an object store instead.
@@ -98,12 +122,7 @@ class RunLock:
     text, age = self._read()
     if text is None:
       return "gone"
-    try:
-      owner = json.loads(text)
-    except ValueError:
-      owner = {}
-    if not isinstance(owner, dict):
-      owner = {}
+    owner = _parse_owner(text)
     if owner.get("host") == self._owner["host"] and isinstance(owner.get("pid"), int):
       if not _pid_running(owner["pid"]):
         return f"its owner ({_describe(owner)}) is no longer running"
@@ -118,7 +137,8 @@ class RunLock:
     """Takes the lock; returns why an earlier lock was stale, if there was one.
 
     Raises:
-      UserError: another live run holds it, or the workdir cannot be written.
+      UserError: another live run holds it (or took it over while this one
+        did), or the workdir cannot be written.
     """
     replaced = None
     for _ in range(3):  # Another starter may win the race for a stale lock.
@@ -128,14 +148,34 @@ class RunLock:
       self._remove()
     else:
       raise UserError(f"could not take the lock {self.path}: other runs keep taking it")
+    if replaced not in (None, "gone"):
+      time.sleep(self.confirm_seconds)
+      other = self._other_owner()
+      if other is not None:
+        raise UserError(f"another run took over the stale lock {self.path} at the same time "
+                        f"({other}); wait for it or stop it")
     self._thread = threading.Thread(target=self._heartbeat, name="bigmodel-run-lock",
                                     daemon=True)
     self._thread.start()
     return None if replaced == "gone" else replaced
 
+  def _other_owner(self) -> Optional[str]:
+    """Who holds the lock if not this run ("nobody" if it is gone); None if this run."""
+    text, _ = self._read()
+    if text is None:
+      return "nobody"
+    owner = _parse_owner(text)
+    if owner == self._owner:
+      return None
+    return _describe(owner) if owner else "an unreadable lock"
+
   def _heartbeat(self) -> None:
     while not self._stop.wait(HEARTBEAT_SECONDS):
       try:
+        other = self._other_owner()
+        if other is not None:
+          self.lost = f"{self.path} is now held by {other}"
+          return  # Touching it now would keep another run's lock alive.
         self._touch()
       except Exception:  # pylint: disable=broad-except
         pass  # Keep training; a starter may then take the lock over after STALE_SECONDS.
@@ -144,10 +184,5 @@ class RunLock:
     self._stop.set()
     if self._thread is not None:
       self._thread.join(timeout=5)
-    text, _ = self._read()
-    try:
-      mine = text is not None and json.loads(text) == self._owner
-    except ValueError:
-      mine = False
-    if mine:
+    if self._other_owner() is None:
       self._remove()

@@ -64,8 +64,8 @@ from bigmodel.optim import make_optimizer
 from bigmodel.pretrained import init_from_pretrained
 from bigmodel.run_lock import RunLock
 from bigmodel.state import abstract_sharded_state, create_sharded_state
-from bigmodel.train_hooks import (CheckpointHook, EvalHook, LogHook, MetricsHook, SourceTokensHook,
-                                  StepOutcome, StepProfiler, SyncHook)
+from bigmodel.train_hooks import (CheckpointHook, EvalHook, LockHook, LogHook, MetricsHook,
+                                  SourceTokensHook, StepOutcome, StepProfiler, SyncHook)
 from bigmodel.train_step import all_finite, jit_eval_step, jit_train_step
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -253,12 +253,15 @@ class Trainer:
     if self._log_file is not None:
       logging_std.getLogger().removeHandler(self._log_file)
       self._log_file.close()
-    if self._pushing:  # The last checkpoint, metrics and log lines, up to the store.
-      self.remote.push()
-    if self._lock is not None:
-      self._lock.release()
-    if self._remote_lock is not None:
-      self._remote_lock.release()
+    lost = any(lock is not None and lock.lost for lock in (self._lock, self._remote_lock))
+    try:
+      if self._pushing and not lost:  # The last checkpoint, metrics and log lines, up to the store.
+        self.remote.flush()
+    finally:
+      if self._lock is not None:
+        self._lock.release()
+      if self._remote_lock is not None:
+        self._remote_lock.release()
 
   def _check_saved_config(self) -> list[str]:
     """Compares the newest checkpoint's config with this one (see ``bigmodel.resume``)."""
@@ -311,6 +314,8 @@ class Trainer:
     if not bool(_all_finite(state.params)):
       raise UserError(f"the state at step {step} is not finite; not checkpointed")
     best_metric = {"eval_loss": metrics["eval_loss"]} if "eval_loss" in metrics else None
+    if self.remote:  # The previous checkpoint's copy up, before retention may delete it.
+      self.remote.wait()
     self.checkpointer.save(step, state, self.datasets.train_iter.get_state(), self.config,
                            metrics=best_metric, bases=tuple(self.bases))
 
@@ -440,7 +445,7 @@ class Trainer:
           f"{split['profile_trace']}", flush=True)
 
   def _hooks(self, state, first_batch, eval_fn, writer) -> tuple[list, LogHook]:
-    """The hooks, in order: metrics, evaluation, logging, checkpointing."""
+    """The hooks, in order: metrics, evaluation, lock check, logging, checkpointing, sync."""
     config = self.config
     batch_shapes = self.objective.model_batch_shapes(
         {k: v.shape for k, v in first_batch.items()})
@@ -478,7 +483,7 @@ class Trainer:
     if self.on_metrics and self.is_writer:
       sinks.append(self.on_metrics)
     log = LogHook(sinks)
-    hooks += [log, CheckpointHook(self._save)]
+    hooks += [LockHook([self._lock, self._remote_lock]), log, CheckpointHook(self._save)]
     if self.remote:
       hooks.append(SyncHook(self.remote.push))
     return hooks, log

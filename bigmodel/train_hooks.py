@@ -4,7 +4,8 @@
 The loop is "next batch -> step -> hooks": after every step each hook looks
 at a :class:`StepOutcome` and may add to its ``record`` (what gets logged) or
 act (evaluate, save). The trainer runs them in order: metrics (which also
-applies the non-finite policy), evaluation, logging, checkpointing.
+applies the non-finite policy), evaluation, the lock check, logging,
+checkpointing, and the object-store sync.
 """
 from __future__ import annotations
 
@@ -14,6 +15,8 @@ from typing import Any, Callable, Optional
 
 from absl import logging
 import jax
+from jax.experimental import multihost_utils
+import numpy as np
 
 from bigmodel.errors import UserError
 
@@ -146,6 +149,31 @@ class LogHook:
       self.last_metrics.update(outcome.record)
       for sink in self.sinks:
         sink(outcome.step, dict(outcome.record))
+
+
+class LockHook:
+  """Stops the run before it writes again once another run has taken over its
+  workdir lock (``RunLock.lost``, found by the lock's heartbeat), so that two
+  runs never save into one workdir.
+
+  One process checks before every logged and saved step. Several check at
+  saved steps only, where all of them take part: process 0 (the only one
+  holding a lock) tells the others, so they stop together.
+  """
+
+  def __init__(self, locks: list[Any]):
+    self.locks = [lock for lock in locks if lock is not None]
+
+  def __call__(self, outcome: StepOutcome) -> None:
+    several = jax.process_count() > 1
+    if not (outcome.save or (outcome.record and not several)):
+      return
+    lost = next((lock.lost for lock in self.locks if lock.lost), None)
+    if several and multihost_utils.broadcast_one_to_all(np.int32(lost is not None)):
+      lost = lost or "process 0's lock is held by another run"
+    if lost:
+      raise UserError(f"this run lost its workdir lock ({lost}); another run is writing "
+                      "this workdir, so this one stops without saving")
 
 
 class CheckpointHook:

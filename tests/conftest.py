@@ -69,6 +69,7 @@ def fixture_object_stores():
   import fsspec  # pylint: disable=import-outside-toplevel
   from gcp_storage_emulator.server import create_server  # pylint: disable=import-outside-toplevel
   from moto.server import ThreadedMotoServer  # pylint: disable=import-outside-toplevel
+  _gcs_emulator_honours_create_only_writes()
   s3_port, gcs_port = free_port(), free_port()
   s3 = ThreadedMotoServer(ip_address="127.0.0.1", port=s3_port, verbose=False)
   s3.start()
@@ -90,3 +91,42 @@ def fixture_object_stores():
       os.environ[key] = value
   s3.stop()
   gcs.stop()
+
+
+def _gcs_emulator_honours_create_only_writes() -> None:
+  """gcp-storage-emulator ignores GCS's ``ifGenerationMatch=0`` precondition
+  (write only if there is no such object), which real GCS answers with 412
+  and gcsfs's ``mode="create"`` sends; the run lock relies on it. This adds
+  that one rule to the emulator's upload handler, for run locks only:
+  tensorstore's OCDBT writer sends the precondition too, and its recovery
+  from a 412 needs object generations that the emulator does not keep."""
+  from http import HTTPStatus  # pylint: disable=import-outside-toplevel
+  from gcp_storage_emulator import server  # pylint: disable=import-outside-toplevel
+  from gcp_storage_emulator.exceptions import NotFound  # pylint: disable=import-outside-toplevel
+  from gcp_storage_emulator.handlers import objects  # pylint: disable=import-outside-toplevel
+  insert = objects.insert
+  if getattr(insert, "honours_create_only", False):
+    return
+
+  def insert_unless_exists(request, response, storage, *args, **kwargs):
+    name = None
+    if request.query.get("ifGenerationMatch") == ["0"]:
+      name = (request.query.get("name") or [None])[0]
+      if name is None and isinstance(request.data, dict):
+        name = request.data.get("meta", {}).get("name")
+    if name and name.endswith("/run.lock"):
+      try:
+        storage.get_file_obj(request.params["bucket_name"], name)
+      except NotFound:
+        pass
+      else:
+        response.status = HTTPStatus.PRECONDITION_FAILED
+        return None
+    return insert(request, response, storage, *args, **kwargs)
+
+  insert_unless_exists.honours_create_only = True
+  objects.insert = insert_unless_exists  # The server's fallback route looks it up here.
+  for _, handlers in server.HANDLERS:
+    for method, handler in handlers.items():
+      if handler is insert:
+        handlers[method] = insert_unless_exists

@@ -124,36 +124,6 @@ def test_a_second_trainer_on_a_live_workdir_is_refused(tmp_path):
   assert not os.path.exists(workdir / _LOCK_FILE)  # Released at exit.
 
 
-def _write_lock(workdir, host, pid, age_seconds=0.0):
-  os.makedirs(workdir, exist_ok=True)
-  path = os.path.join(workdir, _LOCK_FILE)
-  with open(path, "w") as f:
-    json.dump({"host": host, "pid": pid, "started": time.time() - age_seconds}, f)
-  os.utime(path, (time.time() - age_seconds,) * 2)
-
-
-def test_run_lock_stale_and_live_owners(tmp_path):
-  from bigmodel import run_lock  # pylint: disable=g-import-not-at-top
-  here = socket.gethostname()
-  dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
-                        capture_output=True, text=True, check=True)
-  _write_lock(tmp_path, here, int(dead.stdout))  # A dead owner on this host.
-  lock = run_lock.RunLock(str(tmp_path))
-  assert "is no longer running" in lock.acquire()
-  with pytest.raises(UserError, match=f"pid {os.getpid()} on {here}"):
-    run_lock.RunLock(str(tmp_path)).acquire()  # Held by this live process.
-  lock.release()
-  assert not os.path.exists(tmp_path / _LOCK_FILE)
-
-  _write_lock(tmp_path, "other-host", 1)  # Another host, recently touched: alive.
-  with pytest.raises(UserError, match="other-host"):
-    run_lock.RunLock(str(tmp_path)).acquire()
-  _write_lock(tmp_path, "other-host", 1, age_seconds=run_lock.STALE_SECONDS + 5)
-  lock = run_lock.RunLock(str(tmp_path))
-  assert "has not touched it" in lock.acquire()
-  lock.release()
-
-
 # 3. A refused command leaves config.json as it was.
 @pytest.mark.parametrize("args,fragment", [
     (["--config.data.task=foo"], "data.task='foo' is not one of"),

@@ -3,6 +3,7 @@ the gs:// and s3:// emulators of conftest's ``object_stores``."""
 import json
 import os
 import signal
+import threading
 import time
 
 import fsspec
@@ -64,8 +65,13 @@ def test_a_run_in_an_object_store_resumes_exactly_after_kill_9_on_another_machin
                  f"--config.data.token_cache={scheme}://runs/token_cache_killed"]
   process = start_train(f"--workdir={url}", *_RUN, *remote_data,
                         env={storage.CACHE_ENV: str(tmp_path / "host_a")})
+  # Killed once the checkpoint at step 4 is up (s3: copied up in the
+  # background, so after later steps' metrics may be).
+  fs = fsspec.filesystem(scheme)
+  finished = "runs/killed/checkpoints/" + ("4/commit_success.txt" if scheme == "gs" else
+                                           "4.complete")
   deadline = time.time() + 300
-  while max(_by_step(_remote_text(f"{url}/metrics.jsonl")) or [0]) < 5:
+  while not (fs.invalidate_cache() or fs.exists(finished)):
     assert process.poll() is None and time.time() < deadline, process.communicate()[1][-3000:]
     time.sleep(0.2)
   process.send_signal(signal.SIGKILL)
@@ -111,6 +117,7 @@ def _write(path, text="x"):
 
 def test_push_uploads_a_checkpoint_before_its_marker_and_mirrors_retention(object_stores,
                                                                           tmp_path):
+  """The mirror route (any store but gs://, whose checkpoints orbax writes)."""
   del object_stores
   remote = remote_workdir.RemoteWorkdir("s3://runs/unit", local=str(tmp_path / "mirror"))
   remote.pull()  # Nothing there yet: an empty mirror.
@@ -130,6 +137,7 @@ def test_push_uploads_a_checkpoint_before_its_marker_and_mirrors_retention(objec
     setattr(remote.fs, method, spy)
   try:
     remote.push()
+    remote.wait()  # The checkpoint goes up in the background.
   finally:
     for method in ("put_file", "pipe_file"):
       delattr(remote.fs, method)  # Back to the class's methods.
@@ -141,6 +149,7 @@ def test_push_uploads_a_checkpoint_before_its_marker_and_mirrors_retention(objec
   os.rename(local / "checkpoints" / "4.orbax-checkpoint-tmp-1", local / "checkpoints" / "4")
   os.rename(local / "checkpoints" / "2", tmp_path / "gone")
   remote.push()
+  remote.wait()
   assert remote.complete_steps() == [4]
   assert not remote.fs.exists("runs/unit/checkpoints/2")
   # A step whose upload did not finish (no marker) is not a checkpoint: a
@@ -153,6 +162,48 @@ def test_push_uploads_a_checkpoint_before_its_marker_and_mirrors_retention(objec
   assert (tmp_path / "other" / "metrics.jsonl").read_text() == '{"step": 1}\n'
   remote.pull()
   assert sorted(os.listdir(local / "checkpoints")) == ["4"]
+
+
+def test_a_checkpoint_goes_up_while_training_goes_on_and_its_failure_is_reported(
+    object_stores, tmp_path):
+  """push() returns while the checkpoint is still going up; the trainer's next
+  save waits for it (wait()); a step saved meanwhile goes up with the next
+  push, or the run's last (flush()); a failed copy is raised by the next
+  wait or push."""
+  del object_stores
+  remote = remote_workdir.RemoteWorkdir("s3://runs/background", local=str(tmp_path / "mirror"))
+  remote.pull()
+  _write(tmp_path / "mirror" / "checkpoints" / "2" / "state")
+  release, failing = threading.Event(), []
+  put_file = remote.fs.put_file
+
+  def slow_put_file(source, key, **kwargs):
+    if "/checkpoints/" in key:
+      assert release.wait(60)
+      if failing:
+        raise ConnectionError("the connection was reset")
+    return put_file(source, key, **kwargs)
+
+  remote.fs.put_file = slow_put_file
+  try:
+    remote.push()
+    assert remote.uploading() and remote.complete_steps() == []  # Not waiting on it.
+    _write(tmp_path / "mirror" / "checkpoints" / "4" / "state")
+    remote.push()  # Step 2 is still going up: step 4 waits for a later push.
+    release.set()
+    remote.wait()
+    assert not remote.uploading() and remote.complete_steps() == [2]
+    remote.flush()
+    assert remote.complete_steps() == [2, 4]
+    failing.append(True)
+    _write(tmp_path / "mirror" / "checkpoints" / "6" / "state")
+    remote.push()
+    with pytest.raises(UserError, match=r"s3://runs/background \(write checkpoint 6\).*reset"):
+      remote.wait()
+    remote.wait()  # Reported once.
+  finally:
+    del remote.fs.put_file
+  assert remote.complete_steps() == [2, 4]  # Step 6 has no marker: not a checkpoint.
 
 
 def test_an_unusable_checkpoint_in_a_bucket_is_set_aside_under_its_own_name(object_stores):
