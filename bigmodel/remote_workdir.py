@@ -33,8 +33,9 @@ Checkpoints take one of two routes:
 
 The mirror keeps the trainer's atomic renames, ``O_EXCL`` lock and
 append-only logs unchanged and never makes a step wait on the store for more
-than an upload of the small files that changed. Prepared data (``WORKDIR/data``) stays in the
-mirror; it is a cache of the sources and is rebuilt from them elsewhere.
+than an upload of the small files that changed. Prepared data
+(``WORKDIR/data``) stays in the mirror; it is a cache of the sources and is
+rebuilt from them elsewhere.
 
 Readers (``evaluate``, ``generate``, ``export``, ``init_from``, the Python API)
 copy down the config and the tokenizer (and, off ``gs://``, the checkpoint
