@@ -182,7 +182,9 @@ class RunLock:
 
   def release(self) -> None:
     self._stop.set()
-    if self._thread is not None:
+    # Not alive: never started, when a signal interrupted acquire() in
+    # Thread.start(); join() would raise and hide what stopped the run.
+    if self._thread is not None and self._thread.is_alive():
       self._thread.join(timeout=5)
     if self._other_owner() is None:
       self._remove()

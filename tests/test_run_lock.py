@@ -5,6 +5,7 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -122,3 +123,17 @@ def test_a_run_whose_lock_was_taken_over_stops_touching_it(object_stores, tmp_pa
                      record={"loss": 1.0}))
   lock.release()
   assert read_lock() == other  # Not removed either.
+
+
+def test_a_lock_whose_heartbeat_never_started_is_released(tmp_path):
+  """SIGTERM at start-up can interrupt acquire() inside Thread.start(); the
+  trainer's clean-up then releases a lock whose heartbeat thread was created
+  but never started (join() on it raised RuntimeError, which replaced the
+  "stopped by SIGTERM" exit)."""
+  lock = run_lock.RunLock(str(tmp_path))
+  lock.acquire()
+  lock._stop.set()  # pylint: disable=protected-access
+  lock._thread.join()  # pylint: disable=protected-access
+  lock._thread = threading.Thread(target=lambda: None)  # pylint: disable=protected-access
+  lock.release()
+  assert not os.path.exists(tmp_path / run_lock.LOCK_FILE)
