@@ -16,6 +16,7 @@ blocks the loop, the steps that overlap the copy, the time until it is up).
 import argparse
 import contextlib
 import os
+import socket
 import statistics
 import subprocess
 import sys
@@ -152,11 +153,10 @@ def main():
 def _s3_server():
   """A moto S3 server in its own process on 127.0.0.1 (as a remote store
   would be), with a ``bench`` bucket; points this process's clients at it."""
-  sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                                  "tests"))
-  from commands import free_port  # pylint: disable=g-import-not-at-top
   import fsspec  # pylint: disable=g-import-not-at-top
-  port = free_port()
+  with socket.socket() as probe:  # A free port.
+    probe.bind(("127.0.0.1", 0))
+    port = probe.getsockname()[1]
   server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p",
                              str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
   os.environ.update({"AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench",

@@ -51,13 +51,14 @@ def _store_lock(url: str, mirror) -> remote_workdir.RemoteRunLock:
 
 @pytest.mark.parametrize("scheme", ["gs", "s3"])
 def test_of_two_runs_starting_at_once_on_a_store_one_gets_the_lock(object_stores, tmp_path,
-                                                                   scheme):
+                                                                   monkeypatch, scheme):
   """Both found no lock (``exists`` says so to both); the store's create-only
   write lets exactly one of them create it."""
   del object_stores
   url = f"{scheme}://runs/race_{scheme}"
   first, second = _store_lock(url, tmp_path / "a"), _store_lock(url, tmp_path / "b")
-  second._fs.exists = lambda *args, **kwargs: False  # pylint: disable=protected-access
+  # fsspec shares one client per store: monkeypatch puts its exists back.
+  monkeypatch.setattr(second._fs, "exists", lambda *args, **kwargs: False)  # pylint: disable=protected-access
   first.acquire()
   with pytest.raises(UserError, match=f"another run is training in this workdir.*{url}"):
     second.acquire()
