@@ -70,6 +70,7 @@ def fixture_object_stores():
   from gcp_storage_emulator.server import create_server  # pylint: disable=import-outside-toplevel
   from moto.server import ThreadedMotoServer  # pylint: disable=import-outside-toplevel
   _gcs_emulator_honours_create_only_writes()
+  _gcs_emulator_sends_generation_headers()
   s3_port, gcs_port = free_port(), free_port()
   s3 = ThreadedMotoServer(ip_address="127.0.0.1", port=s3_port, verbose=False)
   s3.start()
@@ -91,6 +92,39 @@ def fixture_object_stores():
       os.environ[key] = value
   s3.stop()
   gcs.stop()
+
+
+def _gcs_emulator_sends_generation_headers() -> None:
+  """Real GCS answers every media download with the object's
+  ``x-goog-generation`` and ``x-goog-metageneration`` headers;
+  gcp-storage-emulator sends neither. tensorstore reads the generation of a
+  ranged read from that header, takes a missing one as generation 0 and then
+  refuses its own next conditional read of the object ("Malformed
+  StorageGeneration"): the OCDBT manifest of a checkpoint failed that way in
+  most runs. This adds the two headers to the emulator's download handler."""
+  from gcp_storage_emulator import server  # pylint: disable=import-outside-toplevel
+  from gcp_storage_emulator.exceptions import NotFound  # pylint: disable=import-outside-toplevel
+  from gcp_storage_emulator.handlers import objects  # pylint: disable=import-outside-toplevel
+  download = objects.download
+  if getattr(download, "sends_generation", False):
+    return
+
+  def download_with_generation(request, response, storage, *args, **kwargs):
+    try:
+      obj = storage.get_file_obj(request.params["bucket_name"], request.params["object_id"])
+    except NotFound:
+      obj = {}
+    if obj.get("generation"):
+      response["x-goog-generation"] = str(obj["generation"])
+      response["x-goog-metageneration"] = str(obj.get("metageneration", "1"))
+    return download(request, response, storage, *args, **kwargs)
+
+  download_with_generation.sends_generation = True
+  objects.download = download_with_generation  # objects.get calls it through this name.
+  for _, handlers in server.HANDLERS:
+    for method, handler in handlers.items():
+      if handler is download:
+        handlers[method] = download_with_generation
 
 
 def _gcs_emulator_honours_create_only_writes() -> None:
