@@ -2,11 +2,13 @@ r"""Eval loss of a student trained alone and distilled from a teacher, same data
 
     python -m benchmarks.distillation [--config=configs/gpt.py:tiny] \
         [--student=configs/distill.py:gpt:tiny] [--teacher=W] [--steps=300] \
-        [--evals=3] [--eval_steps=16] [--runs_dir=/tmp/distillation_bench]
+        [--teacher_steps=STEPS] [--evals=3] [--eval_steps=16] [--runs_dir=/tmp/distillation_bench]
 
 Trains the teacher ``--config`` (default ``configs/gpt.py:tiny``; any family's,
 e.g. ``configs/bert.py:tiny`` or ``configs/t5.py:tiny``, with
-``--config.KEY=VALUE`` overrides) for ``--steps`` in ``RUNS_DIR/teacher``, or
+``--config.KEY=VALUE`` overrides) for ``--teacher_steps`` (default ``--steps``:
+a teacher trained several times longer than its students is the usual
+setting) in ``RUNS_DIR/teacher``, or
 takes the trained run ``--teacher=W`` (e.g. the float run of
 ``benchmarks.quantization``); then trains the student ``--student`` (default
 ``configs/distill.py:FAMILY:tiny``, the teacher family's tiny preset at half
@@ -38,6 +40,8 @@ _STUDENT = config_flags.DEFINE_config_file(
 _TEACHER = flags.DEFINE_string("teacher", None, "A trained teacher run to distil from "
                                "instead of training --config.")
 _STEPS = flags.DEFINE_integer("steps", 300, "Training steps of every run.")
+_TEACHER_STEPS = flags.DEFINE_integer("teacher_steps", None, "Training steps of the teacher "
+                                      "that --config trains (default: --steps).")
 _EVALS = flags.DEFINE_integer("evals", 3, "Evaluations per student run (the last at --steps).")
 _EVAL_STEPS = flags.DEFINE_integer("eval_steps", 16, "Validation batches per evaluation.")
 _RUNS_DIR = flags.DEFINE_string("runs_dir", None, "Where the runs go (default: a temporary "
@@ -70,8 +74,9 @@ def _param_count(workdir: str) -> int:
 
 
 def run(teacher_config, student_config, steps: int, evals: int, eval_steps: int,
-        workdir: str, teacher: str = "") -> dict:
-  """Trains the teacher (unless ``teacher``) and both students; returns the results."""
+        workdir: str, teacher: str = "", teacher_steps: int | None = None) -> dict:
+  """Trains the teacher (unless ``teacher``; ``teacher_steps``, default ``steps``) and
+  both students (``steps``); returns the results."""
   import ml_collections  # pylint: disable=g-import-not-at-top
   from bigmodel import run as run_lib  # pylint: disable=g-import-not-at-top
   from bigmodel.evaluate import evaluate_run  # pylint: disable=g-import-not-at-top
@@ -80,8 +85,8 @@ def run(teacher_config, student_config, steps: int, evals: int, eval_steps: int,
   if not teacher:
     teacher = os.path.join(workdir, "teacher")
     config = ml_collections.ConfigDict(teacher_config.to_dict())
-    config.train.update(steps=steps, eval_every=every, eval_steps=eval_steps, sample_tokens=0,
-                        progress=False)
+    config.train.update(steps=teacher_steps or steps, eval_every=every, eval_steps=eval_steps,
+                        sample_tokens=0, progress=False)
     seconds["teacher"] = _train(config, teacher)
   source = run_lib.RunDir(teacher)
   shared = dict(tokenizer=os.path.abspath(source.tokenizer_model))
@@ -98,8 +103,8 @@ def run(teacher_config, student_config, steps: int, evals: int, eval_steps: int,
     seconds[name] = _train(config, run_dir)
     students[name] = dict(losses=_eval_losses(run_dir), params=_param_count(run_dir),
                           seconds=seconds[name])
-  teacher_config, teacher_steps = run_lib.saved_config(teacher)
-  return dict(teacher=dict(path=teacher, steps=teacher_steps, params=_param_count(teacher),
+  teacher_config, trained_steps = run_lib.saved_config(teacher)
+  return dict(teacher=dict(path=teacher, steps=trained_steps, params=_param_count(teacher),
                            model=teacher_config.model, seconds=seconds.get("teacher"),
                            loss=evaluate_run(teacher, eval_steps=eval_steps)[0]["eval_loss"]),
               students=students, student_model=student_config.model,
@@ -146,6 +151,8 @@ def main(argv):
   from bigmodel.errors import fail, user_errors_exit  # pylint: disable=g-import-not-at-top
   if len(argv) > 1:
     fail(f"unexpected arguments: {' '.join(argv[1:])}")
+  if _TEACHER_STEPS.value is not None and (_TEACHER.value or _TEACHER_STEPS.value < 1):
+    fail("--teacher_steps needs a teacher to train (no --teacher) and a positive count")
   workdir = _RUNS_DIR.value or tempfile.mkdtemp(prefix="distillation_bench_")
   with user_errors_exit():
     if _TEACHER.value:
@@ -158,7 +165,7 @@ def main(argv):
     student = (default_student(teacher_config.model.family) if _STUDENT.value is None
                else _STUDENT.value)
     results = run(teacher_config, student, _STEPS.value, _EVALS.value, _EVAL_STEPS.value,
-                  workdir, _TEACHER.value or "")
+                  workdir, _TEACHER.value or "", _TEACHER_STEPS.value)
   print(table(results), flush=True)
 
 

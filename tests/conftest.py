@@ -23,6 +23,7 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 # is evicted.
 os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(4 << 30))
 from commands import TEST_XLA_FLAGS, free_port, run_train  # pylint: disable=wrong-import-position
+import gcs_emulator  # pylint: disable=wrong-import-position
 os.environ.setdefault("XLA_FLAGS", TEST_XLA_FLAGS)  # Before JAX is imported.
 
 
@@ -69,8 +70,7 @@ def fixture_object_stores():
   import fsspec  # pylint: disable=import-outside-toplevel
   from gcp_storage_emulator.server import create_server  # pylint: disable=import-outside-toplevel
   from moto.server import ThreadedMotoServer  # pylint: disable=import-outside-toplevel
-  _gcs_emulator_honours_create_only_writes()
-  _gcs_emulator_sends_generation_headers()
+  gcs_emulator.behave_like_gcs()
   s3_port, gcs_port = free_port(), free_port()
   s3 = ThreadedMotoServer(ip_address="127.0.0.1", port=s3_port, verbose=False)
   s3.start()
@@ -92,75 +92,3 @@ def fixture_object_stores():
       os.environ[key] = value
   s3.stop()
   gcs.stop()
-
-
-def _gcs_emulator_sends_generation_headers() -> None:
-  """Real GCS answers every media download with the object's
-  ``x-goog-generation`` and ``x-goog-metageneration`` headers;
-  gcp-storage-emulator sends neither. tensorstore reads the generation of a
-  ranged read from that header, takes a missing one as generation 0 and then
-  refuses its own next conditional read of the object ("Malformed
-  StorageGeneration"): the OCDBT manifest of a checkpoint failed that way in
-  most runs. This adds the two headers to the emulator's download handler."""
-  from gcp_storage_emulator import server  # pylint: disable=import-outside-toplevel
-  from gcp_storage_emulator.exceptions import NotFound  # pylint: disable=import-outside-toplevel
-  from gcp_storage_emulator.handlers import objects  # pylint: disable=import-outside-toplevel
-  download = objects.download
-  if getattr(download, "sends_generation", False):
-    return
-
-  def download_with_generation(request, response, storage, *args, **kwargs):
-    try:
-      obj = storage.get_file_obj(request.params["bucket_name"], request.params["object_id"])
-    except NotFound:
-      obj = {}
-    if obj.get("generation"):
-      response["x-goog-generation"] = str(obj["generation"])
-      response["x-goog-metageneration"] = str(obj.get("metageneration", "1"))
-    return download(request, response, storage, *args, **kwargs)
-
-  download_with_generation.sends_generation = True
-  objects.download = download_with_generation  # objects.get calls it through this name.
-  for _, handlers in server.HANDLERS:
-    for method, handler in handlers.items():
-      if handler is download:
-        handlers[method] = download_with_generation
-
-
-def _gcs_emulator_honours_create_only_writes() -> None:
-  """gcp-storage-emulator ignores GCS's ``ifGenerationMatch=0`` precondition
-  (write only if there is no such object), which real GCS answers with 412
-  and gcsfs's ``mode="create"`` sends; the run lock relies on it. This adds
-  that one rule to the emulator's upload handler, for run locks only:
-  tensorstore's OCDBT writer sends the precondition too, and its recovery
-  from a 412 needs object generations that the emulator does not keep."""
-  from http import HTTPStatus  # pylint: disable=import-outside-toplevel
-  from gcp_storage_emulator import server  # pylint: disable=import-outside-toplevel
-  from gcp_storage_emulator.exceptions import NotFound  # pylint: disable=import-outside-toplevel
-  from gcp_storage_emulator.handlers import objects  # pylint: disable=import-outside-toplevel
-  insert = objects.insert
-  if getattr(insert, "honours_create_only", False):
-    return
-
-  def insert_unless_exists(request, response, storage, *args, **kwargs):
-    name = None
-    if request.query.get("ifGenerationMatch") == ["0"]:
-      name = (request.query.get("name") or [None])[0]
-      if name is None and isinstance(request.data, dict):
-        name = request.data.get("meta", {}).get("name")
-    if name and name.endswith("/run.lock"):
-      try:
-        storage.get_file_obj(request.params["bucket_name"], name)
-      except NotFound:
-        pass
-      else:
-        response.status = HTTPStatus.PRECONDITION_FAILED
-        return None
-    return insert(request, response, storage, *args, **kwargs)
-
-  insert_unless_exists.honours_create_only = True
-  objects.insert = insert_unless_exists  # The server's fallback route looks it up here.
-  for _, handlers in server.HANDLERS:
-    for method, handler in handlers.items():
-      if handler is insert:
-        handlers[method] = insert_unless_exists

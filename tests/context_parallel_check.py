@@ -11,7 +11,8 @@ import os
 import sys
 
 # The suite's flags (tests/commands.py) and 8 devices.
-os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+from commands import xla_flags  # pylint: disable=wrong-import-position
+os.environ["XLA_FLAGS"] = xla_flags(8)  # Before JAX is imported.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # pylint: disable=wrong-import-position
