@@ -4,6 +4,7 @@ import json
 import os
 import pickle
 import sysconfig
+import tempfile
 
 from etils import epath
 import numpy as np
@@ -305,6 +306,9 @@ def test_prepared_corpus_and_tokenizer_are_reused(corpus_dir, tmp_path,
     return original(self, files)
   monkeypatch.setattr(sources.BigmodelTextFiles, "_generate_examples",
                       counting)
+  temporary = tmp_path / "tmp"  # Preparing leaves nothing in the temporary folder.
+  temporary.mkdir()
+  monkeypatch.setattr(tempfile, "tempdir", str(temporary))
   config = _config(tmp_path, **{"data.paths": str(corpus_copy)})
   workdir = str(tmp_path / "work")
   build_datasets(config, workdir)
@@ -321,6 +325,7 @@ def test_prepared_corpus_and_tokenizer_are_reused(corpus_dir, tmp_path,
   assert len(generated) == 4  # A changed corpus is prepared again.
   prepared = glob.glob(os.path.join(workdir, "data", "*", "files_*"))
   assert len(prepared) == 2
+  assert not list(temporary.iterdir())
 
 
 def test_paths_as_file_glob_and_default_stdlib(corpus_dir):

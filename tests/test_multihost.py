@@ -98,7 +98,9 @@ def _match_and_resume(tmp_path):
   # The 2-process run keeps its workdir in gs:// (the emulator): orbax writes
   # the checkpoints there from both processes; each has its own mirror.
   one, two = tmp_path / "one", f"gs://runs/two_processes_{tmp_path.name}"
-  runs = [start_single(one), start_launch(two, env={"BIGMODEL_CACHE": str(tmp_path / "a")})]
+  # TMPDIR: the launcher keeps process 1's log in a temporary folder (no local workdir).
+  runs = [start_single(one), start_launch(two, env={"BIGMODEL_CACHE": str(tmp_path / "a"),
+                                                    "TMPDIR": str(tmp_path)})]
   for run in runs:  # Side by side: half the wall time.
     finish(run)
   reference = losses(one)

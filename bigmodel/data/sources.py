@@ -100,6 +100,18 @@ def fingerprint(files: Iterable[tuple[str, int, int]], header: str = "") -> str:
   return digest.hexdigest()[:16]
 
 
+class _LocalDatasetInfo(tfds.core.DatasetInfo):
+  """The info of a dataset that only ever exists locally.
+
+  tfds looks for an unprepared dataset's info in its public bucket
+  (``initialize_from_bucket``); with that lookup off, as it is by default,
+  the call still makes an empty temporary folder and leaves it behind (tfds
+  4.9), one per dataset prepared. These datasets are never in that bucket."""
+
+  def initialize_from_bucket(self) -> None:
+    pass
+
+
 class PreparedRecords(tfds.core.GeneratorBasedBuilder,
                       skip_registration=True):
   """The builder of local records: text features, examples given per split.
@@ -137,7 +149,7 @@ class PreparedRecords(tfds.core.GeneratorBasedBuilder,
     super().__init__(**kwargs)
 
   def _info(self) -> tfds.core.DatasetInfo:
-    return tfds.core.DatasetInfo(
+    return _LocalDatasetInfo(
         builder=self, description=self._description,
         disable_shuffling=self._disable_shuffling,
         features=tfds.features.FeaturesDict(
