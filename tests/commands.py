@@ -5,6 +5,7 @@ starts it in the background; ``assert_user_error`` checks the promised answer
 to bad input (exit 2, one ``error:`` line last, no traceback); ``flip_a_stored_bit``
 damages a checkpoint as a failing disk would.
 """
+import faulthandler
 import os
 import socket
 import subprocess
@@ -42,6 +43,16 @@ TEST_XLA_FLAGS = ("--xla_backend_optimization_level=0 --xla_llvm_disable_expensi
 def xla_flags(devices: int) -> str:
   """The suite's XLA flags with ``devices`` simulated CPU devices."""
   return f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={devices}"
+
+
+def simulate_devices(devices: int, watchdog_seconds: int = 540) -> None:
+  """For a script a test runs: ``devices`` simulated CPU devices (call it
+  before JAX is imported). If the script is still running after
+  ``watchdog_seconds``, every thread's Python stack goes to stderr and it
+  exits 1: the tests' 600 s timeout would kill a hung script without a word.
+  """
+  os.environ["XLA_FLAGS"] = xla_flags(devices)
+  faulthandler.dump_traceback_later(watchdog_seconds, exit=True)
 
 
 def _env(devices: int, env: Optional[dict] = None) -> dict:

@@ -11,9 +11,9 @@ import json
 import os
 import sys
 
-# The suite's flags (tests/commands.py) and 8 devices.
-from commands import xla_flags  # pylint: disable=wrong-import-position
-os.environ["XLA_FLAGS"] = xla_flags(8)  # Before JAX is imported.
+# The suite's flags and 8 devices, before JAX is imported (tests/commands.py).
+from commands import simulate_devices  # pylint: disable=wrong-import-position
+simulate_devices(8)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import jax  # pylint: disable=wrong-import-position

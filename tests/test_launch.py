@@ -136,6 +136,25 @@ def test_local_launch_reports_a_failing_process(tmp_path):
   assert "error: process 1 of 2 failed (exit status 3)" in result.stderr
 
 
+@pytest.mark.parametrize("flags,user_setting,expected", [
+    ("--xla_force_host_platform_device_count=8", {}, max(os.cpu_count(), 128)),
+    # XLA takes the last count; one device needs no room.
+    ("--xla_force_host_platform_device_count=8 --xla_force_host_platform_device_count=1", {}, None),
+    ("", {}, None),
+    ("--xla_force_host_platform_device_count=8", {"PJRT_NPROC": "5"}, 5),
+    ("--xla_force_host_platform_device_count=8", {"NPROC": "6"}, None),
+])
+def test_simulated_devices_get_threads_to_spare(flags, user_setting, expected):
+  """A process that imports bigmodel with simulated devices gets 16 XLA:CPU
+  threads per device (bigmodel/__init__.py says why), unless the user chose."""
+  env = {k: v for k, v in os.environ.items() if k not in ("PJRT_NPROC", "NPROC")}
+  env.update(user_setting, XLA_FLAGS=flags)
+  result = run(sys.executable, "-c", "import os, bigmodel; print(os.environ.get('PJRT_NPROC'))",
+               env=env)
+  assert result.returncode == 0, result.stderr
+  assert result.stdout.strip() == str(expected)
+
+
 # --- launch/tpu_pod.sh and launch/slurm.sbatch ------------------------------------------
 
 def test_tpu_pod_dry_run():
