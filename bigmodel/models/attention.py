@@ -4,7 +4,8 @@
 so that faster kernels plug in here without touching GPT, BERT or T5:
 
 - ``xla``: ``pallas_kernels.attention_reference``, plain jnp (float32 softmax,
-  materialises the [T, S] scores).
+  materialises the [T, S] scores); causal self-attention runs in query
+  blocks that skip the keys after the block (``causal_query_blocks``).
 - ``pallas``: ``pallas_kernels.flash_attention``, the fused kernel: Triton on
   GPU, Mosaic on TPU, Pallas' interpreter on CPU (slow; a correctness check).
 - ``cudnn``: ``jax.nn.dot_product_attention(implementation="cudnn")``, NVIDIA
@@ -104,7 +105,62 @@ def dot_product_attention(
     return _per_device(flash_attention, q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, **kwargs)
   if impl == "cudnn":
     return _cudnn_attention(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, **kwargs)
+  blocks = causal_query_blocks(q_BxTxNxH.shape[1], k_BxSxKxH.shape[1], causal)
+  if blocks > 1:
+    return _causal_blocked(blocks, q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, **kwargs)
   return attention_reference(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, **kwargs)
+
+
+# Query blocks of at least this many rows: shorter ones make the batched
+# matmuls too small to run well (64 was fastest for L=512 on the development
+# CPU: 8 blocks 0.72x the step's attention time, 4 blocks 0.75-0.87x, 16 0.83x).
+_MIN_QUERY_BLOCK = 64
+_MAX_QUERY_BLOCKS = 16
+
+
+def causal_query_blocks(q_len: int, kv_len: int, causal: bool) -> int:
+  """How many query blocks the XLA path splits causal self-attention into.
+
+  Block i of n sees only keys [0, (i + 1) T / n): the scores above the
+  diagonal's blocks are never computed, forward or backward, which saves
+  (n - 1) / 2n of the score and softmax work (44% at n = 8). 1 = unsplit
+  (not causal, cross-attention or a cache, or too short).
+  """
+  if not causal or q_len != kv_len:
+    return 1
+  blocks = 1
+  while (blocks * 2 <= _MAX_QUERY_BLOCKS and q_len % (blocks * 2) == 0
+         and q_len // (blocks * 2) >= _MIN_QUERY_BLOCK):
+    blocks *= 2
+  return blocks
+
+
+def _causal_blocked(blocks, q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, *, causal, window, softcap,
+                    q_segment_ids_BxT, kv_segment_ids_BxS, bias_BxNxTxS):
+  """``attention_reference`` of causal self-attention, one query block at a time.
+
+  Block i's C queries start at position iC and attend keys [start, (i+1)C):
+  with the diagonal aligned at the end (``attention_reference``'s causal rule)
+  local query t and key j are at global iC + t and start + j, so the causal
+  mask, the sliding ``window`` (which also moves ``start`` past keys no query
+  of the block sees) and the slices of the segment ids and bias are exact.
+  """
+  t = q_BxTxNxH.shape[1]
+  block = t // blocks
+  outs = []
+  for i in range(blocks):
+    q_start, end = i * block, (i + 1) * block
+    start = max(0, q_start - window + 1) if window else 0
+    outs.append(attention_reference(
+        q_BxTxNxH[:, q_start:end], k_BxTxKxH[:, start:end], v_BxTxKxH[:, start:end],
+        causal=causal, window=window, softcap=softcap,
+        q_segment_ids_BxT=(None if q_segment_ids_BxT is None
+                           else q_segment_ids_BxT[:, q_start:end]),
+        kv_segment_ids_BxS=(None if kv_segment_ids_BxS is None
+                            else kv_segment_ids_BxS[:, start:end]),
+        bias_BxNxTxS=(None if bias_BxNxTxS is None
+                      else bias_BxNxTxS[:, :, q_start:end, start:end])))
+  return jnp.concatenate(outs, axis=1)
 
 
 def _cudnn_attention(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, *, causal, window, softcap,
