@@ -6,26 +6,20 @@ r"""Full logits vs the chunked output projection + loss (``model.loss_chunk_len`
         --config.data.seq_len=8192 --config.train.batch_size=1 --chunks=0,1024 --compile_only
 
 For each chunk length (0 = full logits) the trainer's own compiled step
-(``benchmarks.train_step.compile_step``): XLA's compiled per-device memory
+(``benchmarks.variants.measure``): XLA's compiled per-device memory
 (temporaries and peak) and the planner's (``bigmodel.memory``). Without
 ``--compile_only`` the variants then step in turns on the same synthetic
 batches (A B C A B C ...: a noisy machine slows them alike) and the table
 adds each one's median step time, tokens/s and its ratio to full logits.
 """
-import statistics
-import time
-
 from absl import app
 from absl import flags
 import jax
 from ml_collections import config_flags
 
-from benchmarks.train_step import compile_step, compiled_memory
-from bigmodel import memory, sharding
+from benchmarks import variants
 from bigmodel.config import validate
-from bigmodel.data.synthetic import SyntheticIterator
 from bigmodel.errors import UserError
-from bigmodel.state import create_sharded_state
 
 _MIB = 2 ** 20
 
@@ -34,42 +28,16 @@ def variant(config, chunk_len: int):
   """``config`` with ``model.loss_chunk_len`` set."""
   config = config.copy_and_resolve_references()
   config.model.loss_chunk_len = chunk_len
+  validate(config)
   return config
 
 
 def measure(config, chunks: list[int], rounds: int, compile_only: bool) -> list[dict]:
   """One row per chunk length: memory, and (unless ``compile_only``) speed."""
-  mesh = sharding.make_mesh(config.mesh)
-  rows, steps = [], []
-  with sharding.activate(mesh):
-    for chunk_len in chunks:
-      cfg = variant(config, chunk_len)
-      validate(cfg)
-      compiled, pieces, times = compile_step(cfg, mesh)
-      planned = memory.estimate(cfg, dict(mesh.shape), jax.default_backend())
-      rows.append(dict(chunk_len=chunk_len, compile_s=times["compile_s"],
-                       planned=planned.total, **compiled_memory(compiled)))
-      steps.append((compiled, pieces))
-    if compile_only:
-      return rows
-    data = SyntheticIterator(vocab_size=config.model.vocab_size, seq_len=config.data.seq_len,
-                             batch_size=config.train.batch_size, seed=config.train.seed)
-    batches = [sharding.global_batch(next(data), mesh) for _ in range(2)]
-    states = []
-    for compiled, (_, model, optimizer, _, _) in steps:
-      state, _ = create_sharded_state(config, model, optimizer, mesh)
-      state, _ = compiled(state, batches[0])  # Warm-up.
-      states.append(jax.block_until_ready(state))
-    times = [[] for _ in steps]
-    for r in range(rounds):
-      for i, (compiled, _) in enumerate(steps):
-        start = time.perf_counter()
-        states[i], metrics = jax.block_until_ready(compiled(states[i], batches[r % 2]))
-        times[i].append(time.perf_counter() - start)
-        rows[i].setdefault("losses", []).append(float(metrics["loss"]))
-  tokens = config.train.batch_size * config.data.seq_len
-  for row, t in zip(rows, times):
-    row.update(step_s=statistics.median(t), tokens_per_s=tokens / statistics.median(t))
+  rows = variants.measure([(str(c), variant(config, c), {}) for c in chunks], rounds,
+                          compile_only)
+  for row, chunk_len in zip(rows, chunks):
+    row["chunk_len"] = chunk_len
   return rows
 
 

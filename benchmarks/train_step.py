@@ -85,14 +85,16 @@ def compiled_memory(compiled) -> dict[str, int]:
   return out
 
 
-def compile_step(config, mesh) -> tuple[Any, Any, dict[str, float]]:
-  """(compiled step, jitted step pieces, seconds to lower and to compile)."""
+def compile_step(config, mesh, compiler_options: Optional[dict[str, Any]] = None
+                 ) -> tuple[Any, Any, dict[str, float]]:
+  """(compiled step, jitted step pieces, seconds to lower and to compile);
+  ``compiler_options``: XLA options for this compile (e.g. a CPU flag to A/B)."""
   pieces = build_train_step(config, mesh)
   step_fn, _, _, abstract_state, _ = pieces
   start = time.perf_counter()
   lowered = step_fn.lower(abstract_state, abstract_batch(config, mesh))
   lowered_at = time.perf_counter()
-  compiled = lowered.compile()
+  compiled = lowered.compile(compiler_options or None)
   done = time.perf_counter()
   return compiled, pieces, {"lower_s": lowered_at - start, "compile_s": done - lowered_at}
 
