@@ -113,7 +113,8 @@ def dot_product_attention(
 
 # Query blocks of at least this many rows: shorter ones make the batched
 # matmuls too small to run well (64 was fastest for L=512 on the development
-# CPU: 8 blocks 0.72x the step's attention time, 4 blocks 0.75-0.87x, 16 0.83x).
+# CPU: 8 blocks took 0.72x the whole attention's forward + backward time, 4 blocks
+# 0.75-0.87x, 16 blocks 0.83x).
 _MIN_QUERY_BLOCK = 64
 _MAX_QUERY_BLOCKS = 16
 
