@@ -120,8 +120,7 @@ def maxtext_step_seconds(python: str, package: str, remat: str, steps: int) -> l
   """Step times of one MaxText run, from its ``completed step`` log lines."""
   with tempfile.TemporaryDirectory() as output_dir:
     done = subprocess.run(maxtext_command(python, package, remat, steps, output_dir),
-                          cwd=output_dir,
-                          check=True, capture_output=True, text=True)
+                          cwd=output_dir, check=True, capture_output=True, text=True)
   found = _MAXTEXT_STEP.findall(done.stdout + done.stderr)
   # Step k's seconds run from step k-1's dispatch to step k's: steps 0 and 1
   # time dispatch and compilation, the rest the steady loop.

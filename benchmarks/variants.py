@@ -32,7 +32,7 @@ from absl import flags
 import jax
 
 from benchmarks.train_step import compile_step, compiled_memory
-from bigmodel import memory, sharding
+from bigmodel import api, memory, sharding
 from bigmodel.config import validate
 from bigmodel.data.synthetic import SyntheticIterator
 from bigmodel.errors import UserError
@@ -59,16 +59,10 @@ def parse_variant(spec: str, config) -> tuple[str, Any, dict[str, Any]]:
     if key.startswith("xla."):
       options[key[len("xla."):]] = value
       continue
-    parent, _, leaf = key.rpartition(".")
-    node = config
-    for part in parent.split(".") if parent else []:
-      node = node.get(part) if hasattr(node, "get") else None
-    if node is None or not hasattr(node, "get") or leaf not in node:
-      raise UserError(f"--variant={spec!r}: unknown config key {key!r}")
     try:
-      setattr(node, leaf, value)  # ConfigDict checks the type, as the flag would.
-    except (TypeError, ValueError) as e:
-      raise UserError(f"--variant={spec!r}: {key}={text}: {e}") from None
+      api.override(config, key, value)
+    except UserError as e:
+      raise UserError(f"--variant={spec!r}: {e}") from None
   validate(config)
   return name, config, options
 

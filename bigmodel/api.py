@@ -49,17 +49,24 @@ def get_config(name: str, overrides: Optional[Mapping[str, Any]] = None
   except ValueError as e:
     raise UserError(str(e)) from None
   for key, value in (overrides or {}).items():
-    parent, _, leaf = key.rpartition(".")
-    node = config
-    for part in parent.split(".") if parent else []:
-      node = node.get(part) if isinstance(node, ml_collections.ConfigDict) else None
-    if not isinstance(node, ml_collections.ConfigDict) or leaf not in node:
-      raise UserError(f"unknown config key {key!r}")
-    try:
-      setattr(node, leaf, value)  # ConfigDict checks the type, as the flag would.
-    except (TypeError, ValueError) as e:
-      raise UserError(f"config key {key!r}: {e}") from None
+    override(config, key, value)
   return config
+
+
+def override(config: ml_collections.ConfigDict, key: str, value: Any) -> None:
+  """Sets the dotted ``key`` (e.g. "train.steps") of ``config`` to ``value``,
+  as ``--config.KEY=VALUE`` would; an unknown key or a value of the wrong
+  type raises ``UserError``."""
+  parent, _, leaf = key.rpartition(".")
+  node = config
+  for part in parent.split(".") if parent else []:
+    node = node.get(part) if isinstance(node, ml_collections.ConfigDict) else None
+  if not isinstance(node, ml_collections.ConfigDict) or leaf not in node:
+    raise UserError(f"unknown config key {key!r}")
+  try:
+    setattr(node, leaf, value)  # ConfigDict checks the type, as the flag would.
+  except (TypeError, ValueError) as e:
+    raise UserError(f"config key {key!r}: {e}") from None
 
 
 def describe(config: ml_collections.ConfigDict, devices: Optional[Sequence] = None) -> str:
