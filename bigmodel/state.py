@@ -6,7 +6,6 @@ import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import optax
 from jax.sharding import Mesh
 
 from bigmodel import distill, objectives, optim, sharding
@@ -27,7 +26,7 @@ class TrainState:
   reference: Any = None
 
 
-def init_train_state(rng: jax.Array, model: nn.Module, optimizer: optax.GradientTransformation,
+def init_train_state(rng: jax.Array, model: nn.Module, optimizer: optim.SkippingOptimizer,
                      seq_len: int, freeze: str = "", lora_cfg=None,
                      with_reference: bool = False, teacher: nn.Module = None) -> TrainState:
   """A fresh state; parameters stay boxed with their logical axis names.
@@ -55,7 +54,7 @@ def init_train_state(rng: jax.Array, model: nn.Module, optimizer: optax.Gradient
                     reference=reference)
 
 
-def abstract_sharded_state(config, model: nn.Module, optimizer: optax.GradientTransformation,
+def abstract_sharded_state(config, model: nn.Module, optimizer: optim.SkippingOptimizer,
                            mesh: Mesh) -> tuple[Any, Any]:
   """(abstract state, state shardings): shapes, dtypes and placement, no memory.
 
@@ -75,7 +74,7 @@ def abstract_sharded_state(config, model: nn.Module, optimizer: optax.GradientTr
   return abstract_state, state_shardings
 
 
-def create_sharded_state(config, model: nn.Module, optimizer: optax.GradientTransformation,
+def create_sharded_state(config, model: nn.Module, optimizer: optim.SkippingOptimizer,
                          mesh: Mesh) -> tuple[Any, Any]:
   """Initialises the train state directly in its sharded layout.
 

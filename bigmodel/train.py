@@ -60,13 +60,13 @@ from bigmodel.goodput import Timeline
 from bigmodel.lm_eval import training as lm_eval_tasks
 from bigmodel.metrics import MetricsWriter, WandbTracker
 from bigmodel.models import ModelConfig, build_model, context_parallel, families
-from bigmodel.optim import make_optimizer
+from bigmodel.optim import all_finite, make_optimizer
 from bigmodel.pretrained import init_from_pretrained
 from bigmodel.run_lock import RunLock
 from bigmodel.state import abstract_sharded_state, create_sharded_state
 from bigmodel.train_hooks import (CheckpointHook, EvalHook, LockHook, LogHook, MetricsHook,
                                   SourceTokensHook, StepOutcome, StepProfiler, SyncHook)
-from bigmodel.train_step import all_finite, jit_eval_step, jit_train_step
+from bigmodel.train_step import jit_eval_step, jit_train_step
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Config file and preset, e.g. configs/gpt.py:tiny.", lock_config=True)

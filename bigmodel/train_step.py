@@ -17,7 +17,7 @@ from bigmodel.state import TrainState
 
 
 def train_step(state: TrainState, batch: dict[str, jax.Array], *, model: nn.Module,
-               optimizer: optax.GradientTransformation, schedule: optax.Schedule,
+               optimizer: optim.SkippingOptimizer, schedule: optax.Schedule,
                grad_accum: int = 1, objective: Any = None
                ) -> tuple[TrainState, dict[str, jax.Array]]:
   """One optimizer update on the global batch; returns the new state and metrics.
@@ -61,19 +61,12 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, model: nn.Modu
     ((loss, extras), grads), _ = jax.lax.scan(
         accumulate, zeros, (micro_batches, jax.random.split(step_rng, grad_accum)))
 
-  updates, opt_state = optimizer.update(grads, state.opt_state, trainable)
-  new_trainable = optax.apply_updates(trainable, updates)
-  # optax.apply_if_finite skips an update whose gradient is not finite; an
-  # update that turns finite gradients into non-finite parameters (e.g. a zero
-  # epsilon) is skipped here and counted the same way.
-  new_trainable, opt_state = jax.lax.cond(
-      all_finite(new_trainable), lambda: (new_trainable, opt_state),
-      lambda: (trainable, _count_skipped(state.opt_state)))
+  new_trainable, opt_state, grad_norm = optimizer.apply(grads, state.opt_state, trainable)
   params = optim.combine(new_trainable, frozen)
   metrics = {
       **extras,
       "loss": loss,
-      "grad_norm": optax.tree.norm(grads),
+      "grad_norm": grad_norm,
       "learning_rate": schedule(state.step),
       # Updates skipped so far, and in a row up to this one.
       "nonfinite_steps": opt_state.total_notfinite,
@@ -84,18 +77,6 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, model: nn.Modu
   }
   new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state, rng=rng)
   return new_state, metrics
-
-
-def all_finite(tree: Any) -> jax.Array:
-  """A bool scalar: every element of every leaf is finite."""
-  return jnp.all(jnp.stack([jnp.isfinite(x).all() for x in jax.tree_util.tree_leaves(tree)]))
-
-
-def _count_skipped(opt_state: optax.ApplyIfFiniteState) -> optax.ApplyIfFiniteState:
-  """``opt_state`` unchanged but for one more skipped update in its counters."""
-  return opt_state._replace(notfinite_count=opt_state.notfinite_count + 1,
-                            last_finite=jnp.array(False),
-                            total_notfinite=opt_state.total_notfinite + 1)
 
 
 def eval_step(params: Any, batch: dict[str, jax.Array], reference: Any = None, *,
@@ -132,7 +113,7 @@ def make_train_step(model, optimizer, schedule, grad_accum, objective=None
 # The one place the steps are compiled: the trainer, `bigmodel.evaluate`,
 # `benchmarks/train_step.py` and the sharding tests all use these, so what is
 # benchmarked and tested is what trains.
-def jit_train_step(model: nn.Module, optimizer: optax.GradientTransformation,
+def jit_train_step(model: nn.Module, optimizer: optim.SkippingOptimizer,
                    schedule: optax.Schedule, grad_accum: int, mesh: Mesh,
                    state_shardings: Any, objective: Any = None) -> Any:
   """The jitted ``train_step``: (state, global batch) -> (state, replicated metrics).

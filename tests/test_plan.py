@@ -208,7 +208,7 @@ def test_plan_vs_compiled_memory():
               {"mesh": [8, 1, 1], "remat": "dots_saveable", "grad_accum": 2},
               # The llama3_8b preset at 8k tokens, fsdp=8 (compiled, never run). In
               # float32: XLA:CPU keeps bfloat16 matmul outputs in float32, which no
-              # accelerator does (bfloat16 gives -30% here, -8% in float32 at 4k).
+              # accelerator does (bfloat16 gives -18% here, +4% in float32 at 4k).
               {"config": "llama:llama3_8b", "mesh": [1, 8, 1], "batch_size": 8,
                "seq_len": 8192, "dtype": "float32"},
               # The same with LoRA (rank 16 on q and v), and LoRA on every projection.
