@@ -1,10 +1,12 @@
-"""optim.SkippingOptimizer: optax's update, skipped when not finite, written in place."""
+"""optim.SkippingOptimizer: optax's update, skipped when not finite, written in place;
+benchmarks/optimizer_update.py."""
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
 
+from benchmarks import optimizer_update
 from bigmodel import optim
 from model_fixtures import tiny_config
 
@@ -16,41 +18,19 @@ def _tree(rng, scale=1.0):
   return jax.tree_util.tree_map(lambda x: jnp.asarray(x, jnp.float32), leaves)
 
 
-def _optax_reference(optim_cfg, steps):
-  """What make_optimizer built before SkippingOptimizer: optax's own transforms."""
-  schedule = optim.make_schedule(optim_cfg, steps)
-  base = {
-      "adamw": lambda: optax.adamw(schedule, b1=optim_cfg.b1, b2=optim_cfg.b2,
-                                   eps=optim_cfg.eps, weight_decay=optim_cfg.weight_decay,
-                                   mask=optim.decay_mask),
-      "adafactor": lambda: optax.adafactor(schedule, clipping_threshold=None,
-                                           weight_decay_rate=optim_cfg.weight_decay or None,
-                                           weight_decay_mask=optim.decay_mask),
-      "sgd": lambda: optax.chain(optax.add_decayed_weights(optim_cfg.weight_decay,
-                                                           mask=optim.decay_mask),
-                                 optax.sgd(schedule, momentum=optim_cfg.momentum or None)),
-  }[optim_cfg.name]()
-  return optax.apply_if_finite(optax.chain(optax.clip_by_global_norm(optim_cfg.clip), base),
-                               max_consecutive_errors=2**30)
-
-
 @pytest.mark.parametrize("name", ["adamw", "adafactor", "sgd"])
 def test_updates_equal_optax_clip_and_apply_if_finite(name):
   config = tiny_config()
   config.optim.update(name=name, clip=1.0, warmup_steps=2, momentum=0.9)
   optimizer, _ = optim.make_optimizer(config.optim, 10)
-  reference = _optax_reference(config.optim, 10)
+  reference = optimizer_update.optax_reference(config.optim, 10)
   rng = np.random.default_rng(0)
   params = _tree(rng)
   ours, theirs = (params, optimizer.init(params)), (params, reference.init(params))
   assert jax.tree_util.tree_structure(ours[1]) == jax.tree_util.tree_structure(theirs[1])
   apply = jax.jit(optimizer.apply)
 
-  @jax.jit
-  def reference_apply(grads, state, params):
-    updates, state = reference.update(grads, state, params)
-    return optax.apply_updates(params, updates), state
-
+  reference_apply = jax.jit(lambda *args: reference.apply(*args)[:2])
   # Gradient norms around 0.01 (not clipped) and 10 (clipped).
   for step, scale in enumerate([1e-2 / 34, 10.0 / 34, 1e-2 / 34, 10.0 / 34]):
     grads = _tree(rng, scale)
@@ -114,3 +94,17 @@ def test_the_update_is_written_in_place():
   # A few leaves' worth at most (XLA stages some leaves' finite check); before,
   # about twice the parameters.
   assert stats.temp_size_in_bytes <= 3 * leaf, stats.temp_size_in_bytes
+
+
+def test_the_update_benchmark_compares_both_in_turns():
+  config = tiny_config()
+  config.optim.update(name="adamw", clip=1.0, warmup_steps=0)
+  rows = optimizer_update.measure(config, rounds=2)
+  assert [r["name"] for r in rows] == ["optax", "bigmodel", "bigmodel", "optax"]
+  assert rows[0]["ratio"] == 1.0 and all(r["median_s"] > 0 for r in rows)
+  # The same update (the gradients' norm is 10: clipped), less memory.
+  for a, b in zip(jax.tree_util.tree_leaves(rows[0]["params"]),
+                  jax.tree_util.tree_leaves(rows[1]["params"])):
+    np.testing.assert_allclose(a, b, rtol=2e-5, atol=1e-7)
+  assert rows[1]["temp"] < rows[0]["temp"] / 2
+  assert "| bigmodel |" in optimizer_update.format_table(rows)
