@@ -40,12 +40,9 @@ class OptaxReference(NamedTuple):
             ) -> tuple[Any, optax.ApplyIfFiniteState, jax.Array]:
     updates, new_state = self.transform.update(grads, state, params)
     new_params = optax.apply_updates(params, updates)
-    skipped = state._replace(notfinite_count=state.notfinite_count + 1,
-                             last_finite=jnp.array(False),
-                             total_notfinite=state.total_notfinite + 1)
     new_params, new_state = jax.lax.cond(optim.all_finite(new_params),
                                          lambda: (new_params, new_state),
-                                         lambda: (params, skipped))
+                                         lambda: (params, optim.count_skipped(state)))
     return new_params, new_state, optax.tree.norm(grads)
 
 

@@ -106,6 +106,13 @@ def all_finite(tree: Any) -> jax.Array:
   return jnp.all(jnp.stack([jnp.isfinite(x).all() for x in jax.tree_util.tree_leaves(tree)]))
 
 
+def count_skipped(state: optax.ApplyIfFiniteState) -> optax.ApplyIfFiniteState:
+  """``state`` unchanged but for one more skipped update in its counters."""
+  return state._replace(notfinite_count=state.notfinite_count + 1,
+                        last_finite=jnp.array(False),
+                        total_notfinite=state.total_notfinite + 1)
+
+
 class SkippingOptimizer(NamedTuple):
   """An optax transformation (``base``) whose non-finite updates are skipped.
 
@@ -153,12 +160,7 @@ class SkippingOptimizer(NamedTuple):
           notfinite_count=jnp.zeros([], jnp.int32), last_finite=jnp.array(True),
           total_notfinite=state.total_notfinite, inner_state=inner_state)
 
-    def skip():
-      return params, state._replace(notfinite_count=state.notfinite_count + 1,
-                                    last_finite=jnp.array(False),
-                                    total_notfinite=state.total_notfinite + 1)
-
-    new_params, new_state = jax.lax.cond(finite, apply, skip)
+    new_params, new_state = jax.lax.cond(finite, apply, lambda: (params, count_skipped(state)))
     return new_params, new_state, grad_norm
 
 

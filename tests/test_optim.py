@@ -29,7 +29,6 @@ def test_updates_equal_optax_clip_and_apply_if_finite(name):
   ours, theirs = (params, optimizer.init(params)), (params, reference.init(params))
   assert jax.tree_util.tree_structure(ours[1]) == jax.tree_util.tree_structure(theirs[1])
   apply = jax.jit(optimizer.apply)
-
   reference_apply = jax.jit(lambda *args: reference.apply(*args)[:2])
   # Gradient norms around 0.01 (not clipped) and 10 (clipped).
   for step, scale in enumerate([1e-2 / 34, 10.0 / 34, 1e-2 / 34, 10.0 / 34]):
