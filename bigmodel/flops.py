@@ -222,3 +222,44 @@ def peak_tflops_per_device(configured: float, dtype_name: str) -> tuple[float, s
   if datasheet is not None:
     return datasheet, f"datasheet ({kind})"
   return measured_matmul_tflops(dtype_name), f"measured {dtype_name} matmul ({kind})"
+
+
+# A measured peak is re-probed at most this often (seconds) while training:
+# three 2048^3 matmuls, about 0.1 s on the development CPU, so 0.2% of a run.
+PROBE_EVERY_S = 60.0
+
+
+class DevicePeak:
+  """The per-device peak TFLOP/s that MFU divides by, and where it came from.
+
+  A configured or datasheet peak is fixed. A measured one (CPUs, device kinds
+  without a datasheet entry) is the best of matmul probes spread over the
+  run: the start's, then one more at most every ``probe_every_s`` seconds
+  when ``observe`` is called between steps. A probe taken while other
+  processes load the machine comes out low (measured: 0.33 TFLOP/s at one
+  start, 0.46 at another, float32 on the development CPU), and a single such
+  probe made ``mfu`` read high (0.92 at 69 tokens/s for ``small``). A
+  measured peak is also never below the model TFLOP/s a step achieved: that
+  rate proves the device does at least as much, so MFU stays <= 1.
+  """
+
+  def __init__(self, configured: float, dtype_name: str,
+               probe_every_s: float = PROBE_EVERY_S, probe=None, clock=time.monotonic):
+    self.peak, self.source = peak_tflops_per_device(configured, dtype_name)
+    self.measured = self.source.startswith("measured")
+    if self.measured:
+      self.source += ", the best of probes over the run"
+    self._probe = probe or functools.partial(time_matmul_tflops, dtype_name, repeats=3)
+    self._probe_every_s, self._clock = probe_every_s, clock
+    self._last_probe = clock()
+
+  def observe(self, achieved_tflops: float) -> float:
+    """The peak to divide an interval's ``achieved_tflops`` by. For a
+    measured peak this may first probe again: call it between steps,
+    outside the timed interval."""
+    if self.measured:
+      if self._clock() - self._last_probe >= self._probe_every_s:
+        self.peak = max(self.peak, self._probe())
+        self._last_probe = self._clock()
+      self.peak = max(self.peak, achieved_tflops)
+    return self.peak

@@ -242,9 +242,8 @@ class Trainer:
     except BaseException:
       self._release()
       raise
-    self.peak_tflops, peak_source = flops.peak_tflops_per_device(
-        config.train.peak_tflops_per_device, config.model.dtype)
-    logging.info("peak %.1f TFLOP/s per device (%s)", self.peak_tflops, peak_source)
+    self.peak = flops.DevicePeak(config.train.peak_tflops_per_device, config.model.dtype)
+    logging.info("peak %.1f TFLOP/s per device (%s)", self.peak.peak, self.peak.source)
 
   def _release(self) -> None:
     self.stop.restore()
@@ -342,6 +341,8 @@ class Trainer:
                                  config.to_dict())
           if start_step:  # Readers keep the last record of a step logged twice.
             writer.write_event(start_step, resumed_from=start_step)
+          writer.write_event(start_step, event="peak", peak_tflops_per_device=self.peak.peak,
+                             peak_source=self.peak.source)
         num_params = sum(x.size for x in jax.tree_util.tree_leaves(state.params))
         trainable = sum(x.size for x in jax.tree_util.tree_leaves(
             optim.partition(state.params, state.frozen)[0]))
@@ -459,7 +460,7 @@ class Trainer:
           ModelConfig.from_config(distill.teacher_config(config).model), batch_shapes) / 3
     metrics_hook = MetricsHook(
         config.train, flops.tokens_per_batch(batch_shapes), step_flops,
-        self.peak_tflops, nonfinite_at_start=int(state.opt_state.total_notfinite))
+        self.peak, nonfinite_at_start=int(state.opt_state.total_notfinite))
     hooks = [metrics_hook]
     if getattr(self.datasets.train_iter, "source_names", ()):
       hooks.append(SourceTokensHook(config.train.log_every,

@@ -18,6 +18,7 @@ import jax
 from jax.experimental import multihost_utils
 import numpy as np
 
+from bigmodel import flops
 from bigmodel.errors import UserError
 
 
@@ -50,11 +51,11 @@ class MetricsHook:
   """
 
   def __init__(self, train_config, tokens_per_step: int, flops_per_step: float,
-               peak_tflops: float, nonfinite_at_start: int):
+               peak: flops.DevicePeak, nonfinite_at_start: int):
     """``nonfinite_at_start``: updates skipped before this run started (resumed)."""
     self.train_config = train_config
     self.tokens_per_step, self.flops_per_step = tokens_per_step, flops_per_step
-    self.peak_tflops = peak_tflops
+    self.peak = peak
     self._nonfinite_seen = nonfinite_at_start
     self._interval_start = None  # Seconds (perf_counter) when the interval began.
     self._interval_steps = 0
@@ -81,9 +82,10 @@ class MetricsHook:
       elapsed = time.perf_counter() - self._interval_start
       tflops = (self._interval_steps * self.flops_per_step / elapsed / jax.device_count()
                 / 1e12)
+      peak = self.peak.observe(tflops)  # May probe: after the interval's time is taken.
       outcome.record.update(
           tokens_per_sec=self._interval_steps * self.tokens_per_step / elapsed,
-          tflops_per_device=tflops, mfu=tflops / self.peak_tflops)
+          tflops_per_device=tflops, mfu=tflops / peak, peak_tflops_per_device=peak)
     self.restart_interval()
 
   def _check_nonfinite(self, metrics: dict[str, float], step: int) -> None:

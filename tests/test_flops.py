@@ -87,6 +87,53 @@ def test_known_peaks(monkeypatch):
   assert source.startswith("measured float32" if want is None else "datasheet")
 
 
+def test_measured_peak_is_the_best_probe_of_the_run_and_bounds_mfu(monkeypatch):
+  """A start-up probe on a loaded machine comes out low: later probes (at most
+  one per interval) and the steps' own rate raise the peak, never lower it."""
+  monkeypatch.setattr(flops, "measured_matmul_tflops", lambda dtype: 0.1)
+  monkeypatch.setattr(flops, "datasheet_peak_tflops", lambda kind: None)
+  now, probes = [0.0], iter([0.3, 0.2])
+  peak = flops.DevicePeak(0.0, "float32", probe_every_s=60.0, probe=lambda: next(probes),
+                          clock=lambda: now[0])
+  assert peak.measured and "best of probes over the run" in peak.source
+  assert peak.observe(0.05) == 0.1
+  now[0] = 59.0
+  assert peak.observe(0.05) == 0.1    # No probe due yet.
+  now[0] = 61.0
+  assert peak.observe(0.05) == 0.3    # The quieter moment's probe.
+  now[0] = 122.0
+  assert peak.observe(0.05) == 0.3    # A lower probe does not lower it.
+  assert peak.observe(0.4) == 0.4     # Nor can a step beat the peak: MFU <= 1.
+
+  def never():
+    raise AssertionError("a configured or datasheet peak is never probed")
+  fixed = flops.DevicePeak(2.0, "float32", probe_every_s=0.0, probe=never)
+  assert fixed.source == "configured" and fixed.observe(5.0) == 2.0
+
+
+def test_trainer_mfu_uses_the_peak_and_logs_it(monkeypatch):
+  """The trainer's metrics hook: a start-up probe far below what the steps
+  achieve (a loaded machine at start) no longer gives MFU above 1."""
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  from bigmodel.train_hooks import MetricsHook, StepOutcome  # pylint: disable=g-import-not-at-top
+  monkeypatch.setattr(flops, "measured_matmul_tflops", lambda dtype: 1e-9)
+  monkeypatch.setattr(flops, "datasheet_peak_tflops", lambda kind: None)
+  train = ml_collections.ConfigDict(dict(log_every=1, nonfinite="skip", max_nonfinite=5))
+  hook = MetricsHook(train, tokens_per_step=64, flops_per_step=1e9,
+                     peak=flops.DevicePeak(0.0, "float32", probe=lambda: 1e-9),
+                     nonfinite_at_start=0)
+  metrics = {"loss": jnp.float32(1.0), "nonfinite_steps": jnp.int32(0),
+             "nonfinite_in_a_row": jnp.int32(0)}
+  records = []
+  for step in (1, 2, 3):
+    outcome = StepOutcome(step, None, metrics, is_last=step == 3, save=False)
+    hook(outcome)
+    records.append(outcome.record)
+  for record in records[1:]:
+    assert 0 < record["mfu"] <= 1.0, record
+    assert record["peak_tflops_per_device"] >= record["tflops_per_device"] > 1e-9
+
+
 def _small(family, **kwargs) -> ModelConfig:
   # D=8, N=2 heads of H=4, F=16, V=10, one layer (one decoder layer for T5).
   return ModelConfig(family=family, vocab_size=10, num_layers=1, num_heads=2, embed_dim=8,
