@@ -345,7 +345,8 @@ def header(s: dict[str, Any], **run) -> dict[str, Any]:
               git=train_bench._git_commit(),  # pylint: disable=protected-access
               jax=jax.__version__, jaxlib=version("jaxlib"),
               jax_cuda_plugin=version("jax-cuda12-plugin"), platform=device.platform,
-              device_kind=device.device_kind, devices=jax.device_count(),
+              device_kind=device.device_kind, device=flops.device_description(device),
+              devices=jax.device_count(),
               xla_flags=os.environ.get("XLA_FLAGS", ""),
               libtpu_init_args=os.environ.get("LIBTPU_INIT_ARGS", ""),
               # The GPU allocator's share of memory (75% by default) is the limit used.
@@ -390,7 +391,7 @@ def main(argv):
                f.device_memory_gib)
   suite = Suite(f.out, header(s, smoke=f.smoke, budget_s=f.budget_s))
   h = suite.record["header"]
-  print(f"{h['device_kind']} x {h['devices']} ({h['platform']}), jax {h['jax']}, jaxlib "
+  print(f"{h['device']} x {h['devices']} ({h['platform']}), jax {h['jax']}, jaxlib "
         f"{h['jaxlib']}, git {h['git']}\nXLA_FLAGS={h['xla_flags'] or '(none)'}\npeak "
         f"{h['peak_tflops']:.4g} TFLOP/s {s['train_dtype']} ({h['peak_source']}); budget "
         f"{f.budget_s:.0f} s; results: {f.out}", flush=True)

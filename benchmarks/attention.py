@@ -24,6 +24,7 @@ import time
 import jax
 import jax.numpy as jnp
 
+from bigmodel import flops
 from bigmodel.models.attention import dot_product_attention
 
 TOKENS, HIDDEN = 16384, 2048
@@ -131,7 +132,7 @@ def main():
   else:
     cases = default_sweep(platform)
 
-  print(f"platform={platform} ({jax.devices()[0].device_kind}) dtype={dtype} "
+  print(f"platform={platform} ({flops.device_description()}) dtype={dtype} "
         f"iters={args.iters} (medians) documents/row={args.documents}")
   if platform == "cpu":
     print("NOTE: on CPU the Pallas kernels run in interpret mode: the error column checks "

@@ -18,6 +18,7 @@ import jax
 from ml_collections import config_flags
 
 from benchmarks import variants
+from bigmodel import flops
 from bigmodel.config import validate
 from bigmodel.errors import UserError
 
@@ -66,7 +67,7 @@ def main(argv, config_flag):
   rows = measure(config_flag.value, chunks, flags.FLAGS.rounds, flags.FLAGS.compile_only)
   c = config_flag.value
   print(f"{c.get('preset', '')}: batch {c.train.batch_size} x {c.data.seq_len}, vocabulary "
-        f"{c.model.vocab_size}, {jax.device_count()} x {jax.devices()[0].device_kind}")
+        f"{c.model.vocab_size}, {jax.device_count()} x {flops.device_description()}")
   print(format_table(rows, flags.FLAGS.compile_only))
 
 

@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import configs.gpt as gpt_configs
+from bigmodel import flops
 from bigmodel.generation.models import CachedDecoder
 from bigmodel.generation.reference import full_forward_greedy
 from bigmodel.generation.sampling import Sampling
@@ -83,7 +84,7 @@ def main():
   args = parser.parse_args()
   header = (f"{'preset':7} {'batch':>5} {'TTFT ms':>8} {'decode tok/s':>12} {'cached s':>9} "
             f"{'full fwd s':>10} {'speed-up':>8} {'same':>5}")
-  print(f"{jax.devices()[0].device_kind}, {args.new_tokens} new tokens after a "
+  print(f"{flops.device_description()}, {args.new_tokens} new tokens after a "
         f"{PROMPT_LEN}-token prompt; medians of {args.repeats}")
   print(header)
   for preset in args.presets:

@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from bigmodel import api, optim, sharding
+from bigmodel import api, flops, optim, sharding
 
 _MIB = 2 ** 20
 
@@ -111,7 +111,7 @@ def main(argv, config_flag):
   rows = measure(config, flags.FLAGS.rounds)
   count = sum(x.size for x in jax.tree_util.tree_leaves(rows[0]["params"]))
   print(f"{config.get('preset', '')}: {count / 1e6:.1f}M parameters, {config.optim.name}, "
-        f"clip {config.optim.clip}, {flags.FLAGS.rounds} rounds, {jax.devices()[0].device_kind}")
+        f"clip {config.optim.clip}, {flags.FLAGS.rounds} rounds, {flops.device_description()}")
   print(format_table(rows))
 
 

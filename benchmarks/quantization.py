@@ -36,6 +36,7 @@ import ml_collections
 import numpy as np
 
 from bigmodel import cli
+from bigmodel import flops
 from bigmodel import run as run_lib
 from bigmodel import quantize
 # The trainer's own flags: --config (the run to train) and --workdir (a trained
@@ -168,7 +169,7 @@ def run(config: ml_collections.ConfigDict) -> str:
   header = (f"{m.family}, {m.num_layers} layers x {m.embed_dim} wide, trained {steps} steps "
             f"({float_dir}); eval: {_FLAGS.eval_steps} validation batches; decode: "
             f"{_FLAGS.decode_batch} rows x {_FLAGS.new_tokens} new tokens, median of "
-            f"{_FLAGS.repeats} ({jax.devices()[0].device_kind})")
+            f"{_FLAGS.repeats} ({flops.device_description()})")
   int8, int4 = rows[2], rows[3]
   gap = lambda r: (r["loss"] / rows[0]["loss"] - 1) * 100  # pylint: disable=unnecessary-lambda-assignment
   goals = [f"int8 eval loss within 1% of float: {'met' if abs(gap(int8)) <= 1 else 'NOT met'} "

@@ -244,7 +244,8 @@ def benchmark(config, steps: int, warmup: int, compile_only: bool,
   record: dict[str, Any] = dict(
       time=datetime.datetime.now().isoformat(timespec="seconds"), git=_git_commit(),
       jax=jax.__version__, preset=config.get("preset", ""), platform=device.platform,
-      device_kind=device.device_kind, devices=jax.device_count(), mesh=mesh_shape,
+      device_kind=device.device_kind, device=flops.device_description(device),
+      devices=jax.device_count(), mesh=mesh_shape,
       dtype=c.dtype.name, param_dtype=c.param_dtype.name, remat=c.remat, scan=c.scan,
       attention_impl=c.attention_impl, num_layers=c.num_layers, embed_dim=c.embed_dim,
       batch_size=config.train.batch_size, seq_len=config.data.seq_len,
@@ -306,7 +307,7 @@ def format_table(record: dict[str, Any]) -> str:
       ("config", f"{record['preset']} ({record['num_params'] / 1e6:,.1f}M parameters, "
                  f"{record['num_layers']} layers, {record['dtype']}, remat={record['remat']}, "
                  f"scan={record['scan']})"),
-      ("devices", f"{record['devices']} x {record['device_kind']}, mesh "
+      ("devices", f"{record['devices']} x {record['device']}, mesh "
                   + ", ".join(f"{k}={v}" for k, v in record["mesh"].items())),
       ("batch", f"{record['batch_size']} x {record['seq_len']} tokens, "
                 f"grad_accum={record['grad_accum']}"),

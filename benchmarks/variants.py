@@ -32,7 +32,7 @@ from absl import flags
 import jax
 
 from benchmarks.train_step import compile_step, compiled_memory
-from bigmodel import api, memory, sharding
+from bigmodel import api, flops, memory, sharding
 from bigmodel.config import validate
 from bigmodel.data.synthetic import SyntheticIterator
 from bigmodel.errors import UserError
@@ -139,7 +139,7 @@ def main(argv, config_flag):
     rows = measure(variants, f.rounds, f.compile_only)
   c = config_flag.value
   print(f"{c.get('preset', '')}: batch {c.train.batch_size} x {c.data.seq_len}, "
-        f"{jax.device_count()} x {jax.devices()[0].device_kind}, {f.rounds} rounds")
+        f"{jax.device_count()} x {flops.device_description()}, {f.rounds} rounds")
   print(format_table(rows, f.compile_only))
 
 

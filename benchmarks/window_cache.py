@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import configs.gemma as gemma_configs
+from bigmodel import flops
 from bigmodel.models import build_model, families
 from bigmodel.models.layers import PREFILL
 
@@ -95,7 +96,7 @@ def step_table(context, batch, repeats):
       jax.block_until_ready(step(params, token_B, state))
       times.append(time.perf_counter() - start)
     results[name] = (statistics.median(times), _bytes(state.cache), logits)
-  print(f"\none decoding step, {jax.devices()[0].device_kind}, 6 layers (5 local, window 64), "
+  print(f"\none decoding step, {flops.device_description()}, 6 layers (5 local, window 64), "
         f"D {config.model.embed_dim}, batch {batch}, {context} slots; median of {repeats}")
   print(f"{'cache':12} {'step ms':>8} {'cache MiB':>9}")
   for name, (seconds, size, _) in results.items():

@@ -19,6 +19,8 @@ metric uses it for every family, and ``benchmarks/train_step.py`` and
 ``bigmodel.plan`` (GPT) agree with it.
 """
 import functools
+import os
+import platform
 import time
 from typing import Any, Mapping
 
@@ -218,6 +220,43 @@ def datasheet_peak_tflops(device_kind: str) -> float | None:
   return None
 
 
+# /proc/cpuinfo flags, widest first, and the names a reader knows them by.
+_VECTOR_ISAS = (("amx_tile", "AMX"), ("avx512f", "AVX-512"), ("avx2", "AVX2"), ("sve", "SVE"),
+                ("asimd", "NEON"))
+
+
+def cpu_summary(cpuinfo: str, cores: int) -> str:
+  """"MODEL, N cores, ISA" from the text of Linux's /proc/cpuinfo (its first
+  processor's model name and flags; ISA is the widest vector extension)."""
+  model, cpu_flags = "", set()
+  for line in cpuinfo.splitlines():
+    key, _, value = (part.strip() for part in line.partition(":"))
+    if key == "model name" and not model:
+      model = value
+    elif key in ("flags", "Features") and not cpu_flags:  # x86 / Arm.
+      cpu_flags = set(value.split())
+  isa = next((name for flag, name in _VECTOR_ISAS if flag in cpu_flags), "")
+  parts = [model or platform.machine() or "unknown CPU", f"{cores} cores"] + ([isa] if isa else [])
+  return ", ".join(parts)
+
+
+def device_description(device: Any = None) -> str:
+  """The device kind; for a CPU also the host's processor, cores and vector
+  instructions: the same step differs several-fold between CPU hosts (the
+  float32 matmul probe read 0.46 TFLOP/s on one 2-core development host,
+  0.15 on another), so a CPU figure means little without them."""
+  device = device or jax.devices()[0]
+  if device.platform != "cpu":
+    return device.device_kind
+  try:
+    with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+      cpuinfo = f.read()
+  except OSError:  # Not Linux: the model from the platform module.
+    cpuinfo = f"model name: {platform.processor()}"
+  cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+  return f"{device.device_kind} ({cpu_summary(cpuinfo, cores)})"
+
+
 def peak_tflops_per_device(configured: float, dtype_name: str) -> tuple[float, str]:
   """(peak TFLOP/s, where it came from): configured, datasheet, or measured."""
   if configured > 0:
@@ -226,7 +265,8 @@ def peak_tflops_per_device(configured: float, dtype_name: str) -> tuple[float, s
   datasheet = datasheet_peak_tflops(kind)
   if datasheet is not None:
     return datasheet, f"datasheet ({kind})"
-  return measured_matmul_tflops(dtype_name), f"measured {dtype_name} matmul ({kind})"
+  return (measured_matmul_tflops(dtype_name),
+          f"measured {dtype_name} matmul on {device_description()}")
 
 
 # A measured peak is re-probed at most this often (seconds) while training:

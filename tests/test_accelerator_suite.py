@@ -40,6 +40,9 @@ def test_smoke_run_writes_every_section(tmp_path):
   for key in ("jax", "jaxlib", "device_kind", "git", "peak_source", "matmul_precision"):
     assert header[key], key
   assert header["peak_tflops"] > 0 and header["peak_source"].startswith("measured")
+  # A CPU figure names its host: processor and cores, in the record and the printed header.
+  assert header["device"].startswith("cpu (") and " cores" in header["device"]
+  assert header["device"] in result.stdout and header["device"] in header["peak_source"]
   assert f"XLA_FLAGS={XLA_FLAGS}" in result.stdout
   assert set(record["sections"]) == {"attention", "train", "decode"}
 

@@ -211,3 +211,30 @@ def test_frozen_weights_and_adapters_change_the_step_flops_as_xla_counts_them():
   xla_lora, analytic_lora = _compiled_step_flops("gpt", lora_targets="attn/(query|value)")
   assert analytic_lora / analytic_full == pytest.approx(xla_lora / xla_full, abs=0.05)
   assert analytic_lora / analytic_full < 0.8  # Not full training's count any more.
+
+
+_XEON = """processor\t: 0
+model name\t: Intel(R) Xeon(R) Platinum 8481C CPU @ 2.70GHz
+flags\t\t: fpu sse2 avx avx2 fma avx512f avx512bw amx_tile amx_bf16
+processor\t: 1
+model name\t: Intel(R) Xeon(R) Platinum 8481C CPU @ 2.70GHz
+"""
+
+
+@pytest.mark.parametrize("cpuinfo, cores, expected", [
+    (_XEON, 2, "Intel(R) Xeon(R) Platinum 8481C CPU @ 2.70GHz, 2 cores, AMX"),
+    (_XEON.replace(" avx512bw amx_tile amx_bf16", "").replace(" avx512f", ""), 16,
+     "Intel(R) Xeon(R) Platinum 8481C CPU @ 2.70GHz, 16 cores, AVX2"),
+    ("processor\t: 0\nmodel name\t: AMD EPYC\nflags\t\t: fpu sse2 avx2\n", 2,
+     "AMD EPYC, 2 cores, AVX2"),
+    ("processor\t: 0\nBogoMIPS\t: 50.00\nFeatures\t: fp asimd sve\n", 4, "cores, SVE"),
+])
+def test_cpu_summary_names_model_cores_and_widest_vector_isa(cpuinfo, cores, expected):
+  assert flops.cpu_summary(cpuinfo, cores).endswith(expected)
+
+
+def test_a_cpu_device_description_names_its_host():
+  described = flops.device_description(jax.devices("cpu")[0])
+  assert described.startswith("cpu (") and " cores" in described
+  peak, source = flops.peak_tflops_per_device(0.0, "float32")
+  assert source == f"measured float32 matmul on {described}" and peak > 0
