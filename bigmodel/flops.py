@@ -194,12 +194,11 @@ def time_matmul_tflops(dtype_name: str = "float32", n: int = 2048, repeats: int 
   """TFLOP/s of an n^3 jitted matmul on the default device, right now:
   ``reduce`` (min or statistics.median) over ``repeats`` timings."""
   a = jnp.ones((n, n), jnp.dtype(dtype_name))
-  matmul = _jitted_matmul
-  matmul(a, a).block_until_ready()  # Compiles once per shape and dtype, then warms up.
+  _jitted_matmul(a, a).block_until_ready()  # Compiles once per shape and dtype, then warms up.
   times = []
   for _ in range(repeats):
     start = time.perf_counter()
-    matmul(a, a).block_until_ready()
+    _jitted_matmul(a, a).block_until_ready()
     times.append(time.perf_counter() - start)
   return 2 * n ** 3 / reduce(times) / 1e12
 
